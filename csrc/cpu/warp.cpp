@@ -1,0 +1,109 @@
+// OpenMP loops over the shared per-voxel warp math (csrc/include/warp.h).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include <omp.h>
+
+#include "launchers.h"
+
+namespace mrus {
+namespace cpu {
+namespace {
+
+using warp::WarpArgs;
+
+template <int NDIM, typename T>
+void forward_impl(const WarpArgs& a, const T* image, const T* ddf, T* out) {
+  const int64_t n_out = a.n_out();
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+  for (int64_t n = 0; n < n_out; ++n) {
+    for (int64_t b = 0; b < a.B; ++b) warp::forward_voxel<NDIM, T, T>(a, image, ddf, out, b, n);
+  }
+}
+
+template <typename T>
+struct AddInto {
+  T* dst;
+  void operator()(int64_t idx, T v) { dst[idx] += v; }
+};
+
+struct NoScatter {
+  template <typename T>
+  void operator()(int64_t, T) {}
+};
+
+// The image gradient is a scatter. Each of P fixed, contiguous ranges of output voxels adds
+// into its own buffer (range 0 into grad_image itself), then the buffers are summed in
+// range order: no atomics, and bitwise the same result on every run with the same P.
+template <int NDIM, typename T>
+void backward_impl(const WarpArgs& a, const T* grad_out, const T* image, const T* ddf,
+                   T* grad_image, T* grad_ddf) {
+  const int64_t n_out = a.n_out();
+  if (!grad_image) {
+    NoScatter none;
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+    for (int64_t n = 0; n < n_out; ++n) {
+      warp::backward_voxel<NDIM, T, T>(a, grad_out, image, ddf, false, grad_ddf, none, n);
+    }
+    return;
+  }
+  const int64_t img_numel = a.Bi * a.C * a.n_in();
+  // Enough work per range to pay for a private buffer.
+  const int64_t P = std::max<int64_t>(
+      1, std::min<int64_t>(a.num_threads, n_out * a.B * a.C / 32768));
+  std::vector<T> scratch(static_cast<size_t>((P - 1) * img_numel), T(0));
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(P))
+  for (int64_t r = 0; r < P; ++r) {
+    AddInto<T> add{r == 0 ? grad_image : scratch.data() + (r - 1) * img_numel};
+    const int64_t lo = n_out * r / P, hi = n_out * (r + 1) / P;
+    for (int64_t n = lo; n < hi; ++n) {
+      warp::backward_voxel<NDIM, T, T>(a, grad_out, image, ddf, true, grad_ddf, add, n);
+    }
+  }
+  if (P > 1) {
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+    for (int64_t i = 0; i < img_numel; ++i) {
+      T s = grad_image[i];
+      for (int64_t r = 1; r < P; ++r) s += scratch[(r - 1) * img_numel + i];
+      grad_image[i] = s;
+    }
+  }
+}
+
+template <typename F>
+void dispatch(const WarpArgs& a, F&& f) {
+  if (a.ndim != 2 && a.ndim != 3) throw std::invalid_argument("warp: ndim must be 2 or 3");
+  if (a.dtype == int(DType::F32)) {
+    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, float{}) : f(std::integral_constant<int, 2>{}, float{});
+  } else if (a.dtype == int(DType::F64)) {
+    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, double{}) : f(std::integral_constant<int, 2>{}, double{});
+  } else {
+    throw std::invalid_argument("warp (cpu kernels): dtype code must be float32 or float64");
+  }
+}
+
+}  // namespace
+
+void warp_forward(const WarpArgs& a, uintptr_t image, uintptr_t ddf, uintptr_t out) {
+  dispatch(a, [&](auto nd, auto t) {
+    using T = decltype(t);
+    forward_impl<decltype(nd)::value, T>(a, reinterpret_cast<const T*>(image),
+                                         reinterpret_cast<const T*>(ddf), reinterpret_cast<T*>(out));
+  });
+}
+
+void warp_backward(const WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
+                   uintptr_t grad_image, uintptr_t grad_ddf) {
+  dispatch(a, [&](auto nd, auto t) {
+    using T = decltype(t);
+    backward_impl<decltype(nd)::value, T>(
+        a, reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(image),
+        reinterpret_cast<const T*>(ddf), reinterpret_cast<T*>(grad_image),
+        reinterpret_cast<T*>(grad_ddf));
+  });
+}
+
+}  // namespace cpu
+}  // namespace mrus

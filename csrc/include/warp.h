@@ -1,0 +1,267 @@
+// Per-voxel math of the warp operator, shared by csrc/cpu/warp.cpp and csrc/cuda/warp.cu.
+//
+// Conventions (DESIGN.md): voxel centres at integer indices; the displacement is in voxel
+// units with component i along spatial axis i; out(x) = image(x + u(x)). "zeros" padding
+// interpolates against zero-valued voxels outside the image (grid_sample's zeros); "border"
+// clamps the coordinate into [0, n - 1] first (gradient 0 where it was clamped).
+// A NaN coordinate gives NaN in every channel and no gradient contribution.
+#pragma once
+
+#include "common.h"
+
+namespace mrus {
+namespace warp {
+
+// Everything a warp kernel needs besides the pointers. All tensors are contiguous:
+//   image [Bi, C, *in_size], ddf [Bd, ndim, *out_size], out [B, C, *out_size],
+//   B = max(Bi, Bd), Bi and Bd each 1 (broadcast) or B.
+struct WarpArgs {
+  int dtype = 0;  // DType
+  int ndim = 3;
+  int64_t B = 1, Bi = 1, Bd = 1, C = 1;
+  int64_t in_size[3] = {1, 1, 1};
+  int64_t out_size[3] = {1, 1, 1};
+  int mode = 0;     // Interp
+  int padding = 0;  // Padding
+  int num_threads = 1;  // CPU only
+
+  MRUS_HD int64_t n_in() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= in_size[i];
+    return n;
+  }
+  MRUS_HD int64_t n_out() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= out_size[i];
+    return n;
+  }
+};
+
+// Linear sampling along one axis.
+template <typename T>
+struct AxisLinear {
+  int64_t i0;  // lower corner index (may be outside [0, n))
+  T t;         // fractional part: weight of the upper corner
+  T gate;      // d(clamped p)/dp: 0 where border padding clamped the coordinate
+  bool v0, v1; // corners inside the image
+};
+
+template <typename T>
+MRUS_HD AxisLinear<T> axis_linear(T p, int64_t n, int padding) {
+  AxisLinear<T> a;
+  a.gate = T(1);
+  const T hi = T(n - 1);
+  if (padding == int(Padding::BORDER)) {
+    if (p < T(0)) {
+      p = T(0);
+      a.gate = T(0);
+    } else if (p > hi) {
+      p = hi;
+      a.gate = T(0);
+    }
+  } else {
+    // Beyond one voxel outside, both corners are padding: bounding p keeps the integer
+    // conversion defined (p may be huge or infinite) without changing value or gradient.
+    if (p < T(-2)) p = T(-2);
+    if (p > hi + T(2)) p = hi + T(2);
+  }
+  const T f = floor(p);
+  a.t = p - f;
+  a.i0 = static_cast<int64_t>(f);
+  a.v0 = a.i0 >= 0 && a.i0 < n;
+  a.v1 = a.i0 + 1 >= 0 && a.i0 + 1 < n;
+  return a;
+}
+
+// The 2**NDIM corners of linear interpolation at one point.
+template <int NDIM, typename T>
+struct LinearStencil {
+  static constexpr int K = 1 << NDIM;
+  AxisLinear<T> ax[NDIM];
+  int64_t off[K];  // flat offset of the corner inside one [*in_size] volume
+  T w[K];          // interpolation weight
+  bool valid[K];   // corner inside the image (invalid corners are skipped, never read)
+};
+
+// Corner k has bit (NDIM - 1 - i) set when it takes the upper index along axis i.
+template <int NDIM>
+MRUS_HD int corner_bit(int k, int i) {
+  return (k >> (NDIM - 1 - i)) & 1;
+}
+
+template <int NDIM, typename T>
+MRUS_HD void make_linear(const T* p, const int64_t* size, int padding, LinearStencil<NDIM, T>& s) {
+MRUS_UNROLL
+  for (int i = 0; i < NDIM; ++i) s.ax[i] = axis_linear<T>(p[i], size[i], padding);
+MRUS_UNROLL
+  for (int k = 0; k < LinearStencil<NDIM, T>::K; ++k) {
+    int64_t off = 0;
+    T w = T(1);
+    bool v = true;
+MRUS_UNROLL
+    for (int i = 0; i < NDIM; ++i) {
+      const int bit = corner_bit<NDIM>(k, i);
+      const AxisLinear<T>& a = s.ax[i];
+      v = v && (bit ? a.v1 : a.v0);
+      w *= bit ? a.t : T(1) - a.t;
+      off = off * size[i] + (a.i0 + bit);
+    }
+    s.off[k] = off;
+    s.w[k] = w;
+    s.valid[k] = v;
+  }
+}
+
+// d w_k / d p_i (through the border clamp).
+template <int NDIM, typename T>
+MRUS_HD T linear_dweight(const LinearStencil<NDIM, T>& s, int k, int i) {
+  T d = s.ax[i].gate;
+MRUS_UNROLL
+  for (int j = 0; j < NDIM; ++j) {
+    const int bit = corner_bit<NDIM>(k, j);
+    if (j == i) {
+      d *= bit ? T(1) : T(-1);
+    } else {
+      d *= bit ? s.ax[j].t : T(1) - s.ax[j].t;
+    }
+  }
+  return d;
+}
+
+// Nearest voxel; returns false when it lies outside the image (zeros padding).
+template <int NDIM, typename T>
+MRUS_HD bool nearest_offset(const T* p, const int64_t* size, int padding, int64_t& off) {
+  off = 0;
+  bool v = true;
+MRUS_UNROLL
+  for (int i = 0; i < NDIM; ++i) {
+    T q = p[i];
+    const T hi = T(size[i] - 1);
+    if (padding == int(Padding::BORDER)) {
+      q = q < T(0) ? T(0) : (q > hi ? hi : q);
+    } else {
+      q = q < T(-2) ? T(-2) : (q > hi + T(2) ? hi + T(2) : q);
+    }
+    const int64_t idx = static_cast<int64_t>(round_half_even(q));
+    v = v && idx >= 0 && idx < size[i];
+    off = off * size[i] + idx;
+  }
+  return v;
+}
+
+// Sampling point x + u(x) of output voxel n for batch item b; returns true if it is NaN.
+template <int NDIM, typename scalar_t, typename T>
+MRUS_HD bool sample_point(const WarpArgs& a, const scalar_t* ddf, int64_t b, int64_t n, T* p) {
+  const int64_t n_out = a.n_out();
+  const scalar_t* u = ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
+  int64_t rem = n;
+  bool nan = false;
+MRUS_UNROLL
+  for (int i = NDIM - 1; i >= 0; --i) {
+    const int64_t xi = rem % a.out_size[i];
+    rem /= a.out_size[i];
+    p[i] = T(xi) + static_cast<T>(u[i * n_out]);
+    nan = nan || is_nan(p[i]);
+  }
+  return nan;
+}
+
+// Forward for output voxel n of batch item b: every channel from one coordinate computation.
+template <int NDIM, typename scalar_t, typename T>
+MRUS_HD void forward_voxel(const WarpArgs& a, const scalar_t* image, const scalar_t* ddf,
+                           scalar_t* out, int64_t b, int64_t n) {
+  const int64_t n_in = a.n_in(), n_out = a.n_out();
+  const scalar_t* img = image + (a.Bi > 1 ? b : 0) * a.C * n_in;
+  scalar_t* o = out + b * a.C * n_out + n;
+  T p[NDIM];
+  if (sample_point<NDIM, scalar_t, T>(a, ddf, b, n, p)) {
+    for (int64_t c = 0; c < a.C; ++c) o[c * n_out] = static_cast<scalar_t>(T(NAN));
+    return;
+  }
+  if (a.mode == int(Interp::NEAREST)) {
+    int64_t off;
+    const bool v = nearest_offset<NDIM, T>(p, a.in_size, a.padding, off);
+    for (int64_t c = 0; c < a.C; ++c) {
+      o[c * n_out] = v ? img[c * n_in + off] : static_cast<scalar_t>(T(0));
+    }
+    return;
+  }
+  LinearStencil<NDIM, T> s;
+  make_linear<NDIM, T>(p, a.in_size, a.padding, s);
+  for (int64_t c = 0; c < a.C; ++c) {
+    const scalar_t* ic = img + c * n_in;
+    T acc = T(0);
+MRUS_UNROLL
+    for (int k = 0; k < LinearStencil<NDIM, T>::K; ++k) {
+      if (s.valid[k]) acc += s.w[k] * static_cast<T>(ic[s.off[k]]);
+    }
+    o[c * n_out] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Backward for output voxel n, all batch items (so that a broadcast ddf still has a single
+// writer). scatter(index, value) adds value to the image gradient at flat index
+// b_img * C * n_in + c * n_in + offset; grad_ddf may be null (not needed). With
+// need_image false no scatter happens.
+template <int NDIM, typename scalar_t, typename T, typename Scatter>
+MRUS_HD void backward_voxel(const WarpArgs& a, const scalar_t* grad_out, const scalar_t* image,
+                            const scalar_t* ddf, bool need_image, scalar_t* grad_ddf,
+                            Scatter& scatter, int64_t n) {
+  constexpr int K = LinearStencil<NDIM, T>::K;
+  const int64_t n_in = a.n_in(), n_out = a.n_out();
+  T gu[NDIM];
+MRUS_UNROLL
+  for (int i = 0; i < NDIM; ++i) gu[i] = T(0);
+  for (int64_t b = 0; b < a.B; ++b) {
+    const int64_t bi = a.Bi > 1 ? b : 0;
+    const scalar_t* img = image + bi * a.C * n_in;
+    const scalar_t* g = grad_out + b * a.C * n_out + n;
+    T p[NDIM];
+    const bool nan = sample_point<NDIM, scalar_t, T>(a, ddf, b, n, p);
+    if (!nan && a.mode == int(Interp::NEAREST)) {
+      int64_t off;
+      if (need_image && nearest_offset<NDIM, T>(p, a.in_size, a.padding, off)) {
+        for (int64_t c = 0; c < a.C; ++c) {
+          scatter(bi * a.C * n_in + c * n_in + off, static_cast<T>(g[c * n_out]));
+        }
+      }
+    } else if (!nan) {
+      LinearStencil<NDIM, T> s;
+      make_linear<NDIM, T>(p, a.in_size, a.padding, s);
+      T corner[K];  // sum over channels of grad_out * image at each corner
+MRUS_UNROLL
+      for (int k = 0; k < K; ++k) corner[k] = T(0);
+      for (int64_t c = 0; c < a.C; ++c) {
+        const T gc = static_cast<T>(g[c * n_out]);
+        const scalar_t* ic = img + c * n_in;
+        const int64_t base = bi * a.C * n_in + c * n_in;
+MRUS_UNROLL
+        for (int k = 0; k < K; ++k) {
+          if (!s.valid[k]) continue;
+          if (grad_ddf) corner[k] += gc * static_cast<T>(ic[s.off[k]]);
+          if (need_image) scatter(base + s.off[k], s.w[k] * gc);
+        }
+      }
+      if (grad_ddf) {
+MRUS_UNROLL
+        for (int i = 0; i < NDIM; ++i) {
+          T d = T(0);
+MRUS_UNROLL
+          for (int k = 0; k < K; ++k) d += corner[k] * linear_dweight<NDIM, T>(s, k, i);
+          gu[i] += d;
+        }
+      }
+    }
+    if (grad_ddf && (a.Bd > 1 || b == a.B - 1)) {
+      scalar_t* gd = grad_ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
+MRUS_UNROLL
+      for (int i = 0; i < NDIM; ++i) {
+        gd[i * n_out] = static_cast<scalar_t>(gu[i]);
+        gu[i] = T(0);
+      }
+    }
+  }
+}
+
+}  // namespace warp
+}  // namespace mrus

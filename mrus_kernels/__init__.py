@@ -1,0 +1,24 @@
+"""mrus_kernels: fused, differentiable operators for deformable multi-modal registration.
+
+Every operator is a ``torch.library`` custom op with ``torch``, ``cpu``, ``triton`` and
+``cuda`` backends (see :mod:`mrus_kernels.backends`). Displacements are ``[B, ndim, *S]``
+in voxel units, component i along spatial axis i.
+"""
+
+from .backends import BackendUnavailableError, available_backends, backend_status
+from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
+from .warp import Warp, warp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Warp",
+    "available_backends",
+    "backend_status",
+    "ddf_from_mm",
+    "ddf_to_grid",
+    "ddf_to_mm",
+    "grid_to_ddf",
+    "warp",
+]

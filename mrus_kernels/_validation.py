@@ -1,0 +1,75 @@
+"""Input checks shared by every operator. Messages name the operator, the argument, what
+was expected and what was given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op: str, name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(op: str, name: str, x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+
+
+def check_spatial(op: str, name: str, x: torch.Tensor, layout: str = "C") -> int:
+    """Checks `x` is [B, C, H, W] or [B, C, D, H, W] and non-empty; returns ndim (2 or 3)."""
+    if x.dim() not in (4, 5):
+        raise ValueError(
+            f"{op}: {name} must be [B, {layout}, H, W] (2D) or [B, {layout}, D, H, W] (3D), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
+    return x.dim() - 2
+
+
+def check_same(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Same dtype and device for all tensors."""
+    first = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {names[0]} and {name} must have the same dtype, got {first.dtype} and "
+                f"{t.dtype}"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {names[0]} and {name} must be on the same device, got {first.device} "
+                f"and {t.device}"
+            )
+
+
+def check_batch(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> int:
+    """Batch sizes equal or one of them 1 (broadcast); returns the common batch size."""
+    ba, bb = a.shape[0], b.shape[0]
+    if ba != bb and ba != 1 and bb != 1:
+        raise ValueError(
+            f"{op}: {a_name} and {b_name} batch sizes must match or one must be 1, got {ba} "
+            f"and {bb}"
+        )
+    return max(ba, bb)
+
+
+def check_choice(op: str, name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        options = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{op}: {name} must be {options}, got {value!r}")
+    return value
+
+
+def check_optional_bool(op: str, name: str, value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be None, True or False, got {value!r}")

@@ -1,0 +1,177 @@
+"""Converters between displacement conventions.
+
+mrus displacements (ddf) are ``[B, ndim, *S]`` in voxel units, component i along spatial
+axis i of the tensor, voxel centres at integer indices. ``grid_sample`` grids are
+``[B, *S, ndim]`` in normalised coordinates with the last dimension in reversed axis order
+(x = last axis first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._validation import check_float, check_spatial, check_tensor
+
+
+def _identity(shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
+    axes = [torch.arange(n, device=like.device, dtype=like.dtype) for n in shape]
+    return list(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _check_size(op: str, size: object, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if size is None:
+        return shape
+    if (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) != len(shape)
+        or not all(isinstance(n, int) and n >= 1 for n in size)
+    ):
+        raise ValueError(f"{op}: size must be {len(shape)} positive ints, got {size!r}")
+    return tuple(size)
+
+
+def _check_align(op: str, align_corners: object, shape: tuple[int, ...]) -> None:
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"{op}: align_corners must be True or False, got {align_corners!r}")
+    if align_corners and min(shape) < 2:
+        raise ValueError(
+            f"{op}: align_corners=True needs every spatial size >= 2 (a normalised grid "
+            f"cannot address a size-1 axis), got spatial shape {shape}"
+        )
+
+
+def ddf_to_grid(
+    ddf: torch.Tensor, align_corners: bool = True, size: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Voxel displacement to a ``grid_sample`` sampling grid.
+
+    Args:
+        ddf: Tensor [B, ndim, *S], voxel units, component i along spatial axis i.
+        align_corners: the ``grid_sample`` setting the grid is meant for.
+        size: spatial size of the image the grid will sample (default: S, the ddf's own).
+
+    Returns:
+        Tensor [B, *S, ndim], normalised to [-1, 1], last dim in reversed axis order.
+
+    Example:
+        >>> grid = ddf_to_grid(torch.zeros(1, 3, 4, 5, 6))
+        >>> F.grid_sample(image, grid, align_corners=True)  # == image
+    """
+    check_tensor("ddf_to_grid", "ddf", ddf)
+    check_float("ddf_to_grid", "ddf", ddf)
+    ndim = check_spatial("ddf_to_grid", "ddf", ddf, layout="ndim")
+    shape = tuple(ddf.shape[2:])
+    if ddf.shape[1] != ndim:
+        raise ValueError(
+            f"ddf_to_grid: ddf must have {ndim} channels for {ndim}D, got {ddf.shape[1]}"
+        )
+    target = _check_size("ddf_to_grid", size, shape)
+    _check_align("ddf_to_grid", align_corners, target)
+    base = _identity(shape, ddf)
+    comps = []
+    for i in reversed(range(ndim)):
+        p = base[i] + ddf[:, i]
+        n = target[i]
+        comps.append(2 * p / (n - 1) - 1 if align_corners else (2 * p + 1) / n - 1)
+    return torch.stack(comps, dim=-1)
+
+
+def grid_to_ddf(
+    grid: torch.Tensor, align_corners: bool = True, size: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """A ``grid_sample`` sampling grid to a voxel displacement (inverse of ``ddf_to_grid``).
+
+    Args:
+        grid: Tensor [B, *S, ndim], normalised, last dim in reversed axis order.
+        align_corners: the ``grid_sample`` setting the grid was made for.
+        size: spatial size of the image the grid samples (default: S, the grid's own).
+
+    Returns:
+        Tensor [B, ndim, *S], voxel units.
+    """
+    check_tensor("grid_to_ddf", "grid", grid)
+    check_float("grid_to_ddf", "grid", grid)
+    if grid.dim() not in (4, 5) or grid.shape[-1] != grid.dim() - 2:
+        raise ValueError(
+            f"grid_to_ddf: grid must be [B, H, W, 2] or [B, D, H, W, 3], got shape "
+            f"{tuple(grid.shape)}"
+        )
+    ndim = grid.shape[-1]
+    shape = tuple(grid.shape[1:-1])
+    target = _check_size("grid_to_ddf", size, shape)
+    _check_align("grid_to_ddf", align_corners, target)
+    base = _identity(shape, grid)
+    comps = []
+    for i in range(ndim):
+        g = grid[..., ndim - 1 - i]
+        n = target[i]
+        p = (g + 1) * (n - 1) / 2 if align_corners else ((g + 1) * n - 1) / 2
+        comps.append(p - base[i])
+    return torch.stack(comps, dim=1)
+
+
+def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(affine, np.ndarray):
+        affine = torch.from_numpy(affine)
+    if not isinstance(affine, torch.Tensor):
+        raise TypeError(f"{op}: affine must be a numpy array or torch.Tensor, got {type(affine).__name__}")
+    k = ndim + 1
+    if affine.shape[-2:] != (k, k) or affine.dim() not in (2, 3):
+        raise ValueError(
+            f"{op}: affine must be [{k}, {k}] or [B, {k}, {k}] for {ndim}D, got shape "
+            f"{tuple(affine.shape)}"
+        )
+    lin = affine[..., :ndim, :ndim].to(device=like.device, dtype=torch.float64)
+    if lin.dim() == 3 and lin.shape[0] not in (1, like.shape[0]):
+        raise ValueError(
+            f"{op}: affine batch size must be 1 or {like.shape[0]}, got {lin.shape[0]}"
+        )
+    if not torch.isfinite(lin).all() or (torch.linalg.det(lin).abs() < 1e-12).any():
+        raise ValueError(f"{op}: affine must be finite with an invertible linear part")
+    return lin
+
+
+def _apply_linear(lin: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    lin = lin.expand(ddf.shape[0], -1, -1) if lin.dim() == 3 else lin.expand(ddf.shape[0], *lin.shape)
+    return torch.einsum("bij,bj...->bi...", lin.to(ddf.dtype), ddf)
+
+
+def _check_ddf(op: str, name: str, ddf: object) -> int:
+    check_tensor(op, name, ddf)
+    assert isinstance(ddf, torch.Tensor)
+    check_float(op, name, ddf)
+    ndim = check_spatial(op, name, ddf, layout="ndim")
+    if ddf.shape[1] != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} channels for {ndim}D, got {ddf.shape[1]}")
+    return ndim
+
+
+def ddf_from_mm(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Displacement in millimetres (world axes of a NIfTI affine) to voxel units.
+
+    Args:
+        ddf_mm: Tensor [B, ndim, *S], mm, component j along world axis j.
+        affine: [ndim + 1, ndim + 1] or [B, ndim + 1, ndim + 1] voxel-to-world affine
+            (NIfTI: voxel axis i is tensor spatial axis i).
+
+    Returns:
+        Tensor [B, ndim, *S], voxel units: ``A⁻¹ · ddf_mm`` per voxel (A the linear part).
+    """
+    ndim = _check_ddf("ddf_from_mm", "ddf_mm", ddf_mm)
+    lin = _linear_part("ddf_from_mm", affine, ndim, ddf_mm)
+    return _apply_linear(torch.linalg.inv(lin), ddf_mm)
+
+
+def ddf_to_mm(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Displacement in voxel units to millimetres (world axes of a NIfTI affine).
+
+    Args:
+        ddf: Tensor [B, ndim, *S], voxel units, component i along spatial axis i.
+        affine: [ndim + 1, ndim + 1] or [B, ndim + 1, ndim + 1] voxel-to-world affine.
+
+    Returns:
+        Tensor [B, ndim, *S], mm: ``A · ddf`` per voxel.
+    """
+    ndim = _check_ddf("ddf_to_mm", "ddf", ddf)
+    return _apply_linear(_linear_part("ddf_to_mm", affine, ndim, ddf), ddf)

@@ -1,0 +1,257 @@
+"""``warp``: resample an image through a dense displacement field, out(x) = I(x + u(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ext, reference
+from ._ext import DTYPE_CODES, Interp, Padding
+from ._validation import (
+    check_batch,
+    check_choice,
+    check_float,
+    check_optional_bool,
+    check_same,
+    check_spatial,
+    check_tensor,
+)
+from .backends import resolve
+
+MODES = ("linear", "nearest")
+PADDINGS = ("zeros", "border")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _validate(image: object, ddf: object, mode: object, padding: object, deterministic: object) -> None:
+    op = "warp"
+    check_tensor(op, "image", image)
+    check_tensor(op, "ddf", ddf)
+    assert isinstance(image, torch.Tensor) and isinstance(ddf, torch.Tensor)
+    check_float(op, "image", image)
+    check_float(op, "ddf", ddf)
+    ndim = check_spatial(op, "image", image)
+    if ddf.dim() != image.dim():
+        raise ValueError(
+            f"warp: ddf must have the same rank as image ([B, {ndim}, *S_out] for a {ndim}D "
+            f"image of shape {tuple(image.shape)}), got shape {tuple(ddf.shape)}"
+        )
+    check_spatial(op, "ddf", ddf, layout="ndim")
+    if ddf.shape[1] != ndim:
+        raise ValueError(
+            f"warp: ddf must have {ndim} channels (one per spatial axis) for a {ndim}D image, "
+            f"got {ddf.shape[1]} (shape {tuple(ddf.shape)})"
+        )
+    check_batch(op, "image", image, "ddf", ddf)
+    check_same(op, ("image", "ddf"), (image, ddf))
+    check_choice(op, "mode", mode, MODES)
+    check_choice(op, "padding", padding, PADDINGS)
+    check_optional_bool(op, "deterministic", deterministic)
+
+
+def _kernel_args(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, dtype: torch.dtype):
+    ndim = ddf.shape[1]
+    return (
+        DTYPE_CODES[dtype], ndim, max(image.shape[0], ddf.shape[0]), image.shape[0],
+        ddf.shape[0], image.shape[1], list(image.shape[2:]), list(ddf.shape[2:]), mode, padding,
+    )
+
+
+def _out_shape(image: torch.Tensor, ddf: torch.Tensor) -> tuple[int, ...]:
+    return (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mrus::warp", mutates_args=())
+def _warp_op(
+    image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, backend: str,
+    deterministic: bool,
+) -> torch.Tensor:
+    image, ddf = image.contiguous(), ddf.contiguous()
+    dtype = image.dtype
+    if backend == "cpu":
+        work = torch.float32 if dtype in _HALF else dtype
+        img, d = image.to(work), ddf.to(work)
+        out = torch.empty(_out_shape(image, ddf), dtype=work, device=image.device)
+        _ext.C.warp_forward_cpu(
+            *_kernel_args(img, d, mode, padding, work), torch.get_num_threads(),
+            img.data_ptr(), d.data_ptr(), out.data_ptr(),
+        )
+        return out.to(dtype)
+    out = torch.empty(_out_shape(image, ddf), dtype=dtype, device=image.device)
+    if backend == "cuda":
+        _ext.C.warp_forward_cuda(
+            *_kernel_args(image, ddf, mode, padding, dtype), image.data_ptr(), ddf.data_ptr(),
+            out.data_ptr(), _stream(image),
+        )
+    elif backend == "triton":
+        from .triton import warp as triton_warp
+
+        triton_warp.warp_forward(image, ddf, out, mode=mode, padding=padding)
+    else:  # pragma: no cover - dispatch never sends other names here
+        raise ValueError(f"warp: no kernel for backend {backend!r}")
+    return out
+
+
+@_warp_op.register_fake
+def _(image, ddf, mode, padding, backend, deterministic):
+    return image.new_empty(_out_shape(image, ddf))
+
+
+@torch.library.custom_op("mrus::warp_backward", mutates_args=())
+def _warp_backward_op(
+    grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
+    backend: str, deterministic: bool, need_image: bool, need_ddf: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (image, ddf); an empty tensor stands for one not asked for."""
+    grad_out, image, ddf = grad_out.contiguous(), image.contiguous(), ddf.contiguous()
+    dtype = image.dtype
+    empty = image.new_empty(0)
+    if backend == "cpu":
+        work = torch.float32 if dtype in _HALF else dtype
+        g, img, d = grad_out.to(work), image.to(work), ddf.to(work)
+        gi = torch.zeros(img.shape, dtype=work) if need_image else None
+        gd = torch.empty(d.shape, dtype=work) if need_ddf else None
+        _ext.C.warp_backward_cpu(
+            *_kernel_args(img, d, mode, padding, work), torch.get_num_threads(),
+            g.data_ptr(), img.data_ptr(), d.data_ptr(),
+            gi.data_ptr() if gi is not None else 0, gd.data_ptr() if gd is not None else 0,
+        )
+    else:
+        gi = torch.zeros(image.shape, dtype=torch.float32, device=image.device) if need_image else None
+        gd = torch.empty(ddf.shape, dtype=dtype, device=ddf.device) if need_ddf else None
+        if backend == "cuda":
+            scratch = gmax = None
+            if deterministic and need_image:
+                scratch = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
+                gmax = grad_out.abs().amax().float()
+            _ext.C.warp_backward_cuda(
+                *_kernel_args(image, ddf, mode, padding, dtype), grad_out.data_ptr(),
+                image.data_ptr(), ddf.data_ptr(), gi.data_ptr() if gi is not None else 0,
+                gd.data_ptr() if gd is not None else 0, deterministic,
+                scratch.data_ptr() if scratch is not None else 0,
+                gmax.data_ptr() if gmax is not None else 0, _stream(image),
+            )
+        elif backend == "triton":
+            from .triton import warp as triton_warp
+
+            triton_warp.warp_backward(
+                grad_out, image, ddf, gi, gd, mode=mode, padding=padding,
+                deterministic=deterministic,
+            )
+        else:  # pragma: no cover
+            raise ValueError(f"warp: no kernel for backend {backend!r}")
+    return (
+        gi.to(dtype) if gi is not None else empty,
+        gd.to(dtype) if gd is not None else empty.clone(),
+    )
+
+
+@_warp_backward_op.register_fake
+def _(grad_out, image, ddf, mode, padding, backend, deterministic, need_image, need_ddf):
+    return (
+        image.new_empty(image.shape if need_image else (0,)),
+        ddf.new_empty(ddf.shape if need_ddf else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    image, ddf, mode, padding, backend, deterministic = inputs
+    ctx.save_for_backward(image, ddf)
+    ctx.args = (mode, padding, backend, deterministic)
+
+
+def _backward(ctx, grad_out):
+    image, ddf = ctx.saved_tensors
+    need_image, need_ddf = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_image or need_ddf):
+        return None, None, None, None, None, None
+    gi, gd = _warp_backward_op(grad_out, image, ddf, *ctx.args, need_image, need_ddf)
+    return (gi if need_image else None), (gd if need_ddf else None), None, None, None, None
+
+
+_warp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def warp(
+    image: torch.Tensor,
+    ddf: torch.Tensor,
+    *,
+    mode: str = "linear",
+    padding: str = "zeros",
+    backend: str | None = None,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Resamples ``image`` at ``x + ddf(x)``: out(x) = image(x + ddf(x)).
+
+    Coordinates and interpolation weights are computed once per output voxel and every
+    channel is gathered in the same pass. Differentiable in ``image`` and ``ddf``.
+
+    Args:
+        image: Tensor [B, C, *S_in] (2D: S = (H, W); 3D: S = (D, H, W)), any C.
+        ddf: Tensor [B, ndim, *S_out], voxel units, component i along spatial axis i. The
+            output has the ddf's spatial size. Either batch size may be 1 (broadcast).
+        mode: "linear" (bi/trilinear) or "nearest" (label maps; round half to even).
+        padding: "zeros" (interpolate against zero-valued voxels outside, as grid_sample)
+            or "border" (clamp the coordinate into the image).
+        backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
+            "auto".
+        deterministic: bitwise reproducible image gradient (no float atomics); default
+            ``torch.are_deterministic_algorithms_enabled()``.
+
+    Returns:
+        Tensor [max(B_image, B_ddf), C, *S_out] of image's dtype. NaN in every channel where
+        the displacement is NaN.
+
+    Example:
+        >>> image = torch.rand(1, 1, 32, 32, 32)
+        >>> ddf = torch.zeros(1, 3, 32, 32, 32)
+        >>> torch.equal(warp(image, ddf), image)
+        True
+    """
+    _validate(image, ddf, mode, padding, deterministic)
+    name = resolve("warp", backend, image.device, image.dtype)
+    if name == "torch":
+        return reference.warp(image, ddf, mode, padding)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    interp = Interp.LINEAR if mode == "linear" else Interp.NEAREST
+    pad = Padding.ZEROS if padding == "zeros" else Padding.BORDER
+    return _warp_op(image, ddf, int(interp), int(pad), name, deterministic)
+
+
+class Warp(nn.Module):
+    """``nn.Module`` form of :func:`warp` (a spatial transformer layer).
+
+    Example:
+        >>> layer = Warp(mode="linear", padding="border")
+        >>> moved = layer(moving, ddf)
+    """
+
+    def __init__(
+        self, mode: str = "linear", padding: str = "zeros", backend: str | None = None,
+        deterministic: bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("Warp", "mode", mode, MODES)
+        check_choice("Warp", "padding", padding, PADDINGS)
+        self.mode, self.padding = mode, padding
+        self.backend, self.deterministic = backend, deterministic
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        return warp(
+            image, ddf, mode=self.mode, padding=self.padding, backend=self.backend,
+            deterministic=self.deterministic,
+        )
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, padding={self.padding!r}, backend={self.backend!r}"

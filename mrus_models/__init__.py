@@ -1,0 +1,2 @@
+"""mrus_models: registration models (ACMT, INNReg, Plasticine, anatomy-aware MR→US) built on
+the public API of :mod:`mrus_kernels`."""
