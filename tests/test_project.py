@@ -1,0 +1,33 @@
+"""The README's two set-up commands and CI stay in step."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [c.strip() for c in re.findall(r"```bash\n(python3 -m venv[^\n]*)\n```", text)]
+
+
+def test_readme_has_main_and_test_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main, test = commands
+    for command in commands:
+        # torch 2.13.0 (the local CPU build) comes first, then the project, then Triton.
+        order = [command.index(s) for s in ("torch==2.13.0", '-e ".[test]"', "install triton")]
+        assert order == sorted(order), command
+    assert main.endswith("python -m mrus_kernels.quickbench")
+    assert "pytest" in test
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test = _readme_commands()[1]
+    lines = [line.strip() for line in ci.splitlines()]
+    assert test in lines
+    assert "export MRUS_CUDA=ON" in lines
+    assert lines.index("export MRUS_CUDA=ON") < lines.index(test)
+    assert "set -euo pipefail" in lines
