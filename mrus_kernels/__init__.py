@@ -6,6 +6,7 @@ in voxel units, component i along spatial axis i.
 """
 
 from .backends import BackendUnavailableError, available_backends, backend_status
+from .compose import Compose, IntegrateVelocity, compose, integrate_velocity
 from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
 from .warp import Warp, warp
 
@@ -13,12 +14,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "Compose",
+    "IntegrateVelocity",
     "Warp",
     "available_backends",
     "backend_status",
+    "compose",
     "ddf_from_mm",
     "ddf_to_grid",
     "ddf_to_mm",
     "grid_to_ddf",
+    "integrate_velocity",
     "warp",
 ]

@@ -29,6 +29,14 @@ class Padding(enum.IntEnum):
     BORDER = 1
 
 
+class WarpFlags(enum.IntFlag):
+    """Variants of the warp kernels, as `mrus::warp::WarpFlags` in csrc/include/warp.h."""
+
+    NONE = 0
+    ADD_DDF = 1  # out = ddf + sampled image (compose)
+    DDF_GRAD_SCATTER = 2  # backward: image is ddf, both gradients into one buffer
+
+
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 

@@ -93,3 +93,54 @@ def warp_grid_sample(
         image.expand(batch, *image.shape[1:]), grid, mode=gs_mode, padding_mode=padding,
         align_corners=True,
     )
+
+
+def compose(u: torch.Tensor, v: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Displacement of φ_u ∘ φ_v: v(x) + u(x + v(x)). u, v: [B, ndim, *S], voxel units."""
+    return v + warp(u, v, "linear", padding)
+
+
+def integrate_velocity(v: torch.Tensor, steps: int = 7, padding: str = "border") -> torch.Tensor:
+    """Scaling and squaring: u = v / 2**steps, then `steps` times u = compose(u, u)."""
+    u = v / 2**steps
+    for _ in range(steps):
+        u = compose(u, u, padding)
+    return u
+
+
+def _derivative(x: torch.Tensor, dim: int, h: float) -> torch.Tensor:
+    """d/dx along `dim`: central differences inside, one-sided at the borders, 0 for size 1."""
+    n = x.shape[dim]
+    if n == 1:
+        return torch.zeros_like(x)
+    fwd = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # x[k + 1] - x[k]
+    inner = (fwd.narrow(dim, 1, n - 2) + fwd.narrow(dim, 0, n - 2)) / 2
+    return torch.cat([fwd.narrow(dim, 0, 1), inner, fwd.narrow(dim, n - 2, 1)], dim) / h
+
+
+def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, 1, *S].
+
+    spacing: voxel size per axis; u is then in the same units (e.g. mm). None: voxel units.
+    """
+    ndim = u.shape[1]
+    h = spacing if spacing is not None else (1.0,) * ndim
+    jac = [
+        [_derivative(u[:, i], j + 1, h[j]) + (1.0 if i == j else 0.0) for j in range(ndim)]
+        for i in range(ndim)
+    ]
+    if ndim == 2:
+        det = jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    else:
+        det = (
+            jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+        )
+    return det[:, None]
+
+
+def folding_fraction(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B]."""
+    det = jacobian_det(u, spacing)
+    return (det <= 0).flatten(1).to(u.dtype).mean(1)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES, Interp, Padding
+from ._ext import DTYPE_CODES, Interp, Padding, WarpFlags
 from ._validation import (
     check_batch,
     check_choice,
@@ -49,11 +49,11 @@ def _validate(image: object, ddf: object, mode: object, padding: object, determi
     check_optional_bool(op, "deterministic", deterministic)
 
 
-def _kernel_args(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, dtype: torch.dtype):
-    ndim = ddf.shape[1]
+def _kernel_args(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int):
     return (
-        DTYPE_CODES[dtype], ndim, max(image.shape[0], ddf.shape[0]), image.shape[0],
+        DTYPE_CODES[image.dtype], ddf.shape[1], max(image.shape[0], ddf.shape[0]), image.shape[0],
         ddf.shape[0], image.shape[1], list(image.shape[2:]), list(ddf.shape[2:]), mode, padding,
+        flags,
     )
 
 
@@ -65,14 +65,13 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-# ---------------------------------------------------------------------------- custom ops
-
-
-@torch.library.custom_op("mrus::warp", mutates_args=())
-def _warp_op(
-    image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, backend: str,
-    deterministic: bool,
+def launch_forward(
+    image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int, backend: str
 ) -> torch.Tensor:
+    """Runs the forward warp kernel of `backend` (not "torch") on validated inputs.
+
+    flags: WarpFlags of csrc/include/warp.h (WarpFlags.ADD_DDF for compose).
+    """
     image, ddf = image.contiguous(), ddf.contiguous()
     dtype = image.dtype
     if backend == "cpu":
@@ -80,46 +79,40 @@ def _warp_op(
         img, d = image.to(work), ddf.to(work)
         out = torch.empty(_out_shape(image, ddf), dtype=work, device=image.device)
         _ext.C.warp_forward_cpu(
-            *_kernel_args(img, d, mode, padding, work), torch.get_num_threads(),
+            *_kernel_args(img, d, mode, padding, flags), torch.get_num_threads(),
             img.data_ptr(), d.data_ptr(), out.data_ptr(),
         )
         return out.to(dtype)
     out = torch.empty(_out_shape(image, ddf), dtype=dtype, device=image.device)
     if backend == "cuda":
         _ext.C.warp_forward_cuda(
-            *_kernel_args(image, ddf, mode, padding, dtype), image.data_ptr(), ddf.data_ptr(),
+            *_kernel_args(image, ddf, mode, padding, flags), image.data_ptr(), ddf.data_ptr(),
             out.data_ptr(), _stream(image),
         )
     elif backend == "triton":
         from .triton import warp as triton_warp
 
-        triton_warp.warp_forward(image, ddf, out, mode=mode, padding=padding)
+        triton_warp.warp_forward(image, ddf, out, mode=mode, padding=padding, flags=flags)
     else:  # pragma: no cover - dispatch never sends other names here
         raise ValueError(f"warp: no kernel for backend {backend!r}")
     return out
 
 
-@_warp_op.register_fake
-def _(image, ddf, mode, padding, backend, deterministic):
-    return image.new_empty(_out_shape(image, ddf))
-
-
-@torch.library.custom_op("mrus::warp_backward", mutates_args=())
-def _warp_backward_op(
+def launch_backward(
     grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
-    backend: str, deterministic: bool, need_image: bool, need_ddf: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (image, ddf); an empty tensor stands for one not asked for."""
+    flags: int, backend: str, deterministic: bool, need_image: bool, need_ddf: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Runs the backward warp kernel of `backend`: (grad_image, grad_ddf), None where not
+    needed. With WarpFlags.DDF_GRAD_SCATTER (image is ddf) both land in grad_image."""
     grad_out, image, ddf = grad_out.contiguous(), image.contiguous(), ddf.contiguous()
     dtype = image.dtype
-    empty = image.new_empty(0)
     if backend == "cpu":
         work = torch.float32 if dtype in _HALF else dtype
         g, img, d = grad_out.to(work), image.to(work), ddf.to(work)
         gi = torch.zeros(img.shape, dtype=work) if need_image else None
         gd = torch.empty(d.shape, dtype=work) if need_ddf else None
         _ext.C.warp_backward_cpu(
-            *_kernel_args(img, d, mode, padding, work), torch.get_num_threads(),
+            *_kernel_args(img, d, mode, padding, flags), torch.get_num_threads(),
             g.data_ptr(), img.data_ptr(), d.data_ptr(),
             gi.data_ptr() if gi is not None else 0, gd.data_ptr() if gd is not None else 0,
         )
@@ -132,7 +125,7 @@ def _warp_backward_op(
                 scratch = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
                 gmax = grad_out.abs().amax().float()
             _ext.C.warp_backward_cuda(
-                *_kernel_args(image, ddf, mode, padding, dtype), grad_out.data_ptr(),
+                *_kernel_args(image, ddf, mode, padding, flags), grad_out.data_ptr(),
                 image.data_ptr(), ddf.data_ptr(), gi.data_ptr() if gi is not None else 0,
                 gd.data_ptr() if gd is not None else 0, deterministic,
                 scratch.data_ptr() if scratch is not None else 0,
@@ -143,18 +136,49 @@ def _warp_backward_op(
 
             triton_warp.warp_backward(
                 grad_out, image, ddf, gi, gd, mode=mode, padding=padding,
-                deterministic=deterministic,
+                deterministic=deterministic, flags=flags,
             )
         else:  # pragma: no cover
             raise ValueError(f"warp: no kernel for backend {backend!r}")
     return (
-        gi.to(dtype) if gi is not None else empty,
-        gd.to(dtype) if gd is not None else empty.clone(),
+        gi.to(dtype) if gi is not None else None,
+        gd.to(dtype) if gd is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mrus::warp", mutates_args=())
+def _warp_op(
+    image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int, backend: str,
+    deterministic: bool,
+) -> torch.Tensor:
+    return launch_forward(image, ddf, mode, padding, flags, backend)
+
+
+@_warp_op.register_fake
+def _(image, ddf, mode, padding, flags, backend, deterministic):
+    return image.new_empty(_out_shape(image, ddf))
+
+
+@torch.library.custom_op("mrus::warp_backward", mutates_args=())
+def _warp_backward_op(
+    grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
+    flags: int, backend: str, deterministic: bool, need_image: bool, need_ddf: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (image, ddf); an empty tensor stands for one not asked for."""
+    gi, gd = launch_backward(
+        grad_out, image, ddf, mode, padding, flags, backend, deterministic, need_image, need_ddf
+    )
+    return (
+        gi if gi is not None else image.new_empty(0),
+        gd if gd is not None else ddf.new_empty(0),
     )
 
 
 @_warp_backward_op.register_fake
-def _(grad_out, image, ddf, mode, padding, backend, deterministic, need_image, need_ddf):
+def _(grad_out, image, ddf, mode, padding, flags, backend, deterministic, need_image, need_ddf):
     return (
         image.new_empty(image.shape if need_image else (0,)),
         ddf.new_empty(ddf.shape if need_ddf else (0,)),
@@ -162,18 +186,18 @@ def _(grad_out, image, ddf, mode, padding, backend, deterministic, need_image, n
 
 
 def _setup_context(ctx, inputs, output):
-    image, ddf, mode, padding, backend, deterministic = inputs
+    image, ddf, mode, padding, flags, backend, deterministic = inputs
     ctx.save_for_backward(image, ddf)
-    ctx.args = (mode, padding, backend, deterministic)
+    ctx.args = (mode, padding, flags, backend, deterministic)
 
 
 def _backward(ctx, grad_out):
     image, ddf = ctx.saved_tensors
     need_image, need_ddf = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_image or need_ddf):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     gi, gd = _warp_backward_op(grad_out, image, ddf, *ctx.args, need_image, need_ddf)
-    return (gi if need_image else None), (gd if need_ddf else None), None, None, None, None
+    return (gi if need_image else None), (gd if need_ddf else None), None, None, None, None, None
 
 
 _warp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -226,7 +250,7 @@ def warp(
         deterministic = torch.are_deterministic_algorithms_enabled()
     interp = Interp.LINEAR if mode == "linear" else Interp.NEAREST
     pad = Padding.ZEROS if padding == "zeros" else Padding.BORDER
-    return _warp_op(image, ddf, int(interp), int(pad), name, deterministic)
+    return _warp_op(image, ddf, int(interp), int(pad), int(WarpFlags.NONE), name, deterministic)
 
 
 class Warp(nn.Module):

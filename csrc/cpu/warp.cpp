@@ -6,7 +6,13 @@
 
 #include <omp.h>
 
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
 #include "launchers.h"
+#include "registry.h"
+
+namespace py = pybind11;
 
 namespace mrus {
 namespace cpu {
@@ -106,4 +112,79 @@ void warp_backward(const WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintp
 }
 
 }  // namespace cpu
+
+namespace {
+
+warp::WarpArgs warp_args(int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd, int64_t C,
+                         const std::vector<int64_t>& in_size, const std::vector<int64_t>& out_size,
+                         int mode, int padding, int flags, int num_threads) {
+  if (ndim != 2 && ndim != 3) throw std::invalid_argument("warp: ndim must be 2 or 3");
+  if (static_cast<int>(in_size.size()) != ndim || static_cast<int>(out_size.size()) != ndim) {
+    throw std::invalid_argument("warp: in_size and out_size must have ndim entries");
+  }
+  warp::WarpArgs a;
+  a.dtype = dtype;
+  a.ndim = ndim;
+  a.B = B;
+  a.Bi = Bi;
+  a.Bd = Bd;
+  a.C = C;
+  for (int i = 0; i < ndim; ++i) {
+    a.in_size[i] = in_size[i];
+    a.out_size[i] = out_size[i];
+  }
+  a.mode = mode;
+  a.padding = padding;
+  a.flags = flags;
+  a.num_threads = num_threads > 0 ? num_threads : 1;
+  return a;
+}
+
+}  // namespace
+
+void register_warp(py::module_& m) {
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def(
+      "warp_forward_cpu",
+      [](int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd, int64_t C,
+         std::vector<int64_t> in_size, std::vector<int64_t> out_size, int mode, int padding,
+         int flags, int num_threads, uintptr_t image, uintptr_t ddf, uintptr_t out) {
+        cpu::warp_forward(warp_args(dtype, ndim, B, Bi, Bd, C, in_size, out_size, mode, padding, flags, num_threads),
+                          image, ddf, out);
+      },
+      release);
+  m.def(
+      "warp_backward_cpu",
+      [](int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd, int64_t C,
+         std::vector<int64_t> in_size, std::vector<int64_t> out_size, int mode, int padding,
+         int flags, int num_threads, uintptr_t grad_out, uintptr_t image, uintptr_t ddf, uintptr_t grad_image,
+         uintptr_t grad_ddf) {
+        cpu::warp_backward(
+            warp_args(dtype, ndim, B, Bi, Bd, C, in_size, out_size, mode, padding, flags, num_threads),
+            grad_out, image, ddf, grad_image, grad_ddf);
+      },
+      release);
+  m.def(
+      "warp_forward_cuda",
+      [](int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd, int64_t C,
+         std::vector<int64_t> in_size, std::vector<int64_t> out_size, int mode, int padding,
+         int flags, uintptr_t image, uintptr_t ddf, uintptr_t out, uintptr_t stream) {
+        cuda::warp_forward(warp_args(dtype, ndim, B, Bi, Bd, C, in_size, out_size, mode, padding, flags, 1),
+                           image, ddf, out, stream);
+      },
+      release);
+  m.def(
+      "warp_backward_cuda",
+      [](int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd, int64_t C,
+         std::vector<int64_t> in_size, std::vector<int64_t> out_size, int mode, int padding,
+         int flags, uintptr_t grad_out, uintptr_t image, uintptr_t ddf, uintptr_t grad_image,
+         uintptr_t grad_ddf, bool deterministic, uintptr_t fixed_scratch, uintptr_t gmax,
+         uintptr_t stream) {
+        cuda::warp_backward(warp_args(dtype, ndim, B, Bi, Bd, C, in_size, out_size, mode, padding, flags, 1),
+                            grad_out, image, ddf, grad_image, grad_ddf, deterministic,
+                            fixed_scratch, gmax, stream);
+      },
+      release);
+}
+
 }  // namespace mrus

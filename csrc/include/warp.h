@@ -12,6 +12,17 @@
 namespace mrus {
 namespace warp {
 
+// Variants of the warp kernels used by compose / integrate_velocity (flags of WarpArgs).
+enum WarpFlags : int {
+  // out[b, c] = ddf[b, c] + sampled image[b, c] (C == ndim, same grid): the composition
+  // v(x) + u(x + v(x)) with image = u and ddf = v, in one pass.
+  ADD_DDF = 1,
+  // Backward: the ddf gradient goes through the scatter functor at the ddf element's flat
+  // index instead of into grad_ddf: image and ddf are the same tensor (u ∘ u, one step of
+  // scaling and squaring), so both gradients land in one buffer.
+  DDF_GRAD_SCATTER = 2,
+};
+
 // Everything a warp kernel needs besides the pointers. All tensors are contiguous:
 //   image [Bi, C, *in_size], ddf [Bd, ndim, *out_size], out [B, C, *out_size],
 //   B = max(Bi, Bd), Bi and Bd each 1 (broadcast) or B.
@@ -23,6 +34,7 @@ struct WarpArgs {
   int64_t out_size[3] = {1, 1, 1};
   int mode = 0;     // Interp
   int padding = 0;  // Padding
+  int flags = 0;    // WarpFlags
   int num_threads = 1;  // CPU only
 
   MRUS_HD int64_t n_in() const {
@@ -188,9 +200,11 @@ MRUS_HD void forward_voxel(const WarpArgs& a, const scalar_t* image, const scala
   }
   LinearStencil<NDIM, T> s;
   make_linear<NDIM, T>(p, a.in_size, a.padding, s);
+  const scalar_t* u = ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
+  const bool add = a.flags & ADD_DDF;
   for (int64_t c = 0; c < a.C; ++c) {
     const scalar_t* ic = img + c * n_in;
-    T acc = T(0);
+    T acc = add ? static_cast<T>(u[c * n_out]) : T(0);
 MRUS_UNROLL
     for (int k = 0; k < LinearStencil<NDIM, T>::K; ++k) {
       if (s.valid[k]) acc += s.w[k] * static_cast<T>(ic[s.off[k]]);
@@ -202,13 +216,16 @@ MRUS_UNROLL
 // Backward for output voxel n, all batch items (so that a broadcast ddf still has a single
 // writer). scatter(index, value) adds value to the image gradient at flat index
 // b_img * C * n_in + c * n_in + offset; grad_ddf may be null (not needed). With
-// need_image false no scatter happens.
+// need_image false no image scatter happens. With DDF_GRAD_SCATTER the ddf gradient is
+// scattered too (at its own flat index), and grad_ddf is ignored.
 template <int NDIM, typename scalar_t, typename T, typename Scatter>
 MRUS_HD void backward_voxel(const WarpArgs& a, const scalar_t* grad_out, const scalar_t* image,
                             const scalar_t* ddf, bool need_image, scalar_t* grad_ddf,
                             Scatter& scatter, int64_t n) {
   constexpr int K = LinearStencil<NDIM, T>::K;
   const int64_t n_in = a.n_in(), n_out = a.n_out();
+  const bool via_scatter = a.flags & DDF_GRAD_SCATTER;
+  const bool need_ddf = grad_ddf != nullptr || via_scatter;
   T gu[NDIM];
 MRUS_UNROLL
   for (int i = 0; i < NDIM; ++i) gu[i] = T(0);
@@ -238,11 +255,11 @@ MRUS_UNROLL
 MRUS_UNROLL
         for (int k = 0; k < K; ++k) {
           if (!s.valid[k]) continue;
-          if (grad_ddf) corner[k] += gc * static_cast<T>(ic[s.off[k]]);
+          if (need_ddf) corner[k] += gc * static_cast<T>(ic[s.off[k]]);
           if (need_image) scatter(base + s.off[k], s.w[k] * gc);
         }
       }
-      if (grad_ddf) {
+      if (need_ddf) {
 MRUS_UNROLL
         for (int i = 0; i < NDIM; ++i) {
           T d = T(0);
@@ -252,11 +269,19 @@ MRUS_UNROLL
         }
       }
     }
-    if (grad_ddf && (a.Bd > 1 || b == a.B - 1)) {
-      scalar_t* gd = grad_ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
+    if (a.flags & ADD_DDF) {  // d out[c] / d ddf[c] = 1, NaN sample or not
+MRUS_UNROLL
+      for (int i = 0; i < NDIM; ++i) gu[i] += static_cast<T>(g[i * n_out]);
+    }
+    if (need_ddf && (a.Bd > 1 || b == a.B - 1)) {
+      const int64_t d0 = (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
 MRUS_UNROLL
       for (int i = 0; i < NDIM; ++i) {
-        gd[i * n_out] = static_cast<scalar_t>(gu[i]);
+        if (via_scatter) {
+          scatter(d0 + i * n_out, gu[i]);
+        } else {
+          grad_ddf[d0 + i * n_out] = static_cast<scalar_t>(gu[i]);
+        }
         gu[i] = T(0);
       }
     }

@@ -1,0 +1,275 @@
+"""``warp`` against what users run today: ``pytest benchmarks/bench_warp.py``.
+
+Rows of every group:
+
+- ``mrus_<backend>``: :func:`mrus_kernels.warp` with ``backend=`` ``cpu`` (CPU sizes) or
+  ``cuda`` and ``triton`` (GPU sizes); skipped with the reason when the backend cannot
+  serve the call (``backends.call_reason``).
+- ``grid_sample``: the VoxelMorph-style spatial transformer
+  (``reference.warp_grid_sample``: ddf to a normalised grid, then ``F.grid_sample``), the
+  baseline of the speed-ups.
+- ``compiled``: ``torch.compile(reference.warp_grid_sample, dynamic=False)``, compiled
+  afresh in each benchmark (one compile per benchmark, inside the correctness check).
+- ``monai``: ``monai.networks.blocks.Warp(mode="bilinear", padding_mode="zeros")`` when
+  MONAI is importable (an optional dependency, skipped when absent). Its ddf is in voxel
+  units with channel i along spatial axis i, as ours (it reverses the order to x, y, z for
+  ``grid_sample`` itself), so it takes our ddf unchanged; its default padding is
+  ``"border"``, hence the explicit ``"zeros"``.
+
+Groups, one per pass and size: ``warp-fwd-<device>-<size>`` (inputs without grad) and
+``warp-fwdbwd-<device>-<size>`` (image and ddf require grad; ``out.backward(grad_out)``
+with a fixed random ``grad_out``, both gradients freshly allocated every round as in a
+training step). Sizes: CPU ``1×1×64×64×64``; GPU ``1×1×160×192×224``, ``2×1×128×128×64``,
+``1×16×128×128×64``; float32, linear interpolation, zeros padding.
+
+Ideal bytes (what a perfect kernel moves; GB/s = ideal bytes / median time), with
+|x| the bytes of tensor x:
+
+- forward: |ddf| + |image| + |out| (read the displacement, read the image once, write
+  the output; the 8 corner gathers of a smooth field hit cache);
+- forward + backward: the forward, plus the backward reading |grad_out| + |image| + |ddf|
+  and writing |grad_image| + |grad_ddf|, i.e. 3|ddf| + 3|image| + 2|out| in all.
+
+Inputs are seeded and look like registration: a random image and a smooth random
+displacement (coarse noise at 1/8 resolution, trilinearly upsampled, at most
+``AMPLITUDE`` voxels). Each sample point x + u(x) is then nudged at least ``GRID_GAP``
+voxel off the integer grid: linear interpolation has a kink there, and ``grid_sample``'s
+normalised coordinates round differently from ours, so at a point within an ulp of a voxel
+centre the two would take the displacement gradient from different sides. Timing is not
+affected.
+
+Every benchmark checks its outputs and gradients against ``reference.warp`` (the
+gather-based oracle, run in float64 on the same float32 inputs) to 1e-4 of the largest
+value before it times anything: ``pytest benchmarks --benchmark-disable`` is a
+correctness run.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrus_kernels import reference, warp
+from mrus_kernels.backends import call_reason
+
+from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+
+CPU_SHAPES = [(1, 1, 64, 64, 64)]
+GPU_SHAPES = [(1, 1, 160, 192, 224), (2, 1, 128, 128, 64), (1, 16, 128, 128, 64)]
+BASELINES = ("grid_sample", "compiled", "monai")
+BASELINE = "grid_sample"  # the speed-ups are relative to this row
+DTYPE = torch.float32
+RTOL = 1e-4
+AMPLITUDE = 3.0  # voxels, largest displacement component
+GRID_GAP = 1e-3  # voxels, least distance of a sample point from the integer grid
+ROUNDS = {"cpu": (15, 3), "cuda": (50, 5)}  # (timed, warmup) rounds per device type
+
+Impl = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Inductor's own imports warn (torch.utils.mkldnn uses the deprecated jit.script_method);
+# not ours to fix, and `filterwarnings = error` would fail the compiled rows on it.
+_COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
+
+
+def _cases() -> list:
+    cases = []
+    rows = [("cpu", shape, impl) for shape in CPU_SHAPES for impl in ("mrus_cpu", *BASELINES)]
+    rows += [
+        ("cuda", shape, impl)
+        for shape in GPU_SHAPES
+        for impl in ("mrus_cuda", "mrus_triton", *BASELINES)
+    ]
+    for device, shape, impl in rows:
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        if impl == "compiled":
+            marks += _COMPILE_MARKS
+        cases.append(
+            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
+        )
+    return cases
+
+
+CASES = _cases()
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def smooth_ddf(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A smooth random displacement for images of ``shape``, float64 on the CPU.
+
+    Returns:
+        Tensor [B, 3, D, H, W], voxel units, component i along spatial axis i, at most
+        ``AMPLITUDE`` voxels, every x + u(x) at least ``GRID_GAP`` off the integer grid.
+    """
+    batch, spatial = shape[0], shape[2:]
+    coarse = torch.randn(
+        batch,
+        len(spatial),
+        *[max(2, n // 8) for n in spatial],
+        generator=generator,
+        dtype=torch.float64,
+    )
+    ddf = F.interpolate(coarse, size=spatial, mode="trilinear", align_corners=True)
+    ddf = AMPLITUDE * ddf / ddf.abs().amax()
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in spatial], indexing="ij")
+    for i, x in enumerate(axes):
+        p = x + ddf[:, i]
+        lower = torch.floor(p)
+        ddf[:, i] = lower + (p - lower).clamp(GRID_GAP, 1 - GRID_GAP) - x
+    return ddf
+
+
+@dataclass
+class Case:
+    """Inputs of one size and what the reference makes of them."""
+
+    image: torch.Tensor  # [B, C, *S], float32
+    ddf: torch.Tensor  # [B, 3, *S], float32, voxel units
+    grad_out: torch.Tensor  # [B, C, *S], float32
+    out: torch.Tensor  # reference forward
+    grad_image: torch.Tensor  # reference d(out · grad_out) / d image
+    grad_ddf: torch.Tensor  # reference d(out · grad_out) / d ddf
+
+
+@functools.lru_cache(maxsize=len(CPU_SHAPES) + len(GPU_SHAPES))
+def make_case(shape: tuple[int, ...], device: str) -> Case:
+    """Seeded inputs of ``shape`` on ``device`` and the float64 reference results."""
+    generator = torch.Generator().manual_seed(0)
+    ddf = smooth_ddf(shape, generator).to(DTYPE)
+    image = torch.randn(shape, generator=generator, dtype=DTYPE)
+    grad_out = torch.randn(shape, generator=generator, dtype=DTYPE)
+    image, ddf, grad_out = image.to(device), ddf.to(device), grad_out.to(device)
+    img64 = image.double().requires_grad_()
+    ddf64 = ddf.double().requires_grad_()
+    out = reference.warp(img64, ddf64)
+    out.backward(grad_out.double())
+    assert img64.grad is not None and ddf64.grad is not None
+    return Case(
+        image, ddf, grad_out, out.detach().to(DTYPE), img64.grad.to(DTYPE), ddf64.grad.to(DTYPE)
+    )
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+@functools.lru_cache(maxsize=1)
+def _monai_warp_class() -> tuple[type | None, str | None]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI's own import-time deprecations
+            from monai.networks.blocks import Warp
+    except Exception as exc:  # noqa: BLE001 - optional: any import failure means "absent"
+        return None, f"MONAI is not importable ({type(exc).__name__}: {exc}); `pip install monai`"
+    return Warp, None
+
+
+def make_impl(name: str, device: str) -> Impl:
+    """The callable (image, ddf) -> out of one row; skips the test when it cannot run."""
+    if name.startswith("mrus_"):
+        backend = name.removeprefix("mrus_")
+        reason = call_reason(backend, torch.device(device), DTYPE)
+        if reason is not None:
+            pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
+        return functools.partial(warp, backend=backend)
+    if name == "grid_sample":
+        return reference.warp_grid_sample
+    if name == "compiled":
+        torch._dynamo.reset()  # one fresh compile per benchmark, nothing reused from others
+        return torch.compile(reference.warp_grid_sample, dynamic=False)
+    if name == "monai":
+        cls, reason = _monai_warp_class()
+        if cls is None:
+            pytest.skip(reason)
+        with warnings.catch_warnings():
+            # "Using PyTorch native grid_sample": it says which path MONAI took.
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(mode="bilinear", padding_mode="zeros")
+    raise ValueError(f"unknown row {name!r}")
+
+
+def _row_info(name: str, shape: tuple[int, ...], pass_: str) -> dict[str, object]:
+    return {
+        "op": "warp",
+        "impl": name,
+        "backend": name.removeprefix("mrus_") if name.startswith("mrus_") else None,
+        "size": shape_id(shape),
+        "dtype": str(DTYPE).removeprefix("torch."),
+        "pass": pass_,
+    }
+
+
+def ideal_bytes(case: Case, backward: bool) -> int:
+    """Least traffic of a warp (see the module docstring)."""
+    forward = nbytes(case.ddf, case.image, case.out)
+    if not backward:
+        return forward
+    return forward + nbytes(case.grad_out, case.image, case.ddf, case.grad_image, case.grad_ddf)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+
+@pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)
+def test_warp_forward(shape, device, impl_name, benchmark):
+    impl = make_impl(impl_name, device)
+    case = make_case(shape, device)
+    image, ddf = case.image, case.ddf
+
+    assert_close_rel(f"{impl_name} forward", impl(image, ddf), case.out, RTOL)
+
+    benchmark.group = f"warp-fwd-{device}-{shape_id(shape)}"
+    rounds, warmup = ROUNDS[device]
+    run_benchmark(
+        benchmark,
+        lambda: impl(image, ddf),
+        rounds=rounds,
+        warmup_rounds=warmup,
+        device=device,
+        ideal_bytes=ideal_bytes(case, backward=False),
+        baseline=impl_name == BASELINE,
+        extra_info=_row_info(impl_name, shape, "forward"),
+    )
+
+
+@pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)
+def test_warp_forward_backward(shape, device, impl_name, benchmark):
+    impl = make_impl(impl_name, device)
+    case = make_case(shape, device)
+    image = case.image.clone().requires_grad_()
+    ddf = case.ddf.clone().requires_grad_()
+
+    def clear_grads() -> None:
+        image.grad = ddf.grad = None
+
+    def step() -> None:
+        impl(image, ddf).backward(case.grad_out)
+
+    out = impl(image, ddf)
+    assert_close_rel(f"{impl_name} forward", out, case.out, RTOL)
+    out.backward(case.grad_out)
+    assert image.grad is not None and ddf.grad is not None, f"{impl_name}: no gradient"
+    assert_close_rel(f"{impl_name} grad image", image.grad, case.grad_image, RTOL)
+    assert_close_rel(f"{impl_name} grad ddf", ddf.grad, case.grad_ddf, RTOL)
+    del out
+    clear_grads()
+
+    benchmark.group = f"warp-fwdbwd-{device}-{shape_id(shape)}"
+    rounds, warmup = ROUNDS[device]
+    run_benchmark(
+        benchmark,
+        step,
+        setup=clear_grads,
+        rounds=rounds,
+        warmup_rounds=warmup,
+        device=device,
+        ideal_bytes=ideal_bytes(case, backward=True),
+        baseline=impl_name == BASELINE,
+        extra_info=_row_info(impl_name, shape, "forward+backward"),
+    )

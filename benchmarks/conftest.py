@@ -1,0 +1,263 @@
+"""Shared helpers of the operator benchmarks (``pytest benchmarks``).
+
+Every ``bench_<op>.py`` uses the same pieces, so each row of every suite is measured and
+reported the same way:
+
+- :func:`run_benchmark` times a zero-argument callable with ``benchmark.pedantic`` (warmup
+  rounds first; the CUDA device is synchronised inside the timed call, so times are real
+  and not launch times), then records in ``extra_info``: device, peak extra memory
+  (:func:`peak_extra_memory`), ideal bytes, achieved GB/s and the fraction of the
+  measured copy bandwidth (:func:`copy_bandwidth_gbs`).
+- :func:`assert_close_rel` checks a result against the reference before any timing, so
+  ``pytest benchmarks --benchmark-disable`` is a correctness run.
+- Tests marked ``cuda`` (the marker of ``pyproject.toml``) skip cleanly without a GPU.
+- A summary table at the end of the run adds what pytest-benchmark's own table leaves
+  out: speed-up over the group's baseline row, peak extra memory, GB/s, % of copy.
+
+Suites import these as ``from .conftest import ...`` (``benchmarks`` is a package, so the
+name cannot clash with ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+MiB = 2**20
+HAS_CUDA = torch.cuda.is_available()
+
+# Rows recorded by run_benchmark, printed by pytest_terminal_summary.
+_ROWS: list[dict[str, Any]] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A runtest hook in this conftest applies only to items under benchmarks/.
+    if item.get_closest_marker("cuda") is not None and not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the work queued on ``device`` (a no-op for CPU tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak memory, in MiB, that ``fn()`` allocates beyond what was allocated before.
+
+    Counts what the call leaves behind too (its output, gradients it writes), since a
+    caller pays for that memory. CUDA only (torch's caching allocator statistics); None
+    for CPU tensors, where there is no comparable allocator counter.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return (peak - before) / MiB
+
+
+@functools.cache
+def _copy_bandwidth(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = min(2**30, free // 8)
+    else:
+        nbytes = 2**28
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    seconds = []
+    if device.type == "cuda":
+        copies = 10
+        for _ in range(5):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(copies):
+                dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3 / copies)
+    else:
+        for _ in range(5):
+            start_s = time.perf_counter()
+            dst.copy_(src)
+            seconds.append(time.perf_counter() - start_s)
+    return 2 * nbytes / sorted(seconds)[len(seconds) // 2] / 1e9
+
+
+def copy_bandwidth_gbs(device: torch.device | str) -> float:
+    """Measured copy bandwidth of ``device`` in GB/s (1e9 B/s), once per session.
+
+    A large float32 copy (1 GiB on a GPU, timed with CUDA events; 256 MiB on the CPU, wall
+    clock), median of 5, counting the bytes read and the bytes written. It is the practical
+    ceiling of a memory-bound operator, so ``GB/s / copy GB/s`` says how close one gets.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _copy_bandwidth(device)
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the given tensors' elements (the unit of ideal traffic counts)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def shape_id(shape: tuple[int, ...]) -> str:
+    """``(1, 1, 64, 64, 64)`` -> ``"1x1x64x64x64"`` (test ids and group names)."""
+    return "x".join(str(n) for n in shape)
+
+
+# ---------------------------------------------------------------------------- checking
+
+
+def assert_close_rel(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4
+) -> None:
+    """``max|actual - expected| <= rtol * max|expected|``, NaN-safe, with a useful message.
+
+    A relative-to-the-largest-value check: float32 kernels that sum in a different order
+    (atomics, fused loops) differ from the reference by a few ulps of the large values.
+    """
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    )
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = (a - e).abs()
+    scale = e.abs().max().item()
+    err = diff.max().item()
+    if err <= rtol * scale:
+        return
+    flat = int(torch.nan_to_num(diff, nan=math.inf).argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    bad = int((~(diff <= rtol * scale)).sum())
+    raise AssertionError(
+        f"{name}: max abs error {err:.3g} > {rtol:g} x max|expected| ({scale:.3g}); worst at "
+        f"{where}: got {a[where].item():.6g}, expected {e[where].item():.6g}; "
+        f"{bad} of {diff.numel()} elements out of tolerance"
+    )
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def run_benchmark(
+    benchmark: Any,
+    fn: Callable[[], object],
+    *,
+    setup: Callable[[], None] | None = None,
+    rounds: int,
+    warmup_rounds: int = 2,
+    device: torch.device | str,
+    ideal_bytes: int | None = None,
+    baseline: bool = False,
+    extra_info: dict[str, Any],
+) -> object:
+    """Times ``fn()`` with ``benchmark.pedantic`` and records what the suite reports.
+
+    Args:
+        benchmark: the pytest-benchmark fixture; set ``benchmark.group`` before calling.
+        fn: the work to time, no arguments. The device is synchronised inside the timed
+            call (after ``fn``) and before it (after ``setup``), so a time is the whole
+            kernel time, not its launch.
+        setup: run before every round, untimed (e.g. clear ``.grad`` so every round
+            allocates and writes its gradients like a training step).
+        rounds: timed rounds; ``warmup_rounds`` untimed ones run first (JIT, autotuning,
+            caches, ``torch.compile``).
+        device: where ``fn`` runs.
+        ideal_bytes: the least traffic the operation can do (inputs read once, outputs
+            written once); gives GB/s and the fraction of the copy bandwidth.
+        baseline: this row is what the group's speed-ups are relative to.
+        extra_info: what the row is (backend or implementation, size, dtype, ...); the
+            measurements are added to it: ``device``, ``peak_extra_mib``,
+            ``ideal_bytes``, ``gbs``, ``copy_gbs``, ``fraction_of_copy``.
+
+    Returns:
+        What the last call of ``fn`` returned.
+    """
+    device = torch.device(device)
+
+    def prepare() -> None:
+        if setup is not None:
+            setup()
+        synchronize(device)
+
+    def timed() -> object:
+        out = fn()
+        synchronize(device)
+        return out
+
+    result = benchmark.pedantic(
+        timed, setup=prepare, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1
+    )
+    if benchmark.disabled:  # a correctness run: nothing was measured
+        return result
+    info = benchmark.extra_info  # the dict pytest-benchmark stores; update it in place
+    info.update(extra_info)
+    info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    prepare()
+    info["peak_extra_mib"] = peak_extra_memory(fn, device)  # steady state, after warmup
+    median = benchmark.stats.stats.median
+    info["median_ms"] = 1e3 * median
+    info["ideal_bytes"] = ideal_bytes
+    if ideal_bytes is not None and median > 0:
+        copy = copy_bandwidth_gbs(device)
+        info["gbs"] = ideal_bytes / median / 1e9
+        info["copy_gbs"] = copy
+        info["fraction_of_copy"] = info["gbs"] / copy
+    _ROWS.append({"group": benchmark.group, "name": benchmark.name, "baseline": baseline, **info})
+    return result
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _ROWS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("mrus benchmarks: median, memory and bandwidth")
+    write(
+        "speed-up: baseline median / row median; GB/s: ideal bytes / median; "
+        "% copy: of the device's measured copy bandwidth"
+    )
+    for device in sorted({row["device"] for row in _ROWS}):
+        copy = next((r.get("copy_gbs") for r in _ROWS if r["device"] == device), None)
+        if copy is not None:
+            write(f"copy bandwidth of {device}: {copy:.1f} GB/s")
+    header = (
+        f"{'name':<58} {'median ms':>10} {'speed-up':>9} {'peak MiB':>9} {'GB/s':>8} {'% copy':>7}"
+    )
+    for group in sorted({row["group"] or "" for row in _ROWS}):
+        rows = [r for r in _ROWS if (r["group"] or "") == group]
+        base = next((r["median_ms"] for r in rows if r["baseline"]), None)
+        write("")
+        write(f"group {group}")
+        write(header)
+        for r in sorted(rows, key=lambda r: r["median_ms"]):
+            speed = f"{base / r['median_ms']:.2f}x" if base else "-"
+            peak = f"{r['peak_extra_mib']:.1f}" if r["peak_extra_mib"] is not None else "-"
+            gbs = f"{r['gbs']:.1f}" if r.get("gbs") is not None else "-"
+            frac = (
+                f"{100 * r['fraction_of_copy']:.1f}"
+                if r.get("fraction_of_copy") is not None
+                else "-"
+            )
+            write(
+                f"{r['name']:<58} {r['median_ms']:>10.3f} {speed:>9} {peak:>9} {gbs:>8} {frac:>7}"
+            )

@@ -1,0 +1,8 @@
+// One register_<op> per operator source file (csrc/cpu/<op>.cpp); bindings.cpp calls them all.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace mrus {
+void register_warp(pybind11::module_& m);
+}  // namespace mrus

@@ -1,0 +1,600 @@
+"""Triton kernels of the warp operator: out[b, c](x) = image[b, c](x + u(x)).
+
+The per-voxel semantics are those of csrc/include/warp.h (shared by the CPU and CUDA
+kernels) and are reproduced here exactly: voxel centres at integer indices, displacement in
+voxel units with component i along spatial axis i; "zeros" padding skips corners outside the
+image (never reads them) after bounding the coordinate to [-2, n + 1]; "border" padding
+clamps the coordinate into [0, n - 1] first (gradient gate 0 where clamped) and still skips
+corners with index n; nearest rounds half to even (common.h); a NaN coordinate gives NaN in
+every channel and no gradient contribution.
+
+Layout of a program: one program per BLOCK output voxels and per displacement batch item.
+The sampling point, corner offsets, weights and validity are computed once per voxel, then a
+runtime loop over the image batch items that share this displacement (all of them when the
+displacement is broadcast, Bd == 1) and, inside it, over channels. The displacement gradient
+therefore has a single writer per element and the broadcast case reuses the stencil.
+
+Channel and batch offsets advance 64-bit pointers; offsets inside one volume are int32 unless
+a volume is near 2**31 elements (IDX64). All arithmetic is float32 (inputs float32, float16
+or bfloat16).
+
+The deterministic image gradient accumulates in 64-bit fixed point: each contribution v adds
+round(v / q), q = gmax * 2**-32 with gmax = max |grad_out| read from a device scalar (no host
+sync), with int64 atomics; integer sums do not depend on the order of the atomics, so the
+result is bitwise reproducible. |v| <= gmax, so each addition is at most 2**32 in magnitude
+and an image voxel can take 2**31 contributions before the int64 sum could overflow.
+With DDF_GRAD_SCATTER (compose's squaring step) the displacement gradient goes through the
+same fixed point; it is not bounded by gmax (it scales with the field's differences), which
+leaves ample headroom in practice, but a NaN there cannot be represented and adds 0.
+
+Interpreter (TRITON_INTERPRET=1): the kernels avoid NaN from finite operands where warp.h
+skips work (invalid corners, non-finite gmax), so NumPy raises no RuntimeWarning for NaN
+inputs; inf inputs can still make valid lanes compute inf * 0, as warp.h does, and NumPy
+then warns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Codes of csrc/include/common.h (Interp, Padding).
+LINEAR = 0
+NEAREST = 1
+ZEROS = 0
+BORDER = 1
+# WarpFlags of csrc/include/warp.h (variants used by compose / integrate_velocity).
+ADD_DDF = 1
+DDF_GRAD_SCATTER = 2
+
+# Output voxels per program, one voxel per thread: with two per thread the 3D linear
+# backward needs 255 registers and spills on sm_90 (ptxas), with one about 100 (forward
+# about 64). Not autotuned: tuning runs would repeat the atomics into the image gradient,
+# and fixed sizes keep the launch CUDA-graph friendly.
+BLOCK_2D = 256
+BLOCK_3D = 256
+VOXELS_PER_THREAD = 1
+CONVERT_BLOCK = 1024
+CONVERT_WARPS = 4
+
+_INT32_MAX = 2**31 - 1
+_MAX_GRID_Y = 65535
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Per-voxel math (warp.h)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(x):
+    # common.h round_half_even: x - floor(x) is exact for the bounded coordinates here.
+    r = tl.floor(x)
+    d = x - r
+    h = r * 0.5
+    up = (d > 0.5) | ((d == 0.5) & (h != tl.floor(h)))
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _voxel_index(BLOCK: tl.constexpr, n_out, IDX64: tl.constexpr):
+    pid = tl.program_id(0)
+    if IDX64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n_out
+
+
+@triton.jit
+def _sample_point(ddf_b, offs, mask, n_out, out_sizes, NDIM: tl.constexpr):
+    """x + u(x) per axis (a tuple, axis 0 first) with NaN replaced by 0, and the NaN mask."""
+    rem = offs
+    xs = ()
+    for i in tl.static_range(NDIM - 1, -1, -1):
+        if i == 0:
+            xs = (rem,) + xs
+        else:
+            xs = (rem % out_sizes[i],) + xs
+            rem = rem // out_sizes[i]
+    u_ptr = ddf_b + offs
+    ps = ()
+    for i in tl.static_range(NDIM):
+        p = xs[i].to(tl.float32) + tl.load(u_ptr, mask=mask, other=0.0).to(tl.float32)
+        if i == 0:
+            nan = p != p
+        else:
+            nan = nan | (p != p)
+        # A NaN lane is masked everywhere; 0 keeps its integer conversions defined.
+        ps = ps + (tl.where(p != p, 0.0, p),)
+        u_ptr += n_out
+    return ps, nan
+
+
+@triton.jit
+def _axis_linear(p, n, PADDING: tl.constexpr, IDX64: tl.constexpr):
+    """warp.h axis_linear: lower corner, upper weight t, corner validity, clamp gate."""
+    hi = (n - 1) * 1.0  # float32 (n may arrive as a specialised constexpr 1)
+    if PADDING == 1:
+        gate = tl.where((p < 0.0) | (p > hi), 0.0, 1.0)
+        p = tl.minimum(tl.maximum(p, 0.0), hi)
+    else:
+        # Bounding p keeps the integer conversion defined without changing the result.
+        gate = 1.0
+        p = tl.minimum(tl.maximum(p, -2.0), hi + 2.0)
+    f = tl.floor(p)
+    t = p - f
+    if IDX64:
+        i0 = f.to(tl.int64)
+    else:
+        i0 = f.to(tl.int32)
+    v0 = (i0 >= 0) & (i0 < n)
+    v1 = (i0 >= -1) & (i0 < n - 1)
+    return i0, t, v0, v1, gate
+
+
+@triton.jit
+def _linear_stencil(ps, sizes, strides, ok, PADDING: tl.constexpr, NDIM: tl.constexpr,
+                    IDX64: tl.constexpr):
+    """warp.h make_linear for 2**NDIM corners; corner k takes the upper index along axis i
+    when bit NDIM - 1 - i of k is set. Returns per-corner (offset, weight, load mask) and
+    per-axis (t, 1 - t, gate). The mask folds in `ok` (in range and not NaN)."""
+    ts = ()
+    ss = ()
+    gates = ()
+    for i in tl.static_range(NDIM):
+        i0, t, v0, v1, g = _axis_linear(ps[i], sizes[i], PADDING, IDX64)
+        s = 1.0 - t
+        ts = ts + (t,)
+        ss = ss + (s,)
+        gates = gates + (g,)
+        if i == 0:
+            base = i0 * strides[0]
+            ws = (s, t)
+            vs = (v0 & ok, v1 & ok)
+            ds = (0, strides[0])
+        else:
+            base = base + i0 * strides[i]
+            ws2 = ()
+            vs2 = ()
+            ds2 = ()
+            for j in tl.static_range(len(ws)):
+                ws2 = ws2 + (ws[j] * s, ws[j] * t)
+                vs2 = vs2 + (vs[j] & v0, vs[j] & v1)
+                ds2 = ds2 + (ds[j], ds[j] + strides[i])
+            ws = ws2
+            vs = vs2
+            ds = ds2
+    offs = ()
+    for k in tl.static_range(len(ds)):
+        offs = offs + (base + ds[k],)
+    return offs, ws, vs, ts, ss, gates
+
+
+@triton.jit
+def _nearest_offset(ps, sizes, strides, ok, PADDING: tl.constexpr, NDIM: tl.constexpr,
+                    IDX64: tl.constexpr):
+    """warp.h nearest_offset: offset of the nearest voxel and whether to read it."""
+    for i in tl.static_range(NDIM):
+        hi = (sizes[i] - 1) * 1.0
+        if PADDING == 1:
+            q = tl.minimum(tl.maximum(ps[i], 0.0), hi)
+        else:
+            q = tl.minimum(tl.maximum(ps[i], -2.0), hi + 2.0)
+        if IDX64:
+            idx = _round_half_even(q).to(tl.int64)
+        else:
+            idx = _round_half_even(q).to(tl.int32)
+        vi = (idx >= 0) & (idx < sizes[i])
+        if i == 0:
+            off = idx * strides[0]
+            valid = ok & vi
+        else:
+            off = off + idx * strides[i]
+            valid = valid & vi
+    return off, valid
+
+
+@triton.constexpr_function
+def _lower_corner(m, i, ndim):
+    """The m-th corner (of 2**(ndim - 1)) that takes the lower index along axis i."""
+    pos = ndim - 1 - i
+    return ((m >> pos) << (pos + 1)) | (m & ((1 << pos) - 1))
+
+
+@triton.constexpr_function
+def _upper_corner(m, i, ndim):
+    """The corner that differs from _lower_corner(m, i, ndim) only along axis i."""
+    return _lower_corner(m, i, ndim) | (1 << (ndim - 1 - i))
+
+
+@triton.constexpr_function
+def _takes_upper(k, j, ndim):
+    """Whether corner k takes the upper index along axis j."""
+    return (k >> (ndim - 1 - j)) & 1 == 1
+
+
+@triton.jit
+def _linear_dweights(cs, ts, ss, gates, PADDING: tl.constexpr, NDIM: tl.constexpr):
+    """sum_k cs[k] * d w_k / d p_i for each axis i (warp.h linear_dweight), pairing the
+    corners that differ only along axis i."""
+    gu = ()
+    for i in tl.static_range(NDIM):
+        d = 0.0
+        for m in tl.static_range(2 ** (NDIM - 1)):
+            w = 1.0
+            for j in tl.static_range(NDIM):
+                if j != i:
+                    if _takes_upper(_lower_corner(m, i, NDIM), j, NDIM):
+                        w = w * ts[j]
+                    else:
+                        w = w * ss[j]
+            d = d + (cs[_upper_corner(m, i, NDIM)] - cs[_lower_corner(m, i, NDIM)]) * w
+        if PADDING == 1:
+            d = d * gates[i]
+        gu = gu + (d,)
+    return gu
+
+
+@triton.jit
+def _to_fixed(v, s1, s2):
+    # round(v / q) as int64, q = gmax * 2**-32, written as (v * s1) * s2 with
+    # s1 * s2 = 1 / q so that neither factor overflows or underflows for tiny gmax.
+    # The kernel passes v = 0 when gmax is NaN or inf, so v * s1 * s2 is always finite.
+    return _round_half_even((v * s1) * s2).to(tl.int64)
+
+
+@triton.jit
+def _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM: tl.constexpr):
+    if NDIM == 3:
+        in_sizes = (I0, I1, I2)
+        in_strides = (IST0, IST1, 1)
+        out_sizes = (O0, O1, O2)
+    else:
+        in_sizes = (I0, I1)
+        in_strides = (IST0, 1)
+        out_sizes = (O0, O1)
+    return in_sizes, in_strides, out_sizes
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scatter(ptr, v, mask, s1, s2, DETERMINISTIC: tl.constexpr):
+    """Adds v to the image gradient: float atomics, or int64 fixed point (v finite)."""
+    if DETERMINISTIC:
+        tl.atomic_add(ptr, _to_fixed(v, s1, s2), mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _warp_fwd_kernel(
+    img_ptr, ddf_ptr, out_ptr,
+    C, n_in, n_out,
+    I0, I1, I2, IST0, IST1, O0, O1, O2,
+    img_bstride, ddf_bstride, out_bstride, NB,
+    NDIM: tl.constexpr, MODE: tl.constexpr, PADDING: tl.constexpr, ADD_DDF: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (cdiv(n_out, BLOCK), Bd). Program (pid, bd) writes out[bd + j] for j < NB
+    (NB = B when the displacement is broadcast, else 1) at its BLOCK voxels, all channels.
+    ADD_DDF (compose, C == NDIM, linear only as in warp.h): out[b, c] += ddf[bd, c]."""
+    in_sizes, in_strides, out_sizes = _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM)
+    offs, mask = _voxel_index(BLOCK, n_out, IDX64)
+    bd = tl.program_id(1)
+    ddf_b = ddf_ptr + bd.to(tl.int64) * ddf_bstride
+    ps, nan = _sample_point(ddf_b, offs, mask, n_out, out_sizes, NDIM)
+    ok = mask & ~nan
+    if MODE == 1:
+        off, valid = _nearest_offset(ps, in_sizes, in_strides, ok, PADDING, NDIM, IDX64)
+    else:
+        coffs, ws, vs, ts, ss, gates = _linear_stencil(ps, in_sizes, in_strides, ok, PADDING,
+                                                       NDIM, IDX64)
+    out_ty = out_ptr.dtype.element_ty
+    for j in range(NB):
+        b = (bd + j).to(tl.int64)
+        img_c = img_ptr + b * img_bstride
+        out_c = out_ptr + b * out_bstride + offs
+        u_c = ddf_b + offs
+        for c in range(C):
+            if MODE == 1:
+                acc = tl.load(img_c + off, mask=valid, other=0.0).to(tl.float32)
+            else:
+                if ADD_DDF:
+                    acc = tl.load(u_c, mask=ok, other=0.0).to(tl.float32)
+                else:
+                    acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for k in tl.static_range(len(ws)):
+                    v = tl.load(img_c + coffs[k], mask=vs[k], other=0.0).to(tl.float32)
+                    acc += ws[k] * v
+            acc = tl.where(nan, float("nan"), acc)
+            tl.store(out_c, acc.to(out_ty), mask=mask)
+            img_c += n_in
+            out_c += n_out
+            u_c += n_out
+
+
+@triton.jit
+def _warp_bwd_kernel(
+    gout_ptr, img_ptr, ddf_ptr, gimg_ptr, gddf_ptr, gmax_ptr,
+    C, n_in, n_out,
+    I0, I1, I2, IST0, IST1, O0, O1, O2,
+    img_bstride, ddf_bstride, out_bstride, NB,
+    NDIM: tl.constexpr, MODE: tl.constexpr, PADDING: tl.constexpr,
+    NEED_IMG: tl.constexpr, NEED_DDF: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    ADD_DDF: tl.constexpr, DDF_SCATTER: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (cdiv(n_out, BLOCK), Bd), batch items as in the forward. The displacement
+    gradient of element (bd, i, voxel) is formed once, after the loop over the NB batch items
+    that share the displacement, and stored into gddf_ptr or, with DDF_SCATTER (image is
+    ddf: compose's squaring step), added into the image gradient at its own flat index.
+    gimg_ptr: float32 (float atomics) or, if DETERMINISTIC, the int64 fixed-point scratch.
+    ADD_DDF: out[b, c] had ddf[bd, c] added, so grad_out[b, i] adds to the displacement
+    gradient at every voxel, NaN sample or not, in both modes (warp.h)."""
+    in_sizes, in_strides, out_sizes = _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM)
+    offs, mask = _voxel_index(BLOCK, n_out, IDX64)
+    bd = tl.program_id(1)
+    ddf_off = bd.to(tl.int64) * ddf_bstride
+    ps, nan = _sample_point(ddf_ptr + ddf_off, offs, mask, n_out, out_sizes, NDIM)
+    ok = mask & ~nan
+    s1 = 1.0
+    s2 = 1.0
+    finite = True
+    if DETERMINISTIC:
+        gmax = tl.load(gmax_ptr).to(tl.float32)
+        tiny = gmax < 5.421010862427522e-20  # 2**-64
+        s1 = tl.where(tiny, 1.8446744073709552e19, 1.0)  # 2**64
+        s2 = 4294967296.0 / tl.where(gmax > 0.0, gmax * s1, 1.0)  # 2**32 / (gmax * s1)
+        # gmax NaN or inf: the conversion kernel writes NaN everywhere; add zeros here so
+        # that no NaN reaches a float-to-int conversion.
+        finite = gmax < float("inf")
+    if MODE == 1:
+        if NEED_IMG:
+            off, valid = _nearest_offset(ps, in_sizes, in_strides, ok, PADDING, NDIM, IDX64)
+    else:
+        coffs, ws, vs, ts, ss, gates = _linear_stencil(ps, in_sizes, in_strides, ok, PADDING,
+                                                       NDIM, IDX64)
+    # Per corner: sum over batch items and channels of grad_out * image (linear), and the
+    # ADD_DDF term per axis: sum over batch items of grad_out[b, i].
+    cs = ()
+    for k in tl.static_range(2**NDIM):
+        cs = cs + (tl.zeros([BLOCK], dtype=tl.float32),)
+    ga = ()
+    for i in tl.static_range(NDIM):
+        ga = ga + (tl.zeros([BLOCK], dtype=tl.float32),)
+    for j in range(NB):
+        b = (bd + j).to(tl.int64)
+        img_c = img_ptr + b * img_bstride
+        gimg_c = gimg_ptr + b * img_bstride
+        g_c = gout_ptr + b * out_bstride + offs
+        if ADD_DDF and NEED_DDF:
+            ga2 = ()
+            g_i = g_c
+            for i in tl.static_range(NDIM):
+                ga2 = ga2 + (ga[i] + tl.load(g_i, mask=mask, other=0.0).to(tl.float32),)
+                g_i += n_out
+            ga = ga2
+        if MODE == 1:
+            if NEED_IMG:
+                for c in range(C):
+                    g = tl.load(g_c, mask=valid, other=0.0).to(tl.float32)
+                    if DETERMINISTIC:
+                        g = tl.where(finite, g, 0.0)
+                    _scatter(gimg_c + off, g, valid, s1, s2, DETERMINISTIC)
+                    gimg_c += n_in
+                    g_c += n_out
+        elif NEED_IMG or NEED_DDF:
+            for c in range(C):
+                g = tl.load(g_c, mask=ok, other=0.0).to(tl.float32)
+                if DETERMINISTIC:
+                    g_img = tl.where(finite, g, 0.0)
+                else:
+                    g_img = g
+                cs2 = ()
+                for k in tl.static_range(len(ws)):
+                    # An invalid corner is skipped as in warp.h, not multiplied by 0 (g may
+                    # be inf): g is zeroed there before any product.
+                    if NEED_DDF:
+                        v = tl.load(img_c + coffs[k], mask=vs[k], other=0.0).to(tl.float32)
+                        cs2 = cs2 + (cs[k] + tl.where(vs[k], g, 0.0) * v,)
+                    if NEED_IMG:
+                        gw = ws[k] * tl.where(vs[k], g_img, 0.0)
+                        _scatter(gimg_c + coffs[k], gw, vs[k], s1, s2, DETERMINISTIC)
+                if NEED_DDF:
+                    cs = cs2
+                img_c += n_in
+                gimg_c += n_in
+                g_c += n_out
+    if NEED_DDF:
+        if MODE == 1:
+            gu = ga
+        else:
+            gu = _linear_dweights(cs, ts, ss, gates, PADDING, NDIM)
+            if ADD_DDF:
+                gu2 = ()
+                for i in tl.static_range(NDIM):
+                    gu2 = gu2 + (gu[i] + ga[i],)
+                gu = gu2
+        if DDF_SCATTER:
+            gd_ptr = gimg_ptr + ddf_off + offs
+        else:
+            gd_ptr = gddf_ptr + ddf_off + offs
+        for i in tl.static_range(NDIM):
+            if DDF_SCATTER:
+                gui = gu[i]
+                if DETERMINISTIC:
+                    # A NaN here (a NaN in the field being squared) cannot be represented
+                    # in fixed point: it adds 0 (see the module docstring).
+                    gui = tl.where(finite, tl.where(gui == gui, gui, 0.0), 0.0)
+                _scatter(gd_ptr, gui, mask, s1, s2, DETERMINISTIC)
+            else:
+                tl.store(gd_ptr, gu[i].to(gddf_ptr.dtype.element_ty), mask=mask)
+            gd_ptr += n_out
+
+
+@triton.jit
+def _fixed_to_float_kernel(scratch_ptr, out_ptr, gmax_ptr, numel, BLOCK: tl.constexpr):
+    """out = scratch * q, q = gmax * 2**-32 (NaN everywhere when gmax is NaN or inf),
+    formed in float64 (exact q, one rounding) as the CUDA kernel does."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    gmax = tl.load(gmax_ptr).to(tl.float32)
+    q = gmax.to(tl.float64) * 2.3283064365386963e-10  # 2**-32
+    s = tl.load(scratch_ptr + offs, mask=mask, other=0)
+    v = (s.to(tl.float64) * q).to(tl.float32)
+    v = tl.where(gmax < float("inf"), v, float("nan"))
+    tl.store(out_ptr + offs, v, mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers (inputs validated upstream, in mrus_kernels/warp.py)
+# --------------------------------------------------------------------------------------
+
+
+class _Launch(NamedTuple):
+    grid: tuple[int, int]
+    args: tuple[int, ...]  # C ... NB of the kernels
+    ndim: int
+    idx64: bool
+    block: int
+    num_warps: int
+
+
+def _launch(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
+            flags: int) -> _Launch:
+    """Grid and integer arguments of the warp kernels."""
+    ndim = ddf.shape[1]
+    assert ndim in (2, 3) and image.dim() == ndim + 2 and ddf.dim() == ndim + 2
+    assert image.dtype == ddf.dtype and image.dtype in _DTYPES
+    assert image.is_contiguous() and ddf.is_contiguous()
+    bi, c = image.shape[:2]
+    bd = ddf.shape[0]
+    b = max(bi, bd)
+    assert bi in (1, b) and bd in (1, b)
+    assert mode in (LINEAR, NEAREST) and padding in (ZEROS, BORDER)
+    assert flags & ~(ADD_DDF | DDF_GRAD_SCATTER) == 0
+    if flags & ADD_DDF:
+        assert c == ndim
+    if flags & DDF_GRAD_SCATTER:
+        assert image.shape == ddf.shape
+    in_size = list(image.shape[2:]) + [1] * (3 - ndim)
+    out_size = list(ddf.shape[2:]) + [1] * (3 - ndim)
+    n_in = math.prod(image.shape[2:])
+    n_out = math.prod(ddf.shape[2:])
+    in_strides = [in_size[1] * in_size[2], in_size[2]] if ndim == 3 else [in_size[1], 1]
+    block = BLOCK_3D if ndim == 3 else BLOCK_2D
+    # Corner offsets reach (n + 2) per axis; the last block's lanes reach n_out + block.
+    reach = 1
+    for n in in_size[:ndim]:
+        reach *= n + 3
+    idx64 = reach > _INT32_MAX or n_out + block > _INT32_MAX
+    grid = (triton.cdiv(n_out, block), bd)
+    assert grid[1] <= _MAX_GRID_Y
+    args = (
+        c, n_in, n_out, *in_size, *in_strides, *out_size,
+        c * n_in if bi > 1 else 0,  # image batch stride (0: broadcast)
+        ndim * n_out if bd > 1 else 0,  # displacement batch stride
+        c * n_out,  # output batch stride
+        b if bd == 1 else 1,  # batch items per program
+    )
+    num_warps = max(1, block // (32 * VOXELS_PER_THREAD))
+    return _Launch(grid, args, ndim, idx64, block, num_warps)
+
+
+def warp_forward(image: torch.Tensor, ddf: torch.Tensor, out: torch.Tensor, *, mode: int,
+                 padding: int, flags: int = 0) -> None:
+    """out[b, c](x) = image[b or 0, c](x + ddf[b or 0](x)).
+
+    Args:
+        image: [Bi, C, *S_in], contiguous, float32/float16/bfloat16.
+        ddf: [Bd, ndim, *S_out], voxel units, component i along spatial axis i; image's dtype.
+        out: [max(Bi, Bd), C, *S_out], contiguous, image's dtype; every element is written.
+        mode: 0 linear, 1 nearest.
+        padding: 0 zeros, 1 border.
+        flags: WarpFlags of csrc/include/warp.h; ADD_DDF (C == ndim): out += ddf (linear).
+    """
+    lp = _launch(image, ddf, mode, padding, flags)
+    assert out.is_contiguous() and out.dtype == image.dtype
+    assert out.shape == (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
+    if out.numel() == 0:
+        return
+    _warp_fwd_kernel[lp.grid](
+        image, ddf, out, *lp.args,
+        NDIM=lp.ndim, MODE=int(mode), PADDING=int(padding), ADD_DDF=bool(flags & ADD_DDF),
+        IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps, enable_fp_fusion=True,
+    )
+
+
+def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor,
+                  grad_image: torch.Tensor | None, grad_ddf: torch.Tensor | None, *, mode: int,
+                  padding: int, deterministic: bool, flags: int = 0) -> None:
+    """Gradients of warp_forward, written into grad_image and grad_ddf.
+
+    Args:
+        grad_out: [B, C, *S_out], contiguous, image's dtype.
+        image, ddf: as in warp_forward.
+        grad_image: None, or float32 [Bi, C, *S_in], zero-filled; receives d loss / d image.
+        grad_ddf: None, or [Bd, ndim, *S_out] of ddf's dtype, uninitialised; every element is
+            written (zero for nearest).
+        mode, padding: as in warp_forward.
+        deterministic: accumulate grad_image in 64-bit fixed point (bitwise reproducible,
+            quantum max|grad_out| * 2**-32) instead of float atomics.
+        flags: WarpFlags of csrc/include/warp.h. ADD_DDF: as in warp_forward (grad_out adds
+            to the displacement gradient). DDF_GRAD_SCATTER (image is ddf, grad_image
+            required): the displacement gradient is added into grad_image, grad_ddf ignored.
+    """
+    lp = _launch(image, ddf, mode, padding, flags)
+    assert grad_out.is_contiguous() and grad_out.dtype == image.dtype
+    assert grad_out.shape == (max(image.shape[0], ddf.shape[0]), image.shape[1],
+                              *ddf.shape[2:])
+    ddf_scatter = bool(flags & DDF_GRAD_SCATTER)
+    if grad_image is not None:
+        assert grad_image.is_contiguous() and grad_image.dtype == torch.float32
+        assert grad_image.shape == image.shape
+    else:
+        assert not ddf_scatter, "DDF_GRAD_SCATTER adds into grad_image"
+    if ddf_scatter:
+        grad_ddf = None
+    if grad_ddf is not None:
+        assert grad_ddf.is_contiguous() and grad_ddf.dtype == ddf.dtype
+        assert grad_ddf.shape == ddf.shape
+    need_img = grad_image is not None and grad_image.numel() > 0
+    need_ddf = (grad_ddf is not None and grad_ddf.numel() > 0) or (ddf_scatter and need_img)
+    if not (need_img or need_ddf):
+        return
+    det = bool(deterministic) and need_img
+    if grad_out.numel() == 0:  # no voxel samples: grad_image stays 0, grad_ddf is 0
+        if grad_ddf is not None:
+            grad_ddf.zero_()
+        return
+    if det:
+        gmax = grad_out.abs().amax().float()  # device scalar: no host sync
+        target = torch.zeros(grad_image.shape, dtype=torch.int64, device=grad_image.device)
+    else:
+        gmax = ddf  # unused
+        target = grad_image if need_img else image
+    _warp_bwd_kernel[lp.grid](
+        grad_out, image, ddf, target, grad_ddf if grad_ddf is not None else ddf, gmax,
+        *lp.args,
+        NDIM=lp.ndim, MODE=int(mode), PADDING=int(padding), NEED_IMG=need_img,
+        NEED_DDF=need_ddf, DETERMINISTIC=det, ADD_DDF=bool(flags & ADD_DDF),
+        DDF_SCATTER=ddf_scatter, IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps,
+        enable_fp_fusion=True,
+    )
+    if det:
+        numel = grad_image.numel()
+        _fixed_to_float_kernel[(triton.cdiv(numel, CONVERT_BLOCK),)](
+            target, grad_image, gmax, numel, BLOCK=CONVERT_BLOCK, num_warps=CONVERT_WARPS,
+            enable_fp_fusion=True,
+        )

@@ -1,0 +1,1169 @@
+"""Tests of ``warp``: every backend against the reference, cross-checks against
+``grid_sample`` and SciPy, gradients, identities, NaN rules, determinism, the converters, the
+module, dispatch, ``torch.compile`` and every validation message.
+
+Conventions pinned here (DESIGN.md): ddf [B, ndim, *S] in voxel units, component i along
+spatial axis i, out(x) = image(x + u(x)); voxel centres at integer indices; "zeros" padding
+interpolates against zero voxels outside (SciPy "grid-constant"), "border" clamps (SciPy
+"nearest"); nearest rounds half to even.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import mrus_kernels
+from conftest import (
+    ALL_DTYPES,
+    assert_close_verbose,
+    backend_params,
+    backend_reason,
+    backends_here,
+    poisoned_empty,
+    rand,
+    randn,
+    require_backend,
+)
+from mrus_kernels import (
+    BackendUnavailableError,
+    Warp,
+    available_backends,
+    backend_status,
+    ddf_from_mm,
+    ddf_to_grid,
+    ddf_to_mm,
+    grid_to_ddf,
+    reference,
+    warp,
+)
+
+# The module, not the function: `import mrus_kernels.warp as m` gives the function `warp`,
+# which the package namespace binds over the submodule of the same name.
+warp_module = importlib.import_module("mrus_kernels.warp")
+
+MODES = ("linear", "nearest")
+PADDINGS = ("zeros", "border")
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+# Backends that run on CPU tensors, each skipped with its reason where unavailable.
+BACKENDS = backend_params(("torch", "cpu", "triton"))
+FAST_BACKENDS = backend_params(("torch", "cpu"))  # float64-capable, cheap: the heavy sweeps
+KERNEL_BACKENDS = backend_params(("cpu", "triton"))  # our kernels (not the reference)
+
+# (image shape, ddf shape) per ndim: sizes that are not multiples of anything, input spatial
+# size different from the output's, image batch 2 with a broadcast ddf (batch 1), C > 1.
+# The Triton interpreter is slow: it gets smaller volumes.
+SHAPES = {
+    2: ((2, 3, 13, 11), (1, 2, 9, 12)),
+    3: ((2, 3, 8, 10, 9), (1, 3, 7, 9, 11)),
+}
+TRITON_SHAPES = {
+    2: ((2, 3, 9, 10), (1, 2, 8, 7)),
+    3: ((2, 2, 6, 5, 7), (1, 3, 5, 7, 6)),
+}
+
+
+def _shapes(backend: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return (TRITON_SHAPES if backend == "triton" else SHAPES)[ndim]
+
+
+def _inputs(gen, image_shape, ddf_shape, dtype=torch.float32, device="cpu", scale=2.0):
+    """A random image (values in [0.5, 1.5)) and displacement (N(0, scale²) voxels, so some
+    points fall outside the image)."""
+    image = rand(gen, *image_shape, dtype=dtype, device=device)
+    ddf = randn(gen, *ddf_shape, dtype=dtype, device=device, scale=scale)
+    return image, ddf
+
+
+def _skip_float64(backend: str, dtype: torch.dtype) -> None:
+    if dtype == torch.float64 and backend_reason(backend, "cpu", dtype) is not None:
+        pytest.skip(f"{backend} has no float64 (test_gpu_backends_reject_float64 checks it)")
+
+
+def _points(ddf: torch.Tensor) -> torch.Tensor:
+    """Sampling points x + u(x), [B, ndim, *S], float64 on the CPU. The sum is rounded as
+    the kernels round it (float32 for float32 and half types), so that nearest rounding
+    and floor agree with them exactly."""
+    work = torch.promote_types(ddf.dtype, torch.float32)
+    axes = [torch.arange(n, dtype=work) for n in ddf.shape[2:]]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return (grid + ddf.detach().cpu().to(work)).double()
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+# =========================================================================== backends vs ref
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_matches_reference(backend, dtype, ndim, mode, padding, gen):
+    _skip_float64(backend, dtype)
+    image_shape, ddf_shape = _shapes(backend, ndim)
+    image, ddf = _inputs(gen, image_shape, ddf_shape, dtype)
+    expected = reference.warp(image, ddf, mode, padding)
+    with poisoned_empty():
+        out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+    assert out.dtype == dtype
+    assert out.shape == (2, image_shape[1], *ddf_shape[2:])
+    assert_close_verbose(out, expected, dtype, name=f"{backend} warp")
+
+
+def test_poison_reaches_the_output_allocation(gen):
+    """The poisoning the tests rely on works: a kernel that writes nothing leaves NaN."""
+    require_backend("cpu", "cpu", torch.float32)
+    image, ddf = _inputs(gen, (1, 2, 4, 5), (1, 2, 4, 5))
+    with poisoned_empty(), mock.patch.object(warp_module._ext.C, "warp_forward_cpu"):
+        out = warp(image, ddf, backend="cpu")
+    assert bool(out.isnan().all())
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton", "cuda")))
+def test_gpu_backends_reject_float64(backend, gen):
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5), torch.float64)
+    with pytest.raises(BackendUnavailableError, match=rf"backend '{backend}'.*float64"):
+        warp(image, ddf, backend=backend)
+
+
+@pytest.mark.parametrize(("batch_image", "batch_ddf"), [(1, 3), (2, 1), (2, 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_broadcast(backend, batch_image, batch_ddf, gen):
+    """Either batch size may be 1; the result is the warp of the expanded batch."""
+    image, ddf = _inputs(gen, (batch_image, 2, 5, 6, 7), (batch_ddf, 3, 6, 5, 4))
+    batch = max(batch_image, batch_ddf)
+    with poisoned_empty():
+        out = warp(image, ddf, backend=backend)
+    assert out.shape == (batch, 2, 6, 5, 4)
+    for b in range(batch):
+        expected = reference.warp(image[b % batch_image][None], ddf[b % batch_ddf][None])
+        assert_close_verbose(out[b][None], expected, torch.float32, name=f"item {b}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_are_independent(backend, gen):
+    """All channels come from one pass; each equals the warp of that channel alone."""
+    image, ddf = _inputs(gen, (1, 5, 9, 8), (1, 2, 7, 10))
+    out = warp(image, ddf, padding="border", backend=backend)
+    for c in range(image.shape[1]):
+        alone = warp(image[:, c : c + 1], ddf, padding="border", backend=backend)
+        assert torch.equal(out[:, c : c + 1], alone), f"channel {c}"
+
+
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, ndim, gen):
+    """Transposed, strided and expanded views give what their contiguous copies give."""
+    spatial_in, spatial_out = ((6, 7, 5), (5, 6, 7)) if ndim == 3 else ((9, 7), (8, 10))
+    base = rand(gen, 1, 6, *reversed(spatial_in))  # transposed below
+    image = base.permute(0, 1, *range(ndim + 1, 1, -1))[:, ::2]  # [1, 3, *spatial_in]
+    image = image.expand(2, *image.shape[1:])  # stride-0 batch
+    wide = randn(gen, 2, ndim, *spatial_out[:-1], 2 * spatial_out[-1], scale=2.0)
+    ddf = wide[..., ::2]  # strided last axis
+    assert not image.is_contiguous() and not ddf.is_contiguous()
+    with poisoned_empty():
+        out = warp(image, ddf, padding="border", backend=backend)
+    dense = warp(image.contiguous(), ddf.contiguous(), padding="border", backend=backend)
+    assert torch.equal(out, dense)
+    expected = reference.warp(image.contiguous(), ddf.contiguous(), "linear", "border")
+    assert_close_verbose(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("image_shape", "ddf_shape"),
+    [((1, 2, 1, 5, 6), (1, 3, 3, 4, 5)), ((1, 1, 1, 1), (2, 2, 3, 2)), ((1, 2, 4, 1), (1, 2, 1, 1))],
+    ids=["depth1", "2d-1x1", "out-1x1"],
+)
+def test_size_one_axes(backend, image_shape, ddf_shape, gen):
+    """Size-1 axes are legal (unlike a grid with align_corners=True)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    image, ddf = _inputs(gen, image_shape, ddf_shape, dtype, scale=1.0)
+    for mode in MODES:
+        for padding in PADDINGS:
+            out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+            assert_close_verbose(out, reference.warp(image, ddf, mode, padding), dtype,
+                                 name=f"{mode}, {padding}")
+
+
+# =========================================================================== backward vs ref
+
+
+def _backward_case(gen, backend, ndim, dtype, padding, mode="linear"):
+    image_shape, ddf_shape = _shapes(backend, ndim)
+    image, ddf = _inputs(gen, image_shape, ddf_shape, dtype)
+    grad_out = randn(gen, 2, image_shape[1], *ddf_shape[2:], dtype=dtype)
+    ref_image = image.clone().requires_grad_()
+    ref_ddf = ddf.clone().requires_grad_()
+    expected = _grads(reference.warp(ref_image, ref_ddf, mode, padding), (ref_image, ref_ddf),
+                      grad_out)
+    image.requires_grad_()
+    ddf.requires_grad_()
+    with poisoned_empty():
+        out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+        actual = _grads(out, (image, ddf), grad_out)
+    return actual, expected
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_matches_reference(backend, dtype, ndim, padding, gen):
+    """Analytic backward kernels against the reference's autograd (linear)."""
+    _skip_float64(backend, dtype)
+    (gi, gd), (ei, ed) = _backward_case(gen, backend, ndim, dtype, padding)
+    assert gi.dtype == dtype and gd.dtype == dtype
+    assert_close_verbose(gi, ei, dtype, name="d image")
+    assert_close_verbose(gd, ed, dtype, name="d ddf")
+
+
+def _nearest_image_grad(image, ddf, grad_out, padding):
+    """The image gradient of nearest sampling, as an explicit scatter of grad_out."""
+    points = _points(ddf).expand(grad_out.shape[0], -1, *ddf.shape[2:])
+    size = image.shape[2:]
+    flat = torch.zeros(points.shape[0], *points.shape[2:], dtype=torch.long)
+    valid = torch.ones(flat.shape, dtype=torch.bool)
+    for i, n in enumerate(size):
+        p = points[:, i].clamp(0, n - 1) if padding == "border" else points[:, i]
+        r = torch.round(p)  # half to even; random float points have no ties
+        valid &= (r >= 0) & (r < n)
+        flat = flat * n + r.clamp(0, n - 1).long()
+    grad = torch.zeros(image.shape, dtype=torch.float64)
+    for b in range(grad_out.shape[0]):
+        bi = b if image.shape[0] > 1 else 0
+        for c in range(image.shape[1]):
+            grad[bi, c].view(-1).index_add_(0, flat[b][valid[b]],
+                                            grad_out[b, c].double()[valid[b]])
+    return grad
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nearest_gradients(backend, ndim, padding, gen):
+    """Nearest: the image gradient is a scatter of grad_out, the ddf gradient is 0."""
+    image_shape, ddf_shape = _shapes(backend, ndim)
+    image, ddf = _inputs(gen, image_shape, ddf_shape)
+    grad_out = randn(gen, 2, image_shape[1], *ddf_shape[2:])
+    image.requires_grad_()
+    ddf.requires_grad_()
+    out = warp(image, ddf, mode="nearest", padding=padding, backend=backend)
+    gi, gd = _grads(out, (image, ddf), grad_out)
+    assert_close_verbose(gi, _nearest_image_grad(image, ddf, grad_out, padding).float(),
+                         torch.float32)
+    assert torch.equal(gd, torch.zeros_like(ddf))
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="library bug: reference.warp(mode='nearest') drops ddf from the graph")
+def test_nearest_ddf_gradient_torch_backend(gen):
+    """The torch backend should agree with the kernels: a zero ddf gradient, not an error."""
+    image, ddf = _inputs(gen, (1, 1, 5, 6), (1, 2, 5, 6))
+    ddf.requires_grad_()
+    out = warp(image, ddf, mode="nearest", backend="torch")
+    (gd,) = torch.autograd.grad(out.sum(), ddf)
+    assert torch.equal(gd, torch.zeros_like(ddf))
+
+
+@pytest.mark.parametrize("which", ["image", "ddf", "both"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_only_for_inputs_that_need_them(backend, which, gen):
+    image, ddf = _inputs(gen, (2, 2, 5, 6), (1, 2, 6, 5))
+    grad_out = randn(gen, 2, 2, 6, 5)
+    full_image, full_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+    full = _grads(warp(full_image, full_ddf, backend=backend), (full_image, full_ddf), grad_out)
+    image.requires_grad_(which in ("image", "both"))
+    ddf.requires_grad_(which in ("ddf", "both"))
+    calls = []
+    real = warp_module.launch_backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[-2:])  # (need_image, need_ddf)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(warp_module, "launch_backward", side_effect=spy):
+        warp(image, ddf, backend=backend).backward(grad_out)
+    assert (image.grad is not None) == image.requires_grad
+    assert (ddf.grad is not None) == ddf.requires_grad
+    if image.requires_grad:
+        assert torch.equal(image.grad, full[0])
+    if ddf.requires_grad:
+        assert torch.equal(ddf.grad, full[1])
+    if backend != "torch":  # the kernels are asked for exactly what is needed
+        assert calls == [(image.requires_grad, ddf.requires_grad)]
+
+
+@pytest.mark.parametrize("batches", [(1, 2), (2, 1)], ids=["image-b1", "ddf-b1"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradcheck(backend, ndim, padding, batches, gen):
+    """float64 gradcheck of image and ddf; some points land outside the image."""
+    spatial = (3, 4, 5) if ndim == 3 else (4, 5)
+    image, ddf = _inputs(gen, (batches[0], 2, *spatial), (batches[1], ndim, *spatial),
+                         torch.float64, scale=1.5)
+    points = _points(ddf)[:, 0]
+    assert bool((points < 0).any()) and bool((points > spatial[0] - 1).any())  # some outside
+    image.requires_grad_()
+    ddf.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda i, d: warp(i, d, padding=padding, backend=backend), (image, ddf)
+    )
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradcheck_nearest_image(backend, gen):
+    image, ddf = _inputs(gen, (1, 2, 3, 4, 5), (2, 3, 4, 3, 5), torch.float64, scale=1.5)
+    image.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda i: warp(i, ddf, mode="nearest", padding="border", backend=backend), (image,)
+    )
+
+
+# =========================================================================== grid_sample
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_matches_grid_sample(backend, ndim, mode, padding, gen):
+    """grid_sample(align_corners=True) on ddf_to_grid(ddf, size=image size) is our warp."""
+    image_shape, ddf_shape = SHAPES[ndim]
+    image, ddf = _inputs(gen, image_shape, ddf_shape, torch.float64)
+    grid = ddf_to_grid(ddf.expand(2, *ddf.shape[1:]), align_corners=True,
+                       size=tuple(image.shape[2:]))
+    expected = F.grid_sample(image, grid, mode="bilinear" if mode == "linear" else "nearest",
+                             padding_mode=padding, align_corners=True)
+    out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+    assert_close_verbose(out, expected, torch.float64)
+    baseline = reference.warp_grid_sample(image, ddf, mode, padding)
+    assert_close_verbose(baseline, expected, torch.float64, name="warp_grid_sample")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_grid_for_align_corners_false(ndim, mode, padding, gen):
+    """A grid made for align_corners=False, converted to a ddf, warps as grid_sample does."""
+    image_shape = (2, 2, 6, 7, 5)[: ndim + 2]
+    out_spatial = (5, 8, 6)[:ndim]
+    image = rand(gen, *image_shape, dtype=torch.float64)
+    grid = rand(gen, 2, *out_spatial, ndim, dtype=torch.float64, lo=-1.2, hi=1.2)
+    expected = F.grid_sample(image, grid, mode="bilinear" if mode == "linear" else "nearest",
+                             padding_mode=padding, align_corners=False)
+    ddf = grid_to_ddf(grid, align_corners=False, size=tuple(image.shape[2:]))
+    assert ddf.shape == (2, ndim, *out_spatial)
+    out = warp(image, ddf, mode=mode, padding=padding, backend="torch")
+    assert_close_verbose(out, expected, torch.float64)
+
+
+@pytest.mark.parametrize("size", [None, "other"])
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_grid_round_trip(ndim, align_corners, size, gen):
+    ddf = randn(gen, 2, ndim, *(4, 6, 5)[:ndim], dtype=torch.float64, scale=3.0)
+    target = (7, 3, 9)[:ndim] if size else None
+    grid = ddf_to_grid(ddf, align_corners=align_corners, size=target)
+    assert grid.shape == (2, *ddf.shape[2:], ndim)
+    back = grid_to_ddf(grid, align_corners=align_corners, size=target)
+    assert_close_verbose(back, ddf, torch.float64)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_zero_ddf_grid_is_affine_grid_identity(ndim, align_corners):
+    """Pins the axis order: the last grid component is the last spatial axis."""
+    spatial = (4, 6, 5)[:ndim]
+    ddf = torch.zeros(2, ndim, *spatial, dtype=torch.float64)
+    theta = torch.eye(ndim, ndim + 1, dtype=torch.float64).expand(2, -1, -1)
+    expected = F.affine_grid(theta, [2, 1, *spatial], align_corners=align_corners)
+    assert_close_verbose(ddf_to_grid(ddf, align_corners=align_corners), expected, torch.float64)
+    assert_close_verbose(grid_to_ddf(expected, align_corners=align_corners), ddf, torch.float64)
+
+
+# =========================================================================== SciPy
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("order", (0, 1))
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_matches_scipy_map_coordinates(backend, ndim, order, padding, gen):
+    """Per (b, c) volume: zeros = SciPy "grid-constant", border = SciPy "nearest"."""
+    image_shape, ddf_shape = SHAPES[ndim]
+    image, ddf = _inputs(gen, image_shape, ddf_shape, torch.float64)
+    out = warp(image, ddf, mode=("nearest", "linear")[order], padding=padding, backend=backend)
+    scipy_mode = {"zeros": "grid-constant", "border": "nearest"}[padding]
+    coords = _points(ddf)[0].numpy()  # broadcast ddf
+    expected = np.stack([
+        np.stack([
+            ndimage.map_coordinates(image[b, c].numpy(), coords, order=order, mode=scipy_mode,
+                                    cval=0.0, prefilter=False)
+            for c in range(image.shape[1])
+        ])
+        for b in range(image.shape[0])
+    ])
+    assert_close_verbose(out, torch.from_numpy(expected), torch.float64)
+
+
+# =========================================================================== identities
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_ddf_is_identity(backend, ndim, mode, padding, gen):
+    spatial = (5, 7, 6)[:ndim]
+    dtypes = (torch.float32,) if backend == "triton" else (torch.float32, torch.float64,
+                                                           torch.bfloat16)
+    for dtype in dtypes:
+        image = rand(gen, 2, 3, *spatial, dtype=dtype)
+        ddf = torch.zeros(1, ndim, *spatial, dtype=dtype)
+        out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+        assert torch.equal(out, image), dtype
+
+
+def _roll_case(gen, ndim, backend, padding, shift):
+    spatial = (6, 7, 5)[:ndim]
+    image = rand(gen, 1, 2, *spatial)
+    ddf = torch.zeros(1, ndim, *spatial)
+    for i, s in enumerate(shift):
+        ddf[:, i] = s
+    return image, warp(image, ddf, padding=padding, backend=backend)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_shift_is_roll_inside(backend, ndim, padding, gen):
+    """out(x) = image(x + s): torch.roll by -s where x + s stays inside; outside, padding."""
+    shift = (2, -1, 3)[:ndim]
+    image, out = _roll_case(gen, ndim, backend, padding, shift)
+    rolled = torch.roll(image, shifts=[-s for s in shift], dims=list(range(2, ndim + 2)))
+    inside = (slice(None), slice(None)) + tuple(
+        slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, image.shape[2:])
+    )
+    assert torch.equal(out[inside], rolled[inside])
+    if padding == "zeros":  # everything else samples outside along some axis
+        mask = torch.ones_like(out, dtype=torch.bool)
+        mask[inside] = False
+        assert torch.equal(out[mask], torch.zeros_like(out[mask]))
+    else:  # border: the edge values, i.e. the image at the clamped index
+        idx = [(torch.arange(n) + s).clamp(0, n - 1) for s, n in zip(shift, image.shape[2:])]
+        expected = image[(slice(None), slice(None), *torch.meshgrid(*idx, indexing="ij"))]
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_shift_is_all_padding(backend, ndim, padding, gen):
+    spatial = (4, 5, 6)[:ndim]
+    image = rand(gen, 2, 2, *spatial)
+    for sign in (1, -1):
+        ddf = torch.full((1, ndim, *spatial), sign * 1000.0)
+        out = warp(image, ddf, padding=padding, backend=backend)
+        if padding == "zeros":
+            assert torch.equal(out, torch.zeros_like(out))
+        else:
+            corner = image[(slice(None), slice(None)) + (-1 if sign > 0 else 0,) * ndim]
+            assert torch.equal(out, corner.reshape(2, 2, *[1] * ndim).expand_as(out))
+    # Far along axis 0 only: border gives the last slice along axis 0 everywhere.
+    ddf = torch.zeros(1, ndim, *spatial)
+    ddf[:, 0] = 1e4
+    out = warp(image, ddf, padding=padding, backend=backend)
+    edge = image[:, :, -1:].expand_as(out) if padding == "border" else torch.zeros_like(out)
+    assert torch.equal(out, edge)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_rounds_half_to_even(backend, padding, gen):
+    """Exact ties: x ± 0.5 goes to the even neighbour (-0.5 rounds to 0, inside)."""
+    image = rand(gen, 1, 2, 3, 8)
+    x = torch.arange(8)
+    for shift, idx in ((0.5, torch.where(x % 2 == 0, x, x + 1)),
+                       (-0.5, torch.where(x % 2 == 0, x, x - 1))):
+        ddf = torch.zeros(1, 2, 3, 8)
+        ddf[:, 1] = shift
+        out = warp(image, ddf, mode="nearest", padding=padding, backend=backend)
+        expected = image[..., idx.clamp(max=7)]
+        if padding == "zeros":  # 7 + 0.5 rounds to 8: outside
+            expected[..., idx == 8] = 0
+        assert torch.equal(out, expected), shift
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_voxel_shift_is_neighbour_average(backend, ndim, padding, gen):
+    """u = 0.5 along every axis: the mean of the 2**ndim voxels x + {0, 1}^ndim, with zero
+    (zeros) or replicated (border) voxels past the far edge."""
+    spatial = (5, 6, 7)[:ndim]
+    image = rand(gen, 2, 3, *spatial)
+    ddf = torch.full((1, ndim, *spatial), 0.5)
+    out = warp(image, ddf, padding=padding, backend=backend)
+    padded = F.pad(image, (0, 1) * ndim, mode="constant" if padding == "zeros" else "replicate")
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    expected = pool(padded, kernel_size=2, stride=1)
+    assert_close_verbose(out, expected, torch.float32)
+
+
+# =========================================================================== NaN and inf
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_displacement(backend, mode, padding, gen):
+    """NaN in the ddf: NaN in every channel (and batch item) at that voxel only; the
+    gradients stay finite and skip that voxel."""
+    image, ddf = _inputs(gen, (2, 3, 6, 7, 5), (1, 3, 5, 6, 7), scale=1.5)
+    nan_at = [(0, 1, 2, 3), (1, 4, 0, 6), (2, 0, 5, 0)]  # (component, *voxel)
+    for i, *voxel in nan_at:
+        ddf[(0, i, *voxel)] = float("nan")
+    image.requires_grad_()
+    ddf.requires_grad_()
+    out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+    expected_nan = torch.zeros(out.shape, dtype=torch.bool)
+    for _, *voxel in nan_at:
+        expected_nan[(slice(None), slice(None), *voxel)] = True
+    assert torch.equal(out.isnan(), expected_nan)
+    assert_close_verbose(out, reference.warp(image, ddf, mode, padding), torch.float32)
+    grad_out = randn(gen, *out.shape)
+    if mode == "nearest":  # the ddf is not in the torch backend's graph (see xfail above)
+        (gi,) = _grads(out, (image,), grad_out)
+        gd = torch.zeros_like(ddf)
+    else:
+        gi, gd = _grads(out, (image, ddf), grad_out)
+    assert bool(gi.isfinite().all()) and bool(gd.isfinite().all())
+    for _, *voxel in nan_at:
+        assert torch.equal(gd[(0, slice(None), *voxel)], torch.zeros(3))
+    ref_image = image.detach().requires_grad_()
+    (ei,) = _grads(reference.warp(ref_image, ddf.detach(), mode, padding), (ref_image,),
+                   grad_out)
+    assert_close_verbose(gi, ei, torch.float32, name="d image")
+
+
+def _stencil_hits(points, size, padding, mode, target):
+    """Whether the stencil of each sampling point reads voxel `target`, [B, *S]."""
+    hit = torch.ones(points.shape[0], *points.shape[2:], dtype=torch.bool)
+    for i, n in enumerate(size):
+        p = points[:, i].clamp(0, n - 1) if padding == "border" else points[:, i]
+        if mode == "nearest":
+            hit &= torch.round(p) == target[i]
+        else:
+            lower = torch.floor(p)
+            hit &= (lower == target[i]) | (lower + 1 == target[i])
+    return hit
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_image_propagates_to_its_stencil(backend, mode, padding, gen):
+    """A NaN image voxel makes NaN exactly the outputs whose stencil reads it (a corner of
+    weight 0 included: 0 * NaN), in its own channel and batch item only."""
+    image, ddf = _inputs(gen, (2, 2, 7, 8), (1, 2, 9, 6), scale=1.2)
+    points = _points(ddf)
+    # The NaN goes where output voxel (4, 3) samples, so that some output reads it.
+    target = tuple(int(points[0, i, 4, 3].round().clamp(0, n - 1)) for i, n in enumerate((7, 8)))
+    image[(0, 1, *target)] = float("nan")
+    out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+    expected_nan = torch.zeros(out.shape, dtype=torch.bool)
+    expected_nan[0, 1] = _stencil_hits(points, (7, 8), padding, mode, target)[0]
+    assert bool(expected_nan.any())
+    assert torch.equal(out.isnan(), expected_nan)
+    assert_close_verbose(out, reference.warp(image, ddf, mode, padding), torch.float32)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_displacement(backend, mode, padding, gen):
+    """±inf along axis 0 (other components 0): zeros gives 0, border the edge slice; the
+    backward neither crashes nor makes NaN, and the gradient along axis 0 is 0 there (all
+    of it with zeros padding: the whole stencil is outside)."""
+    image = rand(gen, 1, 2, 5, 6, 4)
+    ddf = torch.zeros(1, 3, 5, 6, 4)
+    ddf[0, 0, 1, 2, 3] = float("inf")
+    ddf[0, 0, 3, 0, 1] = float("-inf")
+    image.requires_grad_()
+    ddf.requires_grad_()
+    out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
+    with torch.no_grad():
+        expected = image.clone()
+        if padding == "zeros":
+            expected[:, :, 1, 2, 3] = 0
+            expected[:, :, 3, 0, 1] = 0
+        else:
+            expected[:, :, 1, 2, 3] = image[:, :, -1, 2, 3]
+            expected[:, :, 3, 0, 1] = image[:, :, 0, 0, 1]
+    assert torch.equal(out, expected)
+    if mode == "linear":
+        gi, gd = _grads(out, (image, ddf), torch.ones_like(out))
+        assert bool(gi.isfinite().all()) and bool(gd.isfinite().all())
+        axes = slice(None) if padding == "zeros" else 0
+        assert gd[0, axes, 1, 2, 3].eq(0).all() and gd[0, axes, 3, 0, 1].eq(0).all()
+
+
+# =========================================================================== determinism
+
+
+def _scatter_heavy_case(gen, backend):
+    """Many output voxels land on few image voxels: the image gradient is a contended
+    scatter. Large enough that the cpu backend splits it over per-thread buffers."""
+    if backend == "triton":
+        image_shape, ddf_shape = (1, 2, 4, 5, 6), (2, 3, 6, 8, 8)
+    else:
+        image_shape, ddf_shape = (1, 4, 6, 7, 8), (2, 3, 24, 32, 32)
+    image, _ = _inputs(gen, image_shape, ddf_shape)
+    out_spatial = ddf_shape[2:]
+    # Squeeze the output grid into the image: each image voxel gets many contributions.
+    axes = [torch.linspace(-0.7, n - 0.3, m) for n, m in zip(image_shape[2:], out_spatial)]
+    target = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    identity = torch.stack(torch.meshgrid(*[torch.arange(m, dtype=torch.float32)
+                                            for m in out_spatial], indexing="ij"))
+    ddf = (target - identity)[None] + randn(gen, *ddf_shape, scale=0.1)
+    grad_out = randn(gen, 2, image_shape[1], *out_spatial)
+    return image, ddf, grad_out
+
+
+def _image_grad(image, ddf, grad_out, backend, deterministic):
+    image = image.clone().requires_grad_()
+    out = warp(image, ddf, backend=backend, deterministic=deterministic)
+    (gi,) = torch.autograd.grad(out, image, grad_out)
+    return gi
+
+
+def _spy_launch_backward(calls):
+    """Records the `deterministic` argument the kernels are launched with."""
+    real = warp_module.launch_backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])  # (grad_out, image, ddf, mode, padding, flags, backend, det...)
+        return real(*args, **kwargs)
+
+    return mock.patch.object(warp_module, "launch_backward", side_effect=spy)
+
+
+@pytest.mark.parametrize("how", ["argument", "global", "default"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_deterministic_image_gradient(backend, how, gen, request):
+    """deterministic=True, or torch.use_deterministic_algorithms(True) with the default:
+    the deterministic path is taken and two runs agree bitwise. By default (the torch
+    setting off) the fast path is taken."""
+    image, ddf, grad_out = _scatter_heavy_case(gen, backend)
+    ref_image = image.clone().requires_grad_()
+    (expected,) = _grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
+    deterministic = True if how == "argument" else None
+    if how == "global":
+        request.getfixturevalue("deterministic_algorithms")
+    calls: list[bool] = []
+    with _spy_launch_backward(calls):
+        first = _image_grad(image, ddf, grad_out, backend, deterministic)
+        second = _image_grad(image, ddf, grad_out, backend, deterministic)
+    assert calls == [how != "default"] * 2
+    if how != "default":
+        assert torch.equal(first, second)
+    assert_close_verbose(first, expected, torch.float32)
+
+
+# =========================================================================== module
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_warp_module(backend, gen):
+    image, ddf = _inputs(gen, (2, 2, 6, 5, 4), (1, 3, 5, 6, 4))
+    layer = Warp(mode="nearest", padding="border", backend=backend)
+    assert list(layer.parameters()) == [] and list(layer.buffers()) == []
+    assert "mode='nearest'" in repr(layer) and "padding='border'" in repr(layer)
+    assert torch.equal(layer(image, ddf), warp(image, ddf, mode="nearest", padding="border",
+                                               backend=backend))
+    default = Warp(backend=backend)
+    assert (default.mode, default.padding) == ("linear", "zeros")
+    image.requires_grad_()
+    default(image, ddf).sum().backward()
+    assert image.grad is not None
+
+
+# =========================================================================== millimetres
+
+
+def _rotation_spacing_affine(angle_deg: float, spacing, translation=(10.0, -20.0, 30.0)):
+    """4x4 voxel-to-world affine: rotation about axis 2 (in the 0-1 plane) times spacing."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = translation
+    return affine
+
+
+def test_ddf_to_mm_by_hand():
+    """mm = A · vox with A the linear part; the translation plays no role."""
+    # Spacing (2, 3, 0.5), then 90° about axis 0: A = [[2, 0, 0], [0, 0, -0.5], [0, 3, 0]].
+    affine = np.array([[2.0, 0, 0, 5], [0, 0, -0.5, 7], [0, 3, 0, -9], [0, 0, 0, 1]])
+    ddf = torch.empty(1, 3, 2, 3, 4, dtype=torch.float64)
+    ddf[:, 0], ddf[:, 1], ddf[:, 2] = 1.0, 2.0, 4.0
+    mm = ddf_to_mm(ddf, affine)
+    expected = torch.tensor([2.0, -2.0, 6.0], dtype=torch.float64).reshape(1, 3, 1, 1, 1)
+    assert_close_verbose(mm, expected.expand_as(mm), torch.float64)
+    assert_close_verbose(ddf_from_mm(mm, affine), ddf, torch.float64)
+    # 30° about axis 2 with the same spacing, u = (1, 1, 2):
+    # A u = (2 cos30 - 3 sin30, 2 sin30 + 3 cos30, 0.5 * 2).
+    affine = _rotation_spacing_affine(30.0, (2.0, 3.0, 0.5))
+    ddf[:, 0], ddf[:, 1], ddf[:, 2] = 1.0, 1.0, 2.0
+    r3 = math.sqrt(3.0)
+    expected = torch.tensor([r3 - 1.5, 1.0 + 1.5 * r3, 1.0], dtype=torch.float64)
+    assert_close_verbose(ddf_to_mm(ddf, torch.from_numpy(affine)),
+                         expected.reshape(1, 3, 1, 1, 1).expand_as(mm), torch.float64)
+
+
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_mm_round_trip(ndim, gen):
+    ddf = randn(gen, 2, ndim, *(3, 4, 5)[:ndim], dtype=torch.float64, scale=2.0)
+    affine = torch.eye(ndim + 1, dtype=torch.float64)
+    affine[:ndim, :] = randn(gen, ndim, ndim + 1, dtype=torch.float64) + 2 * torch.eye(
+        ndim, ndim + 1, dtype=torch.float64)
+    mm = ddf_to_mm(ddf, affine)
+    assert_close_verbose(ddf_from_mm(mm, affine), ddf, torch.float64)
+    assert_close_verbose(ddf_to_mm(ddf, affine.numpy()), mm, torch.float64, name="numpy affine")
+    expected = torch.einsum("ij,bj...->bi...", affine[:ndim, :ndim], ddf)
+    assert_close_verbose(mm, expected, torch.float64)
+    mm32 = ddf_to_mm(ddf.float(), affine)
+    assert mm32.dtype == torch.float32
+    assert_close_verbose(mm32, mm.float(), torch.float32)
+
+
+def test_mm_batched_affines(gen):
+    ddf = randn(gen, 3, 3, 2, 3, 4, dtype=torch.float64)
+    affines = torch.from_numpy(np.stack([
+        _rotation_spacing_affine(a, sp) for a, sp in
+        [(0.0, (1.0, 1.0, 1.0)), (30.0, (2.0, 3.0, 0.5)), (-75.0, (0.8, 0.8, 2.5))]
+    ]))
+    mm = ddf_to_mm(ddf, affines)
+    for b in range(3):
+        assert_close_verbose(mm[b : b + 1], ddf_to_mm(ddf[b : b + 1], affines[b]), torch.float64)
+    assert_close_verbose(ddf_from_mm(mm, affines), ddf, torch.float64)
+    one = ddf_to_mm(ddf, affines[1:2])  # [1, 4, 4] broadcasts over the batch
+    assert_close_verbose(one, ddf_to_mm(ddf, affines[1]), torch.float64)
+
+
+# =========================================================================== torch.compile
+
+
+# Inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph(gen):
+    """warp under torch.compile(fullgraph=True): no graph break; forward and backward as
+    in eager mode."""
+    require_backend("cpu", "cpu", torch.float32)
+    image, ddf = _inputs(gen, (2, 2, 5, 6, 7), (1, 3, 6, 5, 4))
+
+    def loss(image, ddf):
+        moved = warp(image, ddf, padding="border", backend="cpu")
+        return moved, (moved * moved).sum()
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss, fullgraph=True)
+        results = []
+        for fn in (loss, compiled):
+            i, d = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+            moved, total = fn(i, d)
+            total.backward()
+            results.append((moved.detach(), i.grad, d.grad))
+    finally:
+        torch._dynamo.reset()
+    for name, eager, comp in zip(("out", "d image", "d ddf"), *results):
+        assert_close_verbose(comp, eager, torch.float32, name=name)
+
+
+# =========================================================================== dispatch
+
+
+def test_available_backends():
+    names = available_backends()
+    assert "torch" in names and "cpu" in names
+    status = backend_status()
+    assert set(status) == {"torch", "cpu", "triton", "cuda"}
+    assert all(status[n] is None for n in names)
+    assert all(isinstance(status[n], str) and status[n] for n in status if n not in names)
+    assert set(backends_here()) <= set(names)
+
+
+def _spy_reference():
+    return mock.patch.object(warp_module.reference, "warp", wraps=reference.warp)
+
+
+def test_mrus_backend_env_selects(monkeypatch, gen):
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5))
+    monkeypatch.setenv("MRUS_BACKEND", "torch")
+    with _spy_reference() as spy:
+        warp(image, ddf)
+    assert spy.call_count == 1
+    monkeypatch.setenv("MRUS_BACKEND", "cpu")
+    with _spy_reference() as spy:
+        out = warp(image, ddf)
+    assert spy.call_count == 0
+    assert_close_verbose(out, reference.warp(image, ddf), torch.float32)
+    # An explicit backend= wins over the variable; a named one that cannot serve raises.
+    monkeypatch.setenv("MRUS_BACKEND", "cuda")
+    warp(image, ddf, backend="torch")
+    if backend_reason("cuda", "cpu") is not None:
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+            warp(image, ddf)
+    monkeypatch.setenv("MRUS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"warp: MRUS_BACKEND must be one of .*got 'gpu'"):
+        warp(image, ddf)
+    monkeypatch.setenv("MRUS_BACKEND", "")  # empty: auto (the cpu kernels on CPU tensors)
+    with _spy_reference() as spy:
+        warp(image, ddf)
+    assert spy.call_count == 0
+
+
+def test_explicit_backend_errors(monkeypatch, gen):
+    monkeypatch.delenv("MRUS_BACKEND", raising=False)
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5))
+    with pytest.raises(ValueError, match=r"warp: backend must be one of .*got 'bogus'"):
+        warp(image, ddf, backend="bogus")
+    with pytest.raises(ValueError, match=r"warp: backend must be one of .*got 3"):
+        warp(image, ddf, backend=3)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"warp: backend 'cuda' cannot serve this call: \w.+"):
+        warp(image, ddf, backend="cuda")
+    if backend_reason("triton") is None:  # interpreted here: switched off, it must say so
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            warp(image, ddf, backend="triton")
+
+
+def test_info_lists_every_backend():
+    result = subprocess.run(
+        [sys.executable, "-m", "mrus_kernels.info"], capture_output=True, text=True,
+        timeout=300, env=os.environ.copy(), check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mrus_kernels ")
+    start = lines.index("backends:")
+    status = backend_status()
+    for name in ("torch", "cpu", "triton", "cuda"):
+        line = next(ln for ln in lines[start:] if ln.split()[:1] == [name])
+        if status[name] is None:
+            assert line.split()[1] == "available", line
+        else:
+            assert "unavailable: " in line and len(line.split("unavailable: ")[1]) > 5, line
+
+
+# =========================================================================== bad input
+
+IMG = torch.ones(1, 2, 4, 5)
+DDF = torch.zeros(1, 2, 4, 5)
+IMG3 = torch.ones(1, 2, 3, 4, 5)
+DDF3 = torch.zeros(1, 3, 3, 4, 5)
+AFFINE = torch.eye(4)
+
+# (call, exception, message): each message names the function, the argument and what was
+# given.
+BAD_INPUTS = {
+    "image-not-tensor": (lambda: warp([[1.0]], DDF), TypeError,
+                         r"warp: image must be a torch\.Tensor, got list"),
+    "ddf-not-tensor": (lambda: warp(IMG, np.zeros((1, 2, 4, 5))), TypeError,
+                       r"warp: ddf must be a torch\.Tensor, got ndarray"),
+    "image-int": (lambda: warp(IMG.long(), DDF), TypeError,
+                  r"warp: image must be a floating-point tensor .*got torch\.int64"),
+    "ddf-int": (lambda: warp(IMG, DDF.int()), TypeError,
+                r"warp: ddf must be a floating-point tensor .*got torch\.int32"),
+    "ddf-bool": (lambda: warp(IMG, DDF.bool()), TypeError, r"warp: ddf .*got torch\.bool"),
+    "dtype-mismatch": (lambda: warp(IMG, DDF.double()), TypeError,
+                       (r"warp: image and ddf must have the same dtype, got torch\.float32 "
+                       r"and torch\.float64")),
+    "device-mismatch": (lambda: warp(IMG, DDF.to("meta")), ValueError,
+                        r"warp: image and ddf must be on the same device, got cpu and meta"),
+    "image-rank-3": (lambda: warp(torch.ones(2, 4, 5), DDF), ValueError,
+                     (r"warp: image must be \[B, C, H, W\] \(2D\) or \[B, C, D, H, W\] \(3D\), "
+                     r"got shape \(2, 4, 5\)")),
+    "image-rank-6": (lambda: warp(torch.ones(1, 1, 2, 3, 4, 5), DDF), ValueError,
+                     r"warp: image must be .*got shape \(1, 1, 2, 3, 4, 5\)"),
+    "ddf-rank": (lambda: warp(IMG3, DDF), ValueError,
+                 r"warp: ddf must have the same rank as image .*got shape \(1, 2, 4, 5\)"),
+    "ddf-channels": (lambda: warp(IMG3, torch.zeros(1, 2, 3, 4, 5)), ValueError,
+                     r"warp: ddf must have 3 channels .*got 2 \(shape \(1, 2, 3, 4, 5\)\)"),
+    "ddf-channels-2d": (lambda: warp(IMG, torch.zeros(1, 3, 4, 5)), ValueError,
+                        r"warp: ddf must have 2 channels .*got 3"),
+    "batch": (lambda: warp(torch.ones(2, 1, 4, 5), torch.zeros(3, 2, 4, 5)), ValueError,
+              r"warp: image and ddf batch sizes must match or one must be 1, got 2 and 3"),
+    "image-empty": (lambda: warp(torch.ones(1, 0, 4, 5), DDF), ValueError,
+                    r"warp: image must not be empty, got shape \(1, 0, 4, 5\)"),
+    "image-empty-batch": (lambda: warp(torch.ones(0, 1, 4, 5), DDF), ValueError,
+                          r"warp: image must not be empty, got shape \(0, 1, 4, 5\)"),
+    "ddf-empty": (lambda: warp(IMG, torch.zeros(1, 2, 0, 5)), ValueError,
+                  r"warp: ddf must not be empty, got shape \(1, 2, 0, 5\)"),
+    "mode": (lambda: warp(IMG, DDF, mode="cubic"), ValueError,
+             r"warp: mode must be 'linear' or 'nearest', got 'cubic'"),
+    "mode-none": (lambda: warp(IMG, DDF, mode=None), ValueError,
+                  r"warp: mode must be .*got None"),
+    "padding": (lambda: warp(IMG, DDF, padding="reflection"), ValueError,
+                r"warp: padding must be 'zeros' or 'border', got 'reflection'"),
+    "deterministic-str": (lambda: warp(IMG, DDF, deterministic="yes"), TypeError,
+                          r"warp: deterministic must be None, True or False, got 'yes'"),
+    "deterministic-int": (lambda: warp(IMG, DDF, deterministic=1), TypeError,
+                          r"warp: deterministic must be None, True or False, got 1"),
+    "module-mode": (lambda: Warp(mode="bilinear"), ValueError,
+                    r"Warp: mode must be 'linear' or 'nearest', got 'bilinear'"),
+    "module-padding": (lambda: Warp(padding="reflect"), ValueError,
+                       r"Warp: padding must be 'zeros' or 'border', got 'reflect'"),
+    # ddf_to_grid
+    "to-grid-not-tensor": (lambda: ddf_to_grid("ddf"), TypeError,
+                           r"ddf_to_grid: ddf must be a torch\.Tensor, got str"),
+    "to-grid-int": (lambda: ddf_to_grid(DDF.long()), TypeError,
+                    r"ddf_to_grid: ddf must be a floating-point tensor .*got torch\.int64"),
+    "to-grid-rank": (lambda: ddf_to_grid(torch.zeros(1, 2, 5)), ValueError,
+                     r"ddf_to_grid: ddf must be \[B, ndim, H, W\] .*got shape \(1, 2, 5\)"),
+    "to-grid-empty": (lambda: ddf_to_grid(torch.zeros(1, 2, 0, 5)), ValueError,
+                      r"ddf_to_grid: ddf must not be empty, got shape \(1, 2, 0, 5\)"),
+    "to-grid-channels": (lambda: ddf_to_grid(torch.zeros(1, 3, 4, 5)), ValueError,
+                         r"ddf_to_grid: ddf must have 2 channels for 2D, got 3"),
+    "to-grid-align-str": (lambda: ddf_to_grid(DDF, align_corners="yes"), TypeError,
+                          r"ddf_to_grid: align_corners must be True or False, got 'yes'"),
+    "to-grid-align-int": (lambda: ddf_to_grid(DDF, align_corners=1), TypeError,
+                          r"ddf_to_grid: align_corners must be True or False, got 1"),
+    "to-grid-size-1": (lambda: ddf_to_grid(torch.zeros(1, 2, 1, 5)), ValueError,
+                       (r"ddf_to_grid: align_corners=True needs every spatial size >= 2 .*"
+                       r"got spatial shape \(1, 5\)")),
+    "to-grid-target-size-1": (lambda: ddf_to_grid(DDF, size=(4, 1)), ValueError,
+                              (r"ddf_to_grid: align_corners=True needs .*got spatial shape "
+                              r"\(4, 1\)")),
+    "to-grid-size-len": (lambda: ddf_to_grid(DDF, size=(4,)), ValueError,
+                         r"ddf_to_grid: size must be 2 positive ints, got \(4,\)"),
+    "to-grid-size-zero": (lambda: ddf_to_grid(DDF, size=(4, 0)), ValueError,
+                          r"ddf_to_grid: size must be 2 positive ints, got \(4, 0\)"),
+    "to-grid-size-float": (lambda: ddf_to_grid(DDF, size=(4, 5.0)), ValueError,
+                           r"ddf_to_grid: size must be 2 positive ints, got \(4, 5\.0\)"),
+    "to-grid-size-str": (lambda: ddf_to_grid(DDF, size="45"), ValueError,
+                         r"ddf_to_grid: size must be 2 positive ints, got '45'"),
+    # grid_to_ddf
+    "to-ddf-not-tensor": (lambda: grid_to_ddf(None), TypeError,
+                          r"grid_to_ddf: grid must be a torch\.Tensor, got NoneType"),
+    "to-ddf-int": (lambda: grid_to_ddf(torch.zeros(1, 4, 5, 2, dtype=torch.int16)), TypeError,
+                   r"grid_to_ddf: grid must be a floating-point tensor .*got torch\.int16"),
+    "to-ddf-rank": (lambda: grid_to_ddf(torch.zeros(4, 5, 2)), ValueError,
+                    (r"grid_to_ddf: grid must be \[B, H, W, 2\] or \[B, D, H, W, 3\], got shape "
+                    r"\(4, 5, 2\)")),
+    "to-ddf-last-dim": (lambda: grid_to_ddf(torch.zeros(1, 4, 5, 3)), ValueError,
+                        r"grid_to_ddf: grid must be .*got shape \(1, 4, 5, 3\)"),
+    "to-ddf-align": (lambda: grid_to_ddf(torch.zeros(1, 4, 5, 2), align_corners=None),
+                     TypeError, r"grid_to_ddf: align_corners must be True or False, got None"),
+    "to-ddf-size-1": (lambda: grid_to_ddf(torch.zeros(1, 4, 1, 2)), ValueError,
+                      r"grid_to_ddf: align_corners=True needs .*got spatial shape \(4, 1\)"),
+    "to-ddf-size": (lambda: grid_to_ddf(torch.zeros(1, 4, 5, 2), size=[4, 5, 6]), ValueError,
+                    r"grid_to_ddf: size must be 2 positive ints, got \[4, 5, 6\]"),
+    # ddf_from_mm / ddf_to_mm
+    "from-mm-not-tensor": (lambda: ddf_from_mm(np.zeros((1, 3, 2, 2, 2)), AFFINE), TypeError,
+                           r"ddf_from_mm: ddf_mm must be a torch\.Tensor, got ndarray"),
+    "from-mm-int": (lambda: ddf_from_mm(DDF3.long(), AFFINE), TypeError,
+                    r"ddf_from_mm: ddf_mm must be a floating-point tensor .*got torch\.int64"),
+    "from-mm-rank": (lambda: ddf_from_mm(torch.zeros(3, 4, 5), AFFINE), ValueError,
+                     r"ddf_from_mm: ddf_mm must be \[B, ndim, H, W\] .*got shape \(3, 4, 5\)"),
+    "from-mm-channels": (lambda: ddf_from_mm(torch.zeros(1, 2, 3, 4, 5), AFFINE), ValueError,
+                         r"ddf_from_mm: ddf_mm must have 3 channels for 3D, got 2"),
+    "from-mm-affine-type": (lambda: ddf_from_mm(DDF3, [[1.0]]), TypeError,
+                            (r"ddf_from_mm: affine must be a numpy array or torch\.Tensor, "
+                            r"got list")),
+    "from-mm-affine-shape": (lambda: ddf_from_mm(DDF3, torch.eye(3)), ValueError,
+                             (r"ddf_from_mm: affine must be \[4, 4\] or \[B, 4, 4\] for 3D, got "
+                             r"shape \(3, 3\)")),
+    "from-mm-affine-rank": (lambda: ddf_from_mm(DDF3, torch.eye(4).expand(1, 1, 4, 4)),
+                            ValueError, (r"ddf_from_mm: affine must be .*got shape "
+                                        r"\(1, 1, 4, 4\)")),
+    "from-mm-affine-batch": (lambda: ddf_from_mm(DDF3.expand(2, -1, -1, -1, -1),
+                                                 torch.eye(4).expand(3, 4, 4)), ValueError,
+                             r"ddf_from_mm: affine batch size must be 1 or 2, got 3"),
+    "from-mm-singular": (lambda: ddf_from_mm(DDF3, torch.diag(torch.tensor([1.0, 0, 1, 1]))),
+                         ValueError,
+                         r"ddf_from_mm: affine must be finite with an invertible linear part"),
+    "from-mm-nan": (lambda: ddf_from_mm(DDF3, torch.full((4, 4), float("nan"))), ValueError,
+                    r"ddf_from_mm: affine must be finite"),
+    "to-mm-not-tensor": (lambda: ddf_to_mm(1.0, AFFINE), TypeError,
+                         r"ddf_to_mm: ddf must be a torch\.Tensor, got float"),
+    "to-mm-empty": (lambda: ddf_to_mm(torch.zeros(1, 3, 0, 4, 5), AFFINE), ValueError,
+                    r"ddf_to_mm: ddf must not be empty, got shape \(1, 3, 0, 4, 5\)"),
+    "to-mm-affine-2d": (lambda: ddf_to_mm(DDF, np.eye(4)), ValueError,
+                        (r"ddf_to_mm: affine must be \[3, 3\] or \[B, 3, 3\] for 2D, got shape "
+                        r"\(4, 4\)")),
+    "to-mm-singular": (lambda: ddf_to_mm(DDF, np.zeros((3, 3))), ValueError,
+                       r"ddf_to_mm: affine must be finite with an invertible linear part"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case):
+    call, exc, message = BAD_INPUTS[case]
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_validation_runs_before_dispatch(monkeypatch):
+    """Bad input is reported as bad input whichever backend was asked for."""
+    monkeypatch.setenv("MRUS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="warp: mode must be"):
+        warp(IMG, DDF, mode="cubic")
+
+
+def test_align_corners_false_allows_size_one():
+    ddf = torch.zeros(1, 2, 1, 5)
+    grid = ddf_to_grid(ddf, align_corners=False)
+    assert_close_verbose(grid_to_ddf(grid, align_corners=False), ddf, torch.float32)
+
+
+# =========================================================================== GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_gpu_forward_matches_reference(gpu_backend, dtype, ndim, mode, padding, gen):
+    image_shape, ddf_shape = SHAPES[ndim]
+    image, ddf = _inputs(gen, image_shape, ddf_shape, dtype, device="cuda")
+    expected = reference.warp(image, ddf, mode, padding)
+    with poisoned_empty():
+        out = warp(image, ddf, mode=mode, padding=padding, backend=gpu_backend)
+    assert out.device == image.device and out.dtype == dtype
+    assert_close_verbose(out, expected, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_gpu_backward_matches_reference(gpu_backend, dtype, ndim, padding, gen):
+    image_shape, ddf_shape = SHAPES[ndim]
+    image, ddf = _inputs(gen, image_shape, ddf_shape, dtype, device="cuda")
+    grad_out = randn(gen, 2, image_shape[1], *ddf_shape[2:], dtype=dtype, device="cuda")
+    ref_image, ref_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+    ei, ed = _grads(reference.warp(ref_image, ref_ddf, "linear", padding),
+                    (ref_image, ref_ddf), grad_out)
+    for deterministic in (False, True):
+        i, d = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+        with poisoned_empty():
+            out = warp(i, d, padding=padding, backend=gpu_backend, deterministic=deterministic)
+            gi, gd = _grads(out, (i, d), grad_out)
+        assert_close_verbose(gi, ei, dtype, name=f"d image (deterministic={deterministic})")
+        assert_close_verbose(gd, ed, dtype, name=f"d ddf (deterministic={deterministic})")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_gpu_nearest_gradients(gpu_backend, padding, gen):
+    image, ddf = _inputs(gen, *SHAPES[3], device="cuda")
+    grad_out = randn(gen, 2, 3, *SHAPES[3][1][2:], device="cuda")
+    image.requires_grad_()
+    ddf.requires_grad_()
+    out = warp(image, ddf, mode="nearest", padding=padding, backend=gpu_backend)
+    gi, gd = _grads(out, (image, ddf), grad_out)
+    expected = _nearest_image_grad(image.cpu(), ddf.cpu(), grad_out.cpu(), padding)
+    assert_close_verbose(gi, expected.float(), torch.float32)
+    assert torch.equal(gd, torch.zeros_like(ddf))
+
+
+@pytest.mark.cuda
+def test_gpu_nan_and_inf(gpu_backend, gen):
+    image, ddf = _inputs(gen, (2, 3, 6, 7, 5), (1, 3, 5, 6, 7), device="cuda")
+    ddf[0, 1, 2, 3, 4] = float("nan")
+    ddf[0, 0, 1, 1, 1] = float("inf")
+    image[1, 2, 3, 3, 3] = float("nan")
+    for padding in PADDINGS:
+        out = warp(image, ddf, padding=padding, backend=gpu_backend)
+        assert_close_verbose(out, reference.warp(image, ddf, "linear", padding), torch.float32)
+        assert bool(out[:, :, 2, 3, 4].isnan().all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_gpu_deterministic_bitwise(gpu_backend, dtype, gen, deterministic_algorithms):
+    """Heavily contended scatter: float atomics would vary from run to run."""
+    image = rand(gen, 1, 4, 8, 9, 10, dtype=dtype, device="cuda")
+    axes = [torch.linspace(-0.5, n - 0.5, 64) for n in (8, 9, 10)]
+    target = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    identity = torch.stack(torch.meshgrid(*[torch.arange(64.0)] * 3, indexing="ij"))
+    ddf = ((target - identity)[None].expand(2, -1, -1, -1, -1)
+           + randn(gen, 2, 3, 64, 64, 64, scale=0.2)).to("cuda", dtype)
+    grad_out = randn(gen, 2, 4, 64, 64, 64, dtype=dtype, device="cuda")
+    grads = [_image_grad(image, ddf, grad_out, gpu_backend, None) for _ in range(3)]
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    ref_image = image.clone().requires_grad_()
+    (expected,) = _grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
+    assert_close_verbose(grads[0], expected, dtype)
+
+
+@pytest.mark.cuda
+def test_gpu_large(gpu_backend, gen):
+    image, ddf = _inputs(gen, (1, 2, 40, 48, 56), (1, 3, 40, 48, 56), device="cuda", scale=3.0)
+    grad_out = randn(gen, 1, 2, 40, 48, 56, device="cuda")
+    ref_image, ref_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+    expected = reference.warp(ref_image, ref_ddf, "linear", "border")
+    ei, ed = _grads(expected, (ref_image, ref_ddf), grad_out)
+    image.requires_grad_()
+    ddf.requires_grad_()
+    with poisoned_empty():
+        out = warp(image, ddf, padding="border", backend=gpu_backend)
+        gi, gd = _grads(out, (image, ddf), grad_out)
+    assert_close_verbose(out, expected, torch.float32)
+    assert_close_verbose(gi, ei, torch.float32, name="d image")
+    assert_close_verbose(gd, ed, torch.float32, name="d ddf")
+
+
+@pytest.mark.cuda
+def test_gpu_backend_on_cpu_tensor_or_other_device(gpu_backend, gen):
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5))
+    if gpu_backend == "cuda":
+        with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors, got a tensor on cpu"):
+            warp(image, ddf, backend="cuda")
+    with pytest.raises(ValueError, match="same device, got cuda:0 and cpu"):
+        warp(image.cuda(), ddf, backend=gpu_backend)
+
+
+@pytest.mark.cuda
+def test_gpu_float64_rejected(gpu_backend, gen):
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5), torch.float64, device="cuda")
+    with pytest.raises(BackendUnavailableError, match=rf"backend '{gpu_backend}'.*float64"):
+        warp(image, ddf, backend=gpu_backend)
+
+
+@pytest.mark.cuda
+def test_auto_picks_a_gpu_kernel(gen):
+    image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5), device="cuda")
+    with _spy_reference() as spy:
+        out = warp(image, ddf, backend="auto")
+    gpu_kernels = [n for n in ("cuda", "triton") if backend_reason(n, "cuda") is None]
+    assert spy.call_count == (0 if gpu_kernels else 1)
+    assert_close_verbose(out, reference.warp(image, ddf), torch.float32)
+
+
+def test_module_exports():
+    for name in mrus_kernels.__all__:
+        assert hasattr(mrus_kernels, name), name
