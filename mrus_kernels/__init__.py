@@ -8,6 +8,10 @@ in voxel units, component i along spatial axis i.
 from .backends import BackendUnavailableError, available_backends, backend_status
 from .compose import Compose, IntegrateVelocity, compose, integrate_velocity
 from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
+from .lncc import LNCCLoss, lncc
+from .mi import MutualInformationLoss, NMILoss, joint_histogram, mutual_information, nmi
+from .regularisers import grad_l2, harmonic_energy
+from .sobel import SobelL1Loss, sobel, sobel_l1
 from .warp import Warp, warp
 
 __version__ = "0.1.0"
@@ -16,6 +20,10 @@ __all__ = [
     "BackendUnavailableError",
     "Compose",
     "IntegrateVelocity",
+    "LNCCLoss",
+    "MutualInformationLoss",
+    "NMILoss",
+    "SobelL1Loss",
     "Warp",
     "available_backends",
     "backend_status",
@@ -23,7 +31,15 @@ __all__ = [
     "ddf_from_mm",
     "ddf_to_grid",
     "ddf_to_mm",
+    "grad_l2",
     "grid_to_ddf",
+    "harmonic_energy",
     "integrate_velocity",
+    "joint_histogram",
+    "lncc",
+    "mutual_information",
+    "nmi",
+    "sobel",
+    "sobel_l1",
     "warp",
 ]

@@ -144,3 +144,258 @@ def folding_fraction(u: torch.Tensor, spacing: tuple[float, ...] | None = None) 
     """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B]."""
     det = jacobian_det(u, spacing)
     return (det <= 0).flatten(1).to(u.dtype).mean(1)
+
+
+# --- Parzen-window mutual information ------------------------------------------------------
+
+
+def _item_range(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item min and max over the voxels with mask > 0, [B, 1] each, no host sync."""
+    flat = x.flatten(1)
+    if mask is None:
+        return flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    inside = mask.flatten(1) > 0
+    lo = torch.where(inside, flat, torch.full_like(flat, float("inf"))).amin(1, keepdim=True)
+    hi = torch.where(inside, flat, torch.full_like(flat, float("-inf"))).amax(1, keepdim=True)
+    return lo, hi
+
+
+def _bspline3(t: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline on [-2, 2]."""
+    a = t.abs()
+    near = (4 - 6 * a**2 + 3 * a**3) / 6
+    far = (2 - a).clamp_min(0) ** 3 / 6
+    return torch.where(a < 1, near, far)
+
+
+def parzen_weights(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bins: int,
+    kernel: str = "gaussian",
+    sigma: float = 0.5,
+) -> torch.Tensor:
+    """Per-voxel Parzen weights W_k(x), normalised to sum 1 over k: [B, N] -> [B, N, K].
+
+    Bin width w = (hi - lo) / K, centres c_k = lo + (k + 1/2) w, values clamped to [lo, hi].
+    The Gaussian window is normalised in max-subtracted (softmax) form so that a tiny sigma
+    tends to hard binning instead of 0/0.
+    """
+    width = ((hi - lo) / bins).clamp_min(1e-12)  # [B, 1]; a constant image keeps a finite width
+    centres = lo + (torch.arange(bins, device=x.device, dtype=x.dtype) + 0.5) * width  # [B, K]
+    xc = torch.minimum(torch.maximum(x, lo), hi)
+    t = (xc[..., None] - centres[:, None, :]) / width[..., None]  # [B, N, K]
+    if kernel == "gaussian":
+        return torch.softmax(-(t**2) / (2 * sigma**2), dim=-1)
+    phi = _bspline3(t)
+    return phi / phi.sum(-1, keepdim=True)
+
+
+def joint_histogram(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    bins: int = 32,
+    kernel: str = "gaussian",
+    sigma: float = 0.5,
+    value_range: tuple | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Joint Parzen histogram P[a, b] = Σ m W_a(f) W_b(g) / Σ m: [B, 1, *S] x2 -> [B, K, K].
+
+    value_range: None (each item's own min and max over the mask, per image), (lo, hi) for
+    both images, or ((lo_f, hi_f), (lo_g, hi_g)). The range is a constant for gradients.
+    """
+    b = max(fixed.shape[0], moving.shape[0])
+    f = fixed.expand(b, *fixed.shape[1:]).flatten(1)
+    g = moving.expand(b, *moving.shape[1:]).flatten(1)
+    m = None if mask is None else mask.expand(b, *mask.shape[1:]).flatten(1).to(f.dtype)
+    ranges = []
+    for x, i in ((f, 0), (g, 1)):
+        if value_range is None:
+            lo, hi = _item_range(x.detach(), m)
+        else:
+            r = value_range[i] if isinstance(value_range[0], (tuple, list)) else value_range
+            lo = torch.full((b, 1), float(r[0]), dtype=x.dtype, device=x.device)
+            hi = torch.full((b, 1), float(r[1]), dtype=x.dtype, device=x.device)
+        ranges.append((lo, hi))
+    wf = parzen_weights(f, *ranges[0], bins, kernel, sigma)
+    wg = parzen_weights(g, *ranges[1], bins, kernel, sigma)
+    if m is None:
+        return torch.einsum("bna,bnc->bac", wf, wg) / f.shape[1]
+    return torch.einsum("bna,bnc->bac", wf * m[..., None], wg) / m.sum(1)[:, None, None]
+
+
+def _entropies(p_joint: torch.Tensor, eps: float):
+    pc = p_joint.clamp_min(eps)
+    pa = p_joint.sum(2).clamp_min(eps)  # [B, K], fixed
+    pb = p_joint.sum(1).clamp_min(eps)  # [B, K], moving
+    h_f = -(pa * pa.log()).sum(1)
+    h_g = -(pb * pb.log()).sum(1)
+    h_fg = -(pc * pc.log()).sum((1, 2))
+    mi = (pc * (pc.log() - pa.log()[:, :, None] - pb.log()[:, None, :])).sum((1, 2))
+    return mi, h_f, h_g, h_fg
+
+
+def mutual_information(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    bins: int = 32,
+    kernel: str = "gaussian",
+    sigma: float = 0.5,
+    value_range: tuple | None = None,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """MI = Σ P log(P / (p_a p_b)), P and p clamped at eps: [B]."""
+    p = joint_histogram(fixed, moving, bins, kernel, sigma, value_range, mask)
+    return _entropies(p, eps)[0]
+
+
+def nmi(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    bins: int = 32,
+    kernel: str = "gaussian",
+    sigma: float = 0.5,
+    value_range: tuple | None = None,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """NMI = (H_f + H_g) / H_fg, entropies H = -Σ p log p of the clamped histograms: [B]."""
+    p = joint_histogram(fixed, moving, bins, kernel, sigma, value_range, mask)
+    _, h_f, h_g, h_fg = _entropies(p, eps)
+    return (h_f + h_g) / h_fg
+
+
+# --- Sobel ---------------------------------------------------------------------------------
+
+
+def _shift(x: torch.Tensor, dim: int, k: int, padding: str) -> torch.Tensor:
+    """y[i] = x[i + k] along `dim` (|k| <= 1), outside values replicated or zero."""
+    n = x.shape[dim]
+    if k == 0:
+        return x
+    if k > 0:
+        body = x.narrow(dim, k, n - k)
+        edge = x.narrow(dim, n - 1, 1) if padding == "replicate" else torch.zeros_like(
+            x.narrow(dim, n - 1, 1)
+        )
+        return torch.cat([body, edge.expand_as(x.narrow(dim, 0, k))], dim)
+    body = x.narrow(dim, 0, n + k)
+    edge = x.narrow(dim, 0, 1) if padding == "replicate" else torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([edge.expand_as(x.narrow(dim, 0, -k)), body], dim)
+
+
+def sobel(
+    x: torch.Tensor, output: str = "magnitude", padding: str = "replicate", eps: float = 1e-6
+) -> torch.Tensor:
+    """Separable Sobel of every (batch, channel) volume.
+
+    Component i = [-1, 0, 1] along spatial axis i and [1, 2, 1] along every other spatial axis
+    (unnormalised, as scipy.ndimage.sobel with mode "nearest" for "replicate", "constant"
+    for "zeros"). x: [B, C, *S]. output "components": [B, C, ndim, *S]; "magnitude":
+    sqrt(Σ_i g_i² + eps), [B, C, *S].
+    """
+    ndim = x.dim() - 2
+    comps = []
+    for i in range(ndim):
+        g = _shift(x, 2 + i, 1, padding) - _shift(x, 2 + i, -1, padding)
+        for j in range(ndim):
+            if j != i:
+                g = _shift(g, 2 + j, -1, padding) + 2 * g + _shift(g, 2 + j, 1, padding)
+        comps.append(g)
+    if output == "components":
+        return torch.stack(comps, 2)
+    return torch.sqrt(sum(g * g for g in comps) + eps)
+
+
+def sobel_l1(
+    f1: torch.Tensor,
+    f0: torch.Tensor,
+    padding: str = "replicate",
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """|sobel(f1) - sobel(f0)| of the magnitudes, reduced by "mean", "sum" or "none"."""
+    d = (sobel(f1, "magnitude", padding, eps) - sobel(f0, "magnitude", padding, eps)).abs()
+    if reduction == "none":
+        return d
+    return d.sum() if reduction == "sum" else d.mean()
+
+
+# --- Local normalised cross-correlation and regularisers ------------------------------------
+
+
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over the in-bounds voxels of a cubic (square in 2D) window centred on each voxel."""
+    ndim = x.dim() - 2
+    conv = F.conv3d if ndim == 3 else F.conv2d
+    c = x.shape[1]
+    weight = torch.ones((c, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
+    return conv(x, weight, padding=window // 2, groups=c)
+
+
+def lncc(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    window: int = 9,
+    eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Local NCC in squared-correlation form, averaged over the voxels (or the mask): [B].
+
+    Per voxel, with window sums over in-bounds voxels only (n of them):
+    cross = Σ IJ - Σ I Σ J / n, var_I = Σ I² - (Σ I)² / n, cc = cross² / (var_I var_J + eps),
+    variances clamped at 0 so that constant patches give cc = 0, never NaN.
+    """
+    b = max(fixed.shape[0], moving.shape[0])
+    i = fixed.expand(b, *fixed.shape[1:])
+    j = moving.expand(b, *moving.shape[1:])
+    n = _box_sum(torch.ones_like(i[:1]), window)
+    si, sj = _box_sum(i, window), _box_sum(j, window)
+    sii, sjj, sij = _box_sum(i * i, window), _box_sum(j * j, window), _box_sum(i * j, window)
+    cross = sij - si * sj / n
+    var_i = (sii - si * si / n).clamp_min(0)
+    var_j = (sjj - sj * sj / n).clamp_min(0)
+    cc = (cross * cross / (var_i * var_j + eps)).flatten(1)
+    if mask is None:
+        return cc.mean(1)
+    m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
+    return (cc * m).sum(1) / m.sum(1)
+
+
+def grad_l2(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Mean squared forward difference, averaged over the axes: (1/ndim) Σ_i mean((Δ_i u / h_i)²).
+
+    u: [B, C, *S] (a displacement has C = ndim). Returns a scalar.
+    """
+    ndim = u.dim() - 2
+    h = spacing if spacing is not None else (1.0,) * ndim
+    total = u.new_zeros(())
+    for i in range(ndim):
+        n = u.shape[2 + i]
+        d = (u.narrow(2 + i, 1, n - 1) - u.narrow(2 + i, 0, n - 1)) / h[i]
+        total = total + (d * d).mean()
+    return total / ndim
+
+
+def harmonic_energy(u: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Σ_c ‖∇² u_c‖² with the 5-point (2D) / 7-point (3D) Laplacian on interior voxels.
+
+    reduction: "sum" (scalar over batch, components and interior voxels: the paper's metric
+    for B = 1), "mean" (the same terms averaged), "none" ([B] per-item sums).
+    """
+    ndim = u.dim() - 2
+    inner = [slice(None), slice(None)] + [slice(1, n - 1) for n in u.shape[2:]]
+    lap = -2 * ndim * u[tuple(inner)]
+    for i in range(ndim):
+        for k in (0, 2):
+            idx = list(inner)
+            n = u.shape[2 + i]
+            idx[2 + i] = slice(k, n - 2 + k)
+            lap = lap + u[tuple(idx)]
+    sq = lap * lap
+    if reduction == "none":
+        return sq.flatten(1).sum(1)
+    return sq.sum() if reduction == "sum" else sq.mean()
