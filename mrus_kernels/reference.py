@@ -63,7 +63,10 @@ def warp(
         p = torch.where(nan, torch.zeros_like(points[i]), points[i])
         clamped.append(p.clamp(0, n - 1) if padding == "border" else p.clamp(-2, n + 1))
     if mode == "nearest":
-        out = gather([torch.round(p).long() for p in clamped])
+        # Rounding has a zero derivative: keep the ddf in the graph with an exact zero gradient
+        # (clamped points are finite, so 0 * p cannot make a NaN).
+        zero = sum(p for p in clamped) * 0
+        out = gather([torch.round(p).long() for p in clamped]) + zero[:, None]
     else:
         lower = [torch.floor(p) for p in clamped]
         frac = [p - f for p, f in zip(clamped, lower)]

@@ -20,12 +20,41 @@ namespace {
 
 using warp::WarpArgs;
 
+// Below this much work (voxels x batch x channels) one thread beats the OpenMP fork.
+constexpr int64_t kSerialWork = 16384;
+
+int threads_for(const WarpArgs& a, int64_t work) {
+  return work < kSerialWork ? 1 : a.num_threads;
+}
+
+// Calls f(n, x) for output voxels n in [lo, hi) in order, x their coordinates, stepped
+// without divisions.
+template <int NDIM, typename F>
+void walk(const WarpArgs& a, int64_t lo, int64_t hi, F&& f) {
+  if (lo >= hi) return;
+  int64_t x[NDIM];
+  warp::voxel_coords<NDIM>(a, lo, x);
+  for (int64_t n = lo; n < hi; ++n) {
+    f(n, x);
+    warp::next_coords<NDIM>(a, x);
+  }
+}
+
 template <int NDIM, typename T>
 void forward_impl(const WarpArgs& a, const T* image, const T* ddf, T* out) {
   const int64_t n_out = a.n_out();
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-  for (int64_t n = 0; n < n_out; ++n) {
-    for (int64_t b = 0; b < a.B; ++b) warp::forward_voxel<NDIM, T, T>(a, image, ddf, out, b, n);
+#pragma omp parallel num_threads(threads_for(a, n_out * a.B * a.C))
+  {
+    const int64_t P = omp_get_num_threads(), r = omp_get_thread_num();
+    walk<NDIM>(a, n_out * r / P, n_out * (r + 1) / P, [&](int64_t n, const int64_t* x) {
+      for (int64_t b = 0; b < a.B; ++b) {
+        if (a.mode == int(Interp::LINEAR)) {
+          warp::forward_voxel_lattice<NDIM, T, T>(a, image, ddf, out, b, n, x);
+        } else {
+          warp::forward_voxel<NDIM, T, T>(a, image, ddf, out, b, n, x);
+        }
+      }
+    });
   }
 }
 
@@ -49,9 +78,12 @@ void backward_impl(const WarpArgs& a, const T* grad_out, const T* image, const T
   const int64_t n_out = a.n_out();
   if (!grad_image) {
     NoScatter none;
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-    for (int64_t n = 0; n < n_out; ++n) {
-      warp::backward_voxel<NDIM, T, T>(a, grad_out, image, ddf, false, grad_ddf, none, n);
+#pragma omp parallel num_threads(threads_for(a, n_out * a.B * a.C))
+    {
+      const int64_t P = omp_get_num_threads(), r = omp_get_thread_num();
+      walk<NDIM>(a, n_out * r / P, n_out * (r + 1) / P, [&](int64_t n, const int64_t* x) {
+        warp::backward_voxel_lattice<NDIM, T, T>(a, grad_out, image, ddf, false, grad_ddf, none, n, x);
+      });
     }
     return;
   }
@@ -63,13 +95,12 @@ void backward_impl(const WarpArgs& a, const T* grad_out, const T* image, const T
 #pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(P))
   for (int64_t r = 0; r < P; ++r) {
     AddInto<T> add{r == 0 ? grad_image : scratch.data() + (r - 1) * img_numel};
-    const int64_t lo = n_out * r / P, hi = n_out * (r + 1) / P;
-    for (int64_t n = lo; n < hi; ++n) {
-      warp::backward_voxel<NDIM, T, T>(a, grad_out, image, ddf, true, grad_ddf, add, n);
-    }
+    walk<NDIM>(a, n_out * r / P, n_out * (r + 1) / P, [&](int64_t n, const int64_t* x) {
+      warp::backward_voxel_lattice<NDIM, T, T>(a, grad_out, image, ddf, true, grad_ddf, add, n, x);
+    });
   }
   if (P > 1) {
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+#pragma omp parallel for schedule(static) num_threads(threads_for(a, img_numel))
     for (int64_t i = 0; i < img_numel; ++i) {
       T s = grad_image[i];
       for (int64_t r = 1; r < P; ++r) s += scratch[(r - 1) * img_numel + i];

@@ -127,7 +127,9 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t stride = int64_t(blockDim.x) * gridDim.x;
   for (int64_t b = blockIdx.y; b < a.B; b += gridDim.y) {
     for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < n_out; n += stride) {
-      warp::forward_voxel<NDIM, scalar_t, float>(a, image, ddf, out, b, n);
+      int64_t x[NDIM];
+      warp::voxel_coords<NDIM>(a, n, x);
+      warp::forward_voxel<NDIM, scalar_t, float>(a, image, ddf, out, b, n, x);
     }
   }
 }
@@ -145,8 +147,10 @@ __global__ void __launch_bounds__(kBlockSize)
   const int64_t n_out = a.n_out();
   const int64_t stride = int64_t(blockDim.x) * gridDim.x;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < n_out; n += stride) {
+    int64_t x[NDIM];
+    warp::voxel_coords<NDIM>(a, n, x);
     warp::backward_voxel<NDIM, scalar_t, float, Scatter>(a, grad_out, image, ddf, need_image,
-                                                         grad_ddf, scatter, n);
+                                                         grad_ddf, scatter, n, x);
   }
 }
 

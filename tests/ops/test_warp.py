@@ -270,10 +270,8 @@ def test_nearest_gradients(backend, ndim, padding, gen):
     assert torch.equal(gd, torch.zeros_like(ddf))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="library bug: reference.warp(mode='nearest') drops ddf from the graph")
 def test_nearest_ddf_gradient_torch_backend(gen):
-    """The torch backend should agree with the kernels: a zero ddf gradient, not an error."""
+    """The torch backend agrees with the kernels: a zero ddf gradient, not an error."""
     image, ddf = _inputs(gen, (1, 1, 5, 6), (1, 2, 5, 6))
     ddf.requires_grad_()
     out = warp(image, ddf, mode="nearest", backend="torch")
@@ -549,11 +547,7 @@ def test_nan_displacement(backend, mode, padding, gen):
     assert torch.equal(out.isnan(), expected_nan)
     assert_close_verbose(out, reference.warp(image, ddf, mode, padding), torch.float32)
     grad_out = randn(gen, *out.shape)
-    if mode == "nearest":  # the ddf is not in the torch backend's graph (see xfail above)
-        (gi,) = _grads(out, (image,), grad_out)
-        gd = torch.zeros_like(ddf)
-    else:
-        gi, gd = _grads(out, (image, ddf), grad_out)
+    gi, gd = _grads(out, (image, ddf), grad_out)
     assert bool(gi.isfinite().all()) and bool(gd.isfinite().all())
     for _, *voxel in nan_at:
         assert torch.equal(gd[(0, slice(None), *voxel)], torch.zeros(3))
