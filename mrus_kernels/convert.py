@@ -22,13 +22,16 @@ def _identity(shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
 def _check_size(op: str, size: object, shape: tuple[int, ...]) -> tuple[int, ...]:
     if size is None:
         return shape
+    def is_int(n: object) -> bool:  # Python or NumPy integers; bool is not a size
+        return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+
     if (
         not isinstance(size, (tuple, list, torch.Size))
         or len(size) != len(shape)
-        or not all(isinstance(n, int) and n >= 1 for n in size)
+        or not all(is_int(n) and n >= 1 for n in size)
     ):
         raise ValueError(f"{op}: size must be {len(shape)} positive ints, got {size!r}")
-    return tuple(size)
+    return tuple(int(n) for n in size)
 
 
 def _check_align(op: str, align_corners: object, shape: tuple[int, ...]) -> None:
@@ -127,8 +130,14 @@ def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torc
         raise ValueError(
             f"{op}: affine batch size must be 1 or {like.shape[0]}, got {lin.shape[0]}"
         )
-    if not torch.isfinite(lin).all() or (torch.linalg.det(lin).abs() < 1e-12).any():
-        raise ValueError(f"{op}: affine must be finite with an invertible linear part")
+    if not torch.isfinite(lin).all():
+        raise ValueError(f"{op}: affine must be finite, got {affine.tolist()}")
+    det = torch.linalg.det(lin)
+    if (det.abs() < 1e-12).any():
+        raise ValueError(
+            f"{op}: affine must have an invertible linear part, got determinant "
+            f"{det.tolist()}"
+        )
     return lin
 
 

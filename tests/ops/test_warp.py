@@ -995,7 +995,8 @@ BAD_INPUTS = {
                              r"ddf_from_mm: affine batch size must be 1 or 2, got 3"),
     "from-mm-singular": (lambda: ddf_from_mm(DDF3, torch.diag(torch.tensor([1.0, 0, 1, 1]))),
                          ValueError,
-                         r"ddf_from_mm: affine must be finite with an invertible linear part"),
+                         (r"ddf_from_mm: affine must have an invertible linear part, got "
+                          r"determinant 0\.0")),
     "from-mm-nan": (lambda: ddf_from_mm(DDF3, torch.full((4, 4), float("nan"))), ValueError,
                     r"ddf_from_mm: affine must be finite"),
     "to-mm-not-tensor": (lambda: ddf_to_mm(1.0, AFFINE), TypeError,
@@ -1006,7 +1007,10 @@ BAD_INPUTS = {
                         (r"ddf_to_mm: affine must be \[3, 3\] or \[B, 3, 3\] for 2D, got shape "
                         r"\(4, 4\)")),
     "to-mm-singular": (lambda: ddf_to_mm(DDF, np.zeros((3, 3))), ValueError,
-                       r"ddf_to_mm: affine must be finite with an invertible linear part"),
+                       (r"ddf_to_mm: affine must have an invertible linear part, got "
+                        r"determinant 0\.0")),
+    "to-grid-size-bool": (lambda: ddf_to_grid(DDF, size=(True, 5)), ValueError,
+                          r"ddf_to_grid: size must be 2 positive ints, got \(True, 5\)"),
 }
 
 
@@ -1022,6 +1026,12 @@ def test_validation_runs_before_dispatch(monkeypatch):
     monkeypatch.setenv("MRUS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="warp: mode must be"):
         warp(IMG, DDF, mode="cubic")
+
+
+def test_size_accepts_numpy_ints():
+    ddf = torch.zeros(1, 2, 4, 5)
+    grid = ddf_to_grid(ddf, size=(np.int64(8), np.int32(10)))
+    assert_close_verbose(grid_to_ddf(grid, size=(8, 10)), ddf, torch.float32)
 
 
 def test_align_corners_false_allows_size_one():
