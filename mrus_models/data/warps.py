@@ -82,14 +82,25 @@ def random_affine(size: tuple[int, ...], *, rotation: float = 3.0, scale: float 
 
 def affine_ddf(matrix: torch.Tensor, size: tuple[int, ...], *, dtype=torch.float32,
                device=None) -> torch.Tensor:
-    """Displacement [1, ndim, *size] (voxel units) of the voxel-coordinate affine ``matrix``."""
+    """Displacement (voxel units) of a voxel-coordinate affine on the grid ``size``.
+
+    Args:
+        matrix: Tensor [ndim + 1, ndim + 1] or [B, ndim + 1, ndim + 1].
+        size: spatial size S.
+
+    Returns:
+        Tensor [B, ndim, *size] (B = 1 for a single matrix): ``M x - x``.
+    """
     ndim = len(size)
+    device = matrix.device if device is None else device
+    m = matrix.to(device=device, dtype=torch.float64)
+    m = m[None] if m.dim() == 2 else m
     grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=device) for n in size],
                            indexing="ij")
     x = torch.stack(grids)
-    m = matrix.to(device=device, dtype=torch.float64)
-    y = torch.einsum("ij,j...->i...", m[:ndim, :ndim], x) + m[:ndim, ndim].view(-1, *([1] * ndim))
-    return (y - x)[None].to(dtype)
+    y = torch.einsum("bij,j...->bi...", m[:, :ndim, :ndim], x) + \
+        m[:, :ndim, ndim].reshape(m.shape[0], ndim, *([1] * ndim))
+    return (y - x).to(dtype)
 
 
 def random_velocity(size: tuple[int, ...], *, max_displacement: float = 4.0,
