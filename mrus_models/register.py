@@ -111,14 +111,7 @@ def _check_inputs(fixed, moving, fixed_mask, similarity, transform, levels):
             f"register: fixed must be [B, 1, *S] and moving [B, C, *S] with the same B, got "
             f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
         )
-    if fixed_mask is not None:
-        if not isinstance(fixed_mask, torch.Tensor) or fixed_mask.shape[2:] != fixed.shape[2:] \
-                or fixed_mask.shape[1] != 1 or fixed_mask.shape[0] not in (1, fixed.shape[0]):
-            shape = tuple(fixed_mask.shape) if isinstance(fixed_mask, torch.Tensor) else fixed_mask
-            raise ValueError(
-                f"register: fixed_mask must be [1 or B, 1, *S] like fixed {tuple(fixed.shape)}, "
-                f"got {shape}"
-            )
+    _check_mask("fixed_mask", fixed_mask, fixed)
     if similarity not in SIMILARITIES:
         raise ValueError(f"register: similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if transform not in TRANSFORMS:
@@ -129,6 +122,19 @@ def _check_inputs(fixed, moving, fixed_mask, similarity, transform, levels):
     if list(levels) != sorted(levels, reverse=True):
         raise ValueError(f"register: levels must go from coarse to fine, got {levels}")
     return levels
+
+
+def _check_mask(name, mask, like):
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dim() != like.dim() \
+            or mask.shape[2:] != like.shape[2:] or mask.shape[1] != 1 \
+            or mask.shape[0] not in (1, like.shape[0]):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"register: {name} must be [1 or B, 1, *S] on the grid of {tuple(like.shape)}, "
+            f"got {shape}"
+        )
 
 
 class _Affine:
@@ -179,11 +185,22 @@ def _similarity(name, fixed, warped, mask, value_range, bins, window, backend):
               **_with_backend(fn, backend))
 
 
-def _image_range(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
-    vals = x if mask is None else x[mask.expand_as(x) > 0.5]
-    # Zero padding brings 0 into the warped image: keep it inside the histogram range.
-    lo, hi = min(0.0, float(vals.min())), float(vals.max())
-    return lo, hi if hi > lo else lo + 1.0
+def _image_range(x: torch.Tensor, upper: float = 0.995) -> tuple[float, float]:
+    """Histogram range of an image: [min(0, min x), q] with q its ``upper`` quantile.
+
+    A robust upper end keeps the bins on the anatomy when a few voxels are very bright
+    (ultrasound speckle and specular echoes); brighter voxels fall in the last bin (the
+    Parzen weights clamp values into the range). 0 stays inside because zero padding
+    brings it into the warped image.
+    """
+    flat = x.detach().flatten()
+    step = max(1, flat.numel() // 1_000_000)  # quantile on at most ~1M voxels
+    sample = flat[::step].float()
+    lo = min(0.0, float(sample.min()))
+    hi = float(torch.quantile(sample, upper))
+    if not hi > lo:
+        hi = max(float(sample.max()), lo + 1.0)
+    return lo, hi
 
 
 def register(
@@ -197,6 +214,7 @@ def register(
     affine_iterations: int | Sequence[int] | None = None,
     smoothness: float = 0.5,
     fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
     lr: float = 0.15,
     affine_lr: float = 0.01,
     velocity_sigma: float = 1.0,
@@ -226,6 +244,9 @@ def register(
         smoothness: weight of ``grad_l2`` of the SVF displacement (level voxel units,
             i.e. strain, comparable across levels).
         fixed_mask: optional Tensor [1 or B, 1, *S], where the similarity is measured.
+        moving_mask: optional Tensor [1 or B, 1, *S] in the moving frame, where the moving
+            image has data (an ultrasound fan); warped along with the image (as a constant
+            for the gradients) and multiplied into the similarity's mask.
         lr: Adam step of the velocity, level voxels.
         affine_lr: Adam step of the dimensionless affine parameters.
         velocity_sigma: Gaussian smoothing of the velocity before integration, in voxels of
@@ -250,10 +271,12 @@ def register(
         >>> res.warped.shape, res.loss_history[-1]
     """
     levels = _check_inputs(fixed, moving, fixed_mask, similarity, transform, levels)
+    _check_mask("moving_mask", moving_mask, moving)
     device = torch.device(device) if device is not None else fixed.device
     fixed = fixed.to(device=device, dtype=torch.float32)
     moving = moving.to(device=device, dtype=torch.float32)
     mask = None if fixed_mask is None else fixed_mask.to(device=device, dtype=torch.float32)
+    mmask = None if moving_mask is None else moving_mask.to(device=device, dtype=torch.float32)
     n = len(levels)
     its = tuple(int(i) for i in _per_level("iterations", iterations, n))
     if transform == "affine+svf":
@@ -263,9 +286,6 @@ def register(
     else:
         aff_its = (0,) * n
     b, ndim, size = fixed.shape[0], fixed.dim() - 2, tuple(fixed.shape[2:])
-    value_range = None
-    if similarity in ("mi", "nmi"):
-        value_range = (_image_range(fixed, mask), _image_range(moving[:, :1]))
 
     affine = _Affine(b, size, device, torch.float32) if transform != "svf" else None
     velocity = None
@@ -288,7 +308,11 @@ def register(
             f_l = downsample(fixed, factor)
             m_l = downsample(moving[:, :1], factor)
             k_l = None if mask is None else downsample(mask, factor)
-            pyramid[factor] = (f_l, m_l, k_l)
+            mm_l = None if mmask is None else downsample(mmask, factor)
+            # Fixed per level (from the smoothed images), so that the histogram's bins do
+            # not move between iterations.
+            rng = (_image_range(f_l), _image_range(m_l)) if similarity != "lncc" else None
+            pyramid[factor] = (f_l, m_l, k_l, mm_l, rng)
         return pyramid[factor]
 
     def transform_ddf(level_size, v, smooth_v: bool = True):
@@ -308,7 +332,7 @@ def register(
 
     try:
         for stage, factor, n_it in plan:
-            f_l, m_l, k_l = level_data(factor)
+            f_l, m_l, k_l, mm_l, value_range = level_data(factor)
             level_size = tuple(f_l.shape[2:])
             params, groups = [], []
             if stage == "svf":
@@ -331,7 +355,13 @@ def register(
                 opt.zero_grad(set_to_none=True)
                 u, u_svf = transform_ddf(level_size, velocity if stage == "svf" else None)
                 warped = warp(m_l, u, **_with_backend(warp, backend))
-                sim = _similarity(similarity, f_l, warped, k_l, value_range, bins, window,
+                weights = k_l
+                if mm_l is not None:
+                    # Where the moving image has data; a constant, so that the loss cannot
+                    # improve by sliding the field of view over the anatomy.
+                    seen = warp(mm_l, u.detach(), **_with_backend(warp, backend))
+                    weights = seen if weights is None else weights * seen
+                sim = _similarity(similarity, f_l, warped, weights, value_range, bins, window,
                                   backend).sum()
                 loss = -sim
                 if u_svf is not None and smoothness > 0:
