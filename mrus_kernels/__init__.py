@@ -8,6 +8,7 @@ in voxel units, component i along spatial axis i.
 from .backends import BackendUnavailableError, available_backends, backend_status
 from .compose import Compose, IntegrateVelocity, compose, integrate_velocity
 from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
+from .jacobian import JacobianDet, folding_fraction, jacobian_det
 from .warp import Warp, warp
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "BackendUnavailableError",
     "Compose",
     "IntegrateVelocity",
+    "JacobianDet",
     "Warp",
     "available_backends",
     "backend_status",
@@ -23,7 +25,9 @@ __all__ = [
     "ddf_from_mm",
     "ddf_to_grid",
     "ddf_to_mm",
+    "folding_fraction",
     "grid_to_ddf",
     "integrate_velocity",
+    "jacobian_det",
     "warp",
 ]

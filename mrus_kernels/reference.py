@@ -119,10 +119,15 @@ def _derivative(x: torch.Tensor, dim: int, h: float) -> torch.Tensor:
 
 
 def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, 1, *S].
+    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, *S].
+
+    d u_i / d x_j: central differences inside, one-sided at the borders, 0 along an axis of
+    size 1. Half types are computed in float32 and rounded once.
 
     spacing: voxel size per axis; u is then in the same units (e.g. mm). None: voxel units.
     """
+    if u.dtype in _HALF:
+        return jacobian_det(u.float(), spacing).to(u.dtype)
     ndim = u.shape[1]
     h = spacing if spacing is not None else (1.0,) * ndim
     jac = [
@@ -137,10 +142,11 @@ def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> t
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
         )
-    return det[:, None]
+    return det
 
 
 def folding_fraction(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B]."""
+    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B], float32 (float64 for
+    float64 input)."""
     det = jacobian_det(u, spacing)
-    return (det <= 0).flatten(1).to(u.dtype).mean(1)
+    return (det <= 0).flatten(1).to(torch.promote_types(u.dtype, torch.float32)).mean(1)
