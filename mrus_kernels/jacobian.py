@@ -14,6 +14,7 @@ from .backends import resolve
 from .compose import check_field
 
 _HALF = (torch.float16, torch.bfloat16)
+_VOXELS_PER_THREAD = 16384  # field elements (voxels x ndim) worth a thread of their own
 
 
 def _check_spacing(op: str, spacing: object, ndim: int) -> tuple[float, ...]:
@@ -44,6 +45,12 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _cpu_threads(u: torch.Tensor) -> int:
+    """OpenMP threads for a field of u's size: waking a thread team costs more than a small
+    volume's whole work (milliseconds on a busy machine), so small fields run on one."""
+    return max(1, min(torch.get_num_threads(), u.numel() // _VOXELS_PER_THREAD))
+
+
 def _det_shape(u: torch.Tensor) -> tuple[int, ...]:
     return (u.shape[0], *u.shape[2:])
 
@@ -60,7 +67,7 @@ def launch_forward(u: torch.Tensor, inv_h: list[float], backend: str) -> torch.T
         work = u.float() if dtype in _HALF else u
         det = torch.empty(_det_shape(u), dtype=work.dtype)
         _ext.C.jacobian_forward_cpu(
-            *_kernel_args(work, inv_h), torch.get_num_threads(), work.data_ptr(), det.data_ptr()
+            *_kernel_args(work, inv_h), _cpu_threads(work), work.data_ptr(), det.data_ptr()
         )
         return det.to(dtype)
     det = torch.empty(_det_shape(u), dtype=dtype, device=u.device)
@@ -86,7 +93,7 @@ def launch_backward(
         g, w = grad_det.to(work), u.to(work)
         grad_u = torch.empty(u.shape, dtype=work)
         _ext.C.jacobian_backward_cpu(
-            *_kernel_args(w, inv_h), torch.get_num_threads(), g.data_ptr(), w.data_ptr(),
+            *_kernel_args(w, inv_h), _cpu_threads(w), g.data_ptr(), w.data_ptr(),
             grad_u.data_ptr(),
         )
         return grad_u.to(dtype)

@@ -112,9 +112,11 @@ def _derivative(x: torch.Tensor, dim: int, h: float) -> torch.Tensor:
     """d/dx along `dim`: central differences inside, one-sided at the borders, 0 for size 1."""
     n = x.shape[dim]
     if n == 1:
-        return torch.zeros_like(x)
+        # 0 (even where x is NaN), still a function of x: a field whose every axis has size 1
+        # gets a zero gradient, not a det cut off from the graph.
+        return torch.where(torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x), x)
     fwd = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # x[k + 1] - x[k]
-    inner = (fwd.narrow(dim, 1, n - 2) + fwd.narrow(dim, 0, n - 2)) / 2
+    inner = (x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2)) / 2  # (x[k + 1] - x[k - 1]) / 2
     return torch.cat([fwd.narrow(dim, 0, 1), inner, fwd.narrow(dim, n - 2, 1)], dim) / h
 
 
