@@ -26,6 +26,10 @@ void warp_backward(const warp::WarpArgs&, uintptr_t, uintptr_t, uintptr_t, uintp
                    bool, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+void jacobian_forward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintptr_t) { unavailable(); }
+void jacobian_backward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -62,5 +66,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
+  mrus::register_jacobian(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

@@ -115,17 +115,24 @@ def _derivative(x: torch.Tensor, dim: int, h: float) -> torch.Tensor:
     """d/dx along `dim`: central differences inside, one-sided at the borders, 0 for size 1."""
     n = x.shape[dim]
     if n == 1:
-        return torch.zeros_like(x)
+        # 0 (even where x is NaN), still a function of x: a field whose every axis has size 1
+        # gets a zero gradient, not a det cut off from the graph.
+        return torch.where(torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x), x)
     fwd = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # x[k + 1] - x[k]
-    inner = (fwd.narrow(dim, 1, n - 2) + fwd.narrow(dim, 0, n - 2)) / 2
+    inner = (x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2)) / 2  # (x[k + 1] - x[k - 1]) / 2
     return torch.cat([fwd.narrow(dim, 0, 1), inner, fwd.narrow(dim, n - 2, 1)], dim) / h
 
 
 def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, 1, *S].
+    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, *S].
+
+    d u_i / d x_j: central differences inside, one-sided at the borders, 0 along an axis of
+    size 1. Half types are computed in float32 and rounded once.
 
     spacing: voxel size per axis; u is then in the same units (e.g. mm). None: voxel units.
     """
+    if u.dtype in _HALF:
+        return jacobian_det(u.float(), spacing).to(u.dtype)
     ndim = u.shape[1]
     h = spacing if spacing is not None else (1.0,) * ndim
     jac = [
@@ -140,13 +147,14 @@ def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> t
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
         )
-    return det[:, None]
+    return det
 
 
 def folding_fraction(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B]."""
+    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B], float32 (float64 for
+    float64 input)."""
     det = jacobian_det(u, spacing)
-    return (det <= 0).flatten(1).to(u.dtype).mean(1)
+    return (det <= 0).flatten(1).to(torch.promote_types(u.dtype, torch.float32)).mean(1)
 
 
 # --- Parzen-window mutual information ------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "jacobian.h"
 #include "warp.h"
 
 namespace mrus {
@@ -15,6 +16,10 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 // grad_ddf: [Bd, ndim, *out] of the input dtype, every element written, or 0.
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf);
+// det: [B, *size] of the input dtype; grad_u: [B, ndim, *size]; every element written.
+void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det);
+void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
+                       uintptr_t grad_u);
 }  // namespace cpu
 
 namespace cuda {
@@ -29,6 +34,10 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf, bool deterministic,
                    uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream);
+// As the cpu versions, float32/float16/bfloat16 (float32 math), on `stream`.
+void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det, uintptr_t stream);
+void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
+                       uintptr_t grad_u, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus
