@@ -26,6 +26,14 @@ void warp_backward(const warp::WarpArgs&, uintptr_t, uintptr_t, uintptr_t, uintp
                    bool, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+void mi_forward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t,
+                uintptr_t) {
+  unavailable();
+}
+void mi_backward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                 uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -62,5 +70,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
+  mrus::register_mi(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "mi.h"
 #include "warp.h"
 
 namespace mrus {
@@ -15,6 +16,14 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 // grad_ddf: [Bd, ndim, *out] of the input dtype, every element written, or 0.
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf);
+// Parzen joint histogram: hist [B, K, K] of the input dtype, every element written (the sum
+// of m W_a(f) W_b(g), not yet divided by the mask sum). mask: [B, N] of the input dtype or 0.
+void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                uintptr_t ranges, uintptr_t hist);
+// grad_fixed / grad_moving: [B, N] of the input dtype, every element written, or 0.
+void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                 uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
+                 uintptr_t grad_moving);
 }  // namespace cpu
 
 namespace cuda {
@@ -29,6 +38,14 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf, bool deterministic,
                    uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream);
+// float32 only (the caller converts). partial: float32 [B, blocks_per_item, K, K], every
+// element written: one histogram per block, which the caller sums over blocks (fixed order).
+void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                uintptr_t ranges, uintptr_t partial, int64_t blocks_per_item, uintptr_t stream);
+// grad_hist float32 [B, K, K]; grad_fixed / grad_moving float32 [B, N] or 0.
+void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                 uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
+                 uintptr_t grad_moving, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus
