@@ -19,8 +19,9 @@ on it, so autograd delivers dL/dhist to the op's registered backward,
 dL/df_v = m_v sum_ab G_ab W'_a(f_v) W_b(g_v) (and symmetrically for g).
 
 Only a few bins have a non-negligible Gaussian weight: the kernels keep the bins within
-``radius = sigma * sqrt(2 ln 2 * bits)`` bin widths of the value (bits = 30 for float32 and
-half inputs, 60 for float64), so every dropped weight is below 2**-bits of the largest; the
+``radius = sqrt(2 ln 2 * bits * sigma^2 + 1/4)`` bin widths of the value (bits = 30 for
+float32 and half inputs, 60 for float64), so every dropped weight is below 2**-bits of the
+largest; the
 B-spline has 4 non-zero weights.
 """
 
@@ -171,9 +172,11 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gaussian_radius(sigma: float, dtype: torch.dtype) -> float:
-    """Truncation radius of the Gaussian window in bin widths: phi < 2**-bits * max beyond it."""
+    """Truncation radius of the Gaussian window in bin widths: beyond it phi is below
+    2**-bits times the largest weight of the value (the nearest bin's, at |t| <= 1/2, hence
+    the 1/4 under the root)."""
     bits = _TRUNCATION_BITS[_work_dtype(dtype)]
-    return sigma * math.sqrt(2.0 * math.log(2.0) * bits)
+    return math.sqrt(2.0 * math.log(2.0) * bits * sigma**2 + 0.25)
 
 
 def _window(bins: int, kernel: str, radius: float) -> int:

@@ -6,9 +6,9 @@
 // s = (x - lo) / w - 1/2, so that t_k = (x - c_k) / w = s - k. The weights
 // W_k(x) = phi(t_k) / sum_j phi(t_j) are non-zero (above the truncation level) only in a
 // window of bins around s: at most 4 for the cubic B-spline; for the Gaussian
-// phi(t) = exp(-t^2 / (2 sigma^2)) the bins with |t_k| <= radius (radius = sigma *
-// sqrt(2 ln(1 / level)), chosen by the Python layer so that a dropped weight is below
-// `level` times the largest one, far below the dtype's precision) plus the nearest bin.
+// phi(t) = exp(-t^2 / (2 sigma^2)) the bins with |t_k| <= radius (radius =
+// sqrt(2 sigma^2 ln(1 / level) + 1/4), chosen by the Python layer so that a dropped weight
+// is below `level` times the largest one, far below the dtype's precision).
 // The Gaussian is evaluated max-subtracted, relative to the nearest bin's value, so a tiny
 // sigma tends to hard binning without 0/0.
 #pragma once
@@ -35,6 +35,7 @@ struct MIArgs {
   Kernel kernel = Kernel::GAUSSIAN;
   double sigma = 0.5;   // Gaussian width in bin widths
   double radius = 4.0;  // Gaussian truncation radius in bin widths
+  double gauss_step = 0.0;  // exp(-1 / sigma^2), set by the launcher
   int num_threads = 1;
 };
 
@@ -105,19 +106,41 @@ MRUS_HD int window(const MIArgs& a, T x, T lo, T hi, int& k0, T* w, T* dw, int c
       jlo += cut_lo;
       jhi -= cut_hi;
     }
+    // Two exponentials per value: going out from the nearest bin, each next phi is the
+    // previous one times q * step^(|j| - 1) with q = exp((+-2d - 1) / (2 sigma^2)) and
+    // step = exp(-1 / sigma^2); every factor is <= 1 (|d| <= 1/2), so nothing overflows.
     const T inv_2s2 = T(1) / (T(2) * T(a.sigma) * T(a.sigma));
     const T inv_s2 = T(2) * inv_2s2;
+    const T step = T(a.gauss_step);
     k0 = kn + jlo;
     n = jhi - jlo + 1;
-    for (int j = jlo; j <= jhi; ++j) {
-      const T jt = T(j);
-      const T phi = exp(-jt * (jt - T(2) * d) * inv_2s2);
-      w[j - jlo] = phi;
+    const int c = -jlo;  // index of the nearest bin in the window
+    w[c] = T(1);
+    sum = T(1);
+    if (dw) dw[c] = -d * inv_s2;
+    dsum = dw ? dw[c] : T(0);
+    T phi = T(1), q = exp((T(2) * d - T(1)) * inv_2s2), sp = T(1);
+    for (int j = 1; j <= jhi; ++j) {
+      phi *= q * sp;
+      sp *= step;
+      w[c + j] = phi;
       sum += phi;
       if (dw) {
-        const T dphi = -(d - jt) * inv_s2 * phi;  // d phi / d s
-        dw[j - jlo] = dphi;
-        dsum += dphi;
+        dw[c + j] = -(d - T(j)) * inv_s2 * phi;  // d phi / d s
+        dsum += dw[c + j];
+      }
+    }
+    phi = T(1);
+    q = exp((-T(2) * d - T(1)) * inv_2s2);
+    sp = T(1);
+    for (int j = -1; j >= jlo; --j) {
+      phi *= q * sp;
+      sp *= step;
+      w[c + j] = phi;
+      sum += phi;
+      if (dw) {
+        dw[c + j] = -(d - T(j)) * inv_s2 * phi;
+        dsum += dw[c + j];
       }
     }
   }
