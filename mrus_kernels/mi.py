@@ -19,7 +19,7 @@ on it, so autograd delivers dL/dhist to the op's registered backward,
 dL/df_v = m_v sum_ab G_ab W'_a(f_v) W_b(g_v) (and symmetrically for g).
 
 Only a few bins have a non-negligible Gaussian weight: the kernels keep the bins within
-``radius = sqrt(2 ln 2 * bits * sigma^2 + 1/4)`` bin widths of the value (bits = 30 for
+``radius = sqrt(2 ln 2 * bits * sigma^2 + 1/4)`` bin widths of the value (bits = 24 for
 float32 and half inputs, 60 for float64), so every dropped weight is below 2**-bits of the
 largest; the
 B-spline has 4 non-zero weights.
@@ -43,7 +43,7 @@ KERNELS = ("gaussian", "bspline")
 _KERNEL_CODES = {"gaussian": 0, "bspline": 1}
 _HALF = (torch.float16, torch.bfloat16)
 # Truncation level of the Gaussian window, as a power of two, per working dtype.
-_TRUNCATION_BITS = {torch.float32: 30, torch.float64: 60}
+_TRUNCATION_BITS = {torch.float32: 24, torch.float64: 60}
 # Limits of the GPU kernels (csrc/include/mi.h kMaxWindowGpu; triton/mi.py register tiles).
 CUDA_MAX_BINS = 64
 CUDA_MAX_WINDOW = 16

@@ -12,7 +12,7 @@ G = dL/dhist), then dL/df = m * sum_a dW_f * R and dL/dg = m * sum_b dW_g * S.
 
 The weights are those of csrc/include/mi.h (same definition, same max-subtracted Gaussian
 relative to the nearest bin), computed densely over all K bins instead of in a window: the
-bins the C++ kernels drop weigh less than 2**-30 of the largest, far inside the float32
+bins the C++ kernels drop weigh less than 2**-24 of the largest, far inside the float32
 tolerance. All arithmetic is float32 (the Python layer converts half inputs).
 """
 
