@@ -30,6 +30,14 @@ void jacobian_forward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintp
 void jacobian_backward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+void mi_forward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t,
+                uintptr_t) {
+  unavailable();
+}
+void mi_backward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                 uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -67,5 +75,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
   mrus::register_jacobian(m);
+  mrus::register_mi(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

@@ -195,7 +195,9 @@ def parzen_weights(
     """
     width = ((hi - lo) / bins).clamp_min(1e-12)  # [B, 1]; a constant image keeps a finite width
     centres = lo + (torch.arange(bins, device=x.device, dtype=x.dtype) + 0.5) * width  # [B, K]
-    xc = torch.minimum(torch.maximum(x, lo), hi)
+    # torch.clamp's derivative is 1 on the closed interval [lo, hi] (minimum / maximum
+    # would halve it at the per-item extremes, where x equals the bound exactly).
+    xc = torch.clamp(x, lo, hi)
     t = (xc[..., None] - centres[:, None, :]) / width[..., None]  # [B, N, K]
     if kernel == "gaussian":
         return torch.softmax(-(t**2) / (2 * sigma**2), dim=-1)
@@ -230,6 +232,11 @@ def joint_histogram(
             lo = torch.full((b, 1), float(r[0]), dtype=x.dtype, device=x.device)
             hi = torch.full((b, 1), float(r[1]), dtype=x.dtype, device=x.device)
         ranges.append((lo, hi))
+    if m is not None:
+        # Voxels with mask 0 do not count, whatever their values (NaN included).
+        inside = m > 0
+        f = torch.where(inside, f, ranges[0][0])
+        g = torch.where(inside, g, ranges[1][0])
     wf = parzen_weights(f, *ranges[0], bins, kernel, sigma)
     wg = parzen_weights(g, *ranges[1], bins, kernel, sigma)
     if m is None:

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "jacobian.h"
+#include "mi.h"
 #include "warp.h"
 
 namespace mrus {
@@ -20,6 +21,14 @@ void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image,
 void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det);
 void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
                        uintptr_t grad_u);
+// Parzen joint histogram: hist [B, K, K] of the input dtype, every element written (the sum
+// of m W_a(f) W_b(g), not yet divided by the mask sum). mask: [B, N] of the input dtype or 0.
+void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                uintptr_t ranges, uintptr_t hist);
+// grad_fixed / grad_moving: [B, N] of the input dtype, every element written, or 0.
+void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                 uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
+                 uintptr_t grad_moving);
 }  // namespace cpu
 
 namespace cuda {
@@ -38,6 +47,14 @@ void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image,
 void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det, uintptr_t stream);
 void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
                        uintptr_t grad_u, uintptr_t stream);
+// float32 only (the caller converts). partial: float32 [B, blocks_per_item, K, K], every
+// element written: one histogram per block, which the caller sums over blocks (fixed order).
+void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                uintptr_t ranges, uintptr_t partial, int64_t blocks_per_item, uintptr_t stream);
+// grad_hist float32 [B, K, K]; grad_fixed / grad_moving float32 [B, N] or 0.
+void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                 uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
+                 uintptr_t grad_moving, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus

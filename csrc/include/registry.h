@@ -6,4 +6,5 @@
 namespace mrus {
 void register_warp(pybind11::module_& m);
 void register_jacobian(pybind11::module_& m);
+void register_mi(pybind11::module_& m);
 }  // namespace mrus
