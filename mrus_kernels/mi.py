@@ -357,8 +357,11 @@ def _item_ranges(
     """[B, 4] = (lo_f, hi_f, lo_g, hi_g), detached, on the device, without a host sync."""
     batch = f.shape[0]
     if fixed_ranges is not None:
+        # Fills, not torch.tensor(list): no host-to-device copy (CUDA-graph capture).
         values = [*fixed_ranges[0], *fixed_ranges[1]]
-        return torch.tensor(values, dtype=f.dtype, device=f.device).expand(batch, 4).contiguous()
+        return torch.stack(
+            [torch.full((batch,), v, dtype=f.dtype, device=f.device) for v in values], 1
+        )
     cols = []
     for x in (f, g):
         lo, hi = reference._item_range(x.detach(), m)
