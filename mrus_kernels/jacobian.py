@@ -72,7 +72,9 @@ def launch_forward(u: torch.Tensor, inv_h: list[float], backend: str) -> torch.T
         return det.to(dtype)
     det = torch.empty(_det_shape(u), dtype=dtype, device=u.device)
     if backend == "cuda":
-        _ext.C.jacobian_forward_cuda(*_kernel_args(u, inv_h), u.data_ptr(), det.data_ptr(), _stream(u))
+        _ext.C.jacobian_forward_cuda(
+            *_kernel_args(u, inv_h), u.data_ptr(), det.data_ptr(), _stream(u)
+        )
     elif backend == "triton":
         from .triton import jacobian as triton_jacobian
 

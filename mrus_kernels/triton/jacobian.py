@@ -101,12 +101,8 @@ def _geometry(S0, S1, S2, H0, H1, H2, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _jacobian_fwd_kernel(
-    u_ptr, det_ptr, n, S0, S1, S2, H0, H1, H2,
-    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Grid (cdiv(n, BLOCK), B): det[b, voxel] for BLOCK voxels of batch item b."""
-    sizes, strides, inv_hs = _geometry(S0, S1, S2, H0, H1, H2, NDIM)
+def _program_voxels(n, S1, S2, NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    """Batch item (int64), flat voxel indices, their mask and coordinates of this program."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if IDX64:
@@ -114,7 +110,17 @@ def _jacobian_fwd_kernel(
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    xs = _coords(offs, S1, S2, NDIM)
+    return b, offs, mask, _coords(offs, S1, S2, NDIM)
+
+
+@triton.jit
+def _jacobian_fwd_kernel(
+    u_ptr, det_ptr, n, S0, S1, S2, H0, H1, H2,
+    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (cdiv(n, BLOCK), B): det[b, voxel] for BLOCK voxels of batch item b."""
+    sizes, strides, inv_hs = _geometry(S0, S1, S2, H0, H1, H2, NDIM)
+    b, offs, mask, xs = _program_voxels(n, S1, S2, NDIM, IDX64, BLOCK)
     J = _jacobian(u_ptr + b * NDIM * n, offs, xs, sizes, strides, inv_hs, n, mask, NDIM)
     det = _determinant(J, NDIM)
     tl.store(det_ptr + b * n + offs, det.to(det_ptr.dtype.element_ty), mask=mask)
@@ -128,14 +134,7 @@ def _jacobian_bwd_kernel(
     """Grid (cdiv(n, BLOCK), B): grad_u[b, :, y] for BLOCK voxels y, gathered from y and its
     neighbours y -/+ e_j (jacobian.h backward_voxel)."""
     sizes, strides, inv_hs = _geometry(S0, S1, S2, H0, H1, H2, NDIM)
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    xs = _coords(offs, S1, S2, NDIM)
+    b, offs, mask, xs = _program_voxels(n, S1, S2, NDIM, IDX64, BLOCK)
     ub = u_ptr + b * NDIM * n
     gb = g_ptr + b * n
     acc = ()

@@ -18,7 +18,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 import mrus_kernels
@@ -320,6 +319,20 @@ def test_recompute_keeps_no_intermediates(backend, gen):
         with mock.patch.object(compose_module, "launch_forward", side_effect=real) as spy:
             out.backward(torch.ones_like(out))
         assert spy.call_count == reruns, memory
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_store_keeps_nothing_without_a_backward(backend, gen):
+    """"store" saves the intermediates only when a gradient will be asked for."""
+    v = randn(gen, *_shape(backend, 2), scale=2.0)
+    real = compose_module._integrate_op
+    with mock.patch.object(compose_module, "_integrate_op", side_effect=real) as spy:
+        plain = integrate_velocity(v, 4, memory="store", backend=backend)
+        with torch.no_grad():
+            integrate_velocity(v.clone().requires_grad_(), 4, memory="store", backend=backend)
+        out = integrate_velocity(v.clone().requires_grad_(), 4, memory="store", backend=backend)
+    assert [c.args[4] for c in spy.call_args_list] == [False, False, True]
+    assert torch.equal(plain, out.detach())
 
 
 @pytest.mark.parametrize("ndim", (2, 3))

@@ -345,7 +345,8 @@ def test_spacing_forms(backend, gen):
     scalar = jacobian_det(u, spacing=2.0, backend=backend)
     assert torch.equal(scalar, jacobian_det(u, spacing=(2.0, 2.0, 2.0), backend=backend))
     assert torch.equal(scalar, jacobian_det(u, spacing=[2, 2, 2], backend=backend))
-    assert torch.equal(jacobian_det(u, spacing=1, backend=backend), jacobian_det(u, backend=backend))
+    unit = jacobian_det(u, spacing=1, backend=backend)
+    assert torch.equal(unit, jacobian_det(u, backend=backend))
     # u scaled with the spacing is the same map in physical units
     assert_close_verbose(jacobian_det(2.0 * u, spacing=2.0, backend=backend),
                          jacobian_det(u, backend=backend), torch.float64)
