@@ -26,6 +26,14 @@ void warp_backward(const warp::WarpArgs&, uintptr_t, uintptr_t, uintptr_t, uintp
                    bool, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+int64_t sobel_num_partials(const sobel::SobelArgs&) { return 0; }
+void sobel_forward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void sobel_backward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                    uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -62,5 +70,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
+  mrus::register_sobel(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "sobel.h"
 #include "warp.h"
 
 namespace mrus {
@@ -15,6 +16,12 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 // grad_ddf: [Bd, ndim, *out] of the input dtype, every element written, or 0.
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf);
+// Sobel (csrc/cpu/sobel.cpp). x, x0 (L1 only, else 0): [B, C, *S]; out as a.mode says
+// (L1 with SUM/MEAN: one element). grad_out as the forward's out; grad_x / grad_x0:
+// [B, C, *S], every element written, or 0 when not needed. float32 / float64.
+void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out);
+void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
+                    uintptr_t grad_x, uintptr_t grad_x0);
 }  // namespace cpu
 
 namespace cuda {
@@ -29,6 +36,14 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf, bool deterministic,
                    uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream);
+// Sobel (csrc/cuda/sobel.cu), as the cpu entry points, input dtype (float32, float16,
+// bfloat16; float32 math). L1 with SUM/MEAN writes one float32 partial sum per block into
+// partials (sobel_num_partials(a) floats), then reduces them in a fixed order into out.
+int64_t sobel_num_partials(const sobel::SobelArgs& a);
+void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
+                   uintptr_t partials, uintptr_t stream);
+void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
+                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus

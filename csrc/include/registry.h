@@ -5,4 +5,5 @@
 
 namespace mrus {
 void register_warp(pybind11::module_& m);
+void register_sobel(pybind11::module_& m);
 }  // namespace mrus
