@@ -55,6 +55,13 @@ struct Taps {
 template <bool ACC, typename T>
 inline void combine3(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b,
                      const T* __restrict__ c, T am, T a0, T ap, int64_t n) {
+  if (a0 == T(0)) {  // derivative taps: b must not enter (0 * NaN), as in the reference
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = am * a[i] + ap * c[i];
+      out[i] = ACC ? out[i] + v : v;
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     const T v = am * a[i] + a0 * b[i] + ap * c[i];
     out[i] = ACC ? out[i] + v : v;
@@ -87,7 +94,11 @@ void row_pass(T* __restrict__ out, const T* __restrict__ in, int64_t rows, int64
     }
     y[0] = (t.c0 + t.elo) * x[0] + t.cp * x[1];
     const T cm = t.cm, c0 = t.c0, cp = t.cp;
-    for (int64_t w = 1; w < W - 1; ++w) y[w] = cm * x[w - 1] + c0 * x[w] + cp * x[w + 1];
+    if (c0 == T(0)) {
+      for (int64_t w = 1; w < W - 1; ++w) y[w] = cm * x[w - 1] + cp * x[w + 1];
+    } else {
+      for (int64_t w = 1; w < W - 1; ++w) y[w] = cm * x[w - 1] + c0 * x[w] + cp * x[w + 1];
+    }
     y[W - 1] = t.cm * x[W - 2] + (t.c0 + t.ehi) * x[W - 1];
   }
 }
@@ -168,6 +179,13 @@ inline T mag(const T* const* g, int ndim, int64_t j, T eps) {
 // Slices per task: enough tasks for every thread (a few each, for balance), at least
 // `min_chunk` slices per task where the volume allows it (the backward recomputes two halo
 // slices per task).
+// Threads worth starting: small calls (gradcheck, tests) run on one, with no OpenMP
+// start-up or hand-over cost.
+int threads_for(const SobelArgs& a) {
+  const int64_t useful = std::max<int64_t>(1, a.numel() / 16384);
+  return static_cast<int>(std::min<int64_t>(a.num_threads, useful));
+}
+
 int64_t chunks_per_volume(const SobelArgs& a, int64_t n, int64_t min_chunk) {
   const int64_t want = (4 * int64_t(a.num_threads) + a.volumes() - 1) / a.volumes();
   return std::max<int64_t>(1, std::min<int64_t>(want, n / min_chunk));
@@ -190,7 +208,7 @@ void forward_impl(const SobelArgs& a, const T* x1, const T* x0, T* out) {
   // on the number of threads or the schedule.
   std::vector<double> partial(reduce ? static_cast<size_t>(V * G.n) : 0);
 
-#pragma omp parallel num_threads(a.num_threads)
+#pragma omp parallel num_threads(threads_for(a))
   {
     Scratch<T> s(3 + 2 * NDIM, G.L);
     T* g1[3] = {s[3], s[4], NDIM == 3 ? s[5] : nullptr};
@@ -258,7 +276,7 @@ void backward_impl(const SobelArgs& a, const T* grad_out, const T* x1, const T* 
   const T eps = static_cast<T>(a.eps);
   T* grads[2] = {grad_x1, grad_x0};
 
-#pragma omp parallel num_threads(a.num_threads)
+#pragma omp parallel num_threads(threads_for(a))
   {
     // Ring of 3 slices x (U, V) x 2 inputs = 12, then P, Q, t, t2, g1[3], g0[3].
     Scratch<T> s(12 + 4 + 2 * NDIM, L);
