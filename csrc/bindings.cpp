@@ -38,6 +38,14 @@ void mi_backward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, 
                  uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+int64_t sobel_num_partials(const sobel::SobelArgs&) { return 0; }
+void sobel_forward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void sobel_backward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                    uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -76,5 +84,6 @@ PYBIND11_MODULE(_C, m) {
   mrus::register_warp(m);
   mrus::register_jacobian(m);
   mrus::register_mi(m);
+  mrus::register_sobel(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

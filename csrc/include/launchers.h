@@ -7,6 +7,7 @@
 
 #include "jacobian.h"
 #include "mi.h"
+#include "sobel.h"
 #include "warp.h"
 
 namespace mrus {
@@ -29,6 +30,12 @@ void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_
 void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
                  uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
                  uintptr_t grad_moving);
+// Sobel (csrc/cpu/sobel.cpp). x, x0 (L1 only, else 0): [B, C, *S]; out as a.mode says
+// (L1 with SUM/MEAN: one element). grad_out as the forward's out; grad_x / grad_x0:
+// [B, C, *S], every element written, or 0 when not needed. float32 / float64.
+void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out);
+void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
+                    uintptr_t grad_x, uintptr_t grad_x0);
 }  // namespace cpu
 
 namespace cuda {
@@ -55,6 +62,14 @@ void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_
 void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
                  uintptr_t ranges, uintptr_t grad_hist, uintptr_t grad_fixed,
                  uintptr_t grad_moving, uintptr_t stream);
+// Sobel (csrc/cuda/sobel.cu), as the cpu entry points, input dtype (float32, float16,
+// bfloat16; float32 math). L1 with SUM/MEAN writes one float32 partial sum per block into
+// partials (sobel_num_partials(a) floats), then reduces them in a fixed order into out.
+int64_t sobel_num_partials(const sobel::SobelArgs& a);
+void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
+                   uintptr_t partials, uintptr_t stream);
+void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
+                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus
