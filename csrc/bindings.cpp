@@ -26,6 +26,18 @@ void warp_backward(const warp::WarpArgs&, uintptr_t, uintptr_t, uintptr_t, uintp
                    bool, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+void lncc_forward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                  uintptr_t) {
+  unavailable();
+}
+void lncc_backward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void regularisers_forward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t) { unavailable(); }
+void regularisers_backward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -62,5 +74,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
+  mrus::register_lncc(m);
+  mrus::register_regularisers(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

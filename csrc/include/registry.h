@@ -5,4 +5,6 @@
 
 namespace mrus {
 void register_warp(pybind11::module_& m);
+void register_lncc(pybind11::module_& m);
+void register_regularisers(pybind11::module_& m);
 }  // namespace mrus
