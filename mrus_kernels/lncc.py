@@ -91,6 +91,12 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
     return ndim
 
 
+def _threads(t: torch.Tensor) -> int:
+    """OpenMP threads for a call on t: one per 32k voxels at most (waking threads costs more
+    than small inputs take)."""
+    return max(1, min(torch.get_num_threads(), t.numel() // 32768))
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
@@ -115,7 +121,7 @@ def launch_forward(
     if backend == "cpu":
         num = torch.empty(b, dtype=fixed.dtype)
         _ext.C.lncc_forward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, torch.get_num_threads(),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
             fixed.data_ptr(), moving.data_ptr(), mask.data_ptr() if mask is not None else 0,
             work.data_ptr(), num.data_ptr(),
         )
@@ -151,7 +157,7 @@ def launch_backward(
     mptr = mask.data_ptr() if mask is not None else 0
     if backend == "cpu":
         _ext.C.lncc_backward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, torch.get_num_threads(),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
             fixed.data_ptr(), moving.data_ptr(), mptr, scale.data_ptr(), work.data_ptr(), *ptrs,
         )
     elif backend == "cuda":

@@ -41,15 +41,15 @@ def _spacing(spacing: object, ndim: int) -> tuple[float, ...]:
     if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
         spacing = (float(spacing),) * ndim
     if not isinstance(spacing, (tuple, list)) or len(spacing) != ndim or not all(
-        isinstance(h, (int, float)) and not isinstance(h, bool) for h in spacing
+        [isinstance(h, (int, float)) and not isinstance(h, bool) for h in spacing]
     ):
         raise ValueError(
             f"grad_l2: spacing must be None, a number or {ndim} numbers (one per spatial "
             f"axis), got {spacing!r}"
         )
-    if not all(h > 0 and math.isfinite(h) for h in spacing):
+    if not all([h > 0 and math.isfinite(h) for h in spacing]):
         raise ValueError(f"grad_l2: spacing must be finite and > 0, got {tuple(spacing)}")
-    return tuple(float(h) for h in spacing)
+    return tuple([float(h) for h in spacing])
 
 
 def _weights(kind: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[float]:
@@ -68,6 +68,12 @@ def _args(u: torch.Tensor, kind: int, wt: list[float]):
     return (DTYPE_CODES[u.dtype], kind, u.shape[0], u.shape[1], list(u.shape[2:]), wt)
 
 
+def _threads(t: torch.Tensor) -> int:
+    """OpenMP threads for a call on t: one per 32k voxels at most (waking threads costs more
+    than small inputs take)."""
+    return max(1, min(torch.get_num_threads(), t.numel() // 32768))
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
@@ -79,7 +85,7 @@ def launch_forward(u: torch.Tensor, kind: int, wt: list[float], backend: str) ->
     if backend == "cpu":
         out = torch.empty(b, dtype=u.dtype)
         _ext.C.regularisers_forward_cpu(
-            *_args(u, kind, wt), torch.get_num_threads(), u.data_ptr(), out.data_ptr()
+            *_args(u, kind, wt), _threads(u), u.data_ptr(), out.data_ptr()
         )
         return out
     if backend == "cuda":
@@ -104,7 +110,7 @@ def launch_backward(
     grad = torch.empty_like(u)
     if backend == "cpu":
         _ext.C.regularisers_backward_cpu(
-            *_args(u, kind, wt), torch.get_num_threads(), u.data_ptr(), scale.data_ptr(),
+            *_args(u, kind, wt), _threads(u), u.data_ptr(), scale.data_ptr(),
             grad.data_ptr(),
         )
     elif backend == "cuda":
@@ -231,6 +237,6 @@ def harmonic_energy(
     elif reduction == "sum":
         out = per_item.sum()
     else:
-        count = u.shape[0] * u.shape[1] * math.prod(n - 2 for n in u.shape[2:])
+        count = u.shape[0] * u.shape[1] * math.prod([n - 2 for n in u.shape[2:]])
         out = per_item.sum() / count
     return out.to(u.dtype)
