@@ -46,6 +46,18 @@ void sobel_backward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, ui
                     uintptr_t) {
   unavailable();
 }
+void lncc_forward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                  uintptr_t) {
+  unavailable();
+}
+void lncc_backward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void regularisers_forward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t) { unavailable(); }
+void regularisers_backward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -85,5 +97,7 @@ PYBIND11_MODULE(_C, m) {
   mrus::register_jacobian(m);
   mrus::register_mi(m);
   mrus::register_sobel(m);
+  mrus::register_lncc(m);
+  mrus::register_regularisers(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

@@ -365,7 +365,9 @@ def lncc(
 
     Per voxel, with window sums over in-bounds voxels only (n of them):
     cross = Σ IJ - Σ I Σ J / n, var_I = Σ I² - (Σ I)² / n, cc = cross² / (var_I var_J + eps),
-    variances clamped at 0 so that constant patches give cc = 0, never NaN.
+    variances clamped at 0 so that constant patches give cc = 0, never NaN, and cross² clamped
+    to var_I var_J so that cc stays in [0, 1] under rounding. fixed, moving: [B or 1, C, *S];
+    mask: [B or 1, 1, *S] weights (an all-zero mask gives 0).
     """
     b = max(fixed.shape[0], moving.shape[0])
     i = fixed.expand(b, *fixed.shape[1:])
@@ -376,11 +378,20 @@ def lncc(
     cross = sij - si * sj / n
     var_i = (sii - si * si / n).clamp_min(0)
     var_j = (sjj - sj * sj / n).clamp_min(0)
-    cc = (cross * cross / (var_i * var_j + eps)).flatten(1)
+    vv = var_i * var_j
+    c2 = cross * cross
+    # cross² <= var_I var_J holds exactly (Cauchy-Schwarz); rounding in the sums can break it
+    # where the variances cancel (near-constant patches of large intensities), which would
+    # give cc >> 1. Clamping keeps cc in [0, 1]; where it binds the exact value is ~1 anyway.
+    # `where` (not `minimum`) so that a tie (I = J) takes the gradient of cross².
+    c2 = torch.where(c2 > vv, vv, c2)
+    cc = (c2 / (vv + eps)).flatten(1)
     if mask is None:
         return cc.mean(1)
     m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
-    return (cc * m).sum(1) / m.sum(1)
+    msum = m.sum(1)
+    # An empty mask gives 0 (no voxel to score), not 0/0.
+    return torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
 
 
 def grad_l2(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:

@@ -8,6 +8,8 @@
 #include "jacobian.h"
 #include "mi.h"
 #include "sobel.h"
+#include "lncc.h"
+#include "regularisers.h"
 #include "warp.h"
 
 namespace mrus {
@@ -36,6 +38,17 @@ void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
 void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out);
 void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
                     uintptr_t grad_x, uintptr_t grad_x0);
+// LNCC, float32/float64 [B, 1, *S] inputs. work: [B, 5, *S] scratch. num: [B], Σ_v m(v) cc(v)
+// (m = 1 without a mask). mask: [B, 1, *S] or 0. scale: [B], the weight of each item's
+// voxels (upstream gradient / Σm). grad_fixed, grad_moving: [B, 1, *S], fully written, or 0.
+void lncc_forward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                  uintptr_t work, uintptr_t num);
+void lncc_backward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                   uintptr_t scale, uintptr_t work, uintptr_t grad_fixed, uintptr_t grad_moving);
+// Regularisers, float32/float64 u [B, C, *S]. out: [B] per-item sums. scale: [B] upstream
+// weight per item. grad: [B, C, *S], fully written.
+void regularisers_forward(const reg::RegArgs& a, uintptr_t u, uintptr_t out);
+void regularisers_backward(const reg::RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad);
 }  // namespace cpu
 
 namespace cuda {
@@ -70,6 +83,18 @@ void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr
                    uintptr_t partials, uintptr_t stream);
 void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
                     uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream);
+// LNCC, float32 only; as the cpu entry points, except that the forward writes per-block
+// partial sums [B, ceil(H W / LNCC_CUDA_COLS)] (float32) instead of num.
+void lncc_forward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                  uintptr_t work, uintptr_t partials, uintptr_t stream);
+void lncc_backward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+                   uintptr_t scale, uintptr_t work, uintptr_t grad_fixed, uintptr_t grad_moving,
+                   uintptr_t stream);
+// Regularisers, float32 only; the forward writes per-block partials
+// [B, ceil(C D H W / REG_CUDA_BLOCK)] (float32) instead of per-item sums.
+void regularisers_forward(const reg::RegArgs& a, uintptr_t u, uintptr_t partials, uintptr_t stream);
+void regularisers_backward(const reg::RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad,
+                           uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus

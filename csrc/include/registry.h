@@ -8,4 +8,6 @@ void register_warp(pybind11::module_& m);
 void register_jacobian(pybind11::module_& m);
 void register_mi(pybind11::module_& m);
 void register_sobel(pybind11::module_& m);
+void register_lncc(pybind11::module_& m);
+void register_regularisers(pybind11::module_& m);
 }  // namespace mrus
