@@ -26,6 +26,38 @@ void warp_backward(const warp::WarpArgs&, uintptr_t, uintptr_t, uintptr_t, uintp
                    bool, uintptr_t, uintptr_t, uintptr_t) {
   unavailable();
 }
+void jacobian_forward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintptr_t) { unavailable(); }
+void jacobian_backward(const jacobian::JacobianArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void mi_forward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t,
+                uintptr_t) {
+  unavailable();
+}
+void mi_backward(const mi::MIArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                 uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+int64_t sobel_num_partials(const sobel::SobelArgs&) { return 0; }
+void sobel_forward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void sobel_backward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                    uintptr_t) {
+  unavailable();
+}
+void lncc_forward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                  uintptr_t) {
+  unavailable();
+}
+void lncc_backward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                   uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
+void regularisers_forward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t) { unavailable(); }
+void regularisers_backward(const reg::RegArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t) {
+  unavailable();
+}
 }  // namespace cuda
 #endif
 
@@ -62,5 +94,10 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mrus compiled kernels (CPU always, CUDA when built)";
   mrus::register_warp(m);
+  mrus::register_jacobian(m);
+  mrus::register_mi(m);
+  mrus::register_sobel(m);
+  mrus::register_lncc(m);
+  mrus::register_regularisers(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
 }

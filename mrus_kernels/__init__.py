@@ -8,6 +8,7 @@ in voxel units, component i along spatial axis i.
 from .backends import BackendUnavailableError, available_backends, backend_status
 from .compose import Compose, IntegrateVelocity, compose, integrate_velocity
 from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
+from .jacobian import JacobianDet, folding_fraction, jacobian_det
 from .lncc import LNCCLoss, lncc
 from .mi import MutualInformationLoss, NMILoss, joint_histogram, mutual_information, nmi
 from .regularisers import grad_l2, harmonic_energy
@@ -20,6 +21,7 @@ __all__ = [
     "BackendUnavailableError",
     "Compose",
     "IntegrateVelocity",
+    "JacobianDet",
     "LNCCLoss",
     "MutualInformationLoss",
     "NMILoss",
@@ -31,10 +33,12 @@ __all__ = [
     "ddf_from_mm",
     "ddf_to_grid",
     "ddf_to_mm",
+    "folding_fraction",
     "grad_l2",
     "grid_to_ddf",
     "harmonic_energy",
     "integrate_velocity",
+    "jacobian_det",
     "joint_histogram",
     "lncc",
     "mutual_information",

@@ -212,7 +212,9 @@ def integrate_velocity(
         return reference.integrate_velocity(v, steps, padding)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    u, _ = _integrate_op(v, steps, _padding_code(padding), name, memory == "store", deterministic)
+    # Without a backward to serve, storing the intermediates only costs copies and memory.
+    store = memory == "store" and torch.is_grad_enabled() and v.requires_grad
+    u, _ = _integrate_op(v, steps, _padding_code(padding), name, store, deterministic)
     return u
 
 

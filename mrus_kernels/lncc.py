@@ -1,28 +1,308 @@
-"""Local normalised cross-correlation and its loss.
+"""``lncc``: local normalised cross-correlation (squared-correlation form) and its loss.
 
-First version: the public API on the reference implementation; the fused kernels replace
-the body of these functions behind the same signatures.
+Per voxel v, with sums over the in-bounds voxels of the cubic (2D: square) window centred on
+v (n of them; no zero padding, so ``lncc(x, a·x + b) = 1`` at the borders too):
+
+    cross = ΣIJ − ΣIΣJ/n,  var_I = max(0, ΣI² − (ΣI)²/n),  var_J likewise,
+    cc(v) = min(cross², var_I var_J) / (var_I var_J + eps)   ∈ [0, 1],
+
+and ``lncc = Σ_v m(v) cc(v) / Σ_v m(v)`` per batch item (m = 1 without a mask). The min is
+a no-op in exact arithmetic (Cauchy-Schwarz) and keeps rounding in near-constant patches of
+large intensities from giving cc > 1.
+
+Kernels (cpu, cuda, triton) compute the five box sums (ΣI, ΣJ, ΣI², ΣJ², ΣIJ) by separable
+running sums, one pass per axis (cost independent of the window), and never materialise cc
+or the products. The backward recomputes the sums, turns them into five per-window
+coefficient maps K = w ∂cc/∂S in place, box-sums those with the same filter and combines
+them with I and J (csrc/include/lncc.h). Buffers: cpu and cuda one [B, 5, *S] work buffer
+plus the gradients; triton two [B, 5, *S] buffers. The per-item reduction is deterministic
+(per-block partials added in fixed order, no float atomics).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from . import reference
+from . import _ext, reference
+from ._ext import DTYPE_CODES
+from ._validation import check_batch, check_float, check_same, check_spatial, check_tensor
+from .backends import resolve
+
+_HALF = (torch.float16, torch.bfloat16)
+NSUM = 5
+CUDA_COLS = 256  # LNCC_CUDA_COLS of csrc/include/lncc.h
 
 
-def lncc(fixed, moving, *, window=9, eps=1e-5, mask=None, backend=None) -> torch.Tensor:
-    """Local NCC (squared-correlation form) per batch item, [B]."""
-    return reference.lncc(fixed, moving, window, eps, mask)
+def _validate(fixed: object, moving: object, window: object, eps: object, mask: object) -> int:
+    op = "lncc"
+    check_tensor(op, "fixed", fixed)
+    check_tensor(op, "moving", moving)
+    assert isinstance(fixed, torch.Tensor) and isinstance(moving, torch.Tensor)
+    check_float(op, "fixed", fixed)
+    check_float(op, "moving", moving)
+    ndim = check_spatial(op, "fixed", fixed)
+    check_spatial(op, "moving", moving)
+    if fixed.shape[1:] != moving.shape[1:]:
+        raise ValueError(
+            f"lncc: fixed and moving must have the same channel count and spatial shape, got "
+            f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+        )
+    if fixed.shape[1] != 1:
+        raise ValueError(
+            f"lncc: fixed and moving must have one channel ([B, 1, *S]), got {fixed.shape[1]} "
+            f"channels (shape {tuple(fixed.shape)}); score channels separately and average"
+        )
+    check_batch(op, "fixed", fixed, "moving", moving)
+    check_same(op, ("fixed", "moving"), (fixed, moving))
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"lncc: window must be an int, got {type(window).__name__} {window!r}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"lncc: window must be an odd integer >= 1, got {window}")
+    spatial = tuple(fixed.shape[2:])
+    if window > min(spatial):
+        raise ValueError(
+            f"lncc: window ({window}) must not exceed any spatial size of the images, got "
+            f"spatial shape {spatial}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"lncc: eps must be a float, got {type(eps).__name__} {eps!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"lncc: eps must be a finite float > 0, got {eps!r}")
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        assert isinstance(mask, torch.Tensor)
+        if mask.dim() != fixed.dim() or mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial:
+            raise ValueError(
+                f"lncc: mask must be [B or 1, 1, *S] with S = {spatial}, got shape "
+                f"{tuple(mask.shape)}"
+            )
+        check_batch(op, "fixed", fixed, "mask", mask)
+        if mask.device != fixed.device:
+            raise ValueError(
+                f"lncc: mask must be on the images' device {fixed.device}, got {mask.device}"
+            )
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"lncc: mask must be bool or floating point, got {mask.dtype}")
+        if mask.requires_grad:
+            raise ValueError("lncc: mask must not require grad (lncc is not differentiable in it)")
+    return ndim
+
+
+def _threads(t: torch.Tensor) -> int:
+    """OpenMP threads for a call on t: one per 32k voxels at most (waking threads costs more
+    than small inputs take)."""
+    return max(1, min(torch.get_num_threads(), t.numel() // 32768))
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _denominator(fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B]: the voxel count, or Σ mask (1 where it is 0, whose numerator is 0 too)."""
+    b = fixed.shape[0]
+    if mask is None:
+        return torch.full((b,), float(fixed[0].numel()), dtype=fixed.dtype, device=fixed.device)
+    msum = mask.reshape(b, -1).sum(1)
+    return torch.where(msum > 0, msum, torch.ones_like(msum))
+
+
+def launch_forward(
+    fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
+    backend: str,
+) -> torch.Tensor:
+    """lncc [B] by the kernels of `backend` (cpu, cuda, triton) on validated, batch-matched,
+    contiguous float32/float64 inputs [B, 1, *S] (mask of their dtype or None)."""
+    b, size = fixed.shape[0], list(fixed.shape[2:])
+    work = torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
+    if backend == "cpu":
+        num = torch.empty(b, dtype=fixed.dtype)
+        _ext.C.lncc_forward_cpu(
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
+            fixed.data_ptr(), moving.data_ptr(), mask.data_ptr() if mask is not None else 0,
+            work.data_ptr(), num.data_ptr(),
+        )
+    elif backend == "cuda":
+        n_part = -(-(size[-2] * size[-1]) // CUDA_COLS)
+        partials = torch.empty((b, n_part), dtype=torch.float32, device=fixed.device)
+        _ext.C.lncc_forward_cuda(
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
+            mask.data_ptr() if mask is not None else 0, work.data_ptr(), partials.data_ptr(),
+            _stream(fixed),
+        )
+        num = partials.sum(1)
+    elif backend == "triton":
+        from .triton import lncc as triton_lncc
+
+        num = triton_lncc.lncc_forward(fixed, moving, mask, work, window=window, eps=eps)
+    else:  # pragma: no cover - dispatch never sends other names here
+        raise ValueError(f"lncc: no kernel for backend {backend!r}")
+    return num / _denominator(fixed, mask)
+
+
+def launch_backward(
+    grad: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
+    window: int, eps: float, backend: str, need_fixed: bool, need_moving: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d lncc / d fixed, d lncc / d moving) weighted by grad [B]; None where not needed."""
+    b, size = fixed.shape[0], list(fixed.shape[2:])
+    scale = (grad.to(fixed.dtype) / _denominator(fixed, mask)).contiguous()
+    work = torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
+    gf = torch.empty_like(fixed) if need_fixed else None
+    gm = torch.empty_like(moving) if need_moving else None
+    ptrs = (gf.data_ptr() if gf is not None else 0, gm.data_ptr() if gm is not None else 0)
+    mptr = mask.data_ptr() if mask is not None else 0
+    if backend == "cpu":
+        _ext.C.lncc_backward_cpu(
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
+            fixed.data_ptr(), moving.data_ptr(), mptr, scale.data_ptr(), work.data_ptr(), *ptrs,
+        )
+    elif backend == "cuda":
+        _ext.C.lncc_backward_cuda(
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
+            mptr, scale.data_ptr(), work.data_ptr(), *ptrs, _stream(fixed),
+        )
+    elif backend == "triton":
+        from .triton import lncc as triton_lncc
+
+        triton_lncc.lncc_backward(fixed, moving, mask, scale, work, gf, gm, window=window, eps=eps)
+    else:  # pragma: no cover
+        raise ValueError(f"lncc: no kernel for backend {backend!r}")
+    return gf, gm
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mrus::lncc", mutates_args=())
+def _lncc_op(
+    fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
+    backend: str,
+) -> torch.Tensor:
+    return launch_forward(fixed, moving, mask, window, eps, backend)
+
+
+@_lncc_op.register_fake
+def _(fixed, moving, mask, window, eps, backend):
+    return fixed.new_empty((fixed.shape[0],))
+
+
+@torch.library.custom_op("mrus::lncc_backward", mutates_args=())
+def _lncc_backward_op(
+    grad: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
+    window: int, eps: float, backend: str, need_fixed: bool, need_moving: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (fixed, moving); an empty tensor stands for one not asked for."""
+    gf, gm = launch_backward(
+        grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving
+    )
+    return (
+        gf if gf is not None else fixed.new_empty(0),
+        gm if gm is not None else moving.new_empty(0),
+    )
+
+
+@_lncc_backward_op.register_fake
+def _(grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving):
+    return (
+        fixed.new_empty(fixed.shape if need_fixed else (0,)),
+        moving.new_empty(moving.shape if need_moving else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    fixed, moving, mask, window, eps, backend = inputs
+    ctx.save_for_backward(fixed, moving, mask)
+    ctx.args = (window, eps, backend)
+
+
+def _backward(ctx, grad):
+    fixed, moving, mask = ctx.saved_tensors
+    need_fixed, need_moving = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_fixed or need_moving):
+        return None, None, None, None, None, None
+    gf, gm = _lncc_backward_op(grad, fixed, moving, mask, *ctx.args, need_fixed, need_moving)
+    return (gf if need_fixed else None), (gm if need_moving else None), None, None, None, None
+
+
+_lncc_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def lncc(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    *,
+    window: int = 9,
+    eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Local normalised cross-correlation (squared form, as VoxelMorph / ANTs), per item.
+
+    Statistics of each cubic (2D: square) window use its in-bounds voxels only. Constant
+    patches give cc = 0 (never NaN or inf); every voxel's cc lies in [0, 1].
+    Differentiable in ``fixed`` and ``moving`` (not in ``mask``).
+
+    Args:
+        fixed: Tensor [B or 1, 1, *S] (2D: S = (H, W); 3D: S = (D, H, W)), intensities.
+        moving: Tensor [B or 1, 1, *S], same dtype, device and S. Batch sizes broadcast.
+        window: odd side of the window in voxels, 1 <= window <= every spatial size.
+        eps: > 0, added to var_I var_J (units: intensity⁴).
+        mask: optional [B or 1, 1, *S] weights (bool or float, >= 0): lncc becomes the
+            weighted mean Σ m cc / Σ m; an all-zero mask gives 0. Statistics still use
+            every voxel of each window.
+        backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
+            "auto".
+
+    Returns:
+        Tensor [max(B_fixed, B_moving)] of the inputs' dtype, values in [0, 1].
+
+    Example:
+        >>> x = torch.rand(2, 1, 32, 32, 32)
+        >>> lncc(x, 3 * x + 1)  # tensor([1.0000, 1.0000])
+    """
+    _validate(fixed, moving, window, eps, mask)
+    dtype = fixed.dtype
+    name = resolve("lncc", backend, fixed.device, dtype)
+    work = torch.float32 if dtype in _HALF else dtype
+    b = max(fixed.shape[0], moving.shape[0])
+    f = fixed.to(work).expand(b, *fixed.shape[1:]).contiguous()
+    m = moving.to(work).expand(b, *moving.shape[1:]).contiguous()
+    mk = mask.to(work).expand(b, *mask.shape[1:]).contiguous() if mask is not None else None
+    if name == "torch":
+        out = reference.lncc(f, m, window, float(eps), mk)
+    else:
+        out = _lncc_op(f, m, mk, window, float(eps), name)
+    return out.to(dtype)
 
 
 class LNCCLoss(nn.Module):
-    """-LNCC averaged over the batch."""
+    """−LNCC averaged over the batch: a loss to minimise (−1 at perfect alignment).
 
-    def __init__(self, window=9, eps=1e-5):
+    Example:
+        >>> loss = LNCCLoss(window=9)(fixed, moved)
+    """
+
+    def __init__(self, window: int = 9, eps: float = 1e-5, backend: str | None = None) -> None:
         super().__init__()
-        self.window, self.eps = window, eps
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"LNCCLoss: window must be an int, got {type(window).__name__}")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"LNCCLoss: window must be an odd integer >= 1, got {window}")
+        self.window, self.eps, self.backend = window, eps, backend
 
-    def forward(self, fixed, moving, mask=None):
-        return -lncc(fixed, moving, window=self.window, eps=self.eps, mask=mask).mean()
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return -lncc(
+            fixed, moving, window=self.window, eps=self.eps, mask=mask, backend=self.backend
+        ).mean()
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, eps={self.eps}, backend={self.backend!r}"

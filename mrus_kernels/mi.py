@@ -1,56 +1,563 @@
-"""Parzen-window mutual information, NMI and their losses.
+"""Parzen-window mutual information, NMI and their losses (MI, NMI, INNReg's barrier NMI).
 
-First version: the public API on the reference implementation; the fused kernels replace
-the body of these functions behind the same signatures.
+Definition (the oracle is :mod:`mrus_kernels.reference`): per batch item, bins K over
+[lo, hi] (``value_range``, else the item's own min and max over the voxels with mask > 0,
+computed on the device), width w = (hi - lo) / K, centres c_k = lo + (k + 1/2) w, values
+clamped to [lo, hi] (torch.clamp's derivative: 1 on the closed interval, 0 outside).
+Weights W_k(x) = phi((x - c_k) / w) / sum_j phi(...), phi the Gaussian exp(-t^2 / (2 sigma^2))
+(sigma in bin widths) or the cubic B-spline. Joint histogram
+P[a, b] = sum_v m_v W_a(f_v) W_b(g_v) / sum_v m_v, marginals its row / column sums;
+MI = sum P log(P / (p_a p_b)) and H = -sum p log p with P and p clamped at eps;
+NMI = (H_f + H_g) / H_fg. The range is a constant for gradients.
+
+Structure: the custom op ``mrus::mi_histogram`` returns the un-normalised joint histogram
+sum_v m_v W_a(f_v) W_b(g_v) ([B, K, K]) from one pass over the voxels (per-chunk / per-block
+private histograms reduced in a fixed order: never a voxels x bins tensor, and bitwise
+repeatable on every backend); MI, NMI and the entropies are cheap [B, K, K] PyTorch math
+on it, so autograd delivers dL/dhist to the op's registered backward,
+``mrus::mi_histogram_backward``: one fused per-voxel pass
+dL/df_v = m_v sum_ab G_ab W'_a(f_v) W_b(g_v) (and symmetrically for g).
+
+Only a few bins have a non-negligible Gaussian weight: the kernels keep the bins within
+``radius = sqrt(2 ln 2 * bits * sigma^2 + 1/4)`` bin widths of the value (bits = 24 for
+float32 and half inputs, 60 for float64), so every dropped weight is below 2**-bits of the
+largest; the
+B-spline has 4 non-zero weights.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+
 import torch
 from torch import nn
 
-from . import reference
+from . import _ext, reference
+from ._ext import DTYPE_CODES
+from ._validation import check_choice, check_float, check_optional_bool, check_same, check_tensor
+from .backends import BackendUnavailableError, call_reason, resolve
+
+KERNELS = ("gaussian", "bspline")
+_KERNEL_CODES = {"gaussian": 0, "bspline": 1}
+_HALF = (torch.float16, torch.bfloat16)
+# Truncation level of the Gaussian window, as a power of two, per working dtype.
+_TRUNCATION_BITS = {torch.float32: 24, torch.float64: 60}
+# Limits of the GPU kernels (csrc/include/mi.h kMaxWindowGpu; triton/mi.py register tiles).
+CUDA_MAX_BINS = 64
+CUDA_MAX_WINDOW = 16
+TRITON_MAX_BINS = 128
+# Voxels per CUDA / Triton block, at least, and blocks per batch item, at most: the
+# per-block partial histograms take B * blocks * K * K * 4 bytes (8 MiB at K = 32).
+GPU_MIN_BLOCK_VOXELS = 2048
+GPU_MAX_BLOCKS = 2048
 
 
-def joint_histogram(fixed, moving, *, bins=32, kernel="gaussian", sigma=0.5, value_range=None,
-                    mask=None, backend=None) -> torch.Tensor:
-    """Joint Parzen histogram [B, K, K] of fixed and moving ([B, 1, *S] each)."""
-    return reference.joint_histogram(fixed, moving, bins, kernel, sigma, value_range, mask)
+# ---------------------------------------------------------------------------- validation
 
 
-def mutual_information(fixed, moving, *, bins=32, kernel="gaussian", sigma=0.5,
-                       value_range=None, mask=None, eps=1e-10, backend=None) -> torch.Tensor:
-    """Parzen-window mutual information per batch item, [B]."""
-    return reference.mutual_information(fixed, moving, bins, kernel, sigma, value_range, mask, eps)
+def _check_number(op: str, name: str, value: object, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or (positive and v <= 0):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return v
 
 
-def nmi(fixed, moving, *, bins=32, kernel="gaussian", sigma=0.5, value_range=None, mask=None,
-        eps=1e-10, backend=None) -> torch.Tensor:
-    """Normalised mutual information (H_f + H_g) / H_fg per batch item, [B]."""
-    return reference.nmi(fixed, moving, bins, kernel, sigma, value_range, mask, eps)
+def _check_range(op: str, value_range: object) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """None, (lo, hi) for both images, or ((lo_f, hi_f), (lo_g, hi_g)); hi > lo, finite."""
+    if value_range is None:
+        return None
+    expected = "None, (lo, hi) or ((lo_f, hi_f), (lo_g, hi_g)) with real numbers lo < hi"
+    if not isinstance(value_range, (tuple, list)) or len(value_range) != 2:
+        raise ValueError(f"{op}: value_range must be {expected}, got {value_range!r}")
+    pairs = value_range if isinstance(value_range[0], (tuple, list)) else (value_range, value_range)
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair
+        ):
+            raise ValueError(f"{op}: value_range must be {expected}, got {value_range!r}")
+        lo, hi = float(pair[0]), float(pair[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(
+                f"{op}: value_range must have finite bounds with lo < hi, got {value_range!r}"
+            )
+        out.append((lo, hi))
+    return out[0], out[1]
 
 
-class MutualInformationLoss(nn.Module):
-    """-MI averaged over the batch."""
+def _capturing() -> bool:
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
 
-    def __init__(self, **kwargs):
+
+def _validate(
+    op: str, fixed: object, moving: object, bins: object, kernel: object, sigma: object,
+    value_range: object, mask: object, eps: object, deterministic: object,
+):
+    check_tensor(op, "fixed", fixed)
+    check_tensor(op, "moving", moving)
+    assert isinstance(fixed, torch.Tensor) and isinstance(moving, torch.Tensor)
+    check_float(op, "fixed", fixed)
+    check_float(op, "moving", moving)
+    for name, x in (("fixed", fixed), ("moving", moving)):
+        if x.dim() not in (4, 5) or x.shape[1] != 1:
+            raise ValueError(
+                f"{op}: {name} must be [B, 1, H, W] (2D) or [B, 1, D, H, W] (3D), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
+    if fixed.shape[2:] != moving.shape[2:] or fixed.dim() != moving.dim():
+        raise ValueError(
+            f"{op}: fixed and moving must have the same spatial shape, got "
+            f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
+        )
+    if fixed.shape[0] != moving.shape[0] and 1 not in (fixed.shape[0], moving.shape[0]):
+        raise ValueError(
+            f"{op}: fixed and moving batch sizes must match or one must be 1, got "
+            f"{fixed.shape[0]} and {moving.shape[0]}"
+        )
+    check_same(op, ("fixed", "moving"), (fixed, moving))
+    if isinstance(bins, bool) or not isinstance(bins, int):
+        raise TypeError(f"{op}: bins must be an int, got {type(bins).__name__}")
+    if bins < 2:
+        raise ValueError(f"{op}: bins must be >= 2, got {bins}")
+    check_choice(op, "kernel", kernel, KERNELS)
+    _check_number(op, "sigma", sigma)
+    _check_number(op, "eps", eps)
+    ranges = _check_range(op, value_range)
+    check_optional_bool(op, "deterministic", deterministic)
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        assert isinstance(mask, torch.Tensor)
+        batch = max(fixed.shape[0], moving.shape[0])
+        if (
+            mask.dim() != fixed.dim() or mask.shape[1] != 1 or mask.shape[2:] != fixed.shape[2:]
+            or mask.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"{op}: mask must be [B or 1, 1, *S] with S = {tuple(fixed.shape[2:])} and "
+                f"B = {batch}, got shape {tuple(mask.shape)}"
+            )
+        if mask.is_complex():
+            raise TypeError(f"{op}: mask must be a bool, integer or float tensor, got {mask.dtype}")
+        if mask.device != fixed.device:
+            raise ValueError(
+                f"{op}: mask must be on the device of fixed ({fixed.device}), got {mask.device}"
+            )
+        # The one host sync of the operator, eager mode only: a batch item whose mask selects
+        # no voxel has no histogram. Under torch.compile or CUDA-graph capture the check is
+        # skipped and such an item gets P = 0 (finite MI / NMI, zero gradients).
+        if not _capturing():
+            empty = ~(mask.detach() > 0).flatten(1).any(1)
+            if bool(empty.any()):
+                items = empty.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"{op}: mask selects no voxel (no value > 0) in batch item(s) {items}"
+                )
+    return ranges
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def gaussian_radius(sigma: float, dtype: torch.dtype) -> float:
+    """Truncation radius of the Gaussian window in bin widths: beyond it phi is below
+    2**-bits times the largest weight of the value (the nearest bin's, at |t| <= 1/2, hence
+    the 1/4 under the root)."""
+    bits = _TRUNCATION_BITS[_work_dtype(dtype)]
+    return math.sqrt(2.0 * math.log(2.0) * bits * sigma**2 + 0.25)
+
+
+def _window(bins: int, kernel: str, radius: float) -> int:
+    """The largest number of bins a voxel's window can span (csrc/include/mi.h window)."""
+    if kernel == "bspline":
+        return min(bins, 4)
+    return min(bins, int(math.floor(2 * radius)) + 2)
+
+
+def _limit_reason(name: str, bins: int, kernel: str, radius: float) -> str | None:
+    if name == "cuda":
+        if bins > CUDA_MAX_BINS:
+            return f"the cuda kernels take bins <= {CUDA_MAX_BINS}, got {bins}"
+        if _window(bins, kernel, radius) > CUDA_MAX_WINDOW:
+            return (
+                f"the cuda kernels hold at most {CUDA_MAX_WINDOW} Gaussian weights per voxel; "
+                f"sigma is too large for them (window of {_window(bins, kernel, radius)} bins)"
+            )
+    if name == "triton" and bins > TRITON_MAX_BINS:
+        return f"the triton kernels take bins <= {TRITON_MAX_BINS}, got {bins}"
+    return None
+
+
+def _resolve(op: str, backend: str | None, x: torch.Tensor, bins: int, kernel: str,
+             radius: float) -> str:
+    name = resolve(op, backend, x.device, x.dtype)
+    reason = _limit_reason(name, bins, kernel, radius)
+    if reason is None:
+        return name
+    requested = backend if backend is not None else (os.environ.get("MRUS_BACKEND") or "auto")
+    if requested != "auto":
+        raise BackendUnavailableError(f"{op}: backend {name!r} cannot serve this call: {reason}")
+    for candidate in ("triton", "torch"):
+        if call_reason(candidate, x.device, x.dtype) is None and (
+            _limit_reason(candidate, bins, kernel, radius) is None
+        ):
+            return candidate
+    return "torch"  # pragma: no cover - torch has no limits
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _blocks_per_item(n: int, batch: int) -> int:
+    return max(1, min(-(-n // GPU_MIN_BLOCK_VOXELS), max(1, GPU_MAX_BLOCKS // batch)))
+
+
+def _args(f: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float):
+    return (DTYPE_CODES[f.dtype], f.shape[0], f.shape[1], bins, kernel, sigma, radius)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def launch_forward(
+    f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, ranges: torch.Tensor, bins: int,
+    kernel: int, sigma: float, radius: float, backend: str,
+) -> torch.Tensor:
+    """Un-normalised joint histogram sum_v m_v W_a(f_v) W_b(g_v), [B, K, K].
+
+    f, g: [B, N] contiguous, of the working dtype (float32 or float64); m: [B, N] of the
+    same dtype or None; ranges: [B, 4] = (lo_f, hi_f, lo_g, hi_g), same dtype.
+    """
+    batch, n = f.shape
+    if backend == "cpu":
+        hist = torch.empty((batch, bins, bins), dtype=f.dtype)
+        _ext.C.mi_forward_cpu(
+            *_args(f, bins, kernel, sigma, radius), torch.get_num_threads(), f.data_ptr(),
+            g.data_ptr(), _ptr(m), ranges.data_ptr(), hist.data_ptr(),
+        )
+        return hist
+    blocks = _blocks_per_item(n, batch)
+    partial = torch.empty((batch, blocks, bins, bins), dtype=torch.float32, device=f.device)
+    if backend == "cuda":
+        _ext.C.mi_forward_cuda(
+            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), _ptr(m),
+            ranges.data_ptr(), partial.data_ptr(), blocks, _stream(f),
+        )
+    elif backend == "triton":
+        from .triton import mi as triton_mi
+
+        triton_mi.mi_forward(f, g, m, ranges, partial, bins, kernel, sigma)
+    else:  # pragma: no cover - dispatch never sends other names here
+        raise ValueError(f"mi: no kernel for backend {backend!r}")
+    # Blocks in a fixed order (torch's reductions are run-to-run deterministic).
+    return partial.sum(1)
+
+
+def launch_backward(
+    grad_hist: torch.Tensor, f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None,
+    ranges: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float, backend: str,
+    need_f: bool, need_g: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/df, dL/dg), [B, N] each, None where not needed, from grad_hist = dL/dhist."""
+    gf = torch.empty(f.shape, dtype=f.dtype, device=f.device) if need_f else None
+    gg = torch.empty(g.shape, dtype=g.dtype, device=g.device) if need_g else None
+    grad_hist = grad_hist.to(f.dtype).contiguous()
+    if backend == "cpu":
+        _ext.C.mi_backward_cpu(
+            *_args(f, bins, kernel, sigma, radius), torch.get_num_threads(), f.data_ptr(),
+            g.data_ptr(), _ptr(m), ranges.data_ptr(), grad_hist.data_ptr(), _ptr(gf), _ptr(gg),
+        )
+    elif backend == "cuda":
+        _ext.C.mi_backward_cuda(
+            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), _ptr(m),
+            ranges.data_ptr(), grad_hist.data_ptr(), _ptr(gf), _ptr(gg), _stream(f),
+        )
+    elif backend == "triton":
+        from .triton import mi as triton_mi
+
+        triton_mi.mi_backward(grad_hist, f, g, m, ranges, gf, gg, bins, kernel, sigma)
+    else:  # pragma: no cover
+        raise ValueError(f"mi: no kernel for backend {backend!r}")
+    return gf, gg
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mrus::mi_histogram", mutates_args=())
+def _histogram_op(
+    f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, ranges: torch.Tensor, bins: int,
+    kernel: int, sigma: float, radius: float, backend: str,
+) -> torch.Tensor:
+    return launch_forward(f, g, m, ranges, bins, kernel, sigma, radius, backend)
+
+
+@_histogram_op.register_fake
+def _(f, g, m, ranges, bins, kernel, sigma, radius, backend):
+    return f.new_empty((f.shape[0], bins, bins))
+
+
+@torch.library.custom_op("mrus::mi_histogram_backward", mutates_args=())
+def _histogram_backward_op(
+    grad_hist: torch.Tensor, f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None,
+    ranges: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float, backend: str,
+    need_f: bool, need_g: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (f, g); an empty tensor stands for one not asked for."""
+    gf, gg = launch_backward(
+        grad_hist, f, g, m, ranges, bins, kernel, sigma, radius, backend, need_f, need_g
+    )
+    return (gf if gf is not None else f.new_empty(0), gg if gg is not None else g.new_empty(0))
+
+
+@_histogram_backward_op.register_fake
+def _(grad_hist, f, g, m, ranges, bins, kernel, sigma, radius, backend, need_f, need_g):
+    return f.new_empty(f.shape if need_f else (0,)), g.new_empty(g.shape if need_g else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    f, g, m, ranges, *args = inputs
+    ctx.save_for_backward(f, g, m, ranges)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, grad_hist):
+    f, g, m, ranges = ctx.saved_tensors
+    need_f, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_f or need_g):
+        return (None,) * 9
+    gf, gg = _histogram_backward_op(grad_hist, f, g, m, ranges, *ctx.args, need_f, need_g)
+    return (gf if need_f else None), (gg if need_g else None), *(None,) * 7
+
+
+_histogram_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- shared path
+
+
+def _item_ranges(
+    f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None,
+    fixed_ranges: tuple[tuple[float, float], tuple[float, float]] | None,
+) -> torch.Tensor:
+    """[B, 4] = (lo_f, hi_f, lo_g, hi_g), detached, on the device, without a host sync."""
+    batch = f.shape[0]
+    if fixed_ranges is not None:
+        # Fills, not torch.tensor(list): no host-to-device copy (CUDA-graph capture).
+        values = [*fixed_ranges[0], *fixed_ranges[1]]
+        return torch.stack(
+            [torch.full((batch,), v, dtype=f.dtype, device=f.device) for v in values], 1
+        )
+    cols = []
+    for x in (f, g):
+        lo, hi = reference._item_range(x.detach(), m)
+        # An item with an empty mask (only reachable when validation is skipped, see
+        # _validate) gets a finite dummy range instead of (inf, -inf).
+        empty = lo > hi
+        cols += [torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.zeros_like(hi), hi)]
+    return torch.cat(cols, 1).contiguous()
+
+
+def _joint(
+    op: str, fixed, moving, bins, kernel, sigma, value_range, mask, eps, backend, deterministic
+) -> tuple[torch.Tensor, torch.dtype]:
+    """Normalised joint histogram P [B, K, K] (float32 for half inputs) and the input dtype."""
+    ranges = _validate(op, fixed, moving, bins, kernel, sigma, value_range, mask, eps, deterministic)
+    dtype = fixed.dtype
+    work = _work_dtype(dtype)
+    radius = min(gaussian_radius(float(sigma), dtype), float(bins))
+    name = _resolve(op, backend, fixed, bins, kernel, radius)
+    if name == "torch":
+        cast = (lambda t: t.to(work)) if dtype in _HALF else (lambda t: t)
+        p = reference.joint_histogram(cast(fixed), cast(moving), bins, kernel, float(sigma),
+                                      value_range, mask)
+        return p, dtype
+    batch = max(fixed.shape[0], moving.shape[0])
+    f = fixed.to(work).expand(batch, *fixed.shape[1:]).reshape(batch, -1).contiguous()
+    g = moving.to(work).expand(batch, *moving.shape[1:]).reshape(batch, -1).contiguous()
+    m = None
+    if mask is not None:
+        m = mask.detach().to(work).expand(batch, *mask.shape[1:]).reshape(batch, -1).contiguous()
+    item_ranges = _item_ranges(f, g, m, ranges)
+    hist = _histogram_op(f, g, m, item_ranges, bins, _KERNEL_CODES[kernel], float(sigma), radius, name)
+    if m is None:
+        return hist / f.shape[1], dtype
+    # tiny, not 0: an empty mask (validation skipped) gives P = 0 instead of NaN.
+    total = m.sum(1).clamp_min(torch.finfo(work).tiny)
+    return hist / total[:, None, None], dtype
+
+
+# ---------------------------------------------------------------------------- public API
+
+_ARGS_DOC = """
+    Args:
+        fixed: Tensor [B, 1, *S] (2D: S = (H, W); 3D: S = (D, H, W)), any float dtype.
+        moving: Tensor [B, 1, *S], same dtype and device; either batch size may be 1.
+            Both images are differentiable (either may play the fixed role).
+        bins: number of bins K >= 2 per image.
+        kernel: "gaussian" (Parzen window exp(-t^2 / (2 sigma^2))) or "bspline" (cubic).
+        sigma: Gaussian width in bin widths (> 0; ignored by "bspline").
+        value_range: None (each item's own min and max over the voxels with mask > 0, per
+            image, computed on the device), (lo, hi) for both images, or
+            ((lo_f, hi_f), (lo_g, hi_g)); intensity units, lo < hi. A constant for gradients.
+        mask: optional Tensor [B or 1, 1, *S] of non-negative voxel weights (bool, integer or
+            float; not differentiable). Voxels with mask 0 do not count, whatever their
+            values. In eager mode a batch item whose mask selects no voxel raises ValueError
+            (one host sync; skipped under torch.compile and CUDA-graph capture, where such an
+            item gets P = 0).
+        eps: clamp of P and the marginals before the logarithms (> 0).
+        backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
+            "auto".
+        deterministic: accepted for symmetry with the other operators; every backend's
+            reduction is in a fixed order and bitwise repeatable anyway.
+"""
+
+
+def joint_histogram(
+    fixed: torch.Tensor, moving: torch.Tensor, *, bins: int = 32, kernel: str = "gaussian",
+    sigma: float = 0.5, value_range: tuple | None = None, mask: torch.Tensor | None = None,
+    backend: str | None = None, deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Normalised joint Parzen histogram P[a, b] (a: fixed bin, b: moving bin), for inspection.
+
+    Returns:
+        Tensor [B, K, K] summing to 1 per item (float32 for half inputs), differentiable.
+
+    Example:
+        >>> p = joint_histogram(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32), bins=16)
+        >>> p.shape
+        torch.Size([1, 16, 16])
+    """
+    return _joint("joint_histogram", fixed, moving, bins, kernel, sigma, value_range, mask,
+                  1e-10, backend, deterministic)[0]
+
+
+def mutual_information(
+    fixed: torch.Tensor, moving: torch.Tensor, *, bins: int = 32, kernel: str = "gaussian",
+    sigma: float = 0.5, value_range: tuple | None = None, mask: torch.Tensor | None = None,
+    eps: float = 1e-10, backend: str | None = None, deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Parzen-window mutual information MI = sum P log(P / (p_a p_b)) per batch item, nats.
+
+    Returns:
+        Tensor [B] of the input dtype.
+
+    Example:
+        >>> x = torch.rand(2, 1, 16, 32, 32)
+        >>> mutual_information(x, x ** 2).shape
+        torch.Size([2])
+    """
+    p, dtype = _joint("mutual_information", fixed, moving, bins, kernel, sigma, value_range,
+                      mask, eps, backend, deterministic)
+    return reference._entropies(p, float(eps))[0].to(dtype)
+
+
+def nmi(
+    fixed: torch.Tensor, moving: torch.Tensor, *, bins: int = 32, kernel: str = "gaussian",
+    sigma: float = 0.5, value_range: tuple | None = None, mask: torch.Tensor | None = None,
+    eps: float = 1e-10, backend: str | None = None, deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Normalised mutual information (H_f + H_g) / H_fg per batch item, in [1, 2].
+
+    Returns:
+        Tensor [B] of the input dtype.
+
+    Example:
+        >>> x = torch.rand(1, 1, 32, 32)
+        >>> bool(nmi(x, x) > 1)
+        True
+    """
+    p, dtype = _joint("nmi", fixed, moving, bins, kernel, sigma, value_range, mask, eps,
+                      backend, deterministic)
+    _, h_f, h_g, h_fg = reference._entropies(p, float(eps))
+    return ((h_f + h_g) / h_fg).to(dtype)
+
+
+for _fn in (joint_histogram, mutual_information, nmi):
+    _fn.__doc__ = _fn.__doc__.replace("\n    Returns:", _ARGS_DOC + "\n    Returns:", 1)
+
+
+class _MIModule(nn.Module):
+    def __init__(
+        self, op: str, bins: int, kernel: str, sigma: float, value_range: tuple | None,
+        eps: float, backend: str | None, deterministic: bool | None,
+    ) -> None:
         super().__init__()
-        self.kwargs = kwargs
+        if isinstance(bins, bool) or not isinstance(bins, int):
+            raise TypeError(f"{op}: bins must be an int, got {type(bins).__name__}")
+        if bins < 2:
+            raise ValueError(f"{op}: bins must be >= 2, got {bins}")
+        check_choice(op, "kernel", kernel, KERNELS)
+        _check_number(op, "sigma", sigma)
+        _check_number(op, "eps", eps)
+        _check_range(op, value_range)
+        check_optional_bool(op, "deterministic", deterministic)
+        self.kwargs = dict(bins=bins, kernel=kernel, sigma=sigma, value_range=value_range,
+                           eps=eps, backend=backend, deterministic=deterministic)
 
-    def forward(self, fixed, moving, mask=None):
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class MutualInformationLoss(_MIModule):
+    """-MI averaged over the batch (Plasticine's L_MI; the registration command's similarity).
+
+    Example:
+        >>> loss = MutualInformationLoss(bins=32)(fixed, moved)
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self, bins: int = 32, kernel: str = "gaussian", sigma: float = 0.5,
+        value_range: tuple | None = None, eps: float = 1e-10, backend: str | None = None,
+        deterministic: bool | None = None,
+    ) -> None:
+        super().__init__("MutualInformationLoss", bins, kernel, sigma, value_range, eps,
+                         backend, deterministic)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         return -mutual_information(fixed, moving, mask=mask, **self.kwargs).mean()
 
 
-class NMILoss(nn.Module):
-    """-NMI averaged over the batch, or with `barrier=b` the barrier loss -log(b - NMI)."""
+class NMILoss(_MIModule):
+    """-NMI averaged over the batch, or with ``barrier=b`` INNReg's barrier loss
+    -log(b - NMI) averaged over the batch (infinite as NMI reaches b, NaN beyond).
 
-    def __init__(self, barrier=None, **kwargs):
-        super().__init__()
+    Example:
+        >>> loss = NMILoss(barrier=2.0)(fixed, moved)
+    """
+
+    def __init__(
+        self, barrier: float | None = None, bins: int = 32, kernel: str = "gaussian",
+        sigma: float = 0.5, value_range: tuple | None = None, eps: float = 1e-10,
+        backend: str | None = None, deterministic: bool | None = None,
+    ) -> None:
+        super().__init__("NMILoss", bins, kernel, sigma, value_range, eps, backend, deterministic)
+        if barrier is not None:
+            barrier = _check_number("NMILoss", "barrier", barrier, positive=False)
         self.barrier = barrier
-        self.kwargs = kwargs
 
-    def forward(self, fixed, moving, mask=None):
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         value = nmi(fixed, moving, mask=mask, **self.kwargs)
         if self.barrier is None:
             return -value.mean()
         return -torch.log(self.barrier - value).mean()
+
+    def extra_repr(self) -> str:
+        return f"barrier={self.barrier!r}, " + super().extra_repr()

@@ -115,17 +115,24 @@ def _derivative(x: torch.Tensor, dim: int, h: float) -> torch.Tensor:
     """d/dx along `dim`: central differences inside, one-sided at the borders, 0 for size 1."""
     n = x.shape[dim]
     if n == 1:
-        return torch.zeros_like(x)
+        # 0 (even where x is NaN), still a function of x: a field whose every axis has size 1
+        # gets a zero gradient, not a det cut off from the graph.
+        return torch.where(torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x), x)
     fwd = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # x[k + 1] - x[k]
-    inner = (fwd.narrow(dim, 1, n - 2) + fwd.narrow(dim, 0, n - 2)) / 2
+    inner = (x.narrow(dim, 2, n - 2) - x.narrow(dim, 0, n - 2)) / 2  # (x[k + 1] - x[k - 1]) / 2
     return torch.cat([fwd.narrow(dim, 0, 1), inner, fwd.narrow(dim, n - 2, 1)], dim) / h
 
 
 def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, 1, *S].
+    """det(I + ∇u) of the map x + u(x), per voxel: [B, ndim, *S] -> [B, *S].
+
+    d u_i / d x_j: central differences inside, one-sided at the borders, 0 along an axis of
+    size 1. Half types are computed in float32 and rounded once.
 
     spacing: voxel size per axis; u is then in the same units (e.g. mm). None: voxel units.
     """
+    if u.dtype in _HALF:
+        return jacobian_det(u.float(), spacing).to(u.dtype)
     ndim = u.shape[1]
     h = spacing if spacing is not None else (1.0,) * ndim
     jac = [
@@ -140,13 +147,14 @@ def jacobian_det(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> t
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
         )
-    return det[:, None]
+    return det
 
 
 def folding_fraction(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B]."""
+    """Fraction of voxels with det(I + ∇u) <= 0, per batch item: [B], float32 (float64 for
+    float64 input)."""
     det = jacobian_det(u, spacing)
-    return (det <= 0).flatten(1).to(u.dtype).mean(1)
+    return (det <= 0).flatten(1).to(torch.promote_types(u.dtype, torch.float32)).mean(1)
 
 
 # --- Parzen-window mutual information ------------------------------------------------------
@@ -187,7 +195,9 @@ def parzen_weights(
     """
     width = ((hi - lo) / bins).clamp_min(1e-12)  # [B, 1]; a constant image keeps a finite width
     centres = lo + (torch.arange(bins, device=x.device, dtype=x.dtype) + 0.5) * width  # [B, K]
-    xc = torch.minimum(torch.maximum(x, lo), hi)
+    # torch.clamp's derivative is 1 on the closed interval [lo, hi] (minimum / maximum
+    # would halve it at the per-item extremes, where x equals the bound exactly).
+    xc = torch.clamp(x, lo, hi)
     t = (xc[..., None] - centres[:, None, :]) / width[..., None]  # [B, N, K]
     if kernel == "gaussian":
         return torch.softmax(-(t**2) / (2 * sigma**2), dim=-1)
@@ -222,6 +232,11 @@ def joint_histogram(
             lo = torch.full((b, 1), float(r[0]), dtype=x.dtype, device=x.device)
             hi = torch.full((b, 1), float(r[1]), dtype=x.dtype, device=x.device)
         ranges.append((lo, hi))
+    if m is not None:
+        # Voxels with mask 0 do not count, whatever their values (NaN included).
+        inside = m > 0
+        f = torch.where(inside, f, ranges[0][0])
+        g = torch.where(inside, g, ranges[1][0])
     wf = parzen_weights(f, *ranges[0], bins, kernel, sigma)
     wg = parzen_weights(g, *ranges[1], bins, kernel, sigma)
     if m is None:
@@ -350,7 +365,9 @@ def lncc(
 
     Per voxel, with window sums over in-bounds voxels only (n of them):
     cross = Σ IJ - Σ I Σ J / n, var_I = Σ I² - (Σ I)² / n, cc = cross² / (var_I var_J + eps),
-    variances clamped at 0 so that constant patches give cc = 0, never NaN.
+    variances clamped at 0 so that constant patches give cc = 0, never NaN, and cross² clamped
+    to var_I var_J so that cc stays in [0, 1] under rounding. fixed, moving: [B or 1, C, *S];
+    mask: [B or 1, 1, *S] weights (an all-zero mask gives 0).
     """
     b = max(fixed.shape[0], moving.shape[0])
     i = fixed.expand(b, *fixed.shape[1:])
@@ -361,11 +378,20 @@ def lncc(
     cross = sij - si * sj / n
     var_i = (sii - si * si / n).clamp_min(0)
     var_j = (sjj - sj * sj / n).clamp_min(0)
-    cc = (cross * cross / (var_i * var_j + eps)).flatten(1)
+    vv = var_i * var_j
+    c2 = cross * cross
+    # cross² <= var_I var_J holds exactly (Cauchy-Schwarz); rounding in the sums can break it
+    # where the variances cancel (near-constant patches of large intensities), which would
+    # give cc >> 1. Clamping keeps cc in [0, 1]; where it binds the exact value is ~1 anyway.
+    # `where` (not `minimum`) so that a tie (I = J) takes the gradient of cross².
+    c2 = torch.where(c2 > vv, vv, c2)
+    cc = (c2 / (vv + eps)).flatten(1)
     if mask is None:
         return cc.mean(1)
     m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
-    return (cc * m).sum(1) / m.sum(1)
+    msum = m.sum(1)
+    # An empty mask gives 0 (no voxel to score), not 0/0.
+    return torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
 
 
 def grad_l2(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:

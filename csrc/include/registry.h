@@ -5,4 +5,9 @@
 
 namespace mrus {
 void register_warp(pybind11::module_& m);
+void register_jacobian(pybind11::module_& m);
+void register_mi(pybind11::module_& m);
+void register_sobel(pybind11::module_& m);
+void register_lncc(pybind11::module_& m);
+void register_regularisers(pybind11::module_& m);
 }  // namespace mrus

@@ -1,0 +1,590 @@
+"""Tests of ``mutual_information``, ``nmi``, ``joint_histogram`` and their losses: every
+backend against a float64 reference of the definition, float64 gradcheck, identities, the
+scikit-learn cross-check on hard bins, masks, NaN rules, determinism, ``torch.compile``,
+memory (GPU) and every validation message.
+
+Definition pinned here (mrus_kernels/mi.py): per item, K bins over [lo, hi] (value_range, or
+the item's min and max over mask > 0), w = (hi - lo) / K, centres lo + (k + 1/2) w, values
+clamped; W_k = phi((x - c_k) / w) normalised over k (Gaussian with sigma in bin widths, or
+cubic B-spline); P = sum m W_a(f) W_b(g) / sum m; MI = sum P log(P / (p_a p_b)), H = -sum p
+log p with P and p clamped at eps; NMI = (H_f + H_g) / H_fg.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import mutual_info_score
+
+from conftest import (
+    TOLERANCES,
+    assert_close_verbose,
+    backend_params,
+    poisoned_empty,
+    rand,
+    randn,
+    require_backend,
+)
+from mrus_kernels import (
+    BackendUnavailableError,
+    MutualInformationLoss,
+    NMILoss,
+    joint_histogram,
+    mutual_information,
+    nmi,
+    reference,
+)
+
+mi_module = importlib.import_module("mrus_kernels.mi")
+
+BACKENDS = backend_params(("torch", "cpu", "triton"))
+KERNELS = ("gaussian", "bspline")
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _pair(gen, shape, dtype=torch.float32, device="cpu"):
+    """A fixed image and a non-linearly related, noisy moving image (MI clearly > 0)."""
+    f = rand(gen, *shape, dtype=torch.float64)
+    g = torch.sin(3 * f) + 0.2 * rand(gen, *shape, dtype=torch.float64)
+    return f.to(device, dtype), g.to(device, dtype)
+
+
+def _mask(gen, shape, device="cpu"):
+    return (rand(gen, *shape, lo=0.0, hi=1.0) > 0.3).to(device)
+
+
+def _ref_all(f, g, bins, kernel, sigma=0.5, value_range=None, mask=None):
+    """Float64 reference: P, MI, NMI and gradients of (MI + NMI).sum() w.r.t. f and g."""
+    f64 = f.detach().double().cpu().requires_grad_()
+    g64 = g.detach().double().cpu().requires_grad_()
+    m = None if mask is None else mask.cpu()
+    p = reference.joint_histogram(f64, g64, bins, kernel, sigma, value_range, m)
+    mi, h_f, h_g, h_fg = reference._entropies(p, 1e-10)
+    nm = (h_f + h_g) / h_fg
+    (mi.sum() + nm.sum()).backward()
+    return p.detach(), mi.detach(), nm.detach(), f64.grad, g64.grad
+
+
+def _ours_all(f, g, bins, kernel, backend, sigma=0.5, value_range=None, mask=None):
+    fr, gr = f.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+    kw = dict(bins=bins, kernel=kernel, sigma=sigma, value_range=value_range, mask=mask,
+              backend=backend)
+    p = joint_histogram(fr, gr, **kw)
+    mi = mutual_information(fr, gr, **kw)
+    nm = nmi(fr, gr, **kw)
+    (mi.sum() + nm.sum()).backward()
+    return p.detach(), mi.detach(), nm.detach(), fr.grad, gr.grad
+
+
+def _compare(ours, ref, dtype, name):
+    for what, a, e in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, ref):
+        assert a.dtype == (torch.float32 if what == "P" and dtype in (torch.float16, torch.bfloat16) else dtype), what
+        assert_close_verbose(a.cpu(), e, dtype, name=f"{name} {what}")
+
+
+# =========================================================================== vs reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(2, 1, 7, 9, 11), (3, 1, 13, 10)], ids=["3d", "2d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_backends_vs_reference(backend, kernel, dtype, shape, masked, gen):
+    """P, MI, NMI and both gradients of every backend against the float64 reference, per-item
+    ranges, batch > 1, odd sizes, outputs poisoned before the kernels write."""
+    require_backend(backend, "cpu", dtype)
+    f, g = _pair(gen, shape, dtype)
+    mask = _mask(gen, shape) if masked else None
+    bins = 20 if kernel == "gaussian" else 12
+    ref = _ref_all(f, g, bins, kernel, mask=mask)
+    with poisoned_empty():
+        ours = _ours_all(f, g, bins, kernel, backend, mask=mask)
+    _compare(ours, ref, dtype, f"{backend} {kernel}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sigma", [0.05, 1.0, 3.0])
+def test_sigma_and_fixed_ranges(backend, sigma, gen):
+    """Narrow and wide Gaussian windows (the truncated window of the C++ kernels must hold
+    to tolerance at both ends), with a fixed range per image that clamps some voxels."""
+    # The torch backend runs the oracle's own float32 arithmetic, whose gradient at
+    # sigma = 0.05 loses ~1e-4 to rounding in t^2 / (2 sigma^2); the kernels work relative
+    # to the nearest bin and keep float32 accuracy. The oracle is checked in float64 here.
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    require_backend(backend, "cpu", dtype)
+    f, g = _pair(gen, (2, 1, 6, 7, 8), dtype)
+    vr = ((0.6, 1.4), (-1.0, 1.0))
+    ref = _ref_all(f, g, 16, "gaussian", sigma=sigma, value_range=vr)
+    ours = _ours_all(f, g, 16, "gaussian", backend, sigma=sigma, value_range=vr)
+    # In float32 the rounding of the bin coordinate s (~1e-7 relative) is amplified by
+    # 1 / sigma^2 in the weights' exponent: the tolerance scales with it below sigma ~ 0.2.
+    scale = max(1.0, 0.05 / sigma**2) if dtype == torch.float32 else 1.0
+    for what, a, e in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, ref):
+        assert_close_verbose(a, e, dtype, atol=TOLERANCES[dtype][0] * scale,
+                             rtol=TOLERANCES[dtype][1] * scale, name=f"{backend} {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_half_dtypes(backend, dtype, gen):
+    require_backend(backend, "cpu", dtype)
+    f, g = _pair(gen, (2, 1, 9, 10), dtype)
+    ref = _ref_all(f, g, 16, "gaussian")
+    ours = _ours_all(f, g, 16, "gaussian", backend)
+    _compare(ours, ref, dtype, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_broadcast(backend, gen):
+    """A transposed (non-contiguous) fixed image of batch 1 against a batch-3 moving image:
+    the same as the contiguous, expanded inputs; the broadcast gradient sums over the batch."""
+    require_backend(backend, "cpu", torch.float32)
+    base, g = _pair(gen, (1, 1, 9, 7), torch.float32)
+    g = torch.cat([g, g.flip(-1), g * 2], 0)
+    f_view = base.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not f_view.is_contiguous()
+    ours = _ours_all(f_view, g, 16, "gaussian", backend)
+    ref = _ref_all(base.expand(3, -1, -1, -1), g, 16, "gaussian")
+    assert ours[3].shape == (1, 1, 9, 7)
+    assert_close_verbose(ours[1], ref[1], torch.float32, name="MI")
+    assert_close_verbose(ours[3], ref[3].sum(0, keepdim=True), torch.float32, name="d fixed")
+    assert_close_verbose(ours[4], ref[4], torch.float32, name="d moving")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_only_where_needed(backend, gen):
+    """Only the image that requires grad gets one (either image may be the fixed one)."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (1, 1, 8, 9))
+    ref = _ref_all(f, g, 16, "bspline")
+    for which in (0, 1):
+        a, b = f.clone(), g.clone()
+        (a, b)[which].requires_grad_()
+        (mutual_information(a, b, bins=16, kernel="bspline", backend=backend)
+         + nmi(a, b, bins=16, kernel="bspline", backend=backend)).sum().backward()
+        assert (a, b)[1 - which].grad is None
+        assert_close_verbose((a, b)[which].grad, ref[3 + which], torch.float32, name=f"grad {which}")
+
+
+# =========================================================================== gradcheck
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("what", ["mi", "nmi"])
+def test_gradcheck_float64(backend, kernel, what, gen):
+    """Analytic gradients to both images against finite differences (fixed range, values
+    strictly inside it: the range is a constant, so the clamp has no kink here)."""
+    f, g = _pair(gen, (2, 1, 4, 5), torch.float64)
+    fn = mutual_information if what == "mi" else nmi
+    vr = ((0.4, 1.6), (-1.2, 1.4))
+
+    def func(a, b):
+        return fn(a, b, bins=6, kernel=kernel, value_range=vr, backend=backend)
+
+    assert torch.autograd.gradcheck(
+        func, (f.requires_grad_(), g.requires_grad_()), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
+
+
+# =========================================================================== identities
+
+
+def _entropy_of_labels(labels: np.ndarray) -> float:
+    p = np.bincount(labels) / labels.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mi_with_itself_is_entropy(backend, gen):
+    """MI(x, x) = H(x). The Parzen window blurs the joint histogram off the diagonal, so at
+    sigma = 0.5 MI(x, x) < H(x); the identity holds as sigma -> 0. Values at the bin centres
+    with sigma = 0.05 (a neighbour bin weighs exp(-200)) give it to float tolerance, with H
+    the entropy of the hard bin counts; for continuous values MI(x, x) <= H(x) at every sigma
+    and the gap shrinks as sigma does."""
+    require_backend(backend, "cpu", torch.float64)
+    bins = 12
+    labels = torch.randint(0, bins, (2, 1, 9, 11), generator=gen)
+    # The bin centres of the fixed range [0, 1].
+    x = ((labels.double() + 0.5) / bins)
+    # eps = 1e-15: each of the K^2 - K empty cells, clamped at eps, adds about eps * log(eps)
+    # to MI (3e-7 in all at the default 1e-10).
+    mi = mutual_information(x, x, bins=bins, sigma=0.05, value_range=(0.0, 1.0), eps=1e-15,
+                            backend=backend)
+    h = torch.tensor([_entropy_of_labels(labels[i].flatten().numpy()) for i in range(2)],
+                     dtype=torch.float64)
+    assert_close_verbose(mi, h, torch.float64, atol=1e-9, rtol=1e-9, name="MI(x, x) vs H(x)")
+
+    c = rand(gen, 1, 1, 16, 16, dtype=torch.float64)
+    h_c = reference._entropies(joint_histogram(c, c, bins=bins, sigma=0.02, backend=backend), 1e-10)[1]
+    gaps = []
+    for sigma in (0.5, 0.2, 0.05, 0.02):
+        p = joint_histogram(c, c, bins=bins, sigma=sigma, backend=backend)
+        mi_c, h_f, _, _ = reference._entropies(p, 1e-10)
+        assert float(mi_c) <= float(h_f) + 1e-12
+        gaps.append(float(h_c) - float(mi_c))
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 0.05 * float(h_c), gaps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_symmetry_and_affine_invariance(backend, kernel, gen):
+    """MI(f, g) = MI(g, f); MI(x, a x + b) = MI(x, x) for a > 0 with per-item ranges (the bins
+    move with the values: the same histogram up to rounding); NMI in [1, 2]."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 10, 12))
+    kw = dict(bins=16, kernel=kernel, backend=backend)
+    assert_close_verbose(mutual_information(g, f, **kw), mutual_information(f, g, **kw),
+                         torch.float32, name="swap")
+    mi_xx = mutual_information(f, f, **kw)
+    for a, b in ((2.5, -3.0), (0.1, 7.0)):
+        assert_close_verbose(mutual_information(f, a * f + b, **kw), mi_xx, torch.float32,
+                             atol=1e-4, name=f"a={a}")
+    for x, y in ((f, g), (f, f), (f, rand(gen, 2, 1, 10, 12))):
+        value = nmi(x, y, **kw)
+        assert bool(((value >= 1 - 1e-6) & (value <= 2 + 1e-6)).all()), value
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_independent_noise_has_no_information(backend, gen):
+    """MI(x, independent noise) -> 0 at large N (bias about (K - 1)^2 / (2N) nats)."""
+    f = rand(gen, 1, 1, 256, 256)
+    g = rand(gen, 1, 1, 256, 256)
+    value = float(mutual_information(f, g, bins=16, backend=backend))
+    assert 0 <= value < 0.01, value
+    assert float(mutual_information(f, f, bins=16, backend=backend)) > 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_sigma_matches_sklearn_on_hard_bins(backend, gen):
+    """With a very small Gaussian sigma, MI tends to scikit-learn's mutual_info_score (nats)
+    of the hard-binned data. Only voxels within a few sigma of a bin edge differ."""
+    require_backend(backend, "cpu", torch.float64 if backend != "triton" else torch.float32)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    f, g = _pair(gen, (1, 1, 24, 24), torch.float64)
+    bins = 8
+    value = float(mutual_information(f.to(dtype), g.to(dtype), bins=bins, sigma=0.002,
+                                     backend=backend))
+
+    def hard(x):
+        lo, hi = x.min(), x.max()
+        return ((x - lo) / ((hi - lo) / bins)).floor().clamp(0, bins - 1).long().flatten().numpy()
+
+    expected = mutual_info_score(hard(f), hard(g))
+    assert abs(value - expected) <= 2e-3, (value, expected)
+
+
+# =========================================================================== masks, NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_garbage_changes_nothing(backend, gen):
+    """Values where the mask is 0 (huge, negative, NaN) change neither the result (range
+    included) nor the gradient inside; the gradient outside is 0."""
+    require_backend(backend, "cpu", torch.float32)
+    shape = (2, 1, 8, 9)
+    f, g = _pair(gen, shape)
+    mask = _mask(gen, shape)
+    f2, g2 = f.clone(), g.clone()
+    f2[~mask] = 1e6
+    g2[~mask] = float("nan")
+    clean = _ours_all(f, g, 16, "gaussian", backend, mask=mask)
+    dirty = _ours_all(f2, g2, 16, "gaussian", backend, mask=mask)
+    for name, a, e in zip(("P", "MI", "NMI"), dirty[:3], clean[:3]):
+        assert_close_verbose(a, e, torch.float32, name=name)
+    for a, e in zip(dirty[3:], clean[3:]):
+        assert_close_verbose(a[mask], e[mask], torch.float32, name="grad inside")
+        assert bool((a[~mask] == 0).all())
+    # A float mask weights voxels: all-ones equals no mask.
+    ones = _ours_all(f, g, 16, "gaussian", backend, mask=torch.ones(shape))
+    plain = _ours_all(f, g, 16, "gaussian", backend)
+    assert_close_verbose(ones[1], plain[1], torch.float32, name="ones mask")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_mask(backend, gen):
+    """Eager: ValueError naming the item. Where validation cannot sync (torch.compile, CUDA
+    graphs) the item gets P = 0: finite MI and NMI, zero gradients, no NaN."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 6, 7))
+    mask = _mask(gen, (2, 1, 6, 7))
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"mutual_information: mask selects no voxel .* \[1\]"):
+        mutual_information(f, g, mask=mask, backend=backend)
+    if backend == "torch":
+        return  # the oracle follows the definition literally (0 / 0)
+    fr, gr = f.clone().requires_grad_(), g.clone().requires_grad_()
+    with mock.patch.object(mi_module, "_capturing", return_value=True):
+        value = mutual_information(fr, gr, mask=mask, backend=backend)
+        value2 = nmi(f, g, mask=mask, backend=backend)
+    assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(value2).all())
+    value.sum().backward()
+    assert bool((fr.grad[1] == 0).all()) and bool((gr.grad[1] == 0).all())
+    assert bool(torch.isfinite(fr.grad).all())
+    ref = mutual_information(f[:1], g[:1], mask=mask[:1], backend=backend)
+    assert_close_verbose(value[:1].detach(), ref, torch.float32, name="item 0 unaffected")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["fixed", "moving", "range"])
+def test_nan_in_nan_out(backend, where, gen):
+    """A NaN voxel (or a NaN in a per-item range) makes that item's MI NaN, the other item's
+    stays finite."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 6, 7))
+    if where == "fixed":
+        f[0, 0, 2, 3] = float("nan")
+        vr = (0.0, 2.0) if backend == "triton" else None
+    elif where == "moving":
+        g[0, 0, 1, 1] = float("nan")
+        vr = ((0.0, 2.0), (-2.0, 2.0))
+    else:
+        f[0, 0, 0, 0] = float("nan")
+        vr = None
+    value = mutual_information(f, g, value_range=vr, backend=backend)
+    assert bool(value[0].isnan()) and bool(torch.isfinite(value[1]))
+
+
+def test_constant_image_is_finite(gen):
+    """A constant image (zero-width per-item range) has entropy 0 and MI 0, finite."""
+    f = torch.full((1, 1, 6, 7), 3.0)
+    g = rand(gen, 1, 1, 6, 7)
+    for backend in ("torch", "cpu"):
+        value = mutual_information(f, g, backend=backend)
+        assert bool(torch.isfinite(value).all()) and abs(float(value)) < 1e-6
+
+
+# =========================================================================== determinism
+
+
+def test_cpu_bitwise_repeatable_across_thread_counts(gen):
+    """The CPU chunking depends on N, B and K only: bitwise equal for 1 and 2 threads."""
+    require_backend("cpu", "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 40, 41, 7))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            fr = f.clone().requires_grad_()
+            p = joint_histogram(fr, g, backend="cpu")
+            mutual_information(fr, g, backend="cpu").sum().backward()
+            results.append((p, fr.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for p, grad in results[1:]:
+        assert torch.equal(p, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+# =========================================================================== losses
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_losses(backend, gen):
+    f, g = _pair(gen, (2, 1, 8, 9))
+    mask = _mask(gen, (2, 1, 8, 9))
+    kw = dict(bins=16, kernel="bspline", backend=backend)
+    mi_v = mutual_information(f, g, mask=mask, **kw)
+    nmi_v = nmi(f, g, mask=mask, **kw)
+    assert_close_verbose(MutualInformationLoss(**kw)(f, g, mask), -mi_v.mean(), name="MI loss")
+    assert_close_verbose(NMILoss(**kw)(f, g, mask), -nmi_v.mean(), name="NMI loss")
+    barrier = NMILoss(barrier=2.0, **kw)
+    assert_close_verbose(barrier(f, g, mask), -torch.log(2.0 - nmi_v).mean(), name="barrier")
+    assert "barrier=2.0" in repr(barrier)
+    fr = f.clone().requires_grad_()
+    barrier(fr, g).backward()
+    assert bool(torch.isfinite(fr.grad).all()) and float(fr.grad.abs().max()) > 0
+
+
+# =========================================================================== torch.compile
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph(gen):
+    """The histogram op under torch.compile(fullgraph=True): no graph break (no host sync),
+    forward and backward as in eager mode."""
+    require_backend("cpu", "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 6, 7, 8))
+    mask = _mask(gen, (2, 1, 6, 7, 8))
+
+    def loss(a, b):
+        return NMILoss(barrier=2.5, backend="cpu")(a, b, mask)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss, fullgraph=True)
+        results = []
+        for fn in (loss, compiled):
+            a, b = f.clone().requires_grad_(), g.clone().requires_grad_()
+            value = fn(a, b)
+            value.backward()
+            results.append((value.detach(), a.grad, b.grad))
+    finally:
+        torch._dynamo.reset()
+    for name, eager, comp in zip(("loss", "d fixed", "d moving"), *results):
+        assert_close_verbose(comp, eager, torch.float32, name=name)
+
+
+# =========================================================================== dispatch
+
+
+def test_gpu_limits_and_auto_fallback():
+    """The GPU kernels' limits give a reason; auto then picks the next backend."""
+    radius = mi_module.gaussian_radius(0.5, torch.float32)
+    assert mi_module._limit_reason("cuda", 32, "gaussian", radius) is None
+    assert "bins <= 64" in mi_module._limit_reason("cuda", 100, "gaussian", radius)
+    big = mi_module.gaussian_radius(5.0, torch.float32)
+    assert "sigma is too large" in mi_module._limit_reason("cuda", 64, "gaussian", big)
+    assert mi_module._limit_reason("cuda", 64, "bspline", big) is None
+    assert "bins <= 128" in mi_module._limit_reason("triton", 200, "gaussian", radius)
+    x = torch.zeros(1)
+    with mock.patch.object(mi_module, "resolve", return_value="cuda"), \
+            mock.patch.object(mi_module, "call_reason", return_value=None):
+        assert mi_module._resolve("mi", None, x, 100, "gaussian", radius) == "triton"
+        assert mi_module._resolve("mi", None, x, 200, "gaussian", radius) == "torch"
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+            mi_module._resolve("mi", "cuda", x, 100, "gaussian", radius)
+
+
+def test_explicit_unavailable_backend_raises():
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        mutual_information(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), backend="cuda")
+
+
+# =========================================================================== bad input
+
+
+def _bad_calls():
+    x = torch.rand(2, 1, 5, 6)
+    return [
+        (dict(fixed=[1.0]), TypeError, "fixed must be a torch.Tensor, got list"),
+        (dict(moving=x.long()), TypeError, "moving must be a floating-point tensor"),
+        (dict(fixed=torch.rand(2, 5, 6)), ValueError, r"fixed must be \[B, 1, H, W\]"),
+        (dict(fixed=torch.rand(2, 2, 5, 6)), ValueError, r"fixed must be \[B, 1, H, W\]"),
+        (dict(moving=torch.rand(2, 1, 0, 6)), ValueError, "moving must not be empty"),
+        (dict(moving=torch.rand(2, 1, 5, 7)), ValueError, "fixed and moving must have the same spatial shape"),
+        (dict(moving=torch.rand(3, 1, 5, 6)), ValueError, "fixed and moving batch sizes must match or one must be 1, got 2 and 3"),
+        (dict(moving=x.double()), TypeError, "fixed and moving must have the same dtype"),
+        (dict(bins=1), ValueError, "bins must be >= 2, got 1"),
+        (dict(bins=8.0), TypeError, "bins must be an int, got float"),
+        (dict(kernel="box"), ValueError, "kernel must be 'gaussian' or 'bspline', got 'box'"),
+        (dict(sigma=0.0), ValueError, "sigma must be a finite number > 0, got 0.0"),
+        (dict(sigma="wide"), TypeError, "sigma must be a real number, got str"),
+        (dict(eps=-1.0), ValueError, "eps must be a finite number > 0"),
+        (dict(value_range=(1.0, 1.0)), ValueError, "value_range must have finite bounds with lo < hi"),
+        (dict(value_range=(0.0, float("inf"))), ValueError, r"value_range must have finite bounds with lo < hi, got \(0.0, inf\)"),
+        (dict(value_range=(0.0,)), ValueError, r"value_range must be None, \(lo, hi\)"),
+        (dict(value_range=((0.0, 1.0), (2.0, 1.0))), ValueError, "value_range must have finite bounds"),
+        (dict(value_range=("a", "b")), ValueError, "value_range must be None"),
+        (dict(mask=torch.ones(2, 1, 5, 7)), ValueError, r"mask must be \[B or 1, 1, \*S\]"),
+        (dict(mask=torch.ones(3, 1, 5, 6)), ValueError, r"mask must be \[B or 1, 1, \*S\]"),
+        (dict(mask=torch.ones(2, 1, 5, 6, dtype=torch.complex64)), TypeError, "mask must be a bool"),
+        (dict(mask="all"), TypeError, "mask must be a torch.Tensor"),
+        (dict(mask=torch.zeros(2, 1, 5, 6)), ValueError, r"mask selects no voxel .* \[0, 1\]"),
+        (dict(deterministic="yes"), TypeError, "deterministic must be None, True or False"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ]
+
+
+_BAD_CASES = [
+    pytest.param(fn, i, id=f"{fn.__name__}-{i}")
+    for fn in (mutual_information, nmi, joint_histogram)
+    for i, (change, _, _) in enumerate(_bad_calls())
+    if not (fn is joint_histogram and "eps" in change)  # joint_histogram takes no eps
+]
+
+
+@pytest.mark.parametrize(("fn", "case"), _BAD_CASES)
+def test_bad_input(fn, case):
+    change, exc, message = _bad_calls()[case]
+    args = dict(fixed=torch.rand(2, 1, 5, 6), moving=torch.rand(2, 1, 5, 6))
+    args.update(change)
+    fixed, moving = args.pop("fixed"), args.pop("moving")
+    with pytest.raises(exc, match=f"{fn.__name__}: {message}"):
+        fn(fixed, moving, **args)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="MutualInformationLoss: bins must be >= 2"):
+        MutualInformationLoss(bins=1)
+    with pytest.raises(TypeError, match="NMILoss: bins must be an int"):
+        NMILoss(bins="32")
+    with pytest.raises(ValueError, match="NMILoss: kernel must be"):
+        NMILoss(kernel="parzen")
+    with pytest.raises(TypeError, match="NMILoss: barrier must be a real number, got str"):
+        NMILoss(barrier="2")
+    with pytest.raises(ValueError, match="NMILoss: barrier must be a finite number"):
+        NMILoss(barrier=float("nan"))
+    with pytest.raises(ValueError, match="MutualInformationLoss: value_range must"):
+        MutualInformationLoss(value_range=(2.0, 1.0))
+    with pytest.raises(TypeError, match="NMILoss: deterministic must be"):
+        NMILoss(deterministic=1)
+
+
+# =========================================================================== GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("bins", [7, 32, 64])
+def test_gpu_vs_reference(gpu_backend, kernel, masked, bins, gen):
+    shape = (2, 1, 13, 17, 19)
+    f, g = _pair(gen, shape, torch.float32, "cuda")
+    mask = _mask(gen, shape, "cuda") if masked else None
+    ref = _ref_all(f, g, bins, kernel, mask=mask)
+    with poisoned_empty():
+        ours = _ours_all(f, g, bins, kernel, gpu_backend, mask=mask)
+    _compare(ours, ref, torch.float32, f"{gpu_backend} {kernel}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=DTYPE_IDS.get)
+def test_gpu_half(gpu_backend, dtype, gen):
+    f, g = _pair(gen, (2, 1, 33, 35), dtype, "cuda")
+    _compare(_ours_all(f, g, 32, "gaussian", gpu_backend), _ref_all(f, g, 32, "gaussian"),
+             dtype, gpu_backend)
+
+
+@pytest.mark.cuda
+def test_gpu_bitwise_repeatable_and_nan(gpu_backend, gen):
+    f, g = _pair(gen, (2, 1, 40, 50, 60), torch.float32, "cuda")
+    runs = []
+    for _ in range(3):
+        fr = f.clone().requires_grad_()
+        mutual_information(fr, g, backend=gpu_backend).sum().backward()
+        runs.append((joint_histogram(f, g, backend=gpu_backend), fr.grad))
+    for p, grad in runs[1:]:
+        assert torch.equal(p, runs[0][0]) and torch.equal(grad, runs[0][1])
+    f[0, 0, 1, 2, 3] = float("nan")
+    value = mutual_information(f, g, backend=gpu_backend)
+    assert bool(value[0].isnan()) and bool(torch.isfinite(value[1]))
+
+
+@pytest.mark.cuda
+def test_gpu_peak_memory_does_not_grow_with_voxels(gpu_backend, gen):
+    """Peak extra memory of forward + backward, minus the inputs' gradient tensors (and the
+    per-block partial histograms, whose count is capped) is the same at 4M and 16M voxels."""
+    extras = []
+    for shape in ((1, 1, 64, 256, 256), (1, 1, 256, 256, 256)):
+        f, g = _pair(gen, shape, torch.float32, "cuda")
+        f.requires_grad_()
+        g.requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        mutual_information(f, g, backend=gpu_backend).sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - f.grad.nbytes - g.grad.nbytes
+        extras.append(extra)
+        del f, g
+    assert extras[1] <= extras[0] + (1 << 20), extras
+    assert extras[1] <= 100 << 20, extras

@@ -1,0 +1,562 @@
+"""Tests of ``sobel`` and ``sobel_l1``: every backend against the reference, cross-checks
+against ``scipy.ndimage.sobel`` per (batch, channel) slice, analytic identities, the fused
+loss against its unfused composition, gradients (gradcheck in float64, kernels against the
+reference's autograd), determinism, the module, ``torch.compile`` and every validation
+message.
+
+Conventions pinned here (DESIGN.md): component i = [-1, 0, 1] along spatial axis i times
+[1, 2, 1] along the others, unnormalised; "replicate" = SciPy mode "nearest", "zeros" =
+SciPy mode "constant"; each (batch, channel) volume on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from conftest import (
+    assert_close_verbose,
+    backend_params,
+    backend_reason,
+    poisoned_empty,
+    rand,
+    randn,
+    require_backend,
+)
+from mrus_kernels import SobelL1Loss, reference, sobel, sobel_l1
+
+sobel_module = importlib.import_module("mrus_kernels.sobel")
+
+PADDINGS = ("replicate", "zeros")
+OUTPUTS = ("magnitude", "components")
+REDUCTIONS = ("mean", "sum", "none")
+SCIPY_MODE = {"replicate": "nearest", "zeros": "constant"}
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+BACKENDS = backend_params(("torch", "cpu", "triton"))
+FAST_BACKENDS = backend_params(("torch", "cpu"))  # float64-capable, cheap: the sweeps
+KERNEL_BACKENDS = backend_params(("cpu", "triton"))
+
+# Odd sizes, batch > 1, channels > 1. The Triton interpreter is slow: it gets small volumes
+# (its backward recomputes each neighbour's Sobel).
+SHAPES = {2: (2, 3, 13, 11), 3: (2, 3, 7, 9, 11)}
+TRITON_SHAPES = {2: (2, 2, 5, 6), 3: (1, 1, 3, 4, 4)}
+
+
+def _sweep(combos: list[tuple], triton_combos: list[tuple]) -> list:
+    """Every combination on torch and cpu; the interpreted Triton backend (slow) on a few
+    representative ones."""
+    params = []
+    for p in FAST_BACKENDS:
+        params += [pytest.param(*p.values, *c, marks=p.marks, id="-".join(map(str, (p.id, *c))))
+                   for c in combos]
+    for p in backend_params(("triton",)):
+        params += [pytest.param(*p.values, *c, marks=p.marks, id="-".join(map(str, (p.id, *c))))
+                   for c in triton_combos]
+    return params
+
+
+def _shape(backend: str, ndim: int) -> tuple[int, ...]:
+    return (TRITON_SHAPES if backend == "triton" else SHAPES)[ndim]
+
+
+def _dtype_for(backend: str) -> torch.dtype:
+    """The most precise dtype the backend runs (float64 where it can)."""
+    return torch.float64 if backend_reason(backend, "cpu", torch.float64) is None else torch.float32
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _scipy_components(x: torch.Tensor, padding: str) -> torch.Tensor:
+    """scipy.ndimage.sobel per (batch, channel) volume and axis: [B, C, ndim, *S], float64."""
+    a = x.detach().double().cpu().numpy()
+    ndim = a.ndim - 2
+    out = np.empty(a.shape[:2] + (ndim,) + a.shape[2:])
+    for b in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            for i in range(ndim):
+                out[b, c, i] = ndimage.sobel(a[b, c], axis=i, mode=SCIPY_MODE[padding], cval=0.0)
+    return torch.from_numpy(out)
+
+
+# =========================================================================== sobel forward
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sobel_matches_reference(backend, ndim, output, padding, gen, poison):
+    dtype = _dtype_for(backend)
+    x = rand(gen, *_shape(backend, ndim), dtype=dtype)
+    out = sobel(x, output=output, padding=padding, backend=backend)
+    expected = reference.sobel(x, output, padding)
+    assert out.dtype == dtype
+    assert_close_verbose(out, expected, dtype, name=f"sobel {output}")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sobel_matches_scipy(backend, ndim, padding, gen):
+    """Every component equals scipy.ndimage.sobel of each (batch, channel) volume."""
+    dtype = _dtype_for(backend)
+    x = randn(gen, *_shape(backend, ndim), dtype=dtype)
+    comps = sobel(x, output="components", padding=padding, backend=backend)
+    expected = _scipy_components(x, padding)
+    assert comps.shape == expected.shape
+    assert_close_verbose(comps, expected.to(dtype), dtype, name="components vs scipy")
+    mag = sobel(x, padding=padding, eps=1e-6, backend=backend)
+    assert_close_verbose(mag, (expected.pow(2).sum(2) + 1e-6).sqrt().to(dtype), dtype,
+                         name="magnitude vs scipy")
+
+
+def test_scipy_on_the_whole_array_mixes_batch_and_channels(gen):
+    """Why the comparison is per slice: scipy on [B, C, *S] also smooths across B and C."""
+    x = randn(gen, 2, 3, 5, 6, dtype=torch.float64)
+    whole = ndimage.sobel(x.numpy(), axis=2, mode="nearest")
+    ours = sobel(x, output="components", backend="torch")[:, :, 0]
+    assert (torch.from_numpy(whole) - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sobel_of_a_ramp_is_constant_inside(backend, ndim, padding):
+    """x = sum_i a_i * index_i: component i = 2 a_i 4**(ndim - 1) at every interior voxel."""
+    dtype = _dtype_for(backend)
+    shape = _shape(backend, ndim)
+    slopes = (0.5, -1.25, 2.0)[:ndim]
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape[2:]],
+                          indexing="ij")
+    ramp = sum(a * ax for a, ax in zip(slopes, axes))
+    x = ramp.expand(shape).to(dtype).contiguous()
+    comps = sobel(x, output="components", padding=padding, backend=backend)
+    inner = (slice(None),) * 3 + (slice(1, -1),) * ndim
+    for i, a in enumerate(slopes):
+        got = comps[:, :, i][inner[:2] + inner[3:]]
+        assert got.numel() > 0
+        expected = torch.full_like(got, 2 * a * 4 ** (ndim - 1))
+        assert_close_verbose(got, expected, dtype, name=f"component {i}")
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [
+    *[pytest.param(*p.values, d, marks=p.marks, id=f"{p.id}-{DTYPE_IDS[d]}")
+      for p in backend_params(("cpu",)) for d in (torch.float16, torch.bfloat16)],
+    *[pytest.param(*p.values, torch.bfloat16, marks=p.marks, id=f"{p.id}-bf16")
+      for p in backend_params(("triton",))],
+])
+def test_half_types_accumulate_in_float32(backend, dtype, gen):
+    ndim = 2 if backend == "triton" else 3  # the interpreter is slow
+    x = rand(gen, *_shape(backend, ndim), dtype=dtype)
+    y = rand(gen, *_shape(backend, ndim), dtype=dtype)
+    for output in OUTPUTS:
+        out = sobel(x, output=output, backend=backend)
+        assert out.dtype == dtype
+        assert_close_verbose(out, reference.sobel(x.double(), output).to(dtype), dtype)
+    f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = sobel_l1(f1, f0, backend=backend)
+    assert loss.dtype == dtype
+    r1, r0 = x.double().requires_grad_(), y.double().requires_grad_()
+    expected = reference.sobel_l1(r1, r0)
+    assert_close_verbose(loss, expected.to(dtype), dtype)
+    g = _grads(loss, (f1, f0), None)
+    e = _grads(expected, (r1, r0), None)
+    for name, a, b in zip(("f1", "f0"), g, e):
+        assert a.dtype == dtype
+        assert_close_verbose(a, b.to(dtype), dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_non_contiguous_inputs(backend, gen):
+    base = rand(gen, 3, 2, 9, 7, 11, dtype=torch.float64)
+    x = base.transpose(2, 4)[::2]  # [2, 2, 11, 7, 9], non-contiguous
+    y = rand(gen, *x.shape, dtype=torch.float64).transpose(3, 4).contiguous().transpose(3, 4)
+    assert not x.is_contiguous()
+    out = sobel(x, output="components", backend=backend)
+    assert_close_verbose(out, reference.sobel(x.contiguous(), "components"), torch.float64)
+    loss = sobel_l1(x, y[:, :, :, :, :], backend=backend)
+    assert_close_verbose(loss, reference.sobel_l1(x.contiguous(), y.contiguous()), torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 5, 6), (1, 2, 4, 1, 3), (2, 1, 3, 4, 1),
+                                   (1, 1, 1, 1), (1, 1, 5, 1), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_size_one_axes(shape, padding, gen):
+    """A size-1 axis: replicate reads the voxel itself on both sides (derivative 0)."""
+    require_backend("cpu", "cpu", torch.float64)
+    x = rand(gen, *shape, dtype=torch.float64)
+    y = rand(gen, *shape, dtype=torch.float64)
+    assert_close_verbose(sobel(x, output="components", padding=padding, backend="cpu"),
+                         _scipy_components(x, padding), torch.float64)
+    f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    r1, r0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = sobel_l1(f1, f0, padding=padding, reduction="sum", backend="cpu")
+    expected = reference.sobel_l1(r1, r0, padding, 1e-6, "sum")
+    assert_close_verbose(loss, expected, torch.float64)
+    for a, b in zip(_grads(loss, (f1, f0), None), _grads(expected, (r1, r0), None)):
+        assert_close_verbose(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_propagates_as_in_the_reference(backend, gen):
+    """A NaN voxel makes its 26 neighbours NaN (the centre tap is 0 in every component, so
+    the voxel itself stays finite, as in the reference); other channels stay finite."""
+    x = rand(gen, 1, 2, 5, 6, 7)
+    x[0, 1, 2, 3, 3] = float("nan")
+    for output in OUTPUTS:
+        out = sobel(x, output=output, backend=backend)
+        expected = reference.sobel(x, output)
+        nan = expected.isnan().any(2) if output == "components" else expected.isnan()
+        assert int(nan.sum()) == 26 and not bool(nan[0, 0].any())
+        assert_close_verbose(out, expected, torch.float32, name=output)
+
+
+# =========================================================================== sobel backward
+
+
+@pytest.mark.parametrize(("backend", "ndim", "output", "padding"), [
+    p for p in _sweep(
+        [(n, o, pad) for n in (2, 3) for o in OUTPUTS for pad in PADDINGS],
+        [(3, "magnitude", "replicate"), (2, "magnitude", "zeros"), (3, "components", "zeros"),
+         (2, "components", "replicate")],
+    ) if not p.id.startswith("torch")
+])
+def test_sobel_backward_matches_reference(backend, ndim, output, padding, gen):
+    dtype = _dtype_for(backend)
+    x = rand(gen, *_shape(backend, ndim), dtype=dtype)
+    ref_x, ker_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = reference.sobel(ref_x, output, padding)
+    grad_out = randn(gen, *expected.shape, dtype=dtype)
+    (e,) = _grads(expected, (ref_x,), grad_out)
+    with poisoned_empty():
+        (g,) = _grads(sobel(ker_x, output=output, padding=padding, backend=backend), (ker_x,),
+                      grad_out)
+    assert_close_verbose(g, e, dtype, name=f"d x ({output})")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_sobel_gradcheck(backend, ndim, output, padding, gen):
+    x = rand(gen, *((1, 2, 3, 3, 4) if ndim == 3 else (2, 2, 4, 5)), dtype=torch.float64)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: sobel(t, output=output, padding=padding, backend=backend), (x,)
+    )
+
+
+# =========================================================================== sobel_l1
+
+
+@pytest.mark.parametrize(("backend", "ndim", "padding", "reduction"), _sweep(
+    [(n, pad, r) for n in (2, 3) for pad in PADDINGS for r in REDUCTIONS],
+    [(3, "replicate", "mean"), (2, "zeros", "none"), (2, "replicate", "sum")],
+))
+def test_l1_equals_unfused_composition(backend, ndim, padding, reduction, gen):
+    """sobel_l1 = reduce(|sobel(f1) - sobel(f0)|), and its gradients match the reference's
+    autograd, for both inputs."""
+    dtype = _dtype_for(backend)
+    shape = _shape(backend, ndim)
+    x, y = rand(gen, *shape, dtype=dtype), rand(gen, *shape, dtype=dtype)
+    f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    r1, r0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    with poisoned_empty():
+        loss = sobel_l1(f1, f0, padding=padding, reduction=reduction, backend=backend)
+    d = (reference.sobel(r1, "magnitude", padding) - reference.sobel(r0, "magnitude", padding))
+    expected = {"mean": d.abs().mean(), "sum": d.abs().sum(), "none": d.abs()}[reduction]
+    assert loss.shape == expected.shape and loss.dtype == dtype
+    assert_close_verbose(loss, expected, dtype, name="loss")
+    grad_out = randn(gen, *expected.shape, 1, dtype=dtype)[..., 0]  # [] for the scalars
+    with poisoned_empty():
+        g = _grads(loss, (f1, f0), grad_out)
+    e = _grads(expected, (r1, r0), grad_out)
+    for name, a, b in zip(("f1", "f0"), g, e):
+        assert_close_verbose(a, b, dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_l1_gradcheck(backend, ndim, padding, reduction, gen):
+    shape = (1, 2, 3, 3, 4) if ndim == 3 else (2, 1, 4, 5)
+    f1 = rand(gen, *shape, dtype=torch.float64).requires_grad_()
+    f0 = rand(gen, *shape, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: sobel_l1(a, b, padding=padding, reduction=reduction, backend=backend),
+        (f1, f0),
+    )
+
+
+@pytest.mark.parametrize(("backend", "which"), [
+    *[pytest.param(*p.values, "f1", marks=p.marks, id=f"{p.id}-f1") for p in KERNEL_BACKENDS],
+    *[pytest.param(*p.values, w, marks=p.marks, id=f"{p.id}-{w}")
+      for p in backend_params(("cpu",)) for w in ("f0", "both")],
+])
+def test_l1_gradients_only_for_inputs_that_need_them(backend, which, gen):
+    shape = _shape(backend, 2)
+    x, y = rand(gen, *shape), rand(gen, *shape)
+    full1, full0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    full = _grads(sobel_l1(full1, full0, backend=backend), (full1, full0), None)
+    f1, f0 = x.clone().requires_grad_(which != "f0"), y.clone().requires_grad_(which != "f1")
+    calls = []
+    real = sobel_module.launch_backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[-2:])  # (need_x, need_x0)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(sobel_module, "launch_backward", side_effect=spy):
+        sobel_l1(f1, f0, backend=backend).backward()
+    assert calls == [(f1.requires_grad, f0.requires_grad)]
+    for t, ref in ((f1, full[0]), (f0, full[1])):
+        assert (t.grad is not None) == t.requires_grad
+        if t.requires_grad:
+            assert torch.equal(t.grad, ref)
+
+
+def test_l1_is_deterministic_across_thread_counts(gen):
+    """Per-slice partial sums added in a fixed order: bitwise the same with 1 or 2 threads."""
+    require_backend("cpu", "cpu", torch.float32)
+    x, y = rand(gen, 2, 4, 17, 9, 10), rand(gen, 2, 4, 17, 9, 10)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+            loss = sobel_l1(f1, f0, backend="cpu")
+            loss.backward()
+            results.append((loss.detach(), f1.grad, f0.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_l1_of_identical_inputs_is_zero_with_zero_gradient(gen):
+    require_backend("cpu", "cpu", torch.float32)
+    x = rand(gen, 1, 3, 5, 6, 7)
+    f1, f0 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = sobel_l1(f1, f0, backend="cpu")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(f1.grad, torch.zeros_like(x)) and torch.equal(f0.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_module(backend, gen):
+    x, y = rand(gen, 1, 4, 5, 6, 7), rand(gen, 1, 4, 5, 6, 7)
+    loss_fn = SobelL1Loss(padding="zeros", reduction="sum", backend=backend)
+    assert "padding='zeros'" in repr(loss_fn) and "reduction='sum'" in repr(loss_fn)
+    assert_close_verbose(loss_fn(x, y), reference.sobel_l1(x, y, "zeros", 1e-6, "sum"),
+                         torch.float32)
+    assert_close_verbose(SobelL1Loss(backend=backend)(x, y), reference.sobel_l1(x, y),
+                         torch.float32)
+
+
+# =========================================================================== torch.compile
+
+
+# Inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph(gen):
+    """sobel and sobel_l1 under torch.compile(fullgraph=True): no graph break; forward and
+    backward as in eager mode."""
+    require_backend("cpu", "cpu", torch.float32)
+    x, y = rand(gen, 2, 3, 5, 6, 7), rand(gen, 2, 3, 5, 6, 7)
+
+    def loss(f1, f0):
+        edges = sobel(f1, output="components", backend="cpu")
+        total = sobel_l1(f1, f0, backend="cpu") + (edges * edges).mean()
+        return edges, total + sobel(f0, backend="cpu").mean()
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(loss, fullgraph=True)
+        results = []
+        for fn in (loss, compiled):
+            a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+            edges, total = fn(a, b)
+            total.backward()
+            results.append((edges.detach(), total.detach(), a.grad, b.grad))
+    finally:
+        torch._dynamo.reset()
+    for name, eager, comp in zip(("edges", "loss", "d f1", "d f0"), *results):
+        assert_close_verbose(comp, eager, torch.float32, name=name)
+
+
+# =========================================================================== bad input
+
+X2 = torch.ones(1, 2, 4, 5)
+X3 = torch.ones(1, 2, 3, 4, 5)
+
+BAD_INPUTS = {
+    "x-not-tensor": (lambda: sobel([[1.0]]), TypeError,
+                     r"sobel: x must be a torch\.Tensor, got list"),
+    "x-int": (lambda: sobel(X2.long()), TypeError,
+              r"sobel: x must be a floating-point tensor .*got torch\.int64"),
+    "x-bool": (lambda: sobel(X2.bool()), TypeError, r"sobel: x .*got torch\.bool"),
+    "x-rank-3": (lambda: sobel(torch.ones(2, 4, 5)), ValueError,
+                 (r"sobel: x must be \[B, C, H, W\] \(2D\) or \[B, C, D, H, W\] \(3D\), got "
+                  r"shape \(2, 4, 5\)")),
+    "x-rank-6": (lambda: sobel(torch.ones(1, 1, 2, 3, 4, 5)), ValueError,
+                 r"sobel: x must be .*got shape \(1, 1, 2, 3, 4, 5\)"),
+    "x-empty": (lambda: sobel(torch.ones(1, 0, 4, 5)), ValueError,
+                r"sobel: x must not be empty, got shape \(1, 0, 4, 5\)"),
+    "output": (lambda: sobel(X2, output="gradient"), ValueError,
+               r"sobel: output must be 'magnitude' or 'components', got 'gradient'"),
+    "output-none": (lambda: sobel(X2, output=None), ValueError,
+                    r"sobel: output must be .*got None"),
+    "padding": (lambda: sobel(X3, padding="reflect"), ValueError,
+                r"sobel: padding must be 'replicate' or 'zeros', got 'reflect'"),
+    "padding-border": (lambda: sobel(X3, padding="border"), ValueError,
+                       r"sobel: padding must be 'replicate' or 'zeros', got 'border'"),
+    "eps-str": (lambda: sobel(X2, eps="1e-6"), TypeError,
+                r"sobel: eps must be a float, got str '1e-6'"),
+    "eps-bool": (lambda: sobel(X2, eps=True), TypeError, r"sobel: eps must be a float, got bool"),
+    "eps-zero": (lambda: sobel(X2, eps=0.0), ValueError,
+                 r"sobel: eps must be positive and finite .*got 0\.0"),
+    "eps-negative": (lambda: sobel(X2, eps=-1e-3), ValueError,
+                     r"sobel: eps must be positive and finite .*got -0\.001"),
+    "eps-nan": (lambda: sobel(X2, eps=float("nan")), ValueError,
+                r"sobel: eps must be positive and finite .*got nan"),
+    "eps-inf": (lambda: sobel(X2, eps=float("inf")), ValueError,
+                r"sobel: eps must be positive and finite .*got inf"),
+    "backend": (lambda: sobel(X2, backend="numpy"), ValueError,
+                r"sobel: backend must be one of torch, cpu, triton, cuda, auto, got 'numpy'"),
+    # sobel_l1
+    "f1-not-tensor": (lambda: sobel_l1(np.ones((1, 2, 4, 5)), X2), TypeError,
+                      r"sobel_l1: f1 must be a torch\.Tensor, got ndarray"),
+    "f0-not-tensor": (lambda: sobel_l1(X2, 1.0), TypeError,
+                      r"sobel_l1: f0 must be a torch\.Tensor, got float"),
+    "f1-int": (lambda: sobel_l1(X2.int(), X2), TypeError,
+               r"sobel_l1: f1 must be a floating-point tensor .*got torch\.int32"),
+    "f0-int": (lambda: sobel_l1(X2, X2.to(torch.uint8)), TypeError,
+               r"sobel_l1: f0 must be a floating-point tensor .*got torch\.uint8"),
+    "f1-rank": (lambda: sobel_l1(torch.ones(4, 5), torch.ones(4, 5)), ValueError,
+                r"sobel_l1: f1 must be \[B, C, H, W\] .*got shape \(4, 5\)"),
+    "f1-empty": (lambda: sobel_l1(torch.ones(0, 2, 4, 5), torch.ones(0, 2, 4, 5)), ValueError,
+                 r"sobel_l1: f1 must not be empty, got shape \(0, 2, 4, 5\)"),
+    "shape": (lambda: sobel_l1(X2, torch.ones(1, 2, 4, 6)), ValueError,
+              (r"sobel_l1: f1 and f0 must have the same shape, got \(1, 2, 4, 5\) and "
+               r"\(1, 2, 4, 6\)")),
+    "shape-batch": (lambda: sobel_l1(X2, torch.ones(2, 2, 4, 5)), ValueError,
+                    r"sobel_l1: f1 and f0 must have the same shape, got \(1, 2, 4, 5\) and "
+                    r"\(2, 2, 4, 5\)"),
+    "rank-mismatch": (lambda: sobel_l1(X3, X2), ValueError,
+                      r"sobel_l1: f1 and f0 must have the same shape"),
+    "dtype": (lambda: sobel_l1(X2, X2.double()), TypeError,
+              r"sobel_l1: f1 and f0 must have the same dtype, got torch\.float32 and torch\.float64"),
+    "device": (lambda: sobel_l1(X2, X2.to("meta")), ValueError,
+               r"sobel_l1: f1 and f0 must be on the same device, got cpu and meta"),
+    "l1-padding": (lambda: sobel_l1(X2, X2, padding="nearest"), ValueError,
+                   r"sobel_l1: padding must be 'replicate' or 'zeros', got 'nearest'"),
+    "reduction": (lambda: sobel_l1(X2, X2, reduction="max"), ValueError,
+                  r"sobel_l1: reduction must be 'mean' or 'sum' or 'none', got 'max'"),
+    "l1-eps": (lambda: sobel_l1(X2, X2, eps=0), ValueError,
+               r"sobel_l1: eps must be positive and finite .*got 0"),
+    "module-padding": (lambda: SobelL1Loss(padding="reflect"), ValueError,
+                       r"SobelL1Loss: padding must be 'replicate' or 'zeros', got 'reflect'"),
+    "module-reduction": (lambda: SobelL1Loss(reduction="avg"), ValueError,
+                         r"SobelL1Loss: reduction must be .*got 'avg'"),
+    "module-eps": (lambda: SobelL1Loss(eps=-1.0), ValueError,
+                   r"SobelL1Loss: eps must be positive and finite .*got -1\.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case):
+    call, exc, message = BAD_INPUTS[case]
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_validation_runs_before_dispatch(monkeypatch):
+    """Bad input is reported as bad input whichever backend was asked for."""
+    monkeypatch.setenv("MRUS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="sobel_l1: reduction must be"):
+        sobel_l1(X2, X2, reduction="max")
+
+
+def test_explicit_backend_errors():
+    if backend_reason("cuda", "cpu") is not None:
+        with pytest.raises(RuntimeError, match=r"sobel: backend 'cuda' cannot serve this call"):
+            sobel(X2, backend="cuda")
+        with pytest.raises(RuntimeError, match=r"sobel_l1: backend 'cuda' cannot serve"):
+            sobel_l1(X2, X2, backend="cuda")
+
+
+# =========================================================================== GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_gpu_matches_reference(gpu_backend, dtype, ndim, padding, gen):
+    shape = SHAPES[ndim]
+    x = rand(gen, *shape, dtype=dtype, device="cuda")
+    y = rand(gen, *shape, dtype=dtype, device="cuda")
+    for output in OUTPUTS:
+        ker_x, ref_x = x.clone().requires_grad_(), x.double().requires_grad_()
+        with poisoned_empty():
+            out = sobel(ker_x, output=output, padding=padding, backend=gpu_backend)
+        expected = reference.sobel(ref_x, output, padding)
+        assert out.dtype == dtype and out.device == x.device
+        assert_close_verbose(out, expected, dtype, name=output)
+        grad_out = randn(gen, *expected.shape, device="cuda")
+        with poisoned_empty():
+            (g,) = _grads(out, (ker_x,), grad_out.to(dtype))
+        (e,) = _grads(expected, (ref_x,), grad_out.double())
+        assert_close_verbose(g, e, dtype, name=f"d x ({output})")
+    for reduction in REDUCTIONS:
+        f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+        r1, r0 = x.double().requires_grad_(), y.double().requires_grad_()
+        with poisoned_empty():
+            loss = sobel_l1(f1, f0, padding=padding, reduction=reduction, backend=gpu_backend)
+        expected = reference.sobel_l1(r1, r0, padding, 1e-6, reduction)
+        assert_close_verbose(loss, expected, dtype, name=f"loss {reduction}")
+        grad_out = randn(gen, *expected.shape, 1, device="cuda")[..., 0]
+        with poisoned_empty():
+            g = _grads(loss, (f1, f0), grad_out.to(dtype))
+        e = _grads(expected, (r1, r0), grad_out.double())
+        for name, a, b in zip(("f1", "f0"), g, e):
+            assert_close_verbose(a, b, dtype, name=f"grad {name} ({reduction})")
+
+
+@pytest.mark.cuda
+def test_gpu_large_and_deterministic(gpu_backend, gen):
+    """Sizes beyond one tile / block in every axis; two runs bitwise equal."""
+    x = rand(gen, 2, 3, 37, 45, 70, device="cuda")
+    y = rand(gen, 2, 3, 37, 45, 70, device="cuda")
+    runs = []
+    for _ in range(2):
+        f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+        loss = sobel_l1(f1, f0, backend=gpu_backend)
+        loss.backward()
+        runs.append((loss.detach(), f1.grad, f0.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    r1, r0 = x.double().requires_grad_(), y.double().requires_grad_()
+    expected = reference.sobel_l1(r1, r0)
+    assert_close_verbose(runs[0][0], expected, torch.float32)
+    for a, b in zip(runs[0][1:], _grads(expected, (r1, r0), None)):
+        assert_close_verbose(a, b, torch.float32)
+
+
+@pytest.mark.cuda
+def test_gpu_float64_rejected(gpu_backend):
+    with pytest.raises(RuntimeError, match="float64 runs on the torch and cpu backends only"):
+        sobel(X2.double().cuda(), backend=gpu_backend)
