@@ -1,0 +1,426 @@
+"""The ``mrus`` command: ``info``, ``demo``, ``register`` and ``bench``.
+
+Bad input (a missing file, a 4D image, images of different dimension, an unknown option
+value) ends with one ``mrus: error: ...`` line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+#: Registration settings of the demo per resolution (mm): the pyramid is the same in mm
+#: (8 mm and 4 mm grids, plus a 2 mm level at 1 mm), the velocity lives on the 8 mm grid's
+#: spacing or finer, so that 2 mm runs in well under a minute on two CPU cores.
+DEMO_SETTINGS = {
+    2: dict(levels=(4, 2), iterations=(100, 40), velocity_factor=4),
+    1: dict(levels=(8, 4, 2), iterations=(100, 40, 20), velocity_factor=8),
+}
+DEMO_COMMON = dict(similarity="mi", transform="affine+svf", smoothness=50.0,
+                   velocity_sigma=1.5)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _fail(message: str) -> int:
+    print(f"mrus: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cmd_info(args) -> int:
+    from mrus_kernels.info import info_lines
+
+    from . import __version__
+
+    print("\n".join([f"mrus_models  {__version__}"] + info_lines()))
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def _dice(a, b, label: int) -> float:
+    x, y = a == label, b == label
+    denom = int(x.sum()) + int(y.sum())
+    return 2.0 * int((x & y).sum()) / denom if denom else float("nan")
+
+
+def _endpoint_errors(ddf, truth, affine, region):
+    """(mean, 95th percentile) of |ddf - truth| in mm over ``region`` [1, 1, *S] bool."""
+    import torch
+
+    from mrus_kernels import ddf_to_mm
+
+    err = ddf_to_mm((ddf - truth).double(), torch.from_numpy(affine).to(ddf.device))
+    err = err.square().sum(1).sqrt()[region[:, 0]].float().cpu()
+    return float(err.mean()), float(torch.quantile(err, 0.95))
+
+
+def _timed_reference(pair_fixed, pair_moving, settings, result, device, moving_mask,
+                     fixed_mask, iterations: int, progress: bool):
+    """Seconds per iteration of each stage of ``result`` on the plain-PyTorch ``torch``
+    backend, from ``iterations`` iterations per stage (a full reference run would take
+    minutes): the estimated reference wall time of the same run."""
+    from .register import register
+
+    short = dict(settings)
+    short["iterations"] = tuple(iterations for _ in settings["levels"])
+    ref = register(pair_fixed, pair_moving, device=device, backend="torch", progress=progress,
+                   moving_mask=moving_mask, fixed_mask=fixed_mask, **short)
+    per_it = {(s["stage"], s["factor"]): s["seconds"] / max(1, s["iterations"])
+              for s in ref.stages}
+    return sum(per_it[(s["stage"], s["factor"])] * s["iterations"] for s in result.stages)
+
+
+def _save_png(path, pair, warped, ddf, spacing) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from mrus_kernels import ddf_to_mm
+
+    affine = torch.from_numpy(pair.affine)
+    truth_mm = ddf_to_mm(pair.truth.ddf.double(), affine).square().sum(1).sqrt()[0]
+    found_mm = ddf_to_mm(ddf.detach().cpu().double(), affine).square().sum(1).sqrt()[0]
+    fixed, moving, warped_ = (t[0, 0].detach().cpu().float() for t in
+                              (pair.fixed, pair.moving, warped))
+
+    def norm(x):
+        hi = float(torch.quantile(x.flatten()[:: max(1, x.numel() // 500_000)], 0.995))
+        return (x / max(hi, 1e-6)).clamp(0, 1)
+
+    fixed, moving, warped_ = norm(fixed), norm(moving), norm(warped_)
+    size = fixed.shape
+    tiles = torch.stack(torch.meshgrid(*[torch.arange(n) // 8 for n in size], indexing="ij"))
+    checker = torch.where(tiles.sum(0) % 2 == 0, fixed, warped_)
+    vmax = float(max(truth_mm.max(), found_mm.max()))
+    columns = [("fixed (T1)", fixed, "gray", 1), (f"moving ({pair.modality})", moving, "gray", 1),
+               ("warped moving", warped_, "gray", 1), ("checkerboard", checker, "gray", 1),
+               ("|true ddf| mm", truth_mm, "magma", vmax),
+               ("|recovered ddf| mm", found_mm, "magma", vmax)]
+    centre = [n // 2 for n in size]
+    views = [("sagittal", 0), ("coronal", 1), ("axial", 2)]
+    fig, axes = plt.subplots(3, len(columns), figsize=(3 * len(columns), 9))
+    for r, (view, axis) in enumerate(views):
+        for c, (title, vol, cmap, vm) in enumerate(columns):
+            sl = vol.select(axis, centre[axis]).T.numpy()
+            ax = axes[r, c]
+            im = ax.imshow(sl, origin="lower", cmap=cmap, vmin=0, vmax=vm)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(view)
+            if c == len(columns) - 1 and r == 0:
+                fig.colorbar(im, ax=axes[:, -2:].ravel().tolist(), shrink=0.6, label="mm")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from mrus_kernels import folding_fraction, warp
+
+    from .data import LABELS, default_pair, write_displacement, write_nifti
+    from .register import register
+
+    device = _device(args.device)
+    progress = not args.quiet
+    t_start = time.perf_counter()
+    pair = default_pair(args.modality, resolution=args.resolution, seed=args.seed,
+                        max_displacement=args.max_displacement)
+    t_data = time.perf_counter() - t_start
+    settings = dict(DEMO_COMMON, **DEMO_SETTINGS[args.resolution])
+    if args.iterations is not None:
+        settings["iterations"] = tuple(args.iterations)
+    fixed, moving = pair.fixed.to(device), pair.moving.to(device)
+    moving_mask = pair.moving_fov.to(device) if args.modality == "us" else None
+    # Warm-up on a tiny pair: the first call of each op pays one-off set-up costs
+    # (library loading, dispatch caches) that are no part of the registration's speed.
+    tiny = torch.rand(1, 1, 8, 8, 8, device=device)
+    register(tiny, tiny, levels=(1,), iterations=1, progress=False)
+    result = register(fixed, moving, device=device, progress=progress, moving_mask=moving_mask,
+                      **settings)
+    n_it = result.iterations
+
+    ref_seconds = None
+    if not args.no_compare:
+        ref_seconds = _timed_reference(fixed, moving, settings, result, device, moving_mask,
+                                       None, args.compare_iterations, progress)
+
+    ddf = result.ddf
+    truth = pair.truth.ddf.to(device)
+    labels_after = warp(pair.moving_labels.to(device).float(), ddf, mode="nearest").long()
+    fixed_labels = pair.fixed_labels.to(device)
+    moving_labels = pair.moving_labels.to(device)
+    brain = pair.fixed_mask.to(device)
+    before = _endpoint_errors(torch.zeros_like(truth), truth, pair.affine, brain)
+    after = _endpoint_errors(ddf, truth, pair.affine, brain)
+    folding = float(folding_fraction(ddf)[0])
+
+    print(f"mrus demo: MNI152 T1 (fixed) vs simulated {args.modality.upper()} under a known "
+          f"warp (moving), {args.resolution} mm, grid {tuple(pair.fixed.shape[2:])}, "
+          f"device {device}, {torch.get_num_threads()} CPU threads")
+    print(f"  transform {settings['transform']}, similarity MI, levels {settings['levels']}, "
+          f"iterations {settings['iterations']}")
+    print(f"  {'':22}{'before':>10}{'after':>10}")
+    for k in (1, 2, 3):
+        print(f"  Dice {LABELS[k]:<17}{_dice(moving_labels, fixed_labels, k):10.3f}"
+              f"{_dice(labels_after, fixed_labels, k):10.3f}")
+    print(f"  {'EPE mean (mm, brain)':<22}{before[0]:10.2f}{after[0]:10.2f}"
+          f"   ({100 * (1 - after[0] / before[0]):.0f} % lower)")
+    print(f"  {'EPE p95 (mm, brain)':<22}{before[1]:10.2f}{after[1]:10.2f}")
+    if args.modality == "us":
+        seen = (warp(pair.moving_fov.to(device).float(), truth) > 0.5) & brain
+        b_fov = _endpoint_errors(torch.zeros_like(truth), truth, pair.affine, seen)
+        a_fov = _endpoint_errors(ddf, truth, pair.affine, seen)
+        print(f"  {'EPE mean (mm, fan)':<22}{b_fov[0]:10.2f}{a_fov[0]:10.2f}")
+    print(f"  folding fraction (det J <= 0): {folding:.2e}")
+    print(f"  registration {result.seconds:.2f} s, {n_it} iterations, "
+          f"{1e3 * result.seconds / max(1, n_it):.1f} ms/iteration; data {t_data:.2f} s")
+    if ref_seconds is not None:
+        print(f"  plain-PyTorch reference backend: {ref_seconds:.1f} s estimated for the same "
+              f"run ({args.compare_iterations} timed iterations per stage): mrus is "
+              f"{ref_seconds / result.seconds:.1f}x faster")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_nifti(out / "fixed.nii.gz", pair.fixed, pair.affine)
+    write_nifti(out / "moving.nii.gz", pair.moving, pair.affine)
+    write_nifti(out / "warped.nii.gz", result.warped.cpu(), pair.affine)
+    write_displacement(out / "ddf.nii.gz", ddf.cpu(), pair.affine)
+    write_displacement(out / "ddf_truth.nii.gz", pair.truth.ddf, pair.affine)
+    wrote = ["fixed.nii.gz", "moving.nii.gz", "warped.nii.gz", "ddf.nii.gz", "ddf_truth.nii.gz"]
+    if not args.no_png:
+        _save_png(out / "demo.png", pair, result.warped, ddf, pair.spacing)
+        wrote.append("demo.png")
+    print(f"  wrote {', '.join(wrote)} to {out}/ (total {time.perf_counter() - t_start:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- register
+
+
+def _grids_equal(a, b) -> bool:
+    import numpy as np
+
+    return tuple(a.data.shape[2:]) == tuple(b.data.shape[2:]) and \
+        np.allclose(a.affine_nd, b.affine_nd, atol=1e-4)
+
+
+def _fixed_to_moving(fixed, moving, device):
+    """Displacement [1, ndim, *S_fixed] in moving voxel units that takes each fixed voxel to
+    the same world point in the moving image: ``A_m⁻¹ A_f x - x``."""
+    import numpy as np
+    import torch
+
+    from .data import affine_ddf
+
+    m = np.linalg.inv(moving.affine_nd) @ fixed.affine_nd
+    return affine_ddf(torch.from_numpy(m), tuple(fixed.data.shape[2:]), device=device)
+
+
+def cmd_register(args) -> int:
+    import torch
+
+    from mrus_kernels import warp
+
+    from .data import read_nifti, write_displacement, write_nifti
+    from .register import register
+
+    device = _device(args.device)
+    fixed = read_nifti(args.fixed)
+    moving = read_nifti(args.moving)
+    if fixed.ndim != moving.ndim:
+        raise CLIError(
+            f"fixed and moving must have the same dimension, got a {fixed.ndim}D fixed image "
+            f"{tuple(fixed.data.shape[2:])} and a {moving.ndim}D moving image "
+            f"{tuple(moving.data.shape[2:])}"
+        )
+    for name, img in (("fixed", fixed), ("moving", moving)):
+        if min(img.data.shape[2:]) < 4:
+            raise CLIError(f"{name} image is too small to register: {tuple(img.data.shape[2:])}")
+    same = _grids_equal(fixed, moving)
+    to_moving = None
+    moving_on_fixed = moving.data.to(device)
+    if not same:
+        # One resampling into the fixed grid through the two affines; the final warped image
+        # is resampled once more from the original moving image, not from this copy.
+        to_moving = _fixed_to_moving(fixed, moving, device)
+        moving_on_fixed = warp(moving.data.to(device), to_moving)
+        if not args.quiet:
+            print(f"moving resampled from {tuple(moving.data.shape[2:])} into the fixed grid "
+                  f"{tuple(fixed.data.shape[2:])} through the two affines")
+    kw = {}
+    if args.levels is not None:
+        kw["levels"] = tuple(args.levels)
+    if args.iterations is not None:
+        kw["iterations"] = tuple(args.iterations) if len(args.iterations) > 1 else \
+            args.iterations[0]
+    result = register(fixed.data.to(device), moving_on_fixed, similarity=args.similarity,
+                      transform=args.transform, device=device, progress=not args.quiet,
+                      smoothness=args.smoothness, **kw)
+    ddf = result.ddf
+    if to_moving is None:
+        warped = result.warped
+    else:
+        # Moving voxel of fixed voxel x: M (x + u(x)) with M = A_m⁻¹ A_f.
+        import numpy as np
+
+        m = torch.from_numpy(np.linalg.inv(moving.affine_nd) @ fixed.affine_nd).to(
+            device=device, dtype=torch.float32)
+        n = ddf.shape[1]
+        total = to_moving + torch.einsum("ij,bj...->bi...", m[:n, :n], ddf)
+        warped = warp(moving.data.to(device), total)
+    write_nifti(args.output, warped.cpu(), fixed.affine)
+    if args.ddf:
+        write_displacement(args.ddf, ddf.cpu(), fixed.affine)
+    if not args.quiet:
+        print(f"registered in {result.seconds:.2f} s ({result.iterations} iterations), final "
+              f"loss {result.loss_history[-1]:.4f}; wrote {args.output}"
+              + (f" and {args.ddf}" if args.ddf else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args) -> int:
+    if args.quick:
+        from mrus_kernels import quickbench
+
+        quickbench.main([])
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None or \
+            importlib.util.find_spec("pytest_benchmark") is None:
+        raise CLIError('mrus bench needs pytest and pytest-benchmark: pip install "mrus[test]"')
+    import mrus_kernels
+
+    root = Path(mrus_kernels.__file__).resolve().parents[1] / "benchmarks"
+    if not root.is_dir():
+        raise CLIError(f"the benchmark suite is not next to this install (looked in {root}); "
+                       "run it from a source checkout, or use `mrus bench --quick`")
+    import pytest
+
+    extra = ["-q", "-p", "no:cacheprovider", "--benchmark-columns=min,median,max,rounds"]
+    if args.quiet:
+        extra.append("--benchmark-disable")
+    return int(pytest.main([str(root), *extra, *args.pytest_args]))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _positive_ints(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrus", description="Fast deformable multi-modal (MR/ultrasound) registration.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def quiet(p):
+        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars")
+
+    p = sub.add_parser("info", help="versions, backends and build flags")
+    quiet(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="register the default pair (MNI152 T1 vs simulated "
+                                    "modality under a known warp) and report accuracy")
+    quiet(p)
+    p.add_argument("--modality", choices=("t2", "us"), default="t2",
+                   help="simulated moving modality: T2-like MR or pseudo-ultrasound")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--resolution", type=int, choices=(2, 1), default=2, help="mm")
+    p.add_argument("--out", default="mrus-demo", help="output folder (default ./mrus-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-displacement", type=float, default=6.0,
+                   help="largest displacement of the known SVF, mm (an affine comes on top)")
+    p.add_argument("--iterations", type=_positive_ints, nargs="+", default=None,
+                   help="iterations per level (default: tuned per resolution)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip timing the plain-PyTorch reference backend")
+    p.add_argument("--compare-iterations", type=_positive_ints, default=3,
+                   help="reference iterations timed per stage (default 3)")
+    p.add_argument("--no-png", action="store_true", help="do not draw the PNG")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("register", help="register two NIfTI images")
+    quiet(p)
+    p.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
+    p.add_argument("moving", help="moving image; another grid is resampled through the affines")
+    p.add_argument("-o", "--output", required=True, help="warped moving image to write")
+    p.add_argument("--ddf", help="also write the displacement (mm, NIfTI vector image)")
+    p.add_argument("--similarity", choices=("mi", "nmi", "lncc"), default="mi")
+    p.add_argument("--transform", choices=("affine", "svf", "affine+svf"), default="affine+svf")
+    p.add_argument("--levels", type=_positive_ints, nargs="+", default=None,
+                   help="pyramid factors, coarse to fine (default 4 2 1)")
+    p.add_argument("--iterations", type=_positive_ints, nargs="+", default=None,
+                   help="iterations, one number or one per level")
+    p.add_argument("--smoothness", type=float, default=50.0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks) and print "
+                                     "its table")
+    quiet(p)
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute warp benchmark instead (python -m mrus_kernels.quickbench)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="more pytest arguments, e.g. -k warp")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mrus`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from mrus_kernels import BackendUnavailableError
+
+    try:
+        return args.func(args)
+    except (CLIError, FileNotFoundError, ValueError, TypeError, ModuleNotFoundError,
+            BackendUnavailableError) as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
