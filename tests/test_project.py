@@ -17,9 +17,10 @@ def test_readme_has_main_and_test_commands():
     main, test = commands
     for command in commands:
         # torch 2.13.0 (the local CPU build) comes first, then the project, then Triton.
-        order = [command.index(s) for s in ("torch==2.13.0", '-e ".[test]"', "install triton")]
+        order = [command.index(s) for s in ("torch==2.13.0", '-e ".[', "install triton")]
         assert order == sorted(order), command
-    assert main.endswith("python -m mrus_kernels.quickbench")
+    assert '-e ".[data]"' in main and main.endswith("&& mrus demo")
+    assert '-e ".[test]"' in test
     assert "pytest" in test
 
 
