@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     def quiet(p):
         p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars")
+        p.add_argument("--threads", type=_positive_ints, default=None,
+                       help="CPU threads for torch (default: torch's choice); 1 is faster "
+                            "on a machine whose cores are busy with other work")
 
     p = sub.add_parser("info", help="versions, backends and build flags")
     quiet(p)
@@ -413,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     from mrus_kernels import BackendUnavailableError
 
     try:
