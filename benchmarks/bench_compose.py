@@ -41,9 +41,16 @@ import torch
 import torch.nn.functional as F
 
 from mrus_kernels import compose, reference
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import (
+    assert_close_rel,
+    bench_cases,
+    nbytes,
+    row_info,
+    run_benchmark,
+    shape_id,
+    skip_unless_backend,
+)
 
 CPU_SHAPES = [(1, 3, 48, 48, 48)]
 GPU_SHAPES = [(1, 3, 160, 192, 224), (2, 3, 128, 128, 64)]
@@ -54,23 +61,10 @@ RTOL = 1e-4
 AMPLITUDE = 3.0  # voxels, largest displacement component
 ROUNDS = {"cpu": (10, 2), "cuda": (50, 5)}  # (timed, warmup) rounds per device type
 
-# Inductor's own imports warn (torch.utils.mkldnn uses the deprecated jit.script_method).
-COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
-
-
 def cases(ours: Callable[[str], tuple[str, ...]], baselines: tuple[str, ...]) -> list:
     """pytest params (shape, device, impl) for every size; ``ours(device)`` names our rows."""
-    rows = [("cpu", s, impl) for s in CPU_SHAPES for impl in (*ours("cpu"), *baselines)]
-    rows += [("cuda", s, impl) for s in GPU_SHAPES for impl in (*ours("cuda"), *baselines)]
-    params = []
-    for device, shape, impl in rows:
-        marks = [pytest.mark.cuda] if device == "cuda" else []
-        if impl == "compiled":
-            marks += COMPILE_MARKS
-        params.append(
-            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
-        )
-    return params
+    return bench_cases(CPU_SHAPES, GPU_SHAPES, (*ours("cpu"), *baselines),
+                       (*ours("cuda"), *baselines))
 
 
 CASES = cases(lambda d: ("mrus_cpu",) if d == "cpu" else ("mrus_cuda", "mrus_triton"), BASELINES)
@@ -125,12 +119,6 @@ def monai_layer(name: str, **kwargs) -> torch.nn.Module:
         return getattr(blocks, name)(**kwargs)
 
 
-def skip_unless_backend(backend: str, device: str) -> None:
-    reason = call_reason(backend, torch.device(device), DTYPE)
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
-
-
 @dataclass
 class Case:
     """Inputs of one size and what the reference makes of them."""
@@ -163,7 +151,7 @@ def make_impl(name: str, device: str) -> Callable[[torch.Tensor, torch.Tensor], 
     """The callable (u, v) -> composed field of one row; skips when it cannot run."""
     if name.startswith("mrus_"):
         backend = name.removeprefix("mrus_")
-        skip_unless_backend(backend, device)
+        skip_unless_backend(backend, device, DTYPE)
         return functools.partial(compose, backend=backend)
     if name == "grid_sample":
         return compose_grid_sample
@@ -174,18 +162,6 @@ def make_impl(name: str, device: str) -> Callable[[torch.Tensor, torch.Tensor], 
         layer = monai_layer("Warp", mode="bilinear", padding_mode="border")
         return lambda u, v: v + layer(u, v)
     raise ValueError(f"unknown row {name!r}")
-
-
-def row_info(op: str, name: str, shape: tuple[int, ...], pass_: str, **extra) -> dict:
-    return {
-        "op": op,
-        "impl": name,
-        "backend": name.removeprefix("mrus_").split("_")[0] if name.startswith("mrus_") else None,
-        "size": shape_id(shape),
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "pass": pass_,
-        **extra,
-    }
 
 
 # ---------------------------------------------------------------------------- benchmarks
@@ -208,7 +184,7 @@ def test_compose_forward(shape, device, impl_name, benchmark):
         device=device,
         ideal_bytes=nbytes(u, v, case.out),
         baseline=impl_name == BASELINE,
-        extra_info=row_info("compose", impl_name, shape, "forward"),
+        extra_info=row_info("compose", impl_name, shape, DTYPE, "forward"),
     )
 
 
@@ -246,5 +222,5 @@ def test_compose_forward_backward(shape, device, impl_name, benchmark):
         ideal_bytes=nbytes(case.u, case.v, case.out)
         + nbytes(case.grad_out, case.u, case.v, case.grad_u, case.grad_v),
         baseline=impl_name == BASELINE,
-        extra_info=row_info("compose", impl_name, shape, "forward+backward"),
+        extra_info=row_info("compose", impl_name, shape, DTYPE, "forward+backward"),
     )

@@ -51,11 +51,16 @@ from .bench_compose import (
     ROUNDS,
     cases,
     monai_layer,
-    row_info,
-    skip_unless_backend,
     smooth_field,
 )
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import (
+    assert_close_rel,
+    nbytes,
+    row_info,
+    run_benchmark,
+    shape_id,
+    skip_unless_backend,
+)
 
 STEPS = 7
 RTOL = 1e-4
@@ -107,7 +112,7 @@ def make_impl(name: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The callable v -> displacement of one row; skips when it cannot run."""
     if name.startswith("mrus_"):
         backend, memory = name.removeprefix("mrus_").split("_")
-        skip_unless_backend(backend, device)
+        skip_unless_backend(backend, device, DTYPE)
         return functools.partial(integrate_velocity, steps=STEPS, memory=memory, backend=backend)
     if name == "grid_sample":
         return vecint_grid_sample
@@ -121,7 +126,7 @@ def make_impl(name: str, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _info(name: str, shape: tuple[int, ...], pass_: str) -> dict:
     memory = name.rsplit("_", 1)[1] if name.startswith("mrus_") else None
-    return row_info("integrate_velocity", name, shape, pass_, steps=STEPS, memory=memory)
+    return row_info("integrate_velocity", name, shape, DTYPE, pass_, steps=STEPS, memory=memory)
 
 
 @pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)

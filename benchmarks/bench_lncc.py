@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from mrus_kernels import lncc, reference
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id, skip_unless_backend
 
 WINDOW = 9
 CPU_SIZES = [(1, 1, 64, 64, 64)]
@@ -35,9 +34,7 @@ def _inputs(shape, device):
 def _impl(name, device):
     if name.startswith("mrus_"):
         backend = name[5:]
-        reason = call_reason(backend, torch.device(device), torch.float32)
-        if reason is not None:
-            pytest.skip(f"{backend}: {reason}")
+        skip_unless_backend(backend, device)
         return lambda f, m: lncc(f, m, window=WINDOW, backend=backend)
     if name == "reference":
         return lambda f, m: reference.lncc(f, m, WINDOW)

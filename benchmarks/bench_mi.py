@@ -41,9 +41,15 @@ import pytest
 import torch
 
 from mrus_kernels import mutual_information, reference
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, run_benchmark, shape_id
+from .conftest import (
+    assert_close_rel,
+    bench_cases,
+    row_info,
+    run_benchmark,
+    shape_id,
+    skip_unless_backend,
+)
 
 CPU_SHAPES = [(1, 1, 64, 64, 64)]
 GPU_SHAPES = [(1, 1, 160, 192, 224), (2, 1, 128, 128, 64)]
@@ -59,28 +65,8 @@ ROUNDS = {"cpu": (5, 1), "cuda": (50, 5)}  # (timed, warmup) rounds per device t
 
 Impl = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (fixed, moving) -> loss
 
-_COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
-
-
-def _cases() -> list:
-    rows = [("cpu", s, impl) for s in CPU_SHAPES for impl in ("mrus_cpu", "reference", "monai")]
-    rows += [
-        ("cuda", s, impl)
-        for s in GPU_SHAPES
-        for impl in ("mrus_cuda", "mrus_triton", "reference", "compiled", "monai")
-    ]
-    cases = []
-    for device, shape, impl in rows:
-        marks = [pytest.mark.cuda] if device == "cuda" else []
-        if impl == "compiled":
-            marks += _COMPILE_MARKS
-        cases.append(
-            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
-        )
-    return cases
-
-
-CASES = _cases()
+CASES = bench_cases(CPU_SHAPES, GPU_SHAPES, ("mrus_cpu", "reference", "monai"),
+                    ("mrus_cuda", "mrus_triton", "reference", "compiled", "monai"))
 
 
 @dataclass
@@ -114,9 +100,7 @@ def make_impl(name: str, device: str) -> Impl:
     """The callable (fixed, moving) -> -mean MI of one row; skips when it cannot run."""
     if name.startswith("mrus_"):
         backend = name.removeprefix("mrus_")
-        reason = call_reason(backend, torch.device(device), DTYPE)
-        if reason is not None:
-            pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
+        skip_unless_backend(backend, device, DTYPE)
 
         def ours(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
             return -mutual_information(fixed, moving, bins=BINS, sigma=SIGMA,
@@ -140,15 +124,7 @@ def make_impl(name: str, device: str) -> Impl:
 
 
 def _info(name: str, shape: tuple[int, ...], pass_: str) -> dict[str, object]:
-    return {
-        "op": "mutual_information",
-        "impl": name,
-        "backend": name.removeprefix("mrus_") if name.startswith("mrus_") else None,
-        "size": shape_id(shape),
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "bins": BINS,
-        "pass": pass_,
-    }
+    return row_info("mutual_information", name, shape, DTYPE, pass_, bins=BINS)
 
 
 @pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)

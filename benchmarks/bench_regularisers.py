@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from mrus_kernels import grad_l2, harmonic_energy, reference
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id, skip_unless_backend
 
 CPU_SIZES = [(1, 3, 64, 64, 64)]
 GPU_SIZES = [(1, 3, 160, 192, 224)]
@@ -29,9 +28,7 @@ OPS = {
 def _bench(benchmark, op, name, shape, device, backward):
     ours, ref = OPS[op]
     if name.startswith("mrus_"):
-        reason = call_reason(name[5:], torch.device(device), torch.float32)
-        if reason is not None:
-            pytest.skip(f"{name[5:]}: {reason}")
+        skip_unless_backend(name[5:], device)
         fn = lambda u: ours(u, name[5:])  # noqa: E731
     elif name == "reference":
         fn = ref

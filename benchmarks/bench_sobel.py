@@ -38,9 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from mrus_kernels import reference, sobel_l1
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import (
+    assert_close_rel,
+    bench_cases,
+    nbytes,
+    row_info,
+    run_benchmark,
+    shape_id,
+    skip_unless_backend,
+)
 
 CPU_SHAPES = [(1, 8, 32, 32, 32)]
 GPU_SHAPES = [(2, 32, 128, 128, 64), (1, 16, 160, 192, 224)]
@@ -53,28 +60,8 @@ ROUNDS = {"cpu": (10, 2), "cuda": (50, 5)}  # (timed, warmup) rounds per device 
 
 Impl = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
-
-
-def _cases() -> list:
-    rows = [("cpu", shape, impl) for shape in CPU_SHAPES for impl in ("mrus_cpu", *BASELINES)]
-    rows += [
-        ("cuda", shape, impl)
-        for shape in GPU_SHAPES
-        for impl in ("mrus_cuda", "mrus_triton", *BASELINES)
-    ]
-    cases = []
-    for device, shape, impl in rows:
-        marks = [pytest.mark.cuda] if device == "cuda" else []
-        if impl == "compiled":
-            marks += _COMPILE_MARKS
-        cases.append(
-            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
-        )
-    return cases
-
-
-CASES = _cases()
+CASES = bench_cases(CPU_SHAPES, GPU_SHAPES, ("mrus_cpu", *BASELINES),
+                    ("mrus_cuda", "mrus_triton", *BASELINES))
 
 
 # ---------------------------------------------------------------------------- baseline
@@ -109,9 +96,7 @@ def conv3d_sobel_l1(f1: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
 def make_impl(name: str, device: str) -> Impl:
     if name.startswith("mrus_"):
         backend = name.removeprefix("mrus_")
-        reason = call_reason(backend, torch.device(device), DTYPE)
-        if reason is not None:
-            pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
+        skip_unless_backend(backend, device, DTYPE)
         return functools.partial(sobel_l1, backend=backend)
     if name == "conv3d":
         return conv3d_sobel_l1
@@ -152,17 +137,6 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     return Case(f1, f0, loss.detach().to(DTYPE), r1.grad.to(DTYPE), r0.grad.to(DTYPE))
 
 
-def _row_info(name: str, shape: tuple[int, ...], pass_: str) -> dict[str, object]:
-    return {
-        "op": "sobel_l1",
-        "impl": name,
-        "backend": name.removeprefix("mrus_") if name.startswith("mrus_") else None,
-        "size": shape_id(shape),
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "pass": pass_,
-    }
-
-
 # ---------------------------------------------------------------------------- benchmarks
 
 
@@ -183,7 +157,7 @@ def test_sobel_l1_forward(shape, device, impl_name, benchmark):
         device=device,
         ideal_bytes=nbytes(f1, f0),
         baseline=impl_name == BASELINE,
-        extra_info=_row_info(impl_name, shape, "forward"),
+        extra_info=row_info("sobel_l1", impl_name, shape, DTYPE, "forward"),
     )
 
 
@@ -220,5 +194,5 @@ def test_sobel_l1_forward_backward(shape, device, impl_name, benchmark):
         device=device,
         ideal_bytes=3 * nbytes(case.f1, case.f0),
         baseline=impl_name == BASELINE,
-        extra_info=_row_info(impl_name, shape, "forward+backward"),
+        extra_info=row_info("sobel_l1", impl_name, shape, DTYPE, "forward+backward"),
     )

@@ -56,9 +56,16 @@ import torch
 import torch.nn.functional as F
 
 from mrus_kernels import reference, warp
-from mrus_kernels.backends import call_reason
 
-from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id
+from .conftest import (
+    assert_close_rel,
+    bench_cases,
+    nbytes,
+    row_info,
+    run_benchmark,
+    shape_id,
+    skip_unless_backend,
+)
 
 CPU_SHAPES = [(1, 1, 64, 64, 64)]
 GPU_SHAPES = [(1, 1, 160, 192, 224), (2, 1, 128, 128, 64), (1, 16, 128, 128, 64)]
@@ -72,30 +79,8 @@ ROUNDS = {"cpu": (15, 3), "cuda": (50, 5)}  # (timed, warmup) rounds per device 
 
 Impl = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Inductor's own imports warn (torch.utils.mkldnn uses the deprecated jit.script_method);
-# not ours to fix, and `filterwarnings = error` would fail the compiled rows on it.
-_COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
-
-
-def _cases() -> list:
-    cases = []
-    rows = [("cpu", shape, impl) for shape in CPU_SHAPES for impl in ("mrus_cpu", *BASELINES)]
-    rows += [
-        ("cuda", shape, impl)
-        for shape in GPU_SHAPES
-        for impl in ("mrus_cuda", "mrus_triton", *BASELINES)
-    ]
-    for device, shape, impl in rows:
-        marks = [pytest.mark.cuda] if device == "cuda" else []
-        if impl == "compiled":
-            marks += _COMPILE_MARKS
-        cases.append(
-            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
-        )
-    return cases
-
-
-CASES = _cases()
+CASES = bench_cases(CPU_SHAPES, GPU_SHAPES, ("mrus_cpu", *BASELINES),
+                    ("mrus_cuda", "mrus_triton", *BASELINES))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -174,9 +159,7 @@ def make_impl(name: str, device: str) -> Impl:
     """The callable (image, ddf) -> out of one row; skips the test when it cannot run."""
     if name.startswith("mrus_"):
         backend = name.removeprefix("mrus_")
-        reason = call_reason(backend, torch.device(device), DTYPE)
-        if reason is not None:
-            pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
+        skip_unless_backend(backend, device, DTYPE)
         return functools.partial(warp, backend=backend)
     if name == "grid_sample":
         return reference.warp_grid_sample
@@ -192,17 +175,6 @@ def make_impl(name: str, device: str) -> Impl:
             warnings.simplefilter("ignore", UserWarning)
             return cls(mode="bilinear", padding_mode="zeros")
     raise ValueError(f"unknown row {name!r}")
-
-
-def _row_info(name: str, shape: tuple[int, ...], pass_: str) -> dict[str, object]:
-    return {
-        "op": "warp",
-        "impl": name,
-        "backend": name.removeprefix("mrus_") if name.startswith("mrus_") else None,
-        "size": shape_id(shape),
-        "dtype": str(DTYPE).removeprefix("torch."),
-        "pass": pass_,
-    }
 
 
 def ideal_bytes(case: Case, backward: bool) -> int:
@@ -234,7 +206,7 @@ def test_warp_forward(shape, device, impl_name, benchmark):
         device=device,
         ideal_bytes=ideal_bytes(case, backward=False),
         baseline=impl_name == BASELINE,
-        extra_info=_row_info(impl_name, shape, "forward"),
+        extra_info=row_info("warp", impl_name, shape, DTYPE, "forward"),
     )
 
 
@@ -271,5 +243,5 @@ def test_warp_forward_backward(shape, device, impl_name, benchmark):
         device=device,
         ideal_bytes=ideal_bytes(case, backward=True),
         baseline=impl_name == BASELINE,
-        extra_info=_row_info(impl_name, shape, "forward+backward"),
+        extra_info=row_info("warp", impl_name, shape, DTYPE, "forward+backward"),
     )

@@ -158,6 +158,53 @@ def assert_close_rel(
 
 # ---------------------------------------------------------------------------- timing
 
+# ---------------------------------------------------------------------------- rows
+
+
+# Inductor's own imports warn (torch.utils.mkldnn uses the deprecated jit.script_method);
+# not ours to fix, and `filterwarnings = error` would fail the compiled rows on it.
+COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
+
+
+def bench_cases(cpu_shapes, gpu_shapes, cpu_impls, gpu_impls) -> list:
+    """pytest params (shape, device, impl) for every CPU and GPU size and row: GPU rows are
+    marked ``cuda``, ``compiled`` rows get :data:`COMPILE_MARKS`."""
+    rows = [("cpu", s, impl) for s in cpu_shapes for impl in cpu_impls]
+    rows += [("cuda", s, impl) for s in gpu_shapes for impl in gpu_impls]
+    params = []
+    for device, shape, impl in rows:
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        if impl == "compiled":
+            marks += COMPILE_MARKS
+        params.append(
+            pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
+        )
+    return params
+
+
+def skip_unless_backend(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    """Skips the benchmark when ``backend`` cannot serve a call on ``device`` and ``dtype``."""
+    from mrus_kernels.backends import call_reason
+
+    reason = call_reason(backend, torch.device(device), dtype)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot serve this call: {reason}")
+
+
+def row_info(op: str, name: str, shape: tuple[int, ...], dtype: torch.dtype, pass_: str,
+             **extra: object) -> dict[str, object]:
+    """The ``extra_info`` that names a row: operator, implementation, backend (``mrus_<backend>``
+    or ``mrus_<backend>_<variant>`` rows; None for baselines), size, dtype, pass, ``extra``."""
+    return {
+        "op": op,
+        "impl": name,
+        "backend": name.removeprefix("mrus_").split("_")[0] if name.startswith("mrus_") else None,
+        "size": shape_id(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "pass": pass_,
+        **extra,
+    }
+
 
 def run_benchmark(
     benchmark: Any,

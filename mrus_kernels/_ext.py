@@ -46,3 +46,33 @@ def cuda_built() -> bool:
 
 def build_info() -> dict:
     return dict(C.build_info()) if C is not None else {}
+
+
+# ---------------------------------------------------------------------------- launch helpers
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of t's device, as the integer the launchers take."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """t's data pointer, or 0 (the kernels' "absent") for None."""
+    return t.data_ptr() if t is not None else 0
+
+
+def cpu_threads(t: torch.Tensor, per_thread: int = 32768) -> int:
+    """OpenMP threads for a call on t: one per `per_thread` elements at most (waking a thread
+    team costs more than a small input's whole work, milliseconds on a busy machine)."""
+    return max(1, min(torch.get_num_threads(), t.numel() // per_thread))
+
+
+def grads_or_empty(*pairs: tuple[torch.Tensor | None, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(grad, input) pairs to the gradients a backward custom op returns: custom ops cannot
+    return None, so an empty tensor like the input stands for a gradient not computed."""
+    return tuple(g if g is not None else x.new_empty(0) for g, x in pairs)
+
+
+def fake_grads(*pairs: tuple[torch.Tensor, bool]) -> tuple[torch.Tensor, ...]:
+    """Fake outputs of such a backward op: (input, needed) pairs to input-shaped or empty."""
+    return tuple(x.new_empty(x.shape if need else (0,)) for x, need in pairs)

@@ -73,3 +73,17 @@ def check_choice(op: str, name: str, value: object, choices: Sequence[str]) -> s
 def check_optional_bool(op: str, name: str, value: object) -> None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be None, True or False, got {value!r}")
+
+
+def check_field(op: str, name: str, u: object) -> int:
+    """`u` is a float displacement [B, ndim, *S] with ndim channels; returns ndim."""
+    check_tensor(op, name, u)
+    assert isinstance(u, torch.Tensor)
+    check_float(op, name, u)
+    ndim = check_spatial(op, name, u, layout="ndim")
+    if u.shape[1] != ndim:
+        raise ValueError(
+            f"{op}: {name} must have {ndim} channels (one per spatial axis) for a {ndim}D field, "
+            f"got {u.shape[1]} (shape {tuple(u.shape)})"
+        )
+    return ndim

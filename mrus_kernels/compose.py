@@ -8,15 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import reference
 from ._ext import Interp, Padding, WarpFlags
-from ._validation import (
-    check_batch,
-    check_choice,
-    check_float,
-    check_optional_bool,
-    check_same,
-    check_spatial,
-    check_tensor,
-)
+from ._validation import check_batch, check_choice, check_field, check_optional_bool, check_same
 from .backends import resolve
 from .warp import _warp_op, launch_backward, launch_forward
 
@@ -25,20 +17,6 @@ MEMORY_MODES = ("store", "recompute")
 _LINEAR = int(Interp.LINEAR)
 _STEP = int(WarpFlags.ADD_DDF)
 _STEP_BACKWARD = int(WarpFlags.ADD_DDF | WarpFlags.DDF_GRAD_SCATTER)
-
-
-def check_field(op: str, name: str, u: object) -> int:
-    """`u` is a float displacement [B, ndim, *S] with ndim channels; returns ndim."""
-    check_tensor(op, name, u)
-    assert isinstance(u, torch.Tensor)
-    check_float(op, name, u)
-    ndim = check_spatial(op, name, u, layout="ndim")
-    if u.shape[1] != ndim:
-        raise ValueError(
-            f"{op}: {name} must have {ndim} channels (one per spatial axis) for a {ndim}D field, "
-            f"got {u.shape[1]} (shape {tuple(u.shape)})"
-        )
-    return ndim
 
 
 def _padding_code(padding: str) -> int:

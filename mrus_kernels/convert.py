@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._validation import check_float, check_spatial, check_tensor
+from ._validation import check_field, check_float, check_tensor
 
 
 def _identity(shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
@@ -61,14 +61,8 @@ def ddf_to_grid(
         >>> grid = ddf_to_grid(torch.zeros(1, 3, 4, 5, 6))
         >>> F.grid_sample(image, grid, align_corners=True)  # == image
     """
-    check_tensor("ddf_to_grid", "ddf", ddf)
-    check_float("ddf_to_grid", "ddf", ddf)
-    ndim = check_spatial("ddf_to_grid", "ddf", ddf, layout="ndim")
+    ndim = check_field("ddf_to_grid", "ddf", ddf)
     shape = tuple(ddf.shape[2:])
-    if ddf.shape[1] != ndim:
-        raise ValueError(
-            f"ddf_to_grid: ddf must have {ndim} channels for {ndim}D, got {ddf.shape[1]}"
-        )
     target = _check_size("ddf_to_grid", size, shape)
     _check_align("ddf_to_grid", align_corners, target)
     base = _identity(shape, ddf)
@@ -146,16 +140,6 @@ def _apply_linear(lin: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bj...->bi...", lin.to(ddf.dtype), ddf)
 
 
-def _check_ddf(op: str, name: str, ddf: object) -> int:
-    check_tensor(op, name, ddf)
-    assert isinstance(ddf, torch.Tensor)
-    check_float(op, name, ddf)
-    ndim = check_spatial(op, name, ddf, layout="ndim")
-    if ddf.shape[1] != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} channels for {ndim}D, got {ddf.shape[1]}")
-    return ndim
-
-
 def ddf_from_mm(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Displacement in millimetres (world axes of a NIfTI affine) to voxel units.
 
@@ -167,7 +151,7 @@ def ddf_from_mm(ddf_mm: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torc
     Returns:
         Tensor [B, ndim, *S], voxel units: ``A⁻¹ · ddf_mm`` per voxel (A the linear part).
     """
-    ndim = _check_ddf("ddf_from_mm", "ddf_mm", ddf_mm)
+    ndim = check_field("ddf_from_mm", "ddf_mm", ddf_mm)
     lin = _linear_part("ddf_from_mm", affine, ndim, ddf_mm)
     return _apply_linear(torch.linalg.inv(lin), ddf_mm)
 
@@ -182,5 +166,5 @@ def ddf_to_mm(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor) -> torch.Ten
     Returns:
         Tensor [B, ndim, *S], mm: ``A · ddf`` per voxel.
     """
-    ndim = _check_ddf("ddf_to_mm", "ddf", ddf)
+    ndim = check_field("ddf_to_mm", "ddf", ddf)
     return _apply_linear(_linear_part("ddf_to_mm", affine, ndim, ddf), ddf)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES
+from ._ext import DTYPE_CODES, cpu_threads, cuda_stream
 from .backends import resolve
-from .compose import check_field
+from ._validation import check_field
 
 _HALF = (torch.float16, torch.bfloat16)
 _VOXELS_PER_THREAD = 16384  # field elements (voxels x ndim) worth a thread of their own
@@ -41,16 +41,6 @@ def _validate(op: str, u: object, spacing: object) -> tuple[float, ...]:
     return _check_spacing(op, spacing, ndim)
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _cpu_threads(u: torch.Tensor) -> int:
-    """OpenMP threads for a field of u's size: waking a thread team costs more than a small
-    volume's whole work (milliseconds on a busy machine), so small fields run on one."""
-    return max(1, min(torch.get_num_threads(), u.numel() // _VOXELS_PER_THREAD))
-
-
 def _det_shape(u: torch.Tensor) -> tuple[int, ...]:
     return (u.shape[0], *u.shape[2:])
 
@@ -67,13 +57,14 @@ def launch_forward(u: torch.Tensor, inv_h: list[float], backend: str) -> torch.T
         work = u.float() if dtype in _HALF else u
         det = torch.empty(_det_shape(u), dtype=work.dtype)
         _ext.C.jacobian_forward_cpu(
-            *_kernel_args(work, inv_h), _cpu_threads(work), work.data_ptr(), det.data_ptr()
+            *_kernel_args(work, inv_h), cpu_threads(work, _VOXELS_PER_THREAD), work.data_ptr(),
+            det.data_ptr(),
         )
         return det.to(dtype)
     det = torch.empty(_det_shape(u), dtype=dtype, device=u.device)
     if backend == "cuda":
         _ext.C.jacobian_forward_cuda(
-            *_kernel_args(u, inv_h), u.data_ptr(), det.data_ptr(), _stream(u)
+            *_kernel_args(u, inv_h), u.data_ptr(), det.data_ptr(), cuda_stream(u)
         )
     elif backend == "triton":
         from .triton import jacobian as triton_jacobian
@@ -95,7 +86,7 @@ def launch_backward(
         g, w = grad_det.to(work), u.to(work)
         grad_u = torch.empty(u.shape, dtype=work)
         _ext.C.jacobian_backward_cpu(
-            *_kernel_args(w, inv_h), _cpu_threads(w), g.data_ptr(), w.data_ptr(),
+            *_kernel_args(w, inv_h), cpu_threads(w, _VOXELS_PER_THREAD), g.data_ptr(), w.data_ptr(),
             grad_u.data_ptr(),
         )
         return grad_u.to(dtype)
@@ -104,7 +95,7 @@ def launch_backward(
     if backend == "cuda":
         _ext.C.jacobian_backward_cuda(
             *_kernel_args(u, inv_h), grad_det.data_ptr(), u.data_ptr(), grad_u.data_ptr(),
-            _stream(u),
+            cuda_stream(u),
         )
     elif backend == "triton":
         from .triton import jacobian as triton_jacobian

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES
+from ._ext import DTYPE_CODES, cpu_threads, cuda_stream, fake_grads, grads_or_empty, ptr
 from ._validation import check_batch, check_float, check_same, check_spatial, check_tensor
 from .backends import resolve
 
@@ -91,16 +91,6 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
     return ndim
 
 
-def _threads(t: torch.Tensor) -> int:
-    """OpenMP threads for a call on t: one per 32k voxels at most (waking threads costs more
-    than small inputs take)."""
-    return max(1, min(torch.get_num_threads(), t.numel() // 32768))
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def _denominator(fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[B]: the voxel count, or Σ mask (1 where it is 0, whose numerator is 0 too)."""
     b = fixed.shape[0]
@@ -121,8 +111,8 @@ def launch_forward(
     if backend == "cpu":
         num = torch.empty(b, dtype=fixed.dtype)
         _ext.C.lncc_forward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
-            fixed.data_ptr(), moving.data_ptr(), mask.data_ptr() if mask is not None else 0,
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, cpu_threads(fixed),
+            fixed.data_ptr(), moving.data_ptr(), ptr(mask),
             work.data_ptr(), num.data_ptr(),
         )
     elif backend == "cuda":
@@ -130,8 +120,8 @@ def launch_forward(
         partials = torch.empty((b, n_part), dtype=torch.float32, device=fixed.device)
         _ext.C.lncc_forward_cuda(
             DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
-            mask.data_ptr() if mask is not None else 0, work.data_ptr(), partials.data_ptr(),
-            _stream(fixed),
+            ptr(mask), work.data_ptr(), partials.data_ptr(),
+            cuda_stream(fixed),
         )
         num = partials.sum(1)
     elif backend == "triton":
@@ -153,17 +143,17 @@ def launch_backward(
     work = torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
     gf = torch.empty_like(fixed) if need_fixed else None
     gm = torch.empty_like(moving) if need_moving else None
-    ptrs = (gf.data_ptr() if gf is not None else 0, gm.data_ptr() if gm is not None else 0)
-    mptr = mask.data_ptr() if mask is not None else 0
+    ptrs = (ptr(gf), ptr(gm))
+    mptr = ptr(mask)
     if backend == "cpu":
         _ext.C.lncc_backward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, _threads(fixed),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, cpu_threads(fixed),
             fixed.data_ptr(), moving.data_ptr(), mptr, scale.data_ptr(), work.data_ptr(), *ptrs,
         )
     elif backend == "cuda":
         _ext.C.lncc_backward_cuda(
             DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
-            mptr, scale.data_ptr(), work.data_ptr(), *ptrs, _stream(fixed),
+            mptr, scale.data_ptr(), work.data_ptr(), *ptrs, cuda_stream(fixed),
         )
     elif backend == "triton":
         from .triton import lncc as triton_lncc
@@ -199,18 +189,12 @@ def _lncc_backward_op(
     gf, gm = launch_backward(
         grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving
     )
-    return (
-        gf if gf is not None else fixed.new_empty(0),
-        gm if gm is not None else moving.new_empty(0),
-    )
+    return grads_or_empty((gf, fixed), (gm, moving))
 
 
 @_lncc_backward_op.register_fake
 def _(grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving):
-    return (
-        fixed.new_empty(fixed.shape if need_fixed else (0,)),
-        moving.new_empty(moving.shape if need_moving else (0,)),
-    )
+    return fake_grads((fixed, need_fixed), (moving, need_moving))
 
 
 def _setup_context(ctx, inputs, output):

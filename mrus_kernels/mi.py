@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES
+from ._ext import DTYPE_CODES, cuda_stream, fake_grads, grads_or_empty, ptr
 from ._validation import check_choice, check_float, check_optional_bool, check_same, check_tensor
 from .backends import BackendUnavailableError, call_reason, resolve
 
@@ -217,20 +217,12 @@ def _resolve(op: str, backend: str | None, x: torch.Tensor, bins: int, kernel: s
     return "torch"  # pragma: no cover - torch has no limits
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def _blocks_per_item(n: int, batch: int) -> int:
     return max(1, min(-(-n // GPU_MIN_BLOCK_VOXELS), max(1, GPU_MAX_BLOCKS // batch)))
 
 
 def _args(f: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float):
     return (DTYPE_CODES[f.dtype], f.shape[0], f.shape[1], bins, kernel, sigma, radius)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return t.data_ptr() if t is not None else 0
 
 
 def launch_forward(
@@ -247,15 +239,15 @@ def launch_forward(
         hist = torch.empty((batch, bins, bins), dtype=f.dtype)
         _ext.C.mi_forward_cpu(
             *_args(f, bins, kernel, sigma, radius), torch.get_num_threads(), f.data_ptr(),
-            g.data_ptr(), _ptr(m), ranges.data_ptr(), hist.data_ptr(),
+            g.data_ptr(), ptr(m), ranges.data_ptr(), hist.data_ptr(),
         )
         return hist
     blocks = _blocks_per_item(n, batch)
     partial = torch.empty((batch, blocks, bins, bins), dtype=torch.float32, device=f.device)
     if backend == "cuda":
         _ext.C.mi_forward_cuda(
-            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), _ptr(m),
-            ranges.data_ptr(), partial.data_ptr(), blocks, _stream(f),
+            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), ptr(m),
+            ranges.data_ptr(), partial.data_ptr(), blocks, cuda_stream(f),
         )
     elif backend == "triton":
         from .triton import mi as triton_mi
@@ -279,12 +271,12 @@ def launch_backward(
     if backend == "cpu":
         _ext.C.mi_backward_cpu(
             *_args(f, bins, kernel, sigma, radius), torch.get_num_threads(), f.data_ptr(),
-            g.data_ptr(), _ptr(m), ranges.data_ptr(), grad_hist.data_ptr(), _ptr(gf), _ptr(gg),
+            g.data_ptr(), ptr(m), ranges.data_ptr(), grad_hist.data_ptr(), ptr(gf), ptr(gg),
         )
     elif backend == "cuda":
         _ext.C.mi_backward_cuda(
-            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), _ptr(m),
-            ranges.data_ptr(), grad_hist.data_ptr(), _ptr(gf), _ptr(gg), _stream(f),
+            *_args(f, bins, kernel, sigma, radius), f.data_ptr(), g.data_ptr(), ptr(m),
+            ranges.data_ptr(), grad_hist.data_ptr(), ptr(gf), ptr(gg), cuda_stream(f),
         )
     elif backend == "triton":
         from .triton import mi as triton_mi
@@ -321,12 +313,12 @@ def _histogram_backward_op(
     gf, gg = launch_backward(
         grad_hist, f, g, m, ranges, bins, kernel, sigma, radius, backend, need_f, need_g
     )
-    return (gf if gf is not None else f.new_empty(0), gg if gg is not None else g.new_empty(0))
+    return grads_or_empty((gf, f), (gg, g))
 
 
 @_histogram_backward_op.register_fake
 def _(grad_hist, f, g, m, ranges, bins, kernel, sigma, radius, backend, need_f, need_g):
-    return f.new_empty(f.shape if need_f else (0,)), g.new_empty(g.shape if need_g else (0,))
+    return fake_grads((f, need_f), (g, need_g))
 
 
 def _setup_context(ctx, inputs, output):

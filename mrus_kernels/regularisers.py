@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES
+from ._ext import DTYPE_CODES, cpu_threads, cuda_stream
 from ._validation import check_choice, check_float, check_spatial, check_tensor
 from .backends import resolve
 
@@ -68,16 +68,6 @@ def _args(u: torch.Tensor, kind: int, wt: list[float]):
     return (DTYPE_CODES[u.dtype], kind, u.shape[0], u.shape[1], list(u.shape[2:]), wt)
 
 
-def _threads(t: torch.Tensor) -> int:
-    """OpenMP threads for a call on t: one per 32k voxels at most (waking threads costs more
-    than small inputs take)."""
-    return max(1, min(torch.get_num_threads(), t.numel() // 32768))
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def launch_forward(u: torch.Tensor, kind: int, wt: list[float], backend: str) -> torch.Tensor:
     """Per-item sums [B] of the energy, by the kernels of `backend` (cpu, cuda, triton);
     u contiguous float32/float64."""
@@ -85,14 +75,14 @@ def launch_forward(u: torch.Tensor, kind: int, wt: list[float], backend: str) ->
     if backend == "cpu":
         out = torch.empty(b, dtype=u.dtype)
         _ext.C.regularisers_forward_cpu(
-            *_args(u, kind, wt), _threads(u), u.data_ptr(), out.data_ptr()
+            *_args(u, kind, wt), cpu_threads(u), u.data_ptr(), out.data_ptr()
         )
         return out
     if backend == "cuda":
         n_part = -(-(u[0].numel()) // CUDA_BLOCK)
         partials = torch.empty((b, n_part), dtype=torch.float32, device=u.device)
         _ext.C.regularisers_forward_cuda(
-            *_args(u, kind, wt), u.data_ptr(), partials.data_ptr(), _stream(u)
+            *_args(u, kind, wt), u.data_ptr(), partials.data_ptr(), cuda_stream(u)
         )
         return partials.sum(1)
     if backend == "triton":
@@ -110,12 +100,12 @@ def launch_backward(
     grad = torch.empty_like(u)
     if backend == "cpu":
         _ext.C.regularisers_backward_cpu(
-            *_args(u, kind, wt), _threads(u), u.data_ptr(), scale.data_ptr(),
+            *_args(u, kind, wt), cpu_threads(u), u.data_ptr(), scale.data_ptr(),
             grad.data_ptr(),
         )
     elif backend == "cuda":
         _ext.C.regularisers_backward_cuda(
-            *_args(u, kind, wt), u.data_ptr(), scale.data_ptr(), grad.data_ptr(), _stream(u)
+            *_args(u, kind, wt), u.data_ptr(), scale.data_ptr(), grad.data_ptr(), cuda_stream(u)
         )
     elif backend == "triton":
         from .triton import regularisers as triton_reg

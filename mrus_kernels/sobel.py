@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES, Padding
+from ._ext import DTYPE_CODES, Padding, cuda_stream, fake_grads, grads_or_empty, ptr
 from ._validation import check_choice, check_float, check_same, check_spatial, check_tensor
 from .backends import resolve
 
@@ -106,14 +106,6 @@ def _out_shape(x: torch.Tensor, mode: int, reduction: int) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return t.data_ptr() if t is not None else 0
-
-
 def launch_forward(
     x: torch.Tensor, x0: torch.Tensor | None, mode: int, padding: int, eps: float,
     reduction: int, backend: str,
@@ -132,8 +124,8 @@ def launch_forward(
         x0w = x0.to(work) if x0 is not None else None
         out = torch.empty(shape, dtype=work, device=x.device)
         _ext.C.sobel_forward_cpu(
-            *_args(xw.shape, work, padding, eps, mode, reduction), torch.get_num_threads(), _ptr(xw),
-            _ptr(x0w), out.data_ptr(),
+            *_args(xw.shape, work, padding, eps, mode, reduction), torch.get_num_threads(), ptr(xw),
+            ptr(x0w), out.data_ptr(),
         )
         return out.to(dtype)
     out = torch.empty(shape, dtype=dtype, device=x.device)
@@ -143,8 +135,8 @@ def launch_forward(
             n = _ext.C.sobel_partials_cuda(x.dim() - 2, x.shape[0], x.shape[1], list(x.shape[2:]))
             partials = torch.empty(n, dtype=torch.float32, device=x.device)
         _ext.C.sobel_forward_cuda(
-            *_args(x.shape, dtype, padding, eps, mode, reduction), _ptr(x), _ptr(x0), out.data_ptr(),
-            _ptr(partials), _stream(x),
+            *_args(x.shape, dtype, padding, eps, mode, reduction), ptr(x), ptr(x0), out.data_ptr(),
+            ptr(partials), cuda_stream(x),
         )
     elif backend == "triton":
         from .triton import sobel as triton_sobel
@@ -176,12 +168,12 @@ def launch_backward(
     if backend == "cpu":
         _ext.C.sobel_backward_cpu(
             *_args(shape, work, padding, eps, mode, reduction), torch.get_num_threads(), g.data_ptr(),
-            _ptr(xw), _ptr(x0w), _ptr(gx), _ptr(gx0),
+            ptr(xw), ptr(x0w), ptr(gx), ptr(gx0),
         )
     elif backend == "cuda":
         _ext.C.sobel_backward_cuda(
-            *_args(shape, dtype, padding, eps, mode, reduction), g.data_ptr(), _ptr(x), _ptr(x0), _ptr(gx),
-            _ptr(gx0), _stream(x),
+            *_args(shape, dtype, padding, eps, mode, reduction), g.data_ptr(), ptr(x), ptr(x0),
+            ptr(gx), ptr(gx0), cuda_stream(x),
         )
     elif backend == "triton":
         from .triton import sobel as triton_sobel
@@ -263,18 +255,12 @@ def _sobel_l1_backward_op(
     g1, g0 = launch_backward(
         grad_out, f1, f0, L1, padding, eps, reduction, backend, need_f1, need_f0
     )
-    return (
-        g1 if g1 is not None else f1.new_empty(0),
-        g0 if g0 is not None else f0.new_empty(0),
-    )
+    return grads_or_empty((g1, f1), (g0, f0))
 
 
 @_sobel_l1_backward_op.register_fake
 def _(grad_out, f1, f0, padding, eps, reduction, backend, need_f1, need_f0):
-    return (
-        f1.new_empty(f1.shape if need_f1 else (0,)),
-        f0.new_empty(f0.shape if need_f0 else (0,)),
-    )
+    return fake_grads((f1, need_f1), (f0, need_f0))
 
 
 def _l1_setup_context(ctx, inputs, output):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _ext, reference
-from ._ext import DTYPE_CODES, Interp, Padding, WarpFlags
+from ._ext import DTYPE_CODES, Interp, Padding, WarpFlags, cuda_stream, fake_grads, grads_or_empty
 from ._validation import (
     check_batch,
     check_choice,
@@ -61,10 +61,6 @@ def _out_shape(image: torch.Tensor, ddf: torch.Tensor) -> tuple[int, ...]:
     return (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def launch_forward(
     image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int, backend: str
 ) -> torch.Tensor:
@@ -87,7 +83,7 @@ def launch_forward(
     if backend == "cuda":
         _ext.C.warp_forward_cuda(
             *_kernel_args(image, ddf, mode, padding, flags), image.data_ptr(), ddf.data_ptr(),
-            out.data_ptr(), _stream(image),
+            out.data_ptr(), cuda_stream(image),
         )
     elif backend == "triton":
         from .triton import warp as triton_warp
@@ -129,7 +125,7 @@ def launch_backward(
                 image.data_ptr(), ddf.data_ptr(), gi.data_ptr() if gi is not None else 0,
                 gd.data_ptr() if gd is not None else 0, deterministic,
                 scratch.data_ptr() if scratch is not None else 0,
-                gmax.data_ptr() if gmax is not None else 0, _stream(image),
+                gmax.data_ptr() if gmax is not None else 0, cuda_stream(image),
             )
         elif backend == "triton":
             from .triton import warp as triton_warp
@@ -171,18 +167,12 @@ def _warp_backward_op(
     gi, gd = launch_backward(
         grad_out, image, ddf, mode, padding, flags, backend, deterministic, need_image, need_ddf
     )
-    return (
-        gi if gi is not None else image.new_empty(0),
-        gd if gd is not None else ddf.new_empty(0),
-    )
+    return grads_or_empty((gi, image), (gd, ddf))
 
 
 @_warp_backward_op.register_fake
 def _(grad_out, image, ddf, mode, padding, flags, backend, deterministic, need_image, need_ddf):
-    return (
-        image.new_empty(image.shape if need_image else (0,)),
-        ddf.new_empty(ddf.shape if need_ddf else (0,)),
-    )
+    return fake_grads((image, need_image), (ddf, need_ddf))
 
 
 def _setup_context(ctx, inputs, output):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -227,3 +227,40 @@ def deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+# ---------------------------------------------------------------------------- shared test helpers
+
+
+def bad_input_test(table: dict) -> Callable[[str], None]:
+    """A test parametrized over `table` {case: (call, exception type, message regex)}: every
+    call must raise that exception with a matching message. Bind it as `test_bad_input`."""
+
+    @pytest.mark.parametrize("case", list(table))
+    def test_bad_input(case: str) -> None:
+        call, exc, message = table[case]
+        with pytest.raises(exc, match=message):
+            call()
+
+    return test_bad_input
+
+
+def raises_before_dispatch(monkeypatch, call: Callable[[], object], match: str,
+                           exc: type[Exception] = ValueError) -> None:
+    """`call` reports its bad input even with MRUS_BACKEND naming a backend that is absent
+    here: validation runs before backend dispatch."""
+    monkeypatch.setenv("MRUS_BACKEND", "cuda")
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def skip_without_float64(backend: str, dtype: torch.dtype) -> None:
+    """Skips a float64 case on a backend without float64 (test_gpu_backends_reject_float64
+    of each operator checks the rejection itself)."""
+    if dtype == torch.float64 and backend_reason(backend, "cpu", dtype) is not None:
+        pytest.skip(f"{backend} has no float64 (test_gpu_backends_reject_float64 checks it)")
+
+
+def autograd_grads(out: torch.Tensor, inputs, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d(out · grad_out)/d inputs."""
+    return torch.autograd.grad(out, inputs, grad_out)

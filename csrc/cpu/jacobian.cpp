@@ -1,6 +1,6 @@
 // OpenMP loops over the shared per-voxel jacobian math (csrc/include/jacobian.h).
 #include <stdexcept>
-#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
 
@@ -21,14 +22,9 @@ using jacobian::JacobianArgs;
 
 template <typename F>
 void dispatch_jacobian(const JacobianArgs& a, F&& f) {
-  if (a.ndim != 2 && a.ndim != 3) throw std::invalid_argument("jacobian_det: ndim must be 2 or 3");
-  if (a.dtype == int(DType::F32)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, float{}) : f(std::integral_constant<int, 2>{}, float{});
-  } else if (a.dtype == int(DType::F64)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, double{}) : f(std::integral_constant<int, 2>{}, double{});
-  } else {
-    throw std::invalid_argument("jacobian_det (cpu kernels): dtype code must be float32 or float64");
-  }
+  dispatch_ndim_real(a.ndim, a.dtype, "jacobian_det: ndim must be 2 or 3",
+                     "jacobian_det (cpu kernels): dtype code must be float32 or float64",
+                     std::forward<F>(f));
 }
 
 }  // namespace
@@ -80,7 +76,7 @@ jacobian::JacobianArgs jacobian_args(int dtype, int ndim, int64_t B, const std::
     a.size[i] = size[i];
     a.inv_h[i] = inv_h[i];
   }
-  a.num_threads = num_threads > 0 ? num_threads : 1;
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 

@@ -17,6 +17,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "lncc.h"
 #include "registry.h"
@@ -238,34 +239,23 @@ void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, con
 
 void lncc_forward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
                   uintptr_t work, uintptr_t num) {
-  if (a.dtype == DType::F32) {
-    forward_impl<float>(a, reinterpret_cast<const float*>(fixed), reinterpret_cast<const float*>(moving),
-                        reinterpret_cast<const float*>(mask), reinterpret_cast<float*>(work),
-                        reinterpret_cast<float*>(num));
-  } else if (a.dtype == DType::F64) {
-    forward_impl<double>(a, reinterpret_cast<const double*>(fixed), reinterpret_cast<const double*>(moving),
-                         reinterpret_cast<const double*>(mask), reinterpret_cast<double*>(work),
-                         reinterpret_cast<double*>(num));
-  } else {
-    throw std::invalid_argument("lncc cpu kernels take float32 or float64");
-  }
+  dispatch_real(int(a.dtype), "lncc cpu kernels take float32 or float64", [&](auto t) {
+    using T = decltype(t);
+    forward_impl<T>(a, reinterpret_cast<const T*>(fixed), reinterpret_cast<const T*>(moving),
+                    reinterpret_cast<const T*>(mask), reinterpret_cast<T*>(work),
+                    reinterpret_cast<T*>(num));
+  });
 }
 
 void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
                    uintptr_t scale, uintptr_t work, uintptr_t grad_fixed, uintptr_t grad_moving) {
-  if (a.dtype == DType::F32) {
-    backward_impl<float>(a, reinterpret_cast<const float*>(fixed), reinterpret_cast<const float*>(moving),
-                         reinterpret_cast<const float*>(mask), reinterpret_cast<const float*>(scale),
-                         reinterpret_cast<float*>(work), reinterpret_cast<float*>(grad_fixed),
-                         reinterpret_cast<float*>(grad_moving));
-  } else if (a.dtype == DType::F64) {
-    backward_impl<double>(a, reinterpret_cast<const double*>(fixed), reinterpret_cast<const double*>(moving),
-                          reinterpret_cast<const double*>(mask), reinterpret_cast<const double*>(scale),
-                          reinterpret_cast<double*>(work), reinterpret_cast<double*>(grad_fixed),
-                          reinterpret_cast<double*>(grad_moving));
-  } else {
-    throw std::invalid_argument("lncc cpu kernels take float32 or float64");
-  }
+  dispatch_real(int(a.dtype), "lncc cpu kernels take float32 or float64", [&](auto t) {
+    using T = decltype(t);
+    backward_impl<T>(a, reinterpret_cast<const T*>(fixed), reinterpret_cast<const T*>(moving),
+                     reinterpret_cast<const T*>(mask), reinterpret_cast<const T*>(scale),
+                     reinterpret_cast<T*>(work), reinterpret_cast<T*>(grad_fixed),
+                     reinterpret_cast<T*>(grad_moving));
+  });
 }
 
 }  // namespace cpu
@@ -284,7 +274,7 @@ lncc::LnccArgs lncc_args(int dtype, int64_t B, std::vector<int64_t> size, int64_
   a.rW = a.rH = window / 2;
   a.rD = is3d ? window / 2 : 0;
   a.eps = eps;
-  a.num_threads = std::max(1, num_threads);
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 }  // namespace

@@ -10,12 +10,14 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
 
 #include <pybind11/pybind11.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
 
@@ -139,13 +141,8 @@ void backward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T*
 
 template <typename F>
 void dispatch(const MIArgs& a, F&& fn) {
-  if (a.dtype == int(DType::F32)) {
-    fn(float{});
-  } else if (a.dtype == int(DType::F64)) {
-    fn(double{});
-  } else {
-    throw std::invalid_argument("mi (cpu kernels): dtype code must be float32 or float64");
-  }
+  dispatch_real(a.dtype, "mi (cpu kernels): dtype code must be float32 or float64",
+                std::forward<F>(fn));
 }
 
 }  // namespace
@@ -191,7 +188,7 @@ mi::MIArgs mi_args(int dtype, int64_t B, int64_t N, int K, int kernel, double si
   a.sigma = sigma;
   a.gauss_step = std::exp(-1.0 / (sigma * sigma));
   a.radius = std::min(radius, double(K));
-  a.num_threads = num_threads > 0 ? num_threads : 1;
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 

@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
 #include "regularisers.h"
@@ -70,25 +71,18 @@ void backward_impl(const RegArgs& a, const T* u, const T* scale, T* grad) {
 }  // namespace
 
 void regularisers_forward(const RegArgs& a, uintptr_t u, uintptr_t out) {
-  if (a.dtype == DType::F32) {
-    forward_impl<float>(a, reinterpret_cast<const float*>(u), reinterpret_cast<float*>(out));
-  } else if (a.dtype == DType::F64) {
-    forward_impl<double>(a, reinterpret_cast<const double*>(u), reinterpret_cast<double*>(out));
-  } else {
-    throw std::invalid_argument("regulariser cpu kernels take float32 or float64");
-  }
+  dispatch_real(int(a.dtype), "regulariser cpu kernels take float32 or float64", [&](auto t) {
+    using T = decltype(t);
+    forward_impl<T>(a, reinterpret_cast<const T*>(u), reinterpret_cast<T*>(out));
+  });
 }
 
 void regularisers_backward(const RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad) {
-  if (a.dtype == DType::F32) {
-    backward_impl<float>(a, reinterpret_cast<const float*>(u), reinterpret_cast<const float*>(scale),
-                         reinterpret_cast<float*>(grad));
-  } else if (a.dtype == DType::F64) {
-    backward_impl<double>(a, reinterpret_cast<const double*>(u), reinterpret_cast<const double*>(scale),
-                          reinterpret_cast<double*>(grad));
-  } else {
-    throw std::invalid_argument("regulariser cpu kernels take float32 or float64");
-  }
+  dispatch_real(int(a.dtype), "regulariser cpu kernels take float32 or float64", [&](auto t) {
+    using T = decltype(t);
+    backward_impl<T>(a, reinterpret_cast<const T*>(u), reinterpret_cast<const T*>(scale),
+                     reinterpret_cast<T*>(grad));
+  });
 }
 
 }  // namespace cpu
@@ -109,7 +103,7 @@ reg::RegArgs reg_args(int dtype, int kind, int64_t B, int64_t C, std::vector<int
   a.H = size[1 - off];
   a.W = size[2 - off];
   for (size_t i = 0; i < wt.size(); ++i) a.wt[i + off] = wt[i];
-  a.num_threads = std::max(1, num_threads);
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 }  // namespace

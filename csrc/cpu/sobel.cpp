@@ -20,6 +20,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -27,6 +28,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
 
@@ -347,15 +349,9 @@ void backward_impl(const SobelArgs& a, const T* grad_out, const T* x1, const T* 
 
 template <typename F>
 void dispatch(const SobelArgs& a, F&& f) {
-  if (a.dtype == int(DType::F32)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, float{})
-                : f(std::integral_constant<int, 2>{}, float{});
-  } else if (a.dtype == int(DType::F64)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, double{})
-                : f(std::integral_constant<int, 2>{}, double{});
-  } else {
-    throw std::invalid_argument("sobel (cpu kernels): dtype code must be float32 or float64");
-  }
+  dispatch_ndim_real(a.ndim, a.dtype, "sobel: ndim must be 2 or 3",
+                     "sobel (cpu kernels): dtype code must be float32 or float64",
+                     std::forward<F>(f));
 }
 
 }  // namespace
@@ -407,7 +403,7 @@ sobel::SobelArgs sobel_args(int dtype, int ndim, int64_t B, int64_t C,
   a.eps = eps;
   a.mode = mode;
   a.reduction = reduction;
-  a.num_threads = num_threads > 0 ? num_threads : 1;
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 

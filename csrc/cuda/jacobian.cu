@@ -3,16 +3,9 @@
 //
 // No host syncs and no allocations: every launcher is safe under CUDA-graph capture.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -21,55 +14,6 @@ namespace cuda {
 namespace {
 
 constexpr int kJacobianBlock = 256;
-constexpr int64_t kJacobianMaxGrid = 0x7fffffff;  // grid-stride loops cover the rest
-
-template <typename T>
-struct JacobianType {
-  using type = T;
-};
-
-// Calls f(std::integral_constant<int, NDIM>, JacobianType<scalar_t>) for a.ndim and a.dtype.
-template <typename F>
-void dispatch_jacobian(const jacobian::JacobianArgs& a, const char* op, F&& f) {
-  auto by_ndim = [&](auto tag) {
-    if (a.ndim == 2) {
-      f(std::integral_constant<int, 2>{}, tag);
-    } else if (a.ndim == 3) {
-      f(std::integral_constant<int, 3>{}, tag);
-    } else {
-      throw std::invalid_argument(std::string("mrus cuda ") + op + ": ndim must be 2 or 3, got " +
-                                  std::to_string(a.ndim));
-    }
-  };
-  switch (static_cast<DType>(a.dtype)) {
-    case DType::F32:
-      return by_ndim(JacobianType<float>{});
-    case DType::F16:
-      return by_ndim(JacobianType<__half>{});
-    case DType::BF16:
-      return by_ndim(JacobianType<__nv_bfloat16>{});
-    case DType::F64:
-      throw std::invalid_argument(std::string("mrus cuda ") + op +
-                                  ": float64 is not supported by the cuda backend "
-                                  "(use backend='torch' or 'cpu')");
-  }
-  throw std::invalid_argument(std::string("mrus cuda ") + op + ": unknown dtype code " +
-                              std::to_string(a.dtype));
-}
-
-void check_jacobian_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel +
-                             " failed: " + cudaGetErrorString(err));
-  }
-}
-
-unsigned jacobian_blocks(int64_t n) {
-  return static_cast<unsigned>(
-      std::min<int64_t>((n + kJacobianBlock - 1) / kJacobianBlock, kJacobianMaxGrid));
-}
-
 // One thread per voxel of the flattened [B, *size] (grid-stride). JacobianArgs is
 // __grid_constant__: the header indexes its arrays with runtime indices, which would
 // otherwise copy the struct to local memory in every thread.
@@ -101,30 +45,32 @@ __global__ void __launch_bounds__(kJacobianBlock)
 
 void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det,
                       uintptr_t stream) {
-  dispatch_jacobian(a, "jacobian_forward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "jacobian_forward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using scalar_t = typename decltype(tag)::type;
     const int64_t total = a.B * a.n();
     if (total == 0) return;
     jacobian_forward_kernel<NDIM, scalar_t>
-        <<<jacobian_blocks(total), kJacobianBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        <<<blocks_for(total, kJacobianBlock), kJacobianBlock, 0,
+           reinterpret_cast<cudaStream_t>(stream)>>>(
             a, reinterpret_cast<const scalar_t*>(u), reinterpret_cast<scalar_t*>(det));
-    check_jacobian_launch("jacobian_forward_kernel");
+    check_launch("jacobian_forward_kernel");
   });
 }
 
 void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
                        uintptr_t grad_u, uintptr_t stream) {
-  dispatch_jacobian(a, "jacobian_backward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "jacobian_backward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using scalar_t = typename decltype(tag)::type;
     const int64_t total = a.B * a.n();
     if (total == 0) return;
     jacobian_backward_kernel<NDIM, scalar_t>
-        <<<jacobian_blocks(total), kJacobianBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        <<<blocks_for(total, kJacobianBlock), kJacobianBlock, 0,
+           reinterpret_cast<cudaStream_t>(stream)>>>(
             a, reinterpret_cast<const scalar_t*>(grad_det), reinterpret_cast<const scalar_t*>(u),
             reinterpret_cast<scalar_t*>(grad_u));
-    check_jacobian_launch("jacobian_backward_kernel");
+    check_launch("jacobian_backward_kernel");
   });
 }
 

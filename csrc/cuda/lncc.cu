@@ -9,13 +9,11 @@
 // shared-memory ring (the voxel leaving the window has been overwritten by then).
 // The forward's per-item sum: one partial per block, tree-reduced in shared memory, added
 // in fixed order by the caller: deterministic, no atomics. No host syncs, no allocations.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -27,14 +25,6 @@ using lncc::NSUM;
 
 constexpr int kRowThreads = 128;
 constexpr int kRingBytes = 48 * 1024;
-
-void check(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
 
 // Row pass along W from (I, J): thread per row (b, d, h).
 __global__ void wpass_ij_kernel(LnccArgs a, const float* __restrict__ I,
@@ -201,15 +191,15 @@ void col_inplace(const LnccArgs& a, float* S, bool axis_d, const float* mask, co
   const int threads = ring_threads(r);
   const int64_t cols = a.B * M * a.W;
   const size_t smem = size_t(r + 1) * NSUM * threads * sizeof(float);
-  col_inplace_kernel<MODE><<<unsigned((cols + threads - 1) / threads), threads, smem, s>>>(
+  col_inplace_kernel<MODE><<<unsigned(ceil_div(cols, threads)), threads, smem, s>>>(
       a, S, M, N, sm, sk, r, mask, scale);
-  check("lncc col_inplace_kernel");
+  check_launch("lncc col_inplace_kernel");
 }
 
 void wpass_ij(const LnccArgs& a, const float* I, const float* J, float* S, cudaStream_t s) {
   const int64_t rows = a.B * a.D * a.H;
-  wpass_ij_kernel<<<unsigned((rows + kRowThreads - 1) / kRowThreads), kRowThreads, 0, s>>>(a, I, J, S);
-  check("lncc wpass_ij_kernel");
+  wpass_ij_kernel<<<unsigned(ceil_div(rows, kRowThreads)), kRowThreads, 0, s>>>(a, I, J, S);
+  check_launch("lncc wpass_ij_kernel");
 }
 
 }  // namespace
@@ -223,10 +213,10 @@ void lncc_forward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_
   float* S = reinterpret_cast<float*>(work);
   wpass_ij(a, I, J, S, s);
   col_inplace<ColMode::COPY>(a, S, false, nullptr, nullptr, s);
-  const dim3 grid(unsigned((a.H * a.W + lncc::LNCC_CUDA_COLS - 1) / lncc::LNCC_CUDA_COLS), unsigned(a.B));
+  const dim3 grid(unsigned(ceil_div(a.H * a.W, lncc::LNCC_CUDA_COLS)), unsigned(a.B));
   col_reduce_kernel<<<grid, lncc::LNCC_CUDA_COLS, 0, s>>>(a, S, reinterpret_cast<const float*>(mask),
                                                           reinterpret_cast<float*>(partials));
-  check("lncc col_reduce_kernel");
+  check_launch("lncc col_reduce_kernel");
 }
 
 void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
@@ -244,9 +234,9 @@ void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
   col_inplace<ColMode::COPY>(a, S, false, nullptr, nullptr, s);
   col_inplace<ColMode::COPY>(a, S, true, nullptr, nullptr, s);
   const int64_t rows = a.B * a.D * a.H;
-  wpass_final_kernel<<<unsigned((rows + kRowThreads - 1) / kRowThreads), kRowThreads, 0, s>>>(
+  wpass_final_kernel<<<unsigned(ceil_div(rows, kRowThreads)), kRowThreads, 0, s>>>(
       a, S, I, J, reinterpret_cast<float*>(grad_fixed), reinterpret_cast<float*>(grad_moving));
-  check("lncc wpass_final_kernel");
+  check_launch("lncc wpass_final_kernel");
 }
 
 }  // namespace cuda

@@ -16,13 +16,12 @@
 //
 // No host syncs and no allocations: every launcher is safe under CUDA-graph capture.
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -32,17 +31,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSharedFloats = 8192;  // two weight tiles of TV x KP floats: 32 KiB
-constexpr int64_t kMaxGridX = 0x7fffffff;
-constexpr int64_t kMaxGridY = 65535;
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel +
-                             " failed: " + cudaGetErrorString(err));
-  }
-}
-
 // Writes one value's weights, times `scale` (the voxel's mask weight), into a shared-memory
 // row that is already zero. A NaN value (or range) puts NaN in the row.
 __device__ __forceinline__ void write_window(const mi::MIArgs& a, float x, float lo, float hi,
@@ -239,7 +227,7 @@ void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
   require_f32(a, "mi_backward");
   if (a.B == 0 || a.N == 0 || (grad_fixed == 0 && grad_moving == 0)) return;
   if (a.B > kMaxGridY) throw std::invalid_argument("mi (cuda kernels): batch too large");
-  const int64_t blocks = std::min<int64_t>((a.N + kThreads - 1) / kThreads, 8192);
+  const int64_t blocks = std::min<int64_t>(ceil_div(a.N, kThreads), 8192);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.B));
   const size_t shared = sizeof(float) * size_t(a.K) * a.K;
   mi_backward_kernel<<<grid, kThreads, shared, reinterpret_cast<cudaStream_t>(stream)>>>(

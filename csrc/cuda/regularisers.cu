@@ -3,12 +3,10 @@
 // item (grid.y = item). The forward tree-reduces each block in shared memory into one
 // partial (added in fixed order by the caller: deterministic, no atomics); the backward
 // writes each voxel's gradient once. No host syncs, no allocations.
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -53,19 +51,13 @@ __global__ void reg_backward_kernel(RegArgs a, const float* __restrict__ u,
   grad[off] = scale[blockIdx.y] * reg::voxel_grad<float>(a, u + off, x);
 }
 
-void check(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
 dim3 grid_of(const RegArgs& a) {
   if (a.dtype != DType::F32) throw std::invalid_argument("regulariser cuda kernels take float32");
-  if (a.B > 65535) throw std::invalid_argument("regulariser cuda kernels take at most 65535 items");
+  if (a.B > kMaxGridY) {
+    throw std::invalid_argument("regulariser cuda kernels take at most 65535 items");
+  }
   const int64_t per_item = a.C * a.vol();
-  return dim3(unsigned((per_item + reg::REG_CUDA_BLOCK - 1) / reg::REG_CUDA_BLOCK), unsigned(a.B));
+  return dim3(unsigned(ceil_div(per_item, reg::REG_CUDA_BLOCK)), unsigned(a.B));
 }
 
 }  // namespace
@@ -74,7 +66,7 @@ void regularisers_forward(const RegArgs& a, uintptr_t u, uintptr_t partials, uin
   const dim3 grid = grid_of(a);
   reg_forward_kernel<<<grid, reg::REG_CUDA_BLOCK, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       a, reinterpret_cast<const float*>(u), reinterpret_cast<float*>(partials));
-  check("reg_forward_kernel");
+  check_launch("reg_forward_kernel");
 }
 
 void regularisers_backward(const RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad,
@@ -83,7 +75,7 @@ void regularisers_backward(const RegArgs& a, uintptr_t u, uintptr_t scale, uintp
   reg_backward_kernel<<<grid, reg::REG_CUDA_BLOCK, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       a, reinterpret_cast<const float*>(u), reinterpret_cast<const float*>(scale),
       reinterpret_cast<float*>(grad));
-  check("reg_backward_kernel");
+  check_launch("reg_backward_kernel");
 }
 
 }  // namespace cuda

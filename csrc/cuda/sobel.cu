@@ -13,16 +13,10 @@
 //
 // No host syncs and no allocations: every launcher is safe under CUDA-graph capture.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
-#include <type_traits>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -35,16 +29,6 @@ using sobel::Reduction;
 using sobel::SobelArgs;
 
 constexpr int kBlock = 256;
-constexpr int64_t kMaxGridY = 65535;
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel +
-                             " failed: " + cudaGetErrorString(err));
-  }
-}
-
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -259,55 +243,24 @@ __global__ void __launch_bounds__(kBlock)
   if (grad_x0) grad_x0[v * vox + n] = from_float<T>(acc0);
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch(const SobelArgs& a, const char* op, F&& f) {
-  auto by_ndim = [&](auto tag) {
-    if (a.ndim == 2) {
-      f(std::integral_constant<int, 2>{}, tag);
-    } else if (a.ndim == 3) {
-      f(std::integral_constant<int, 3>{}, tag);
-    } else {
-      throw std::invalid_argument(std::string("mrus cuda ") + op + ": ndim must be 2 or 3");
-    }
-  };
-  switch (static_cast<DType>(a.dtype)) {
-    case DType::F32:
-      return by_ndim(TypeTag<float>{});
-    case DType::F16:
-      return by_ndim(TypeTag<__half>{});
-    case DType::BF16:
-      return by_ndim(TypeTag<__nv_bfloat16>{});
-    case DType::F64:
-      throw std::invalid_argument(std::string("mrus cuda ") + op +
-                                  ": float64 is not supported by the cuda backend "
-                                  "(use backend='torch' or 'cpu')");
-  }
-  throw std::invalid_argument(std::string("mrus cuda ") + op + ": unknown dtype code");
-}
-
 dim3 grid_for(const SobelArgs& a) {
-  const int64_t blocks = (a.voxels() + kBlock - 1) / kBlock;
+  const int64_t blocks = ceil_div(a.voxels(), kBlock);
   if (a.volumes() > kMaxGridY) {
     throw std::invalid_argument("mrus cuda sobel: B * C must be at most 65535");
   }
-  if (blocks > 0x7fffffff) throw std::invalid_argument("mrus cuda sobel: volume too large");
+  if (blocks > kMaxGridX) throw std::invalid_argument("mrus cuda sobel: volume too large");
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.volumes()));
 }
 
 }  // namespace
 
 int64_t sobel_num_partials(const SobelArgs& a) {
-  return ((a.voxels() + kBlock - 1) / kBlock) * a.volumes();
+  return ceil_div(a.voxels(), kBlock) * a.volumes();
 }
 
 void sobel_forward(const SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
                    uintptr_t partials, uintptr_t stream) {
-  dispatch(a, "sobel_forward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "sobel_forward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using T = typename decltype(tag)::type;
     if (a.numel() == 0) return;
@@ -329,7 +282,7 @@ void sobel_forward(const SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
 
 void sobel_backward(const SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
                     uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream) {
-  dispatch(a, "sobel_backward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "sobel_backward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using T = typename decltype(tag)::type;
     if (a.numel() == 0 || (grad_x == 0 && grad_x0 == 0)) return;

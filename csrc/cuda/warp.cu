@@ -4,16 +4,10 @@
 //
 // No host syncs and no allocations: every launcher is safe under CUDA-graph capture.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
 
+#include "cuda_utils.cuh"
 #include "launchers.h"
 
 namespace mrus {
@@ -22,54 +16,6 @@ namespace cuda {
 namespace {
 
 constexpr int kBlockSize = 256;
-constexpr int64_t kMaxGridX = 0x7fffffff;  // grid-stride loops cover the rest
-constexpr int64_t kMaxGridY = 65535;
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mrus cuda: launch of ") + kernel +
-                             " failed: " + cudaGetErrorString(err));
-  }
-}
-
-unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>((n + kBlockSize - 1) / kBlockSize, kMaxGridX));
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(std::integral_constant<int, NDIM>, TypeTag<scalar_t>) for a.ndim and a.dtype.
-template <typename F>
-void dispatch(const warp::WarpArgs& a, const char* op, F&& f) {
-  auto by_ndim = [&](auto tag) {
-    if (a.ndim == 2) {
-      f(std::integral_constant<int, 2>{}, tag);
-    } else if (a.ndim == 3) {
-      f(std::integral_constant<int, 3>{}, tag);
-    } else {
-      throw std::invalid_argument(std::string("mrus cuda ") + op + ": ndim must be 2 or 3, got " +
-                                  std::to_string(a.ndim));
-    }
-  };
-  switch (static_cast<DType>(a.dtype)) {
-    case DType::F32:
-      return by_ndim(TypeTag<float>{});
-    case DType::F16:
-      return by_ndim(TypeTag<__half>{});
-    case DType::BF16:
-      return by_ndim(TypeTag<__nv_bfloat16>{});
-    case DType::F64:
-      throw std::invalid_argument(std::string("mrus cuda ") + op +
-                                  ": float64 is not supported by the cuda backend "
-                                  "(use backend='torch' or 'cpu')");
-  }
-  throw std::invalid_argument(std::string("mrus cuda ") + op + ": unknown dtype code " +
-                              std::to_string(a.dtype));
-}
 
 // ---------------------------------------------------------------------------------------
 // Image-gradient scatter functors. prepare() runs once per thread before any scatter and
@@ -176,12 +122,12 @@ bool built() { return true; }
 
 void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintptr_t out,
                   uintptr_t stream) {
-  dispatch(a, "warp_forward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "warp_forward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using scalar_t = typename decltype(tag)::type;
     const int64_t n_out = a.n_out();
     if (n_out == 0 || a.B == 0 || a.C == 0) return;
-    const dim3 grid(blocks_for(n_out), static_cast<unsigned>(std::min(a.B, kMaxGridY)));
+    const dim3 grid(blocks_for(n_out, kBlockSize), static_cast<unsigned>(std::min(a.B, kMaxGridY)));
     warp_forward_kernel<NDIM, scalar_t>
         <<<grid, kBlockSize, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
             a, reinterpret_cast<const scalar_t*>(image), reinterpret_cast<const scalar_t*>(ddf),
@@ -193,13 +139,13 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf, bool deterministic,
                    uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream) {
-  dispatch(a, "warp_backward", [&](auto nd, auto tag) {
+  dispatch_ndim_dtype(a.ndim, a.dtype, "warp_backward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using scalar_t = typename decltype(tag)::type;
     const int64_t n_out = a.n_out();
     if (n_out == 0 || a.B == 0 || (grad_image == 0 && grad_ddf == 0)) return;
     const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    const unsigned grid = blocks_for(n_out);
+    const unsigned grid = blocks_for(n_out, kBlockSize);
     const auto* go = reinterpret_cast<const scalar_t*>(grad_out);
     const auto* img = reinterpret_cast<const scalar_t*>(image);
     const auto* u = reinterpret_cast<const scalar_t*>(ddf);
@@ -214,7 +160,7 @@ void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image,
       check_launch("warp_backward_kernel (deterministic)");
       const int64_t n_img = a.Bi * a.C * a.n_in();
       if (n_img == 0) return;
-      fixed_to_float_kernel<<<blocks_for(n_img), kBlockSize, 0, s>>>(
+      fixed_to_float_kernel<<<blocks_for(n_img, kBlockSize), kBlockSize, 0, s>>>(
           reinterpret_cast<const long long*>(fixed_scratch), reinterpret_cast<const float*>(gmax),
           reinterpret_cast<float*>(grad_image), n_img);
       check_launch("fixed_to_float_kernel");

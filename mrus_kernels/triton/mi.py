@@ -69,6 +69,32 @@ def _parzen(x, lo, hi, K, KP: tl.constexpr, KERNEL: tl.constexpr, inv_2s2, NEED_
 
 
 @triton.jit
+def _load_ranges(ranges_ptr, b):
+    """Item b's value ranges (lo_f, hi_f, lo_g, hi_g)."""
+    lo_f = tl.load(ranges_ptr + 4 * b)
+    hi_f = tl.load(ranges_ptr + 4 * b + 1)
+    lo_g = tl.load(ranges_ptr + 4 * b + 2)
+    hi_g = tl.load(ranges_ptr + 4 * b + 3)
+    return lo_f, hi_f, lo_g, hi_g
+
+
+@triton.jit
+def _load_voxels(f_ptr, g_ptr, m_ptr, base, idx, live, lo_f, lo_g, HAS_MASK: tl.constexpr):
+    """Values f, g and mask weight m of the voxels idx; masked-out and tail voxels get finite
+    stand-in values (lo_f, lo_g) with weight 0."""
+    f = tl.load(f_ptr + base + idx, mask=live, other=0.0)
+    g = tl.load(g_ptr + base + idx, mask=live, other=0.0)
+    if HAS_MASK:
+        m = tl.load(m_ptr + base + idx, mask=live, other=0.0)
+    else:
+        m = tl.where(live, 1.0, 0.0)
+    keep = m != 0.0
+    f = tl.where(keep, f, lo_f)
+    g = tl.where(keep, g, lo_g)
+    return f, g, m
+
+
+@triton.jit
 def _mi_fwd_kernel(
     f_ptr, g_ptr, m_ptr, ranges_ptr, partial_ptr, N, K, chunk, inv_2s2,
     KP: tl.constexpr, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -77,10 +103,7 @@ def _mi_fwd_kernel(
     b = tl.program_id(1)
     programs = tl.num_programs(0)
     base = b.to(tl.int64) * N
-    lo_f = tl.load(ranges_ptr + 4 * b)
-    hi_f = tl.load(ranges_ptr + 4 * b + 1)
-    lo_g = tl.load(ranges_ptr + 4 * b + 2)
-    hi_g = tl.load(ranges_ptr + 4 * b + 3)
+    lo_f, hi_f, lo_g, hi_g = _load_ranges(ranges_ptr, b)
     start = pid.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, N)
     acc = tl.zeros((KP, KP), dtype=tl.float32)
@@ -88,16 +111,7 @@ def _mi_fwd_kernel(
     for v0 in range(start, end, BLOCK_V):
         idx = v0 + offs
         live = idx < end
-        f = tl.load(f_ptr + base + idx, mask=live, other=0.0)
-        g = tl.load(g_ptr + base + idx, mask=live, other=0.0)
-        if HAS_MASK:
-            m = tl.load(m_ptr + base + idx, mask=live, other=0.0)
-        else:
-            m = tl.where(live, 1.0, 0.0)
-        # Masked-out and tail voxels: finite stand-in values with weight 0.
-        keep = m != 0.0
-        f = tl.where(keep, f, lo_f)
-        g = tl.where(keep, g, lo_g)
+        f, g, m = _load_voxels(f_ptr, g_ptr, m_ptr, base, idx, live, lo_f, lo_g, HAS_MASK)
         wf, _ = _parzen(f, lo_f, hi_f, K, KP, KERNEL, inv_2s2, False)
         wg, _ = _parzen(g, lo_g, hi_g, K, KP, KERNEL, inv_2s2, False)
         wf = wf * m[:, None]
@@ -117,25 +131,14 @@ def _mi_bwd_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * N
-    lo_f = tl.load(ranges_ptr + 4 * b)
-    hi_f = tl.load(ranges_ptr + 4 * b + 1)
-    lo_g = tl.load(ranges_ptr + 4 * b + 2)
-    hi_g = tl.load(ranges_ptr + 4 * b + 3)
+    lo_f, hi_f, lo_g, hi_g = _load_ranges(ranges_ptr, b)
     rows = tl.arange(0, KP)
     gmask = (rows[:, None] < K) & (rows[None, :] < K)
     G = tl.load(gh_ptr + b.to(tl.int64) * K * K + rows[:, None] * K + rows[None, :], mask=gmask,
                 other=0.0)
     idx = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     live = idx < N
-    f = tl.load(f_ptr + base + idx, mask=live, other=0.0)
-    g = tl.load(g_ptr + base + idx, mask=live, other=0.0)
-    if HAS_MASK:
-        m = tl.load(m_ptr + base + idx, mask=live, other=0.0)
-    else:
-        m = tl.where(live, 1.0, 0.0)
-    keep = m != 0.0
-    f = tl.where(keep, f, lo_f)
-    g = tl.where(keep, g, lo_g)
+    f, g, m = _load_voxels(f_ptr, g_ptr, m_ptr, base, idx, live, lo_f, lo_g, HAS_MASK)
     wf, dwf = _parzen(f, lo_f, hi_f, K, KP, KERNEL, inv_2s2, NEED_F)
     wg, dwg = _parzen(g, lo_g, hi_g, K, KP, KERNEL, inv_2s2, NEED_G)
     if NEED_F:

@@ -25,10 +25,12 @@ from conftest import (
     ALL_DTYPES,
     assert_close_verbose,
     backend_params,
-    backend_reason,
+    bad_input_test,
     poisoned_empty,
+    raises_before_dispatch,
     randn,
     require_backend,
+    skip_without_float64,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -55,11 +57,6 @@ TRITON_SHAPES = {2: (2, 2, 7, 6), 3: (2, 3, 4, 5, 6)}
 
 def _shape(backend: str, ndim: int) -> tuple[int, ...]:
     return (TRITON_SHAPES if backend == "triton" else SHAPES)[ndim]
-
-
-def _skip_float64(backend: str, dtype: torch.dtype) -> None:
-    if dtype == torch.float64 and backend_reason(backend, "cpu", dtype) is not None:
-        pytest.skip(f"{backend} has no float64 (test_gpu_backends_reject_float64 checks it)")
 
 
 def _pair(gen, shape, dtype=torch.float32, device="cpu", scale=1.5):
@@ -93,7 +90,7 @@ def _interior(x: torch.Tensor, margin: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compose_matches_reference(backend, dtype, ndim, padding, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     u, v = _pair(gen, _shape(backend, ndim), dtype)
     for a, b in ((u, v), (v, u)):  # either batch broadcast
         expected = reference.compose(a, b, padding)
@@ -108,7 +105,7 @@ def test_compose_matches_reference(backend, dtype, ndim, padding, gen):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_compose_backward_matches_reference(backend, dtype, ndim, padding, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     u, v = _pair(gen, _shape(backend, ndim), dtype)
     grad = randn(gen, *u.shape, dtype=dtype)
     ru, rv = u.clone().requires_grad_(), v.clone().requires_grad_()
@@ -236,7 +233,7 @@ def test_compose_deterministic_gradient(backend, gen, deterministic_algorithms):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_integrate_matches_reference(backend, dtype, ndim, padding, steps, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     shape = _shape(backend, ndim)
     v = randn(gen, *shape, dtype=dtype, scale=3.0)
     expected = reference.integrate_velocity(v, steps, padding)
@@ -259,7 +256,7 @@ def test_integrate_matches_reference(backend, dtype, ndim, padding, steps, gen):
 def test_integrate_backward_matches_reference(backend, dtype, ndim, padding, gen):
     """Both memory modes against the reference's autograd, and bitwise equal to each other
     (the recomputed intermediates are the stored ones)."""
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     shape = _shape(backend, ndim)
     v = randn(gen, *shape, dtype=dtype, scale=3.0)
     grad = randn(gen, *shape, dtype=dtype)
@@ -504,11 +501,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input(case):
-    call, exc, message = BAD_INPUTS[case]
-    with pytest.raises(exc, match=message):
-        call()
+test_bad_input = bad_input_test(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("backend", backend_params(("triton", "cuda")))
@@ -522,9 +515,9 @@ def test_gpu_backends_reject_float64(backend, gen):
 
 
 def test_validation_runs_before_dispatch(monkeypatch):
-    monkeypatch.setenv("MRUS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="integrate_velocity: steps must be >= 0"):
-        integrate_velocity(U2, -3)
+    raises_before_dispatch(
+        monkeypatch, lambda: integrate_velocity(U2, -3), "integrate_velocity: steps must be >= 0"
+    )
 
 
 def test_module_exports():

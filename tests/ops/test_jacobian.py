@@ -25,9 +25,12 @@ from conftest import (
     assert_close_verbose,
     backend_params,
     backend_reason,
+    bad_input_test,
     poisoned_empty,
+    raises_before_dispatch,
     randn,
     require_backend,
+    skip_without_float64,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -52,11 +55,6 @@ SPACINGS = {2: (0.8, 1.7), 3: (1.5, 0.7, 2.5)}
 
 def _shape(backend: str, ndim: int) -> tuple[int, ...]:
     return (TRITON_SHAPES if backend == "triton" else SHAPES)[ndim]
-
-
-def _skip_float64(backend: str, dtype: torch.dtype) -> None:
-    if dtype == torch.float64 and backend_reason(backend, "cpu", dtype) is not None:
-        pytest.skip(f"{backend} has no float64 (test_gpu_backends_reject_float64 checks it)")
 
 
 def _field(gen, shape, dtype=torch.float32, device="cpu", scale=0.6):
@@ -87,7 +85,7 @@ def _numpy_det(u: torch.Tensor, spacing) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_matches_reference(backend, dtype, ndim, spacing, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     u = _field(gen, _shape(backend, ndim), dtype)
     sp = SPACINGS[ndim] if spacing else None
     expected = reference.jacobian_det(u, sp)
@@ -102,7 +100,7 @@ def test_forward_matches_reference(backend, dtype, ndim, spacing, gen):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_matches_reference(backend, dtype, ndim, gen):
     """The gather backward against the reference's autograd."""
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     shape = _shape(backend, ndim)
     u = _field(gen, shape, dtype)
     grad = randn(gen, shape[0], *shape[2:], dtype=dtype)
@@ -305,7 +303,7 @@ def test_smooth_small_field_does_not_fold(backend, gen):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_folding_fraction_matches_reference(backend, dtype, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     u = _field(gen, _shape(backend, 3), dtype, scale=0.8)
     frac = folding_fraction(u, spacing=(1.0, 2.0, 0.5), backend=backend)
     expected = reference.folding_fraction(u.double(), (1.0, 2.0, 0.5))
@@ -481,17 +479,13 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input(case):
-    call, exc, message = BAD_INPUTS[case]
-    with pytest.raises(exc, match=message):
-        call()
+test_bad_input = bad_input_test(BAD_INPUTS)
 
 
 def test_validation_runs_before_dispatch(monkeypatch):
-    monkeypatch.setenv("MRUS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="jacobian_det: spacing must be"):
-        jacobian_det(U2, spacing=0.0)
+    raises_before_dispatch(
+        monkeypatch, lambda: jacobian_det(U2, spacing=0.0), "jacobian_det: spacing must be"
+    )
 
 
 def test_module_exports():

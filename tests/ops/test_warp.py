@@ -27,13 +27,17 @@ import mrus_kernels
 from conftest import (
     ALL_DTYPES,
     assert_close_verbose,
+    autograd_grads,
     backend_params,
     backend_reason,
     backends_here,
+    bad_input_test,
     poisoned_empty,
+    raises_before_dispatch,
     rand,
     randn,
     require_backend,
+    skip_without_float64,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -86,11 +90,6 @@ def _inputs(gen, image_shape, ddf_shape, dtype=torch.float32, device="cpu", scal
     return image, ddf
 
 
-def _skip_float64(backend: str, dtype: torch.dtype) -> None:
-    if dtype == torch.float64 and backend_reason(backend, "cpu", dtype) is not None:
-        pytest.skip(f"{backend} has no float64 (test_gpu_backends_reject_float64 checks it)")
-
-
 def _points(ddf: torch.Tensor) -> torch.Tensor:
     """Sampling points x + u(x), [B, ndim, *S], float64 on the CPU. The sum is rounded as
     the kernels round it (float32 for float32 and half types), so that nearest rounding
@@ -99,10 +98,6 @@ def _points(ddf: torch.Tensor) -> torch.Tensor:
     axes = [torch.arange(n, dtype=work) for n in ddf.shape[2:]]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
     return (grid + ddf.detach().cpu().to(work)).double()
-
-
-def _grads(out, inputs, grad_out):
-    return torch.autograd.grad(out, inputs, grad_out)
 
 
 # =========================================================================== backends vs ref
@@ -114,7 +109,7 @@ def _grads(out, inputs, grad_out):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_matches_reference(backend, dtype, ndim, mode, padding, gen):
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     image_shape, ddf_shape = _shapes(backend, ndim)
     image, ddf = _inputs(gen, image_shape, ddf_shape, dtype)
     expected = reference.warp(image, ddf, mode, padding)
@@ -210,13 +205,14 @@ def _backward_case(gen, backend, ndim, dtype, padding, mode="linear"):
     grad_out = randn(gen, 2, image_shape[1], *ddf_shape[2:], dtype=dtype)
     ref_image = image.clone().requires_grad_()
     ref_ddf = ddf.clone().requires_grad_()
-    expected = _grads(reference.warp(ref_image, ref_ddf, mode, padding), (ref_image, ref_ddf),
-                      grad_out)
+    expected = autograd_grads(
+        reference.warp(ref_image, ref_ddf, mode, padding), (ref_image, ref_ddf), grad_out
+    )
     image.requires_grad_()
     ddf.requires_grad_()
     with poisoned_empty():
         out = warp(image, ddf, mode=mode, padding=padding, backend=backend)
-        actual = _grads(out, (image, ddf), grad_out)
+        actual = autograd_grads(out, (image, ddf), grad_out)
     return actual, expected
 
 
@@ -226,7 +222,7 @@ def _backward_case(gen, backend, ndim, dtype, padding, mode="linear"):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_matches_reference(backend, dtype, ndim, padding, gen):
     """Analytic backward kernels against the reference's autograd (linear)."""
-    _skip_float64(backend, dtype)
+    skip_without_float64(backend, dtype)
     (gi, gd), (ei, ed) = _backward_case(gen, backend, ndim, dtype, padding)
     assert gi.dtype == dtype and gd.dtype == dtype
     assert_close_verbose(gi, ei, dtype, name="d image")
@@ -264,7 +260,7 @@ def test_nearest_gradients(backend, ndim, padding, gen):
     image.requires_grad_()
     ddf.requires_grad_()
     out = warp(image, ddf, mode="nearest", padding=padding, backend=backend)
-    gi, gd = _grads(out, (image, ddf), grad_out)
+    gi, gd = autograd_grads(out, (image, ddf), grad_out)
     assert_close_verbose(gi, _nearest_image_grad(image, ddf, grad_out, padding).float(),
                          torch.float32)
     assert torch.equal(gd, torch.zeros_like(ddf))
@@ -285,7 +281,9 @@ def test_gradients_only_for_inputs_that_need_them(backend, which, gen):
     image, ddf = _inputs(gen, (2, 2, 5, 6), (1, 2, 6, 5))
     grad_out = randn(gen, 2, 2, 6, 5)
     full_image, full_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
-    full = _grads(warp(full_image, full_ddf, backend=backend), (full_image, full_ddf), grad_out)
+    full = autograd_grads(
+        warp(full_image, full_ddf, backend=backend), (full_image, full_ddf), grad_out
+    )
     image.requires_grad_(which in ("image", "both"))
     ddf.requires_grad_(which in ("ddf", "both"))
     calls = []
@@ -547,12 +545,12 @@ def test_nan_displacement(backend, mode, padding, gen):
     assert torch.equal(out.isnan(), expected_nan)
     assert_close_verbose(out, reference.warp(image, ddf, mode, padding), torch.float32)
     grad_out = randn(gen, *out.shape)
-    gi, gd = _grads(out, (image, ddf), grad_out)
+    gi, gd = autograd_grads(out, (image, ddf), grad_out)
     assert bool(gi.isfinite().all()) and bool(gd.isfinite().all())
     for _, *voxel in nan_at:
         assert torch.equal(gd[(0, slice(None), *voxel)], torch.zeros(3))
     ref_image = image.detach().requires_grad_()
-    (ei,) = _grads(reference.warp(ref_image, ddf.detach(), mode, padding), (ref_image,),
+    (ei,) = autograd_grads(reference.warp(ref_image, ddf.detach(), mode, padding), (ref_image,),
                    grad_out)
     assert_close_verbose(gi, ei, torch.float32, name="d image")
 
@@ -613,7 +611,7 @@ def test_infinite_displacement(backend, mode, padding, gen):
             expected[:, :, 3, 0, 1] = image[:, :, 0, 0, 1]
     assert torch.equal(out, expected)
     if mode == "linear":
-        gi, gd = _grads(out, (image, ddf), torch.ones_like(out))
+        gi, gd = autograd_grads(out, (image, ddf), torch.ones_like(out))
         assert bool(gi.isfinite().all()) and bool(gd.isfinite().all())
         axes = slice(None) if padding == "zeros" else 0
         assert gd[0, axes, 1, 2, 3].eq(0).all() and gd[0, axes, 3, 0, 1].eq(0).all()
@@ -667,7 +665,7 @@ def test_deterministic_image_gradient(backend, how, gen, request):
     setting off) the fast path is taken."""
     image, ddf, grad_out = _scatter_heavy_case(gen, backend)
     ref_image = image.clone().requires_grad_()
-    (expected,) = _grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
+    (expected,) = autograd_grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
     deterministic = True if how == "argument" else None
     if how == "global":
         request.getfixturevalue("deterministic_algorithms")
@@ -937,7 +935,8 @@ BAD_INPUTS = {
     "to-grid-empty": (lambda: ddf_to_grid(torch.zeros(1, 2, 0, 5)), ValueError,
                       r"ddf_to_grid: ddf must not be empty, got shape \(1, 2, 0, 5\)"),
     "to-grid-channels": (lambda: ddf_to_grid(torch.zeros(1, 3, 4, 5)), ValueError,
-                         r"ddf_to_grid: ddf must have 2 channels for 2D, got 3"),
+                         (r"ddf_to_grid: ddf must have 2 channels \(one per spatial axis\) "
+                          r"for a 2D field, got 3")),
     "to-grid-align-str": (lambda: ddf_to_grid(DDF, align_corners="yes"), TypeError,
                           r"ddf_to_grid: align_corners must be True or False, got 'yes'"),
     "to-grid-align-int": (lambda: ddf_to_grid(DDF, align_corners=1), TypeError,
@@ -1014,18 +1013,12 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input(case):
-    call, exc, message = BAD_INPUTS[case]
-    with pytest.raises(exc, match=message):
-        call()
+test_bad_input = bad_input_test(BAD_INPUTS)
 
 
 def test_validation_runs_before_dispatch(monkeypatch):
     """Bad input is reported as bad input whichever backend was asked for."""
-    monkeypatch.setenv("MRUS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="warp: mode must be"):
-        warp(IMG, DDF, mode="cubic")
+    raises_before_dispatch(monkeypatch, lambda: warp(IMG, DDF, mode="cubic"), "warp: mode must be")
 
 
 def test_size_accepts_numpy_ints():
@@ -1069,13 +1062,13 @@ def test_gpu_backward_matches_reference(gpu_backend, dtype, ndim, padding, gen):
     image, ddf = _inputs(gen, image_shape, ddf_shape, dtype, device="cuda")
     grad_out = randn(gen, 2, image_shape[1], *ddf_shape[2:], dtype=dtype, device="cuda")
     ref_image, ref_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
-    ei, ed = _grads(reference.warp(ref_image, ref_ddf, "linear", padding),
+    ei, ed = autograd_grads(reference.warp(ref_image, ref_ddf, "linear", padding),
                     (ref_image, ref_ddf), grad_out)
     for deterministic in (False, True):
         i, d = image.clone().requires_grad_(), ddf.clone().requires_grad_()
         with poisoned_empty():
             out = warp(i, d, padding=padding, backend=gpu_backend, deterministic=deterministic)
-            gi, gd = _grads(out, (i, d), grad_out)
+            gi, gd = autograd_grads(out, (i, d), grad_out)
         assert_close_verbose(gi, ei, dtype, name=f"d image (deterministic={deterministic})")
         assert_close_verbose(gd, ed, dtype, name=f"d ddf (deterministic={deterministic})")
 
@@ -1088,7 +1081,7 @@ def test_gpu_nearest_gradients(gpu_backend, padding, gen):
     image.requires_grad_()
     ddf.requires_grad_()
     out = warp(image, ddf, mode="nearest", padding=padding, backend=gpu_backend)
-    gi, gd = _grads(out, (image, ddf), grad_out)
+    gi, gd = autograd_grads(out, (image, ddf), grad_out)
     expected = _nearest_image_grad(image.cpu(), ddf.cpu(), grad_out.cpu(), padding)
     assert_close_verbose(gi, expected.float(), torch.float32)
     assert torch.equal(gd, torch.zeros_like(ddf))
@@ -1120,7 +1113,7 @@ def test_gpu_deterministic_bitwise(gpu_backend, dtype, gen, deterministic_algori
     grads = [_image_grad(image, ddf, grad_out, gpu_backend, None) for _ in range(3)]
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     ref_image = image.clone().requires_grad_()
-    (expected,) = _grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
+    (expected,) = autograd_grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
     assert_close_verbose(grads[0], expected, dtype)
 
 
@@ -1130,12 +1123,12 @@ def test_gpu_large(gpu_backend, gen):
     grad_out = randn(gen, 1, 2, 40, 48, 56, device="cuda")
     ref_image, ref_ddf = image.clone().requires_grad_(), ddf.clone().requires_grad_()
     expected = reference.warp(ref_image, ref_ddf, "linear", "border")
-    ei, ed = _grads(expected, (ref_image, ref_ddf), grad_out)
+    ei, ed = autograd_grads(expected, (ref_image, ref_ddf), grad_out)
     image.requires_grad_()
     ddf.requires_grad_()
     with poisoned_empty():
         out = warp(image, ddf, padding="border", backend=gpu_backend)
-        gi, gd = _grads(out, (image, ddf), grad_out)
+        gi, gd = autograd_grads(out, (image, ddf), grad_out)
     assert_close_verbose(out, expected, torch.float32)
     assert_close_verbose(gi, ei, torch.float32, name="d image")
     assert_close_verbose(gd, ed, torch.float32, name="d ddf")
