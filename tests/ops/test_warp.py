@@ -979,7 +979,7 @@ BAD_INPUTS = {
     "from-mm-rank": (lambda: ddf_from_mm(torch.zeros(3, 4, 5), AFFINE), ValueError,
                      r"ddf_from_mm: ddf_mm must be \[B, ndim, H, W\] .*got shape \(3, 4, 5\)"),
     "from-mm-channels": (lambda: ddf_from_mm(torch.zeros(1, 2, 3, 4, 5), AFFINE), ValueError,
-                         r"ddf_from_mm: ddf_mm must have 3 channels for 3D, got 2"),
+                         r"ddf_from_mm: ddf_mm must have 3 channels .*3D field, got 2"),
     "from-mm-affine-type": (lambda: ddf_from_mm(DDF3, [[1.0]]), TypeError,
                             (r"ddf_from_mm: affine must be a numpy array or torch\.Tensor, "
                             r"got list")),
