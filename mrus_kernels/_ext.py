@@ -12,7 +12,9 @@ try:
     C_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the install
     C = None
-    C_IMPORT_ERROR = f"mrus_kernels._C could not be imported ({exc}); reinstall with `pip install .`"
+    C_IMPORT_ERROR = (
+        f"mrus_kernels._C could not be imported ({exc}); reinstall with `pip install .`"
+    )
 
 
 class Interp(enum.IntEnum):

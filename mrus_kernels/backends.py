@@ -105,7 +105,9 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     if name != "auto":
         reason = call_reason(name, device, dtype)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {name!r} cannot serve this call: {reason}")
+            raise BackendUnavailableError(
+                f"{op}: backend {name!r} cannot serve this call: {reason}"
+            )
         return name
     order = AUTO_CUDA_ORDER.get(op, _DEFAULT_CUDA_ORDER) if device.type == "cuda" else _CPU_ORDER
     for candidate in order:

@@ -112,7 +112,9 @@ def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torc
     if isinstance(affine, np.ndarray):
         affine = torch.from_numpy(affine)
     if not isinstance(affine, torch.Tensor):
-        raise TypeError(f"{op}: affine must be a numpy array or torch.Tensor, got {type(affine).__name__}")
+        raise TypeError(
+            f"{op}: affine must be a numpy array or torch.Tensor, got {type(affine).__name__}"
+        )
     k = ndim + 1
     if affine.shape[-2:] != (k, k) or affine.dim() not in (2, 3):
         raise ValueError(
@@ -136,7 +138,9 @@ def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torc
 
 
 def _apply_linear(lin: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-    lin = lin.expand(ddf.shape[0], -1, -1) if lin.dim() == 3 else lin.expand(ddf.shape[0], *lin.shape)
+    lin = (
+        lin.expand(ddf.shape[0], -1, -1) if lin.dim() == 3 else lin.expand(ddf.shape[0], *lin.shape)
+    )
     return torch.einsum("bij,bj...->bi...", lin.to(ddf.dtype), ddf)
 
 

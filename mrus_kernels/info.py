@@ -40,7 +40,9 @@ def info_lines() -> list[str]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"device {i}     {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+            lines.append(
+                f"device {i}     {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
+            )
     lines.append("backends:")
     status = backend_status()
     for name in BACKENDS:

@@ -10,8 +10,8 @@ from torch import nn
 
 from . import _ext, reference
 from ._ext import DTYPE_CODES, cpu_threads, cuda_stream
-from .backends import resolve
 from ._validation import check_field
+from .backends import resolve
 
 _HALF = (torch.float16, torch.bfloat16)
 _VOXELS_PER_THREAD = 16384  # field elements (voxels x ndim) worth a thread of their own

@@ -67,7 +67,9 @@ def _check_number(op: str, name: str, value: object, *, positive: bool = True) -
     return v
 
 
-def _check_range(op: str, value_range: object) -> tuple[tuple[float, float], tuple[float, float]] | None:
+def _check_range(
+    op: str, value_range: object
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
     """None, (lo, hi) for both images, or ((lo_f, hi_f), (lo_g, hi_g)); hi > lo, finite."""
     if value_range is None:
         return None
@@ -360,7 +362,10 @@ def _item_ranges(
         # An item with an empty mask (only reachable when validation is skipped, see
         # _validate) gets a finite dummy range instead of (inf, -inf).
         empty = lo > hi
-        cols += [torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.zeros_like(hi), hi)]
+        cols += [
+            torch.where(empty, torch.zeros_like(lo), lo),
+            torch.where(empty, torch.zeros_like(hi), hi),
+        ]
     return torch.cat(cols, 1).contiguous()
 
 
@@ -368,7 +373,9 @@ def _joint(
     op: str, fixed, moving, bins, kernel, sigma, value_range, mask, eps, backend, deterministic
 ) -> tuple[torch.Tensor, torch.dtype]:
     """Normalised joint histogram P [B, K, K] (float32 for half inputs) and the input dtype."""
-    ranges = _validate(op, fixed, moving, bins, kernel, sigma, value_range, mask, eps, deterministic)
+    ranges = _validate(
+        op, fixed, moving, bins, kernel, sigma, value_range, mask, eps, deterministic
+    )
     dtype = fixed.dtype
     work = _work_dtype(dtype)
     radius = min(gaussian_radius(float(sigma), dtype), float(bins))
@@ -385,7 +392,9 @@ def _joint(
     if mask is not None:
         m = mask.detach().to(work).expand(batch, *mask.shape[1:]).reshape(batch, -1).contiguous()
     item_ranges = _item_ranges(f, g, m, ranges)
-    hist = _histogram_op(f, g, m, item_ranges, bins, _KERNEL_CODES[kernel], float(sigma), radius, name)
+    hist = _histogram_op(
+        f, g, m, item_ranges, bins, _KERNEL_CODES[kernel], float(sigma), radius, name
+    )
     if m is None:
         return hist / f.shape[1], dtype
     # tiny, not 0: an empty mask (validation skipped) gives P = 0 instead of NaN.

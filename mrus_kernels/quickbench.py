@@ -46,7 +46,9 @@ def run(size: int = 64, repeats: int = 7, device: str = "cpu") -> list[tuple[str
     image = torch.randn(1, 1, size, size, size, device=dev)
     ddf = _smooth_ddf((1, 3, size, size, size), 4.0, dev)
     expected = reference.warp(image, ddf)
-    rows: list[tuple[str, Callable]] = [("grid_sample (VoxelMorph-style)", reference.warp_grid_sample)]
+    rows: list[tuple[str, Callable]] = [
+        ("grid_sample (VoxelMorph-style)", reference.warp_grid_sample)
+    ]
     if size <= 64:
         rows.append(("reference (gather)", reference.warp))
     for name in available_backends():

@@ -167,7 +167,9 @@ def launch_backward(
     gx0 = torch.empty(shape, dtype=work, device=grad_out.device) if need_x0 else None
     if backend == "cpu":
         _ext.C.sobel_backward_cpu(
-            *_args(shape, work, padding, eps, mode, reduction), torch.get_num_threads(), g.data_ptr(),
+            *_args(shape, work, padding, eps, mode, reduction),
+            torch.get_num_threads(),
+            g.data_ptr(),
             ptr(xw), ptr(x0w), ptr(gx), ptr(gx0),
         )
     elif backend == "cuda":

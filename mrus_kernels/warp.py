@@ -23,7 +23,9 @@ PADDINGS = ("zeros", "border")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _validate(image: object, ddf: object, mode: object, padding: object, deterministic: object) -> None:
+def _validate(
+    image: object, ddf: object, mode: object, padding: object, deterministic: object
+) -> None:
     op = "warp"
     check_tensor(op, "image", image)
     check_tensor(op, "ddf", ddf)
@@ -113,7 +115,11 @@ def launch_backward(
             gi.data_ptr() if gi is not None else 0, gd.data_ptr() if gd is not None else 0,
         )
     else:
-        gi = torch.zeros(image.shape, dtype=torch.float32, device=image.device) if need_image else None
+        gi = (
+            torch.zeros(image.shape, dtype=torch.float32, device=image.device)
+            if need_image
+            else None
+        )
         gd = torch.empty(ddf.shape, dtype=dtype, device=ddf.device) if need_ddf else None
         if backend == "cuda":
             scratch = gmax = None

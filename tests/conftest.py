@@ -40,6 +40,10 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Short parametrize ids: ``ids=DTYPE_IDS.get``.
+DTYPE_IDS = {
+    torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
+}
 
 
 def _fmt_index(flat: int, shape: Sequence[int]) -> tuple[int, ...]:

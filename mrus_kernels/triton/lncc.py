@@ -68,7 +68,8 @@ def _lncc_wpass_kernel(
             a3 += je * je - jl * jl
             a4 += ie * je - il * jl
         else:
-            a0 += tl.load(src5 + b5 + e, mask=me, other=0.0) - tl.load(src5 + b5 + lv, mask=ml, other=0.0)
+            a0 += tl.load(src5 + b5 + e, mask=me, other=0.0) - tl.load(
+                src5 + b5 + lv, mask=ml, other=0.0)
             a1 += tl.load(src5 + b5 + vol + e, mask=me, other=0.0) - tl.load(
                 src5 + b5 + vol + lv, mask=ml, other=0.0)
             a2 += tl.load(src5 + b5 + 2 * vol + e, mask=me, other=0.0) - tl.load(
@@ -127,7 +128,8 @@ def _lncc_line_kernel(
         oe = base + e.to(tl.int64) * sk
         ol = base + lv.to(tl.int64) * sk
         a0 += tl.load(src + oe, mask=me, other=0.0) - tl.load(src + ol, mask=ml, other=0.0)
-        a1 += tl.load(src + oe + vol, mask=me, other=0.0) - tl.load(src + ol + vol, mask=ml, other=0.0)
+        a1 += tl.load(src + oe + vol, mask=me, other=0.0) - tl.load(
+            src + ol + vol, mask=ml, other=0.0)
         a2 += tl.load(src + oe + 2 * vol, mask=me, other=0.0) - tl.load(
             src + ol + 2 * vol, mask=ml, other=0.0)
         a3 += tl.load(src + oe + 3 * vol, mask=me, other=0.0) - tl.load(

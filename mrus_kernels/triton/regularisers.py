@@ -24,7 +24,10 @@ def _load(u, off, ok):
 @triton.jit
 def _lap(u, off, ok, s0, s1, s2, NDIM: tl.constexpr):
     c = _load(u, off, ok)
-    s = _load(u, off + s1, ok) + _load(u, off - s1, ok) + _load(u, off + s2, ok) + _load(u, off - s2, ok)
+    s = (
+        _load(u, off + s1, ok) + _load(u, off - s1, ok)
+        + _load(u, off + s2, ok) + _load(u, off - s2, ok)
+    )
     if NDIM == 3:
         s += _load(u, off + s0, ok) + _load(u, off - s0, ok)
     return s - 2.0 * NDIM * c
@@ -77,16 +80,22 @@ def _reg_kernel(
             g = tl.zeros([BLOCK], tl.float32)
             lo = ok & (x2 >= 1)
             hi = ok & (x2 <= n2 - 2)
-            t = tl.where(lo, c - _load(u, off - s2, lo), 0.0) - tl.where(hi, _load(u, off + s2, hi) - c, 0.0)
+            t = tl.where(lo, c - _load(u, off - s2, lo), 0.0) - tl.where(
+                hi, _load(u, off + s2, hi) - c, 0.0
+            )
             g += 2.0 * w2 * t
             lo = ok & (x1 >= 1)
             hi = ok & (x1 <= n1 - 2)
-            t = tl.where(lo, c - _load(u, off - s1, lo), 0.0) - tl.where(hi, _load(u, off + s1, hi) - c, 0.0)
+            t = tl.where(lo, c - _load(u, off - s1, lo), 0.0) - tl.where(
+                hi, _load(u, off + s1, hi) - c, 0.0
+            )
             g += 2.0 * w1 * t
             if NDIM == 3:
                 lo = ok & (x0 >= 1)
                 hi = ok & (x0 <= n0 - 2)
-                t = tl.where(lo, c - _load(u, off - s0, lo), 0.0) - tl.where(hi, _load(u, off + s0, hi) - c, 0.0)
+                t = tl.where(lo, c - _load(u, off - s0, lo), 0.0) - tl.where(
+                    hi, _load(u, off + s0, hi) - c, 0.0
+                )
                 g += 2.0 * w0 * t
         tl.store(out + off, sc * g, mask=ok)
     else:

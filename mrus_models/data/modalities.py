@@ -83,7 +83,9 @@ def t2_like(tissues: torch.Tensor, *, bias: float = 0.2, noise: float = 0.01,
     return torch.exp(bias * field) * clean + noise * n * inside
 
 
-def rayleigh_speckle(size: tuple[int, ...], *, correlation: float = 0.0, seed: int = 0) -> torch.Tensor:
+def rayleigh_speckle(
+    size: tuple[int, ...], *, correlation: float = 0.0, seed: int = 0
+) -> torch.Tensor:
     """Unit-mean Rayleigh speckle [1, 1, *size]: the amplitude of a circular complex Gaussian.
 
     With ``correlation > 0`` (voxels) both quadratures are Gaussian-smoothed and rescaled to
@@ -219,8 +221,10 @@ def pseudo_ultrasound(
     background = (1 - tissues.sum(1, keepdim=True)).clamp(0, 1)
     full = torch.cat([background, tissues], 1)
     keys = ("background", "csf", "gm", "wm")
-    echo = (full * torch.tensor([US_ECHOGENICITY[k] for k in keys], device=dev, dtype=dt).view(shape)).sum(1, keepdim=True)
-    z = (full * torch.tensor([US_IMPEDANCE[k] for k in keys], device=dev, dtype=dt).view(shape)).sum(1, keepdim=True)
+    echo_w = torch.tensor([US_ECHOGENICITY[k] for k in keys], device=dev, dtype=dt).view(shape)
+    imped_w = torch.tensor([US_IMPEDANCE[k] for k in keys], device=dev, dtype=dt).view(shape)
+    echo = (full * echo_w).sum(1, keepdim=True)
+    z = (full * imped_w).sum(1, keepdim=True)
     z = gaussian_blur(z, 0.7)
     grads = torch.gradient(z[0, 0])
     gmag = torch.sqrt(sum(g * g for g in grads))[None, None]

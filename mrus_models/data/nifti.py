@@ -213,6 +213,7 @@ def write_displacement(path: str | os.PathLike, ddf: torch.Tensor, affine) -> No
         affine: [4, 4] voxel-to-world affine of the grid.
     """
     import nibabel as nib
+
     from mrus_kernels import ddf_to_mm
 
     ddf = _check_tensor("ddf", ddf)

@@ -102,7 +102,9 @@ def test_nifti_missing_file(tmp_path):
 
 def test_nifti_rejects_4d(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), tmp_path / "t.nii")
-    with pytest.raises(ValueError, match=r"expected a 2D or 3D image, got a 4D image of shape \(4, 4, 4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"expected a 2D or 3D image, got a 4D image of shape \(4, 4, 4, 3\)"
+    ):
         read_nifti(tmp_path / "t.nii")
 
 
@@ -178,7 +180,8 @@ def test_mni152_tissue_statistics(template):
     means = [float(t1[tpl.labels[0, 0] == k].mean()) for k in (1, 2, 3)]
     assert means[0] < means[1] < means[2]
     probs = tpl.tissues()
-    assert torch.all(probs >= 0) and float((probs.sum(1) - tpl.mask[:, 0].float()).abs().max()) <= 1e-5 + 1
+    assert torch.all(probs >= 0)
+    assert float((probs.sum(1) - tpl.mask[:, 0].float()).abs().max()) <= 1e-5 + 1
 
 
 def test_mni152_bad_resolution():
@@ -270,7 +273,9 @@ def test_pseudo_ultrasound_physics():
 def test_pseudo_ultrasound_2d_and_bad_input():
     t2d = _toy_tissues((30, 34, 1))[..., 0]
     assert pseudo_ultrasound(t2d).shape == (1, 1, 30, 34)
-    with pytest.raises(ValueError, match=r"tissues must be \[1, 3, \*S\].*got shape \(1, 2, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"tissues must be \[1, 3, \*S\].*got shape \(1, 2, 4, 4\)"
+    ):
         pseudo_ultrasound(torch.zeros(1, 2, 4, 4))
     with pytest.raises(TypeError, match="tissues must be floating"):
         t2_like(torch.zeros(1, 3, 4, 4, dtype=torch.long))

@@ -97,7 +97,9 @@ def test_register_bad_input():
         register(a, a, levels=(1, 2))
     with pytest.raises(ValueError, match=r"levels must be downsampling factors >= 1, got \(0,\)"):
         register(a, a, levels=(0,))
-    with pytest.raises(ValueError, match=r"iterations must be a number or one value per level \(3\)"):
+    with pytest.raises(
+        ValueError, match=r"iterations must be a number or one value per level \(3\)"
+    ):
         register(a, a, iterations=(1, 2))
     with pytest.raises(ValueError, match=r"fixed_mask must be \[1 or B, 1, \*S\]"):
         register(a, a, fixed_mask=torch.ones(1, 1, 4, 4, 4))

@@ -23,6 +23,7 @@ from scipy import ndimage
 import mrus_kernels
 from conftest import (
     ALL_DTYPES,
+    DTYPE_IDS,
     assert_close_verbose,
     backend_params,
     bad_input_test,
@@ -43,7 +44,6 @@ from mrus_kernels import (
 
 compose_module = importlib.import_module("mrus_kernels.compose")
 
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 PADDINGS = ("border", "zeros")
 MEMORY = ("store", "recompute")
 BACKENDS = backend_params(("torch", "cpu", "triton"))

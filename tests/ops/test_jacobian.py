@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import math
-
 from unittest import mock
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import mrus_kernels
 from conftest import (
     ALL_DTYPES,
+    DTYPE_IDS,
     assert_close_verbose,
     backend_params,
     backend_reason,
@@ -42,7 +42,6 @@ from mrus_kernels import (
 
 jacobian_module = importlib.import_module("mrus_kernels.jacobian")
 
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 FAST_BACKENDS = backend_params(("torch", "cpu"))
 KERNEL_BACKENDS = backend_params(("cpu", "triton"))

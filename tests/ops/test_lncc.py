@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_verbose, backend_params, poisoned_empty, rand
 
+from conftest import assert_close_verbose, backend_params, poisoned_empty, rand
 from mrus_kernels import LNCCLoss, lncc, reference
 from mrus_kernels.backends import call_reason
 
@@ -86,7 +86,9 @@ def test_gradcheck_float64(backend, gen):
 def test_identities(backend, gen):
     x = rand(gen, 2, 1, 5, 6, 7) if backend == "triton" else rand(gen, 2, 1, 7, 9, 11)
     ones = torch.ones(2, dtype=torch.float64)
-    assert_close_verbose(lncc(x, x, window=5, backend=backend), ones, atol=1e-5, rtol=0, name="self")
+    assert_close_verbose(
+        lncc(x, x, window=5, backend=backend), ones, atol=1e-5, rtol=0, name="self"
+    )
     for a, b in ((3.0, 1.0), (-0.5, 2.0)):
         out = lncc(x, a * x + b, window=5, backend=backend)  # borders included
         assert_close_verbose(out, ones, atol=1e-4, rtol=0, name=f"affine {a}, {b}")
@@ -99,7 +101,9 @@ def test_constant_image_is_finite_and_bounded(backend, value, gen):
     x = rand(gen, 1, 1, 5, 6, 7, lo=value, hi=value * 1.01).requires_grad_()
     for a, b in ((c, c), (c, x)) if backend == "triton" else ((c, c), (c, x), (x, x)):
         out = lncc(a, b, window=5, backend=backend)
-        assert bool(torch.isfinite(out).all()) and bool((out >= 0).all()) and bool((out <= 1).all()), out
+        assert (
+            bool(torch.isfinite(out).all()) and bool((out >= 0).all()) and bool((out <= 1).all())
+        ), out
         ga, gb = torch.autograd.grad(out.sum(), (a, b))
         assert bool(torch.isfinite(ga).all()) and bool(torch.isfinite(gb).all())
 
@@ -220,7 +224,8 @@ X = torch.rand(1, 1, 7, 8, 9)
         (dict(window=3.0), TypeError, "window must be an int, got float"),
         (dict(eps=0.0), ValueError, "eps must be a finite float > 0"),
         (dict(eps="x"), TypeError, "eps must be a float, got str"),
-        (dict(moving=torch.rand(1, 1, 7, 8, 10)), ValueError, "same channel count and spatial shape"),
+        (dict(moving=torch.rand(1, 1, 7, 8, 10)), ValueError,
+         "same channel count and spatial shape"),
         (dict(fixed=torch.rand(1, 2, 7, 8, 9), moving=torch.rand(1, 2, 7, 8, 9)), ValueError,
          "must have one channel"),
         (dict(fixed=torch.rand(7, 8, 9)), ValueError, r"fixed must be \[B, C, H, W\]"),

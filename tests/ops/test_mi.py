@@ -13,7 +13,6 @@ log p with P and p clamped at eps; NMI = (H_f + H_g) / H_fg.
 from __future__ import annotations
 
 import importlib
-import math
 from unittest import mock
 
 import numpy as np
@@ -22,12 +21,12 @@ import torch
 from sklearn.metrics import mutual_info_score
 
 from conftest import (
+    DTYPE_IDS,
     TOLERANCES,
     assert_close_verbose,
     backend_params,
     poisoned_empty,
     rand,
-    randn,
     require_backend,
 )
 from mrus_kernels import (
@@ -44,7 +43,6 @@ mi_module = importlib.import_module("mrus_kernels.mi")
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 KERNELS = ("gaussian", "bspline")
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def _pair(gen, shape, dtype=torch.float32, device="cpu"):
@@ -83,7 +81,8 @@ def _ours_all(f, g, bins, kernel, backend, sigma=0.5, value_range=None, mask=Non
 
 def _compare(ours, ref, dtype, name):
     for what, a, e in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, ref):
-        assert a.dtype == (torch.float32 if what == "P" and dtype in (torch.float16, torch.bfloat16) else dtype), what
+        half = dtype in (torch.float16, torch.bfloat16)
+        assert a.dtype == (torch.float32 if what == "P" and half else dtype), what
         assert_close_verbose(a.cpu(), e, dtype, name=f"{name} {what}")
 
 
@@ -169,7 +168,9 @@ def test_gradient_only_where_needed(backend, gen):
         (mutual_information(a, b, bins=16, kernel="bspline", backend=backend)
          + nmi(a, b, bins=16, kernel="bspline", backend=backend)).sum().backward()
         assert (a, b)[1 - which].grad is None
-        assert_close_verbose((a, b)[which].grad, ref[3 + which], torch.float32, name=f"grad {which}")
+        assert_close_verbose(
+            (a, b)[which].grad, ref[3 + which], torch.float32, name=f"grad {which}"
+        )
 
 
 # =========================================================================== gradcheck
@@ -223,7 +224,9 @@ def test_mi_with_itself_is_entropy(backend, gen):
     assert_close_verbose(mi, h, torch.float64, atol=1e-9, rtol=1e-9, name="MI(x, x) vs H(x)")
 
     c = rand(gen, 1, 1, 16, 16, dtype=torch.float64)
-    h_c = reference._entropies(joint_histogram(c, c, bins=bins, sigma=0.02, backend=backend), 1e-10)[1]
+    h_c = reference._entropies(
+        joint_histogram(c, c, bins=bins, sigma=0.02, backend=backend), 1e-10
+    )[1]
     gaps = []
     for sigma in (0.5, 0.2, 0.05, 0.02):
         p = joint_histogram(c, c, bins=bins, sigma=sigma, backend=backend)
@@ -470,8 +473,10 @@ def _bad_calls():
         (dict(fixed=torch.rand(2, 5, 6)), ValueError, r"fixed must be \[B, 1, H, W\]"),
         (dict(fixed=torch.rand(2, 2, 5, 6)), ValueError, r"fixed must be \[B, 1, H, W\]"),
         (dict(moving=torch.rand(2, 1, 0, 6)), ValueError, "moving must not be empty"),
-        (dict(moving=torch.rand(2, 1, 5, 7)), ValueError, "fixed and moving must have the same spatial shape"),
-        (dict(moving=torch.rand(3, 1, 5, 6)), ValueError, "fixed and moving batch sizes must match or one must be 1, got 2 and 3"),
+        (dict(moving=torch.rand(2, 1, 5, 7)), ValueError,
+         "fixed and moving must have the same spatial shape"),
+        (dict(moving=torch.rand(3, 1, 5, 6)), ValueError,
+         "fixed and moving batch sizes must match or one must be 1, got 2 and 3"),
         (dict(moving=x.double()), TypeError, "fixed and moving must have the same dtype"),
         (dict(bins=1), ValueError, "bins must be >= 2, got 1"),
         (dict(bins=8.0), TypeError, "bins must be an int, got float"),
@@ -479,14 +484,18 @@ def _bad_calls():
         (dict(sigma=0.0), ValueError, "sigma must be a finite number > 0, got 0.0"),
         (dict(sigma="wide"), TypeError, "sigma must be a real number, got str"),
         (dict(eps=-1.0), ValueError, "eps must be a finite number > 0"),
-        (dict(value_range=(1.0, 1.0)), ValueError, "value_range must have finite bounds with lo < hi"),
-        (dict(value_range=(0.0, float("inf"))), ValueError, r"value_range must have finite bounds with lo < hi, got \(0.0, inf\)"),
+        (dict(value_range=(1.0, 1.0)), ValueError,
+         "value_range must have finite bounds with lo < hi"),
+        (dict(value_range=(0.0, float("inf"))), ValueError,
+         r"value_range must have finite bounds with lo < hi, got \(0.0, inf\)"),
         (dict(value_range=(0.0,)), ValueError, r"value_range must be None, \(lo, hi\)"),
-        (dict(value_range=((0.0, 1.0), (2.0, 1.0))), ValueError, "value_range must have finite bounds"),
+        (dict(value_range=((0.0, 1.0), (2.0, 1.0))), ValueError,
+         "value_range must have finite bounds"),
         (dict(value_range=("a", "b")), ValueError, "value_range must be None"),
         (dict(mask=torch.ones(2, 1, 5, 7)), ValueError, r"mask must be \[B or 1, 1, \*S\]"),
         (dict(mask=torch.ones(3, 1, 5, 6)), ValueError, r"mask must be \[B or 1, 1, \*S\]"),
-        (dict(mask=torch.ones(2, 1, 5, 6, dtype=torch.complex64)), TypeError, "mask must be a bool"),
+        (dict(mask=torch.ones(2, 1, 5, 6, dtype=torch.complex64)), TypeError,
+         "mask must be a bool"),
         (dict(mask="all"), TypeError, "mask must be a torch.Tensor"),
         (dict(mask=torch.zeros(2, 1, 5, 6)), ValueError, r"mask selects no voxel .* \[0, 1\]"),
         (dict(deterministic="yes"), TypeError, "deterministic must be None, True or False"),

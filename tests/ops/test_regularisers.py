@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_verbose, backend_params, poisoned_empty, randn
 
+from conftest import assert_close_verbose, backend_params, poisoned_empty, randn
 from mrus_kernels import grad_l2, harmonic_energy, reference
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
@@ -50,7 +50,9 @@ def test_harmonic_matches_reference(backend, shape, reduction, gen):
     for dtype in (torch.float32, torch.float64):
         if backend == "triton" and dtype == torch.float64:
             continue
-        out, gu = _run(lambda x: harmonic_energy(x, reduction=reduction, backend=backend), u, dtype, g)
+        out, gu = _run(
+            lambda x: harmonic_energy(x, reduction=reduction, backend=backend), u, dtype, g
+        )
         tol = F32_TOL if dtype == torch.float32 else 1e-10
         assert_close_verbose(out, exp, atol=tol, rtol=tol, name="harmonic")
         assert_close_verbose(gu, ge, atol=tol, rtol=tol, name="d harmonic")
@@ -59,9 +61,13 @@ def test_harmonic_matches_reference(backend, shape, reduction, gen):
 @pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
 def test_gradcheck_float64(backend, gen):
     u = randn(gen, 2, 3, 3, 4, 5, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: grad_l2(x, spacing=(1.0, 2.0, 0.5), backend=backend), (u,))
+    assert torch.autograd.gradcheck(
+        lambda x: grad_l2(x, spacing=(1.0, 2.0, 0.5), backend=backend), (u,)
+    )
     for red in ("sum", "mean", "none"):
-        assert torch.autograd.gradcheck(lambda x: harmonic_energy(x, reduction=red, backend=backend), (u,))
+        assert torch.autograd.gradcheck(
+            lambda x: harmonic_energy(x, reduction=red, backend=backend), (u,)
+        )
     v = randn(gen, 1, 2, 5, 4, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: grad_l2(x, backend=backend), (v,))
     assert torch.autograd.gradcheck(lambda x: harmonic_energy(x, backend=backend), (v,))
@@ -96,7 +102,9 @@ def test_noncontiguous_half_and_compile(gen):
     for dtype in (torch.float16, torch.bfloat16):
         out = harmonic_energy(u.to(dtype), reduction="mean", backend="cpu")
         assert out.dtype == dtype
-        assert_close_verbose(out, reference.harmonic_energy(u.to(dtype).double(), "mean"), dtype=dtype)
+        assert_close_verbose(
+            out, reference.harmonic_energy(u.to(dtype).double(), "mean"), dtype=dtype
+        )
     v = u.contiguous().requires_grad_()
 
     def fn(x):
@@ -133,13 +141,17 @@ U = torch.rand(1, 3, 4, 5, 6)
 @pytest.mark.parametrize(
     "fn,exc,match",
     [
-        (lambda: grad_l2(U, spacing=(1.0, 2.0)), ValueError, "spacing must be None, a number or 3"),
-        (lambda: grad_l2(U, spacing=(1.0, -2.0, 1.0)), ValueError, "spacing must be finite and > 0"),
-        (lambda: grad_l2(torch.rand(1, 3, 4, 1, 6)), ValueError, "every spatial size of u must be >= 2"),
+        (lambda: grad_l2(U, spacing=(1.0, 2.0)), ValueError,
+         "spacing must be None, a number or 3"),
+        (lambda: grad_l2(U, spacing=(1.0, -2.0, 1.0)), ValueError,
+         "spacing must be finite and > 0"),
+        (lambda: grad_l2(torch.rand(1, 3, 4, 1, 6)), ValueError,
+         "every spatial size of u must be >= 2"),
         (lambda: grad_l2(U.numpy()), TypeError, "u must be a torch.Tensor"),
         (lambda: grad_l2(U.long()), TypeError, "u must be a floating-point tensor"),
         (lambda: grad_l2(torch.rand(3, 4, 5)), ValueError, r"u must be \[B, C, H, W\]"),
-        (lambda: harmonic_energy(U, reduction="max"), ValueError, "reduction must be 'sum' or 'mean' or 'none'"),
+        (lambda: harmonic_energy(U, reduction="max"), ValueError,
+         "reduction must be 'sum' or 'mean' or 'none'"),
         (lambda: harmonic_energy(torch.rand(1, 3, 4, 2, 6)), ValueError,
          "every spatial size of u must be >= 3"),
         (lambda: harmonic_energy(U, backend="nope"), ValueError, "backend must be one of"),

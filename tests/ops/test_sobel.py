@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 
 from conftest import (
+    DTYPE_IDS,
     assert_close_verbose,
     autograd_grads,
     backend_params,
@@ -39,7 +40,6 @@ PADDINGS = ("replicate", "zeros")
 OUTPUTS = ("magnitude", "components")
 REDUCTIONS = ("mean", "sum", "none")
 SCIPY_MODE = {"replicate": "nearest", "zeros": "constant"}
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 FAST_BACKENDS = backend_params(("torch", "cpu"))  # float64-capable, cheap: the sweeps
@@ -456,7 +456,8 @@ BAD_INPUTS = {
     "rank-mismatch": (lambda: sobel_l1(X3, X2), ValueError,
                       r"sobel_l1: f1 and f0 must have the same shape"),
     "dtype": (lambda: sobel_l1(X2, X2.double()), TypeError,
-              r"sobel_l1: f1 and f0 must have the same dtype, got torch\.float32 and torch\.float64"),
+              r"sobel_l1: f1 and f0 must have the same dtype, "
+              r"got torch\.float32 and torch\.float64"),
     "device": (lambda: sobel_l1(X2, X2.to("meta")), ValueError,
                r"sobel_l1: f1 and f0 must be on the same device, got cpu and meta"),
     "l1-padding": (lambda: sobel_l1(X2, X2, padding="nearest"), ValueError,

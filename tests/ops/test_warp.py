@@ -26,6 +26,7 @@ from scipy import ndimage
 import mrus_kernels
 from conftest import (
     ALL_DTYPES,
+    DTYPE_IDS,
     assert_close_verbose,
     autograd_grads,
     backend_params,
@@ -58,7 +59,6 @@ warp_module = importlib.import_module("mrus_kernels.warp")
 
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 # Backends that run on CPU tensors, each skipped with its reason where unavailable.
 BACKENDS = backend_params(("torch", "cpu", "triton"))
@@ -182,7 +182,11 @@ def test_non_contiguous_inputs(backend, ndim, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("image_shape", "ddf_shape"),
-    [((1, 2, 1, 5, 6), (1, 3, 3, 4, 5)), ((1, 1, 1, 1), (2, 2, 3, 2)), ((1, 2, 4, 1), (1, 2, 1, 1))],
+    [
+        ((1, 2, 1, 5, 6), (1, 3, 3, 4, 5)),
+        ((1, 1, 1, 1), (2, 2, 3, 2)),
+        ((1, 2, 4, 1), (1, 2, 1, 1)),
+    ],
     ids=["depth1", "2d-1x1", "out-1x1"],
 )
 def test_size_one_axes(backend, image_shape, ddf_shape, gen):
@@ -1138,7 +1142,9 @@ def test_gpu_large(gpu_backend, gen):
 def test_gpu_backend_on_cpu_tensor_or_other_device(gpu_backend, gen):
     image, ddf = _inputs(gen, (1, 1, 4, 5), (1, 2, 4, 5))
     if gpu_backend == "cuda":
-        with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors, got a tensor on cpu"):
+        with pytest.raises(
+            BackendUnavailableError, match="runs on CUDA tensors, got a tensor on cpu"
+        ):
             warp(image, ddf, backend="cuda")
     with pytest.raises(ValueError, match="same device, got cuda:0 and cpu"):
         warp(image.cuda(), ddf, backend=gpu_backend)
