@@ -39,7 +39,7 @@ def check_spatial(op: str, name: str, x: torch.Tensor, layout: str = "C") -> int
 def check_same(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """Same dtype and device for all tensors."""
     first = tensors[0]
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=True):
         if t.dtype != first.dtype:
             raise TypeError(
                 f"{op}: {names[0]} and {name} must have the same dtype, got {first.dtype} and "

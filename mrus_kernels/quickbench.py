@@ -62,7 +62,9 @@ def run(size: int = 64, repeats: int = 7, device: str = "cpu") -> list[tuple[str
             raise AssertionError(f"{label}: max error {err:.3g} against the reference")
         img, d = image.clone().requires_grad_(), ddf.clone().requires_grad_()
 
-        def step(fn: Callable = fn) -> None:
+        def step(
+            fn: Callable = fn, img: torch.Tensor = img, d: torch.Tensor = d
+        ) -> None:
             fn(img, d).square().mean().backward()
 
         fwd = _median_ms(lambda fn=fn: fn(image, ddf), repeats, dev)

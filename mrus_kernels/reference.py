@@ -69,13 +69,13 @@ def warp(
         out = gather([torch.round(p).long() for p in clamped]) + zero[:, None]
     else:
         lower = [torch.floor(p) for p in clamped]
-        frac = [p - f for p, f in zip(clamped, lower)]
+        frac = [p - f for p, f in zip(clamped, lower, strict=True)]
         out = torch.zeros(batch, channels, *ddf.shape[2:], dtype=image.dtype, device=image.device)
         for bits in itertools.product((0, 1), repeat=ndim):
             weight = torch.ones_like(frac[0])
-            for t, bit in zip(frac, bits):
+            for t, bit in zip(frac, bits, strict=True):
                 weight = weight * (t if bit else 1 - t)
-            idx = [f.long() + bit for f, bit in zip(lower, bits)]
+            idx = [f.long() + bit for f, bit in zip(lower, bits, strict=True)]
             out = out + gather(idx) * weight[:, None]
     return torch.where(nan[:, None], torch.full_like(out, float("nan")), out)
 

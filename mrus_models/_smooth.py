@@ -83,7 +83,7 @@ def resize_ddf(u: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     resampled and each component scaled by (n_new - 1) / (n_old - 1) along its axis."""
     out = resize(u, size)
     scale = torch.tensor(
-        [(n - 1) / max(1, m - 1) for n, m in zip(size, u.shape[2:])], dtype=u.dtype,
+        [(n - 1) / max(1, m - 1) for n, m in zip(size, u.shape[2:], strict=True)], dtype=u.dtype,
         device=u.device,
     )
     return out * scale.view(1, -1, *([1] * len(size)))

@@ -156,8 +156,10 @@ class _Affine:
         """(displacement [B, ndim, *level_size] in level voxels, linear part L in level units)."""
         ndim = len(level_size)
         dev, dt = self.w.device, self.w.dtype
-        s = torch.tensor([(n - 1) / max(1, m - 1) for n, m in zip(self.size, level_size)],
-                         device=dev, dtype=dt)
+        s = torch.tensor(
+            [(n - 1) / max(1, m - 1) for n, m in zip(self.size, level_size, strict=True)],
+            device=dev, dtype=dt,
+        )
         grids = torch.meshgrid(*[torch.arange(m, device=dev, dtype=dt) for m in level_size],
                                indexing="ij")
         x = torch.stack(grids) * s.view(-1, *([1] * ndim)) - self.centre.view(-1, *([1] * ndim))
@@ -280,7 +282,9 @@ def register(
     n = len(levels)
     its = tuple(int(i) for i in _per_level("iterations", iterations, n))
     if transform == "affine+svf":
-        default = tuple(i if f > levels[-1] or n == 1 else 0 for i, f in zip(its, levels))
+        default = tuple(
+            i if f > levels[-1] or n == 1 else 0 for i, f in zip(its, levels, strict=True)
+        )
         aff_its = tuple(int(i) for i in _per_level(
             "affine_iterations", default if affine_iterations is None else affine_iterations, n))
     else:
@@ -295,10 +299,10 @@ def register(
 
     plan = []
     if transform == "affine":
-        plan = [("affine", f, i) for f, i in zip(levels, its)]
+        plan = [("affine", f, i) for f, i in zip(levels, its, strict=True)]
     else:
-        plan = [("affine", f, i) for f, i in zip(levels, aff_its) if i > 0]
-        plan += [("svf", f, i) for f, i in zip(levels, its)]
+        plan = [("affine", f, i) for f, i in zip(levels, aff_its, strict=True) if i > 0]
+        plan += [("svf", f, i) for f, i in zip(levels, its, strict=True)]
     bar = _progress_bar(sum(i for _, _, i in plan), progress)
 
     pyramid: dict[int, tuple] = {}

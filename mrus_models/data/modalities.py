@@ -139,17 +139,17 @@ def _cumulate_along_rays(source: torch.Tensor, axis: int, apex, lateral, tans, r
     *t_polar, radius = polar
     norm = torch.sqrt(1 + sum(t * t for t in t_polar))
     coords = [None] * ndim
-    for a, t in zip(lateral, t_polar):
+    for a, t in zip(lateral, t_polar, strict=True):
         coords[a] = apex[a] + radius * t / norm
     coords[axis] = apex[axis] - radius / norm
     index = torch.meshgrid(*[torch.arange(n, device=dev, dtype=dt) for n in polar[0].shape],
                            indexing="ij")
-    to_polar = torch.stack([c - i for c, i in zip(coords, index)])[None]
+    to_polar = torch.stack([c - i for c, i in zip(coords, index, strict=True)])[None]
     on_rays = warp(source, to_polar, padding="zeros")
     # Exclusive sum: a reflector shadows what lies behind it, not itself.
     cum = torch.cumsum(on_rays, dim=-1) - on_rays
     cart = torch.meshgrid(*[torch.arange(n, device=dev, dtype=dt) for n in size], indexing="ij")
-    back = [(t / limit + 1) * (n - 1) / 2 for t, n in zip(tans, n_theta)] + [r - r_min]
+    back = [(t / limit + 1) * (n - 1) / 2 for t, n in zip(tans, n_theta, strict=True)] + [r - r_min]
     to_cart = torch.stack([b - cart[a] for a, b in enumerate(back)])[None]
     return warp(cum, to_cart, padding="border")
 

@@ -137,7 +137,9 @@ def mni152(resolution: int = 2, *, crop: bool = True, margin: int = 4) -> Templa
         idx = mask[0, 0].nonzero()
         lo = (idx.min(0).values - margin).clamp_min(0)
         hi = torch.minimum(idx.max(0).values + margin + 1, torch.tensor(mask.shape[2:]))
-        sl = (slice(None), slice(None)) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        sl = (slice(None), slice(None)) + tuple(
+            slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)
+        )
         t1, mask = t1[sl].contiguous(), mask[sl].contiguous()
         maps = {k: v[sl].contiguous() for k, v in maps.items()}
         affine[:3, 3] = affine[:3, :3] @ lo.double().numpy() + affine[:3, 3]

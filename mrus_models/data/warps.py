@@ -125,7 +125,9 @@ def random_velocity(size: tuple[int, ...], *, max_displacement: float = 4.0,
     # so the maximum agrees to within about a percent).
     small = coarse_size(size, 2)
     v_small = resize_ddf(v, small)
-    h_small = hv * torch.tensor([(n - 1) / (m - 1) for n, m in zip(size, small)]).view_as(hv)
+    h_small = hv * torch.tensor(
+        [(n - 1) / (m - 1) for n, m in zip(size, small, strict=True)]
+    ).view_as(hv)
     gain = 1.0
     for _ in range(2):
         u = integrate_velocity(v_small * gain, 7)
