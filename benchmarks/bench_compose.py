@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from mrus_kernels import compose, reference
 
 from .conftest import (
-    assert_close_rel,
     bench_cases,
+    bench_forward,
+    bench_forward_backward,
     nbytes,
+    reference_with_grads,
     row_info,
-    run_benchmark,
     shape_id,
     skip_unless_backend,
 )
@@ -137,13 +138,12 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     u = smooth_field(shape, generator).to(DTYPE)
     v = smooth_field(shape, generator).to(DTYPE)
     grad_out = torch.randn(shape, generator=generator, dtype=DTYPE)
-    u64, v64 = u.double().requires_grad_(), v.double().requires_grad_()
-    out = reference.compose(u64, v64, "border")
-    out.backward(grad_out.double())
-    assert u64.grad is not None and v64.grad is not None
+    out, (grad_u, grad_v) = reference_with_grads(
+        lambda a, b: reference.compose(a, b, "border"), (u, v), grad_out
+    )
     return Case(
         *(t.to(device) for t in (u, v, grad_out)),
-        *(t.detach().to(device, DTYPE) for t in (out, u64.grad, v64.grad)),
+        *(t.to(device, DTYPE) for t in (out, grad_u, grad_v)),
     )
 
 
@@ -172,15 +172,11 @@ def test_compose_forward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     u, v = case.u, case.v
-    assert_close_rel(f"{impl_name} forward", impl(u, v), case.out, RTOL)
-
-    benchmark.group = f"compose-fwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        lambda: impl(u, v),
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward(
+        benchmark, impl_name, lambda: impl(u, v), case.out,
+        rtol=RTOL,
+        group=f"compose-fwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=nbytes(u, v, case.out),
         baseline=impl_name == BASELINE,
@@ -194,30 +190,13 @@ def test_compose_forward_backward(shape, device, impl_name, benchmark):
     case = make_case(shape, device)
     u = case.u.clone().requires_grad_()
     v = case.v.clone().requires_grad_()
-
-    def clear_grads() -> None:
-        u.grad = v.grad = None
-
-    def step() -> None:
-        impl(u, v).backward(case.grad_out)
-
-    out = impl(u, v)
-    assert_close_rel(f"{impl_name} forward", out, case.out, RTOL)
-    out.backward(case.grad_out)
-    assert u.grad is not None and v.grad is not None, f"{impl_name}: no gradient"
-    assert_close_rel(f"{impl_name} grad u", u.grad, case.grad_u, RTOL)
-    assert_close_rel(f"{impl_name} grad v", v.grad, case.grad_v, RTOL)
-    del out
-    clear_grads()
-
-    benchmark.group = f"compose-fwdbwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        step,
-        setup=clear_grads,
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward_backward(
+        benchmark, impl_name, lambda: impl(u, v), case.out,
+        {"u": (u, case.grad_u), "v": (v, case.grad_v)},
+        grad_out=case.grad_out,
+        rtol=RTOL,
+        group=f"compose-fwdbwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=nbytes(case.u, case.v, case.out)
         + nbytes(case.grad_out, case.u, case.v, case.grad_u, case.grad_v),

@@ -54,10 +54,11 @@ from .bench_compose import (
     smooth_field,
 )
 from .conftest import (
-    assert_close_rel,
+    bench_forward,
+    bench_forward_backward,
     nbytes,
+    reference_with_grads,
     row_info,
-    run_benchmark,
     shape_id,
     skip_unless_backend,
 )
@@ -98,13 +99,11 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     generator = torch.Generator().manual_seed(1)
     v = smooth_field(shape, generator).to(DTYPE)
     grad_out = torch.randn(shape, generator=generator, dtype=DTYPE)
-    v64 = v.double().requires_grad_()
-    out = reference.integrate_velocity(v64, STEPS, "border")
-    out.backward(grad_out.double())
-    assert v64.grad is not None
+    out, (grad_v,) = reference_with_grads(
+        lambda a: reference.integrate_velocity(a, STEPS, "border"), (v,), grad_out
+    )
     return Case(
-        v.to(device), grad_out.to(device), out.detach().to(device, DTYPE),
-        v64.grad.to(device, DTYPE),
+        v.to(device), grad_out.to(device), out.to(device, DTYPE), grad_v.to(device, DTYPE),
     )
 
 
@@ -134,15 +133,11 @@ def test_integrate_forward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     v = case.v
-    assert_close_rel(f"{impl_name} forward", impl(v), case.out, RTOL)
-
-    benchmark.group = f"integrate-fwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        lambda: impl(v),
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward(
+        benchmark, impl_name, lambda: impl(v), case.out,
+        rtol=RTOL,
+        group=f"integrate-fwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=2 * STEPS * nbytes(v),
         baseline=impl_name == BASELINE,
@@ -155,29 +150,13 @@ def test_integrate_forward_backward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     v = case.v.clone().requires_grad_()
-
-    def clear_grad() -> None:
-        v.grad = None
-
-    def step() -> None:
-        impl(v).backward(case.grad_out)
-
-    out = impl(v)
-    assert_close_rel(f"{impl_name} forward", out, case.out, RTOL)
-    out.backward(case.grad_out)
-    assert v.grad is not None, f"{impl_name}: no gradient"
-    assert_close_rel(f"{impl_name} grad v", v.grad, case.grad_v, RTOL)
-    del out
-    clear_grad()
-
-    benchmark.group = f"integrate-fwdbwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        step,
-        setup=clear_grad,
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward_backward(
+        benchmark, impl_name, lambda: impl(v), case.out,
+        {"v": (v, case.grad_v)},
+        grad_out=case.grad_out,
+        rtol=RTOL,
+        group=f"integrate-fwdbwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=5 * STEPS * nbytes(case.v),
         baseline=impl_name == BASELINE,

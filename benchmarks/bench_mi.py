@@ -43,10 +43,11 @@ import torch
 from mrus_kernels import mutual_information, reference
 
 from .conftest import (
-    assert_close_rel,
     bench_cases,
+    bench_forward,
+    bench_forward_backward,
+    reference_with_grads,
     row_info,
-    run_benchmark,
     shape_id,
     skip_unless_backend,
 )
@@ -84,12 +85,10 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     noise = torch.rand(shape, generator=generator, dtype=torch.float64)
     moving = 0.5 + 0.4 * torch.sin(6 * fixed) * (0.7 + 0.3 * noise)
     fixed, moving = fixed.to(device, DTYPE), moving.to(device, DTYPE)
-    m64 = moving.double().requires_grad_()
-    loss = -reference.mutual_information(fixed.double(), m64, BINS, "gaussian", SIGMA,
-                                         VALUE_RANGE).mean()
-    loss.backward()
-    assert m64.grad is not None
-    return Case(fixed, moving, loss.detach(), m64.grad.to(DTYPE))
+    loss, (grad_moving,) = reference_with_grads(
+        lambda m: _reference_loss(fixed.double(), m), (moving,)
+    )
+    return Case(fixed, moving, loss, grad_moving.to(DTYPE))
 
 
 def _reference_loss(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -131,18 +130,21 @@ def _info(name: str, shape: tuple[int, ...], pass_: str) -> dict[str, object]:
 def test_mi_forward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
-    rtol = RTOL.get(impl_name, RTOL_DEFAULT)
-    with torch.no_grad():
-        assert_close_rel(f"{impl_name} loss", impl(case.fixed, case.moving), case.loss, rtol)
 
     def step() -> torch.Tensor:
         with torch.no_grad():
             return impl(case.fixed, case.moving)
 
-    benchmark.group = f"mi-fwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(benchmark, step, rounds=rounds, warmup_rounds=warmup, device=device,
-                  baseline=impl_name == BASELINE, extra_info=_info(impl_name, shape, "forward"))
+    bench_forward(
+        benchmark, impl_name, step, case.loss,
+        rtol=RTOL.get(impl_name, RTOL_DEFAULT),
+        label="loss",
+        group=f"mi-fwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
+        device=device,
+        baseline=impl_name == BASELINE,
+        extra_info=_info(impl_name, shape, "forward"),
+    )
 
 
 @pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)
@@ -150,23 +152,14 @@ def test_mi_forward_backward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     moving = case.moving.clone().requires_grad_()
-    rtol = RTOL.get(impl_name, RTOL_DEFAULT)
-
-    def clear() -> None:
-        moving.grad = None
-
-    def step() -> None:
-        impl(case.fixed, moving).backward()
-
-    loss = impl(case.fixed, moving)
-    assert_close_rel(f"{impl_name} loss", loss, case.loss, rtol)
-    loss.backward()
-    assert moving.grad is not None, f"{impl_name}: no gradient"
-    assert_close_rel(f"{impl_name} grad moving", moving.grad, case.grad_moving, rtol)
-    clear()
-
-    benchmark.group = f"mi-fwdbwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(benchmark, step, setup=clear, rounds=rounds, warmup_rounds=warmup,
-                  device=device, baseline=impl_name == BASELINE,
-                  extra_info=_info(impl_name, shape, "forward+backward"))
+    bench_forward_backward(
+        benchmark, impl_name, lambda: impl(case.fixed, moving), case.loss,
+        {"moving": (moving, case.grad_moving)},
+        rtol=RTOL.get(impl_name, RTOL_DEFAULT),
+        label="loss",
+        group=f"mi-fwdbwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
+        device=device,
+        baseline=impl_name == BASELINE,
+        extra_info=_info(impl_name, shape, "forward+backward"),
+    )

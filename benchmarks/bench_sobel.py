@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from mrus_kernels import reference, sobel_l1
 
 from .conftest import (
-    assert_close_rel,
     bench_cases,
+    bench_forward,
+    bench_forward_backward,
     nbytes,
+    reference_with_grads,
     row_info,
-    run_benchmark,
     shape_id,
     skip_unless_backend,
 )
@@ -130,11 +131,10 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     noise = 0.1 * torch.randn(2 * shape[0], *shape[1:], generator=generator)
     f1, f0 = (smooth + noise).to(DTYPE).chunk(2)
     f1, f0 = f1.contiguous().to(device), f0.contiguous().to(device)
-    r1, r0 = f1.double().requires_grad_(), f0.double().requires_grad_()
-    loss = reference.sobel_l1(r1, r0, "replicate", EPS)
-    loss.backward()
-    assert r1.grad is not None and r0.grad is not None
-    return Case(f1, f0, loss.detach().to(DTYPE), r1.grad.to(DTYPE), r0.grad.to(DTYPE))
+    loss, (grad_f1, grad_f0) = reference_with_grads(
+        lambda a, b: reference.sobel_l1(a, b, "replicate", EPS), (f1, f0)
+    )
+    return Case(f1, f0, loss.to(DTYPE), grad_f1.to(DTYPE), grad_f0.to(DTYPE))
 
 
 # ---------------------------------------------------------------------------- benchmarks
@@ -145,15 +145,12 @@ def test_sobel_l1_forward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     f1, f0 = case.f1, case.f0
-    assert_close_rel(f"{impl_name} loss", impl(f1, f0), case.loss, RTOL)
-
-    benchmark.group = f"sobel_l1-fwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        lambda: impl(f1, f0),
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward(
+        benchmark, impl_name, lambda: impl(f1, f0), case.loss,
+        rtol=RTOL,
+        label="loss",
+        group=f"sobel_l1-fwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=nbytes(f1, f0),
         baseline=impl_name == BASELINE,
@@ -167,30 +164,13 @@ def test_sobel_l1_forward_backward(shape, device, impl_name, benchmark):
     case = make_case(shape, device)
     f1 = case.f1.clone().requires_grad_()
     f0 = case.f0.clone().requires_grad_()
-
-    def clear_grads() -> None:
-        f1.grad = f0.grad = None
-
-    def step() -> None:
-        impl(f1, f0).backward()
-
-    loss = impl(f1, f0)
-    assert_close_rel(f"{impl_name} loss", loss, case.loss, RTOL)
-    loss.backward()
-    assert f1.grad is not None and f0.grad is not None, f"{impl_name}: no gradient"
-    assert_close_rel(f"{impl_name} grad f1", f1.grad, case.grad_f1, RTOL)
-    assert_close_rel(f"{impl_name} grad f0", f0.grad, case.grad_f0, RTOL)
-    del loss
-    clear_grads()
-
-    benchmark.group = f"sobel_l1-fwdbwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        step,
-        setup=clear_grads,
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward_backward(
+        benchmark, impl_name, lambda: impl(f1, f0), case.loss,
+        {"f1": (f1, case.grad_f1), "f0": (f0, case.grad_f0)},
+        rtol=RTOL,
+        label="loss",
+        group=f"sobel_l1-fwdbwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=3 * nbytes(case.f1, case.f0),
         baseline=impl_name == BASELINE,

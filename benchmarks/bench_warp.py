@@ -58,11 +58,12 @@ import torch.nn.functional as F
 from mrus_kernels import reference, warp
 
 from .conftest import (
-    assert_close_rel,
     bench_cases,
+    bench_forward,
+    bench_forward_backward,
     nbytes,
+    reference_with_grads,
     row_info,
-    run_benchmark,
     shape_id,
     skip_unless_backend,
 )
@@ -131,13 +132,9 @@ def make_case(shape: tuple[int, ...], device: str) -> Case:
     image = torch.randn(shape, generator=generator, dtype=DTYPE)
     grad_out = torch.randn(shape, generator=generator, dtype=DTYPE)
     image, ddf, grad_out = image.to(device), ddf.to(device), grad_out.to(device)
-    img64 = image.double().requires_grad_()
-    ddf64 = ddf.double().requires_grad_()
-    out = reference.warp(img64, ddf64)
-    out.backward(grad_out.double())
-    assert img64.grad is not None and ddf64.grad is not None
+    out, (grad_image, grad_ddf) = reference_with_grads(reference.warp, (image, ddf), grad_out)
     return Case(
-        image, ddf, grad_out, out.detach().to(DTYPE), img64.grad.to(DTYPE), ddf64.grad.to(DTYPE)
+        image, ddf, grad_out, out.to(DTYPE), grad_image.to(DTYPE), grad_ddf.to(DTYPE)
     )
 
 
@@ -193,16 +190,11 @@ def test_warp_forward(shape, device, impl_name, benchmark):
     impl = make_impl(impl_name, device)
     case = make_case(shape, device)
     image, ddf = case.image, case.ddf
-
-    assert_close_rel(f"{impl_name} forward", impl(image, ddf), case.out, RTOL)
-
-    benchmark.group = f"warp-fwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        lambda: impl(image, ddf),
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward(
+        benchmark, impl_name, lambda: impl(image, ddf), case.out,
+        rtol=RTOL,
+        group=f"warp-fwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=ideal_bytes(case, backward=False),
         baseline=impl_name == BASELINE,
@@ -216,30 +208,13 @@ def test_warp_forward_backward(shape, device, impl_name, benchmark):
     case = make_case(shape, device)
     image = case.image.clone().requires_grad_()
     ddf = case.ddf.clone().requires_grad_()
-
-    def clear_grads() -> None:
-        image.grad = ddf.grad = None
-
-    def step() -> None:
-        impl(image, ddf).backward(case.grad_out)
-
-    out = impl(image, ddf)
-    assert_close_rel(f"{impl_name} forward", out, case.out, RTOL)
-    out.backward(case.grad_out)
-    assert image.grad is not None and ddf.grad is not None, f"{impl_name}: no gradient"
-    assert_close_rel(f"{impl_name} grad image", image.grad, case.grad_image, RTOL)
-    assert_close_rel(f"{impl_name} grad ddf", ddf.grad, case.grad_ddf, RTOL)
-    del out
-    clear_grads()
-
-    benchmark.group = f"warp-fwdbwd-{device}-{shape_id(shape)}"
-    rounds, warmup = ROUNDS[device]
-    run_benchmark(
-        benchmark,
-        step,
-        setup=clear_grads,
-        rounds=rounds,
-        warmup_rounds=warmup,
+    bench_forward_backward(
+        benchmark, impl_name, lambda: impl(image, ddf), case.out,
+        {"image": (image, case.grad_image), "ddf": (ddf, case.grad_ddf)},
+        grad_out=case.grad_out,
+        rtol=RTOL,
+        group=f"warp-fwdbwd-{device}-{shape_id(shape)}",
+        rounds=ROUNDS[device],
         device=device,
         ideal_bytes=ideal_bytes(case, backward=True),
         baseline=impl_name == BASELINE,

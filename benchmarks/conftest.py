@@ -10,6 +10,9 @@ reported the same way:
   measured copy bandwidth (:func:`copy_bandwidth_gbs`).
 - :func:`assert_close_rel` checks a result against the reference before any timing, so
   ``pytest benchmarks --benchmark-disable`` is a correctness run.
+  :func:`reference_with_grads` makes the float64 reference results and gradients;
+  :func:`bench_forward` and :func:`bench_forward_backward` check a row against them and
+  then time it, gradients cleared before every round.
 - Tests marked ``cuda`` (the marker of ``pyproject.toml``) skip cleanly without a GPU.
 - A summary table at the end of the run adds what pytest-benchmark's own table leaves
   out: speed-up over the group's baseline row, peak extra memory, GB/s, % of copy.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -156,7 +159,121 @@ def assert_close_rel(
     )
 
 
+def reference_with_grads(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The oracle side of a benchmark: ``fn`` in float64 and its gradients.
+
+    Args:
+        fn: the reference, called as ``fn(*leaves)``.
+        inputs: the tensors to differentiate; each is copied to float64 as a leaf that
+            requires grad (on its own device).
+        grad_out: the gradient fed to ``backward`` (cast to float64); None for a scalar.
+
+    Returns:
+        ``fn``'s result, detached, and one gradient per input, all float64.
+    """
+    leaves = [t.double().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(None if grad_out is None else grad_out.double())
+    grads = [leaf.grad for leaf in leaves]
+    assert all(g is not None for g in grads)
+    return out.detach(), grads
+
+
 # ---------------------------------------------------------------------------- timing
+
+
+def bench_forward(
+    benchmark: Any,
+    impl_name: str,
+    fn: Callable[[], torch.Tensor],
+    expected: torch.Tensor,
+    *,
+    rtol: float,
+    label: str = "forward",
+    group: str,
+    rounds: tuple[int, int],
+    device: torch.device | str,
+    ideal_bytes: int | None = None,
+    baseline: bool = False,
+    extra_info: dict[str, Any],
+) -> None:
+    """Checks ``fn()`` against ``expected`` (:func:`assert_close_rel`), then times ``fn``.
+
+    Args:
+        benchmark: the pytest-benchmark fixture.
+        impl_name: the row, for messages.
+        fn: one forward pass, no arguments.
+        expected: the reference result of ``fn()``.
+        rtol: tolerance relative to ``max|expected|``.
+        label: what ``fn()`` returns, for messages (``"forward"``, ``"loss"``).
+        group: ``benchmark.group``, e.g. ``"warp-fwd-cpu-1x1x64x64x64"``.
+        rounds: (timed, warmup) rounds, as in each suite's ``ROUNDS[device]``.
+        device, ideal_bytes, baseline, extra_info: as :func:`run_benchmark`.
+    """
+    assert_close_rel(f"{impl_name} {label}", fn(), expected, rtol)
+    benchmark.group = group
+    timed, warmup = rounds
+    run_benchmark(benchmark, fn, rounds=timed, warmup_rounds=warmup, device=device,
+                  ideal_bytes=ideal_bytes, baseline=baseline, extra_info=extra_info)
+
+
+def bench_forward_backward(
+    benchmark: Any,
+    impl_name: str,
+    fn: Callable[[], torch.Tensor],
+    expected: torch.Tensor,
+    grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    grad_out: torch.Tensor | None = None,
+    rtol: float,
+    label: str = "forward",
+    group: str,
+    rounds: tuple[int, int],
+    device: torch.device | str,
+    ideal_bytes: int | None = None,
+    baseline: bool = False,
+    extra_info: dict[str, Any],
+) -> None:
+    """Checks ``fn()`` and its gradients, then times ``fn().backward(grad_out)``.
+
+    Every leaf's ``.grad`` is cleared before each round, untimed, so every round allocates
+    and writes its gradients like a training step.
+
+    Args:
+        fn: one forward pass, no arguments, over the leaves of ``grads``.
+        expected: the reference result of ``fn()``.
+        grads: ``{name: (leaf, expected gradient)}`` for every input that requires grad.
+        grad_out: the gradient fed to ``backward``; None for a scalar loss.
+        Others: as :func:`bench_forward`.
+    """
+    leaves = [leaf for leaf, _ in grads.values()]
+
+    def clear_grads() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    def step() -> None:
+        fn().backward(grad_out)
+
+    out = fn()
+    assert_close_rel(f"{impl_name} {label}", out, expected, rtol)
+    out.backward(grad_out)
+    assert all(leaf.grad is not None for leaf in leaves), f"{impl_name}: no gradient"
+    for name, (leaf, want) in grads.items():
+        assert_close_rel(f"{impl_name} grad {name}", leaf.grad, want, rtol)
+    del out
+    clear_grads()
+
+    benchmark.group = group
+    timed, warmup = rounds
+    run_benchmark(benchmark, step, setup=clear_grads, rounds=timed, warmup_rounds=warmup,
+                  device=device, ideal_bytes=ideal_bytes, baseline=baseline,
+                  extra_info=extra_info)
+
 
 # ---------------------------------------------------------------------------- rows
 
