@@ -140,93 +140,6 @@ MRUS_UNROLL
   return d;
 }
 
-// Branch-free form of the same stencil, used by the CPU loops: corner offsets clamped into
-// the volume (always safe to load), a validity flag selecting 0 for padding corners, and
-// the interpolation done as successive lerps (the derivative along an axis is the lerp of
-// the corner differences along it).
-template <int NDIM, typename T>
-struct Lattice {
-  static constexpr int K = 1 << NDIM;
-  int64_t off[K];
-  bool valid[K];
-  T t[NDIM];     // weight of the upper corner per axis
-  T gate[NDIM];  // d(clamped p)/dp per axis
-};
-
-template <int NDIM, typename T>
-MRUS_HD void make_lattice(const T* p, const int64_t* size, int padding, Lattice<NDIM, T>& L) {
-  int64_t lo[NDIM], hi[NDIM];
-  bool v0[NDIM], v1[NDIM];
-MRUS_UNROLL
-  for (int i = 0; i < NDIM; ++i) {
-    const AxisLinear<T> a = axis_linear<T>(p[i], size[i], padding);
-    L.t[i] = a.t;
-    L.gate[i] = a.gate;
-    const int64_t last = size[i] - 1;
-    lo[i] = a.i0 < 0 ? 0 : (a.i0 > last ? last : a.i0);
-    hi[i] = a.i0 + 1 < 0 ? 0 : (a.i0 + 1 > last ? last : a.i0 + 1);
-    v0[i] = a.v0;
-    v1[i] = a.v1;
-  }
-MRUS_UNROLL
-  for (int k = 0; k < Lattice<NDIM, T>::K; ++k) {
-    int64_t off = 0;
-    bool v = true;
-MRUS_UNROLL
-    for (int i = 0; i < NDIM; ++i) {
-      const int bit = corner_bit<NDIM>(k, i);
-      off = off * size[i] + (bit ? hi[i] : lo[i]);
-      v = v && (bit ? v1[i] : v0[i]);
-    }
-    L.off[k] = off;
-    L.valid[k] = v;
-  }
-}
-
-// Multilinear interpolation of the 2**NDIM corner values v (corner order of corner_bit) with
-// upper-corner weights t; v is overwritten.
-template <int NDIM, typename T>
-MRUS_HD T lerp_corners(T* v, const T* t) {
-  int n = 1 << NDIM;
-MRUS_UNROLL
-  for (int i = NDIM - 1; i >= 0; --i) {
-    n >>= 1;
-MRUS_UNROLL
-    for (int j = 0; j < n; ++j) v[j] = v[2 * j] + t[i] * (v[2 * j + 1] - v[2 * j]);
-  }
-  return v[0];
-}
-
-// d/dp_i of the multilinear interpolant of the corner values v (through the border clamp).
-template <int NDIM, typename T>
-MRUS_HD T lerp_derivative(const Lattice<NDIM, T>& L, const T* v, int i) {
-  constexpr int H = (1 << NDIM) / 2;
-  T d[H > 0 ? H : 1];
-  T t[NDIM > 1 ? NDIM - 1 : 1];
-  const int shift = NDIM - 1 - i;  // corner bit of axis i
-MRUS_UNROLL
-  for (int j = 0; j < H; ++j) {
-    const int low = j & ((1 << shift) - 1);
-    const int k0 = ((j >> shift) << (shift + 1)) | low;
-    d[j] = v[k0 | (1 << shift)] - v[k0];
-  }
-  int m = 0;
-MRUS_UNROLL
-  for (int j = 0; j < NDIM; ++j) {
-    if (j != i) t[m++] = L.t[j];
-  }
-  return L.gate[i] * lerp_corners<NDIM - 1, T>(d, t);
-}
-
-// Weight of corner k (0 for padding corners).
-template <int NDIM, typename T>
-MRUS_HD T lattice_weight(const Lattice<NDIM, T>& L, int k) {
-  T w = T(1);
-MRUS_UNROLL
-  for (int i = 0; i < NDIM; ++i) w *= corner_bit<NDIM>(k, i) ? L.t[i] : T(1) - L.t[i];
-  return L.valid[k] ? w : T(0);
-}
-
 // Nearest voxel; returns false when it lies outside the image (zeros padding).
 template <int NDIM, typename T>
 MRUS_HD bool nearest_offset(const T* p, const int64_t* size, int padding, int64_t& off) {
@@ -319,37 +232,6 @@ MRUS_UNROLL
   }
 }
 
-// forward_voxel for linear interpolation through the branch-free Lattice (CPU loops).
-template <int NDIM, typename scalar_t, typename T>
-MRUS_HD void forward_voxel_lattice(const WarpArgs& a, const scalar_t* image, const scalar_t* ddf,
-                                   scalar_t* out, int64_t b, int64_t n, const int64_t* x) {
-  constexpr int K = Lattice<NDIM, T>::K;
-  const int64_t n_in = a.n_in(), n_out = a.n_out();
-  const scalar_t* img = image + (a.Bi > 1 ? b : 0) * a.C * n_in;
-  scalar_t* o = out + b * a.C * n_out + n;
-  T p[NDIM];
-  if (sample_point<NDIM, scalar_t, T>(a, ddf, b, n, x, p)) {
-    for (int64_t c = 0; c < a.C; ++c) o[c * n_out] = static_cast<scalar_t>(T(NAN));
-    return;
-  }
-  Lattice<NDIM, T> L;
-  make_lattice<NDIM, T>(p, a.in_size, a.padding, L);
-  const scalar_t* u = ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
-  const bool add = a.flags & ADD_DDF;
-  for (int64_t c = 0; c < a.C; ++c) {
-    const scalar_t* ic = img + c * n_in;
-    T v[K];
-MRUS_UNROLL
-    for (int k = 0; k < K; ++k) {
-      const T val = static_cast<T>(ic[L.off[k]]);
-      v[k] = L.valid[k] ? val : T(0);
-    }
-    T acc = lerp_corners<NDIM, T>(v, L.t);
-    if (add) acc += static_cast<T>(u[c * n_out]);
-    o[c * n_out] = static_cast<scalar_t>(acc);
-  }
-}
-
 // Backward for output voxel n (coordinates x), all batch items (so that a broadcast ddf still has a single
 // writer). scatter(index, value) adds value to the image gradient at flat index
 // b_img * C * n_in + c * n_in + offset; grad_ddf may be null (not needed). With
@@ -425,88 +307,145 @@ MRUS_UNROLL
   }
 }
 
-// backward_voxel through the branch-free Lattice (CPU loops); nearest as backward_voxel.
-// Backward for output voxel n (coordinates x), all batch items (so that a broadcast ddf still has a single
-// writer). scatter(index, value) adds value to the image gradient at flat index
-// b_img * C * n_in + c * n_in + offset; grad_ddf may be null (not needed). With
-// need_image false no image scatter happens. With DDF_GRAD_SCATTER the ddf gradient is
-// scattered too (at its own flat index), and grad_ddf is ignored.
-template <int NDIM, typename scalar_t, typename T, typename Scatter>
-MRUS_HD void backward_voxel_lattice(const WarpArgs& a, const scalar_t* grad_out, const scalar_t* image,
-                            const scalar_t* ddf, bool need_image, scalar_t* grad_ddf,
-                            Scatter& scatter, int64_t n, const int64_t* x) {
-  constexpr int K = Lattice<NDIM, T>::K;
-  const int64_t n_in = a.n_in(), n_out = a.n_out();
-  const bool via_scatter = a.flags & DDF_GRAD_SCATTER;
-  const bool need_ddf = grad_ddf != nullptr || via_scatter;
-  T gu[NDIM];
-MRUS_UNROLL
-  for (int i = 0; i < NDIM; ++i) gu[i] = T(0);
-  for (int64_t b = 0; b < a.B; ++b) {
-    const int64_t bi = a.Bi > 1 ? b : 0;
-    const scalar_t* img = image + bi * a.C * n_in;
-    const scalar_t* g = grad_out + b * a.C * n_out + n;
-    T p[NDIM];
-    const bool nan = sample_point<NDIM, scalar_t, T>(a, ddf, b, n, x, p);
-    if (!nan && a.mode == int(Interp::NEAREST)) {
-      int64_t off;
-      if (need_image && nearest_offset<NDIM, T>(p, a.in_size, a.padding, off)) {
-        for (int64_t c = 0; c < a.C; ++c) {
-          scatter(bi * a.C * n_in + c * n_in + off, static_cast<T>(g[c * n_out]));
-        }
-      }
-    } else if (!nan) {
-      Lattice<NDIM, T> L;
-      make_lattice<NDIM, T>(p, a.in_size, a.padding, L);
-      T w[K];
-      if (need_image) {
-MRUS_UNROLL
-        for (int k = 0; k < K; ++k) w[k] = lattice_weight<NDIM, T>(L, k);
-      }
-      T corner[K];  // sum over channels of grad_out * image at each corner (0 if padding)
-MRUS_UNROLL
-      for (int k = 0; k < K; ++k) corner[k] = T(0);
-      for (int64_t c = 0; c < a.C; ++c) {
-        const T gc = static_cast<T>(g[c * n_out]);
-        const scalar_t* ic = img + c * n_in;
-        const int64_t base = bi * a.C * n_in + c * n_in;
-        if (need_ddf) {
-MRUS_UNROLL
-          for (int k = 0; k < K; ++k) {
-            const T val = static_cast<T>(ic[L.off[k]]);
-            corner[k] += gc * (L.valid[k] ? val : T(0));
-          }
-        }
-        if (need_image) {
-MRUS_UNROLL
-          for (int k = 0; k < K; ++k) {
-            if (L.valid[k]) scatter(base + L.off[k], w[k] * gc);
-          }
-        }
-      }
-      if (need_ddf) {
-MRUS_UNROLL
-        for (int i = 0; i < NDIM; ++i) gu[i] += lerp_derivative<NDIM, T>(L, corner, i);
-      }
+#if !defined(__CUDACC__)
+// ---------------------------------------------------------------------------------------
+// Row form of linear sampling, used by the CPU loops only (csrc/cpu/warp.cpp). The loops take
+// up to kRowBlock consecutive voxels of one output row (the last spatial axis) at a time:
+// stage 1 fills a RowLattice with the geometry of every voxel (row_lattice_voxel, selects
+// only, so that the loop over voxels vectorises); stage 2 loads the corners (offsets
+// clamped into the volume, always safe to read; padding corners select 0 and are never
+// used) and interpolates with successive lerps (row_sample), or differentiates
+// (lerp_gradient, corner_weights). I is the offset type inside one [*in_size] volume:
+// int32_t when it is small enough (cheap SIMD arithmetic), int64_t otherwise.
+constexpr int kRowBlock = 64;
+
+template <int NDIM, typename T, typename I>
+struct RowLattice {
+  static constexpr int K = 1 << NDIM;
+  I off[K][kRowBlock];     // flat corner offsets, clamped into the volume
+  T t[NDIM][kRowBlock];    // weight of the upper corner per axis
+  T gate[NDIM][kRowBlock]; // d(clamped p)/dp per axis
+  int mask[kRowBlock];     // bit k: corner k inside the image; 0 for a NaN sample
+  int nan[kRowBlock];      // the sampling point has a NaN coordinate
+};
+
+// Geometry of voxel j of a row block at sampling point p (axis_linear without branches).
+// A NaN coordinate is replaced by 0 (defined integer conversion) and flagged.
+template <int NDIM, typename T, typename I>
+inline void row_lattice_voxel(RowLattice<NDIM, T, I>& R, int j, const T* p, const I* size,
+                              const I* stride, bool border) {
+  I lo_off[NDIM], hi_off[NDIM];
+  int v[NDIM];  // bit 0: lower corner inside, bit 1: upper corner inside
+  bool nan = false;
+  for (int i = 0; i < NDIM; ++i) {
+    T q = p[i];
+    nan = nan || is_nan(q);
+    q = is_nan(q) ? T(0) : q;
+    const I n = size[i];
+    const T top = T(n - 1);
+    // Border: clamp into [0, n - 1] (gradient 0 where clamped). Zeros: beyond one voxel
+    // outside both corners are padding; bounding keeps the conversion defined.
+    const T lo_b = border ? T(0) : T(-2);
+    const T hi_b = border ? top : top + T(2);
+    R.gate[i][j] = (border && (q < lo_b || q > hi_b)) ? T(0) : T(1);
+    q = q < lo_b ? lo_b : (q > hi_b ? hi_b : q);
+    // floor through truncation (q is bounded; SSE2 has no vector floor).
+    I i0 = static_cast<I>(q);
+    T f = static_cast<T>(i0);
+    const bool down = f > q;
+    i0 = down ? i0 - 1 : i0;
+    f = down ? f - T(1) : f;
+    R.t[i][j] = q - f;
+    const I i1 = i0 + 1;
+    const I lo = i0 < 0 ? I(0) : (i0 > n - 1 ? n - 1 : i0);
+    const I hi = i1 < 0 ? I(0) : (i1 > n - 1 ? n - 1 : i1);
+    lo_off[i] = lo * stride[i];
+    hi_off[i] = hi * stride[i];
+    v[i] = (i0 >= 0 && i0 < n ? 1 : 0) | (i1 >= 0 && i1 < n ? 2 : 0);
+  }
+  int mask = 0;
+  for (int k = 0; k < RowLattice<NDIM, T, I>::K; ++k) {
+    I off = 0;
+    int m = 1;
+    for (int i = 0; i < NDIM; ++i) {
+      const int bit = corner_bit<NDIM>(k, i);
+      off += bit ? hi_off[i] : lo_off[i];
+      m &= v[i] >> bit;
     }
-    if (a.flags & ADD_DDF) {  // d out[c] / d ddf[c] = 1, NaN sample or not
-MRUS_UNROLL
-      for (int i = 0; i < NDIM; ++i) gu[i] += static_cast<T>(g[i * n_out]);
-    }
-    if (need_ddf && (a.Bd > 1 || b == a.B - 1)) {
-      const int64_t d0 = (a.Bd > 1 ? b : 0) * NDIM * n_out + n;
-MRUS_UNROLL
-      for (int i = 0; i < NDIM; ++i) {
-        if (via_scatter) {
-          scatter(d0 + i * n_out, gu[i]);
-        } else {
-          grad_ddf[d0 + i * n_out] = static_cast<scalar_t>(gu[i]);
-        }
-        gu[i] = T(0);
-      }
-    }
+    R.off[k][j] = off;
+    mask |= m << k;
+  }
+  R.mask[j] = nan ? 0 : mask;
+  R.nan[j] = nan ? 1 : 0;
+}
+
+// Multilinear interpolation of the 2**NDIM corner values v (corner order of corner_bit) with
+// upper-corner weights t; v is overwritten.
+template <int NDIM, typename T>
+inline T lerp_corners(T* v, const T* t) {
+  int n = 1 << NDIM;
+  for (int i = NDIM - 1; i >= 0; --i) {
+    n >>= 1;
+    for (int j = 0; j < n; ++j) v[j] = v[2 * j] + t[i] * (v[2 * j + 1] - v[2 * j]);
+  }
+  return v[0];
+}
+
+// Corner values of voxel j in the volume img (0 for padding corners).
+template <int NDIM, typename T, typename I>
+inline void row_corners(const RowLattice<NDIM, T, I>& R, int j, const T* img, T* v) {
+  const int mask = R.mask[j];
+  for (int k = 0; k < RowLattice<NDIM, T, I>::K; ++k) {
+    const T val = img[R.off[k][j]];
+    v[k] = (mask >> k) & 1 ? val : T(0);
   }
 }
+
+// Linear sample of the volume img at voxel j (NaN samples are the caller's business).
+template <int NDIM, typename T, typename I>
+inline T row_sample(const RowLattice<NDIM, T, I>& R, int j, const T* img) {
+  T v[RowLattice<NDIM, T, I>::K], t[NDIM];
+  row_corners<NDIM, T, I>(R, j, img, v);
+  for (int i = 0; i < NDIM; ++i) t[i] = R.t[i][j];
+  return lerp_corners<NDIM, T>(v, t);
+}
+
+// d/dp_i of the multilinear interpolant of corner values v at voxel j, for every axis i
+// (through the border clamp): the lerp over the other axes of the differences along i.
+template <int NDIM, typename T, typename I>
+inline void lerp_gradient(const RowLattice<NDIM, T, I>& R, int j, const T* v, T* grad) {
+  constexpr int H = (1 << NDIM) / 2;
+  for (int i = 0; i < NDIM; ++i) {
+    T d[H];
+    T t[NDIM > 1 ? NDIM - 1 : 1];
+    const int shift = NDIM - 1 - i;  // corner bit of axis i
+    for (int h = 0; h < H; ++h) {
+      const int low = h & ((1 << shift) - 1);
+      const int k0 = ((h >> shift) << (shift + 1)) | low;
+      d[h] = v[k0 | (1 << shift)] - v[k0];
+    }
+    int m = 0;
+    for (int a = 0; a < NDIM; ++a) {
+      if (a != i) t[m++] = R.t[a][j];
+    }
+    grad[i] = R.gate[i][j] * lerp_corners<NDIM - 1, T>(d, t);
+  }
+}
+
+// Interpolation weight of every corner of voxel j (0 for padding corners).
+template <int NDIM, typename T, typename I>
+inline void corner_weights(const RowLattice<NDIM, T, I>& R, int j, T* w) {
+  const int mask = R.mask[j];
+  for (int k = 0; k < RowLattice<NDIM, T, I>::K; ++k) {
+    T wk = T(1);
+    for (int i = 0; i < NDIM; ++i) {
+      const T t = R.t[i][j];
+      wk *= corner_bit<NDIM>(k, i) ? t : T(1) - t;
+    }
+    w[k] = (mask >> k) & 1 ? wk : T(0);
+  }
+}
+#endif  // !__CUDACC__
 
 }  // namespace warp
 }  // namespace mrus
