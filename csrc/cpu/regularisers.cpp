@@ -2,6 +2,7 @@
 // math (csrc/include/regularisers.h). One pass reads u once; the forward sums per (b, c, d)
 // plane in double and adds the planes in fixed order (bitwise reproducible).
 #include <algorithm>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -23,24 +24,80 @@ namespace {
 
 using reg::RegArgs;
 
+// The loops run row by row along W. Neighbour rows outside the volume are replaced by the
+// row itself (a zero difference, grad_l2) or by a row of zeros (harmonic), so the inner
+// loops have no branches and vectorise; the first and last voxel of a row take the shared
+// per-voxel math (csrc/include/regularisers.h).
+
+// Row pointers of the neighbours of row (d, h) of one plane along D and H, or `self`
+// where the neighbour lies outside the volume.
+template <typename T>
+struct RowNeighbours {
+  const T *dm, *dp, *hm, *hp;
+};
+
+template <typename T>
+RowNeighbours<T> neighbours(const RegArgs& a, const T* row, int64_t d, int64_t h, const T* self_dm,
+                            const T* self_dp, const T* self_hm, const T* self_hp) {
+  const int64_t hw = a.H * a.W;
+  RowNeighbours<T> n;
+  const bool three = a.ndim == 3;
+  n.dm = three && d >= 1 ? row - hw : self_dm;
+  n.dp = three && d <= a.D - 2 ? row + hw : self_dp;
+  n.hm = h >= 1 ? row - a.W : self_hm;
+  n.hp = h <= a.H - 2 ? row + a.W : self_hp;
+  return n;
+}
+
+// Energy of plane p (item b, channel c, depth d), summed in double.
+template <typename T>
+double plane_energy(const RegArgs& a, const T* base, int64_t d) {
+  const int64_t W = a.W;
+  double s = 0.0;
+  if (a.kind == reg::Kind::HARMONIC) {
+    if (a.ndim == 3 && (d < 1 || d > a.D - 2)) return 0.0;
+    const int nact = a.ndim == 3 ? 3 : 2;
+    const T centre = T(2 * nact), axial = a.ndim == 3 ? T(1) : T(0);
+    const int64_t hw = a.ndim == 3 ? a.H * W : 0;  // 2D: the D terms read the row itself
+    for (int64_t h = 1; h + 1 < a.H; ++h) {
+      const T* r = base + h * W;
+      double rs = 0.0;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t w = 1; w < W - 1; ++w) {
+        const T l = r[w - 1] + r[w + 1] + r[w - W] + r[w + W] +
+                    axial * (r[w - hw] + r[w + hw]) - centre * r[w];
+        rs += double(l * l);
+      }
+      s += rs;
+    }
+    return s;
+  }
+  for (int64_t h = 0; h < a.H; ++h) {
+    const T* r = base + h * W;
+    const RowNeighbours<T> n = neighbours(a, r, d, h, r, r, r, r);
+    double sw = 0.0, sh = 0.0, sd = 0.0;
+#pragma omp simd reduction(+ : sw)
+    for (int64_t w = 0; w < W - 1; ++w) {
+      const T t = r[w + 1] - r[w];
+      sw += double(t * t);
+    }
+#pragma omp simd reduction(+ : sh, sd)
+    for (int64_t w = 0; w < W; ++w) {
+      const T th = n.hp[w] - r[w], td = n.dp[w] - r[w];
+      sh += double(th * th);
+      sd += double(td * td);
+    }
+    s += a.wt[2] * sw + a.wt[1] * sh + a.wt[0] * sd;
+  }
+  return s;
+}
+
 template <typename T>
 void forward_impl(const RegArgs& a, const T* u, T* out) {
   const int64_t planes = a.B * a.C * a.D, plane = a.H * a.W;
   std::vector<double> partial(static_cast<size_t>(planes));
 #pragma omp parallel for schedule(static) num_threads(a.num_threads)
-  for (int64_t p = 0; p < planes; ++p) {
-    const T* base = u + p * plane;
-    int64_t x[3] = {p % a.D, 0, 0};
-    double s = 0.0;
-    for (int64_t h = 0; h < a.H; ++h) {
-      x[1] = h;
-      for (int64_t w = 0; w < a.W; ++w) {
-        x[2] = w;
-        s += double(reg::voxel_energy<T>(a, base + h * a.W + w, x));
-      }
-    }
-    partial[p] = s;
-  }
+  for (int64_t p = 0; p < planes; ++p) partial[p] = plane_energy<T>(a, u + p * plane, p % a.D);
   const int64_t per_item = a.C * a.D;
   for (int64_t b = 0; b < a.B; ++b) {
     double s = 0.0;
@@ -49,22 +106,107 @@ void forward_impl(const RegArgs& a, const T* u, T* out) {
   }
 }
 
+// grad_l2: ∂E/∂u = 2 Σ_i wt_i ((u − u_{−i}) − (u_{+i} − u)), terms outside the volume 0.
+template <typename T>
+void grad_l2_backward_plane(const RegArgs& a, const T* base, T sc, T* g, int64_t d) {
+  const int64_t W = a.W;
+  const T w0 = T(2 * a.wt[0]) * sc, w1 = T(2 * a.wt[1]) * sc, w2 = T(2 * a.wt[2]) * sc;
+  for (int64_t h = 0; h < a.H; ++h) {
+    const T* r = base + h * W;
+    T* gr = g + h * W;
+    const RowNeighbours<T> n = neighbours(a, r, d, h, r, r, r, r);
+#pragma omp simd
+    for (int64_t w = 1; w < W - 1; ++w) {
+      const T u0 = r[w];
+      gr[w] = w2 * (T(2) * u0 - r[w - 1] - r[w + 1]) + w1 * (T(2) * u0 - n.hm[w] - n.hp[w]) +
+              w0 * (T(2) * u0 - n.dm[w] - n.dp[w]);
+    }
+    const int64_t ends[2] = {0, W - 1};
+    for (int e = 0; e < (W > 1 ? 2 : 1); ++e) {
+      const int64_t w = ends[e];
+      const int64_t x[3] = {d, h, w};
+      gr[w] = sc * reg::voxel_grad<T>(a, r + w, x);
+    }
+  }
+}
+
+// harmonic: ∂E/∂u = 2 (∇² L)(x), L the Laplacian of u on interior voxels, 0 elsewhere
+// (and outside the volume). L is computed once into `lap` (the whole tensor).
+template <typename T>
+void harmonic_laplacian_plane(const RegArgs& a, const T* base, T* lap, int64_t d) {
+  const int64_t W = a.W, plane = a.H * W;
+  const bool plane_in = a.ndim != 3 || (d >= 1 && d <= a.D - 2);
+  const int nact = a.ndim == 3 ? 3 : 2;
+  const T centre = T(2 * nact), axial = a.ndim == 3 ? T(1) : T(0);
+  const int64_t hw = a.ndim == 3 ? plane : 0;
+  for (int64_t h = 0; h < a.H; ++h) {
+    const T* r = base + h * W;
+    T* l = lap + h * W;
+    if (!plane_in || h < 1 || h > a.H - 2 || W < 3) {
+      std::fill(l, l + W, T(0));
+      continue;
+    }
+    l[0] = T(0);
+    l[W - 1] = T(0);
+#pragma omp simd
+    for (int64_t w = 1; w < W - 1; ++w) {
+      l[w] = r[w - 1] + r[w + 1] + r[w - W] + r[w + W] + axial * (r[w - hw] + r[w + hw]) -
+             centre * r[w];
+    }
+  }
+}
+
+template <typename T>
+void harmonic_backward_plane(const RegArgs& a, const T* lbase, const T* zeros, T sc, T* g,
+                             int64_t d) {
+  const int64_t W = a.W;
+  const T centre = T(2 * (a.ndim == 3 ? 3 : 2)), two_sc = T(2) * sc;
+  for (int64_t h = 0; h < a.H; ++h) {
+    const T* l = lbase + h * W;
+    T* gr = g + h * W;
+    const RowNeighbours<T> n = neighbours(a, l, d, h, zeros, zeros, zeros, zeros);
+    const T* dm = a.ndim == 3 ? n.dm : zeros;
+    const T* dp = a.ndim == 3 ? n.dp : zeros;
+    for (int64_t w = 0; w < W; ++w) {
+      if (w == 1 && W > 2) {
+#pragma omp simd
+        for (int64_t v = 1; v < W - 1; ++v) {
+          gr[v] = two_sc * (l[v - 1] + l[v + 1] + n.hm[v] + n.hp[v] + dm[v] + dp[v] -
+                            centre * l[v]);
+        }
+        w = W - 2;
+        continue;
+      }
+      const T left = w >= 1 ? l[w - 1] : T(0), right = w + 1 < W ? l[w + 1] : T(0);
+      gr[w] = two_sc * (left + right + n.hm[w] + n.hp[w] + dm[w] + dp[w] - centre * l[w]);
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const RegArgs& a, const T* u, const T* scale, T* grad) {
   const int64_t planes = a.B * a.C * a.D, plane = a.H * a.W, per_item = a.C * a.D;
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-  for (int64_t p = 0; p < planes; ++p) {
-    const T* base = u + p * plane;
-    T* g = grad + p * plane;
-    const T sc = scale[p / per_item];
-    int64_t x[3] = {p % a.D, 0, 0};
-    for (int64_t h = 0; h < a.H; ++h) {
-      x[1] = h;
-      for (int64_t w = 0; w < a.W; ++w) {
-        x[2] = w;
-        g[h * a.W + w] = sc * reg::voxel_grad<T>(a, base + h * a.W + w, x);
+  if (a.kind == reg::Kind::HARMONIC) {
+    // Every entry is written by the first loop: no zero-initialisation.
+    const std::unique_ptr<T[]> lap(new T[static_cast<size_t>(planes * plane)]);
+    const std::vector<T> zeros(static_cast<size_t>(a.W), T(0));
+#pragma omp parallel num_threads(a.num_threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < planes; ++p) {
+        harmonic_laplacian_plane<T>(a, u + p * plane, lap.get() + p * plane, p % a.D);
+      }
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < planes; ++p) {
+        harmonic_backward_plane<T>(a, lap.get() + p * plane, zeros.data(), scale[p / per_item],
+                                   grad + p * plane, p % a.D);
       }
     }
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+  for (int64_t p = 0; p < planes; ++p) {
+    grad_l2_backward_plane<T>(a, u + p * plane, scale[p / per_item], grad + p * plane, p % a.D);
   }
 }
 
