@@ -32,3 +32,20 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "export MRUS_CUDA=ON" in lines
     assert lines.index("export MRUS_CUDA=ON") < lines.index(test)
     assert "set -euo pipefail" in lines
+
+
+def test_test_extra_installs_what_the_tests_import():
+    # The README's test command installs only ".[test]": the data extra's packages
+    # (nibabel, nilearn, ...), imported by the mrus_models and CLI tests, must be in it.
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=\[;! ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    test = names(extras["test"])
+    assert names(extras["data"]) <= test, names(extras["data"]) - test
+    assert {"pytest", "pytest-benchmark", "scipy", "scikit-learn"} <= test
