@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -9,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
 
@@ -346,14 +348,9 @@ void backward_impl(const WarpArgs& a, const T* grad_out, const T* image, const T
 
 template <typename F>
 void dispatch(const WarpArgs& a, F&& f) {
-  if (a.ndim != 2 && a.ndim != 3) throw std::invalid_argument("warp: ndim must be 2 or 3");
-  if (a.dtype == int(DType::F32)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, float{}) : f(std::integral_constant<int, 2>{}, float{});
-  } else if (a.dtype == int(DType::F64)) {
-    a.ndim == 3 ? f(std::integral_constant<int, 3>{}, double{}) : f(std::integral_constant<int, 2>{}, double{});
-  } else {
-    throw std::invalid_argument("warp (cpu kernels): dtype code must be float32 or float64");
-  }
+  dispatch_ndim_real(a.ndim, a.dtype, "warp: ndim must be 2 or 3",
+                     "warp (cpu kernels): dtype code must be float32 or float64",
+                     std::forward<F>(f));
 }
 
 }  // namespace
@@ -402,7 +399,7 @@ warp::WarpArgs warp_args(int dtype, int ndim, int64_t B, int64_t Bi, int64_t Bd,
   a.mode = mode;
   a.padding = padding;
   a.flags = flags;
-  a.num_threads = num_threads > 0 ? num_threads : 1;
+  a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
 
