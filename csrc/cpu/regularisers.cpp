@@ -29,23 +29,23 @@ using reg::RegArgs;
 // loops have no branches and vectorise; the first and last voxel of a row take the shared
 // per-voxel math (csrc/include/regularisers.h).
 
-// Row pointers of the neighbours of row (d, h) of one plane along D and H, or `self`
-// where the neighbour lies outside the volume.
+// Row pointers of the neighbours of row (d, h) of one plane along D and H, or `outside`
+// where the neighbour lies outside the volume (and along D for 2D fields).
 template <typename T>
 struct RowNeighbours {
   const T *dm, *dp, *hm, *hp;
 };
 
 template <typename T>
-RowNeighbours<T> neighbours(const RegArgs& a, const T* row, int64_t d, int64_t h, const T* self_dm,
-                            const T* self_dp, const T* self_hm, const T* self_hp) {
+RowNeighbours<T> neighbours(const RegArgs& a, const T* row, int64_t d, int64_t h,
+                            const T* outside) {
   const int64_t hw = a.H * a.W;
-  RowNeighbours<T> n;
   const bool three = a.ndim == 3;
-  n.dm = three && d >= 1 ? row - hw : self_dm;
-  n.dp = three && d <= a.D - 2 ? row + hw : self_dp;
-  n.hm = h >= 1 ? row - a.W : self_hm;
-  n.hp = h <= a.H - 2 ? row + a.W : self_hp;
+  RowNeighbours<T> n;
+  n.dm = three && d >= 1 ? row - hw : outside;
+  n.dp = three && d <= a.D - 2 ? row + hw : outside;
+  n.hm = h >= 1 ? row - a.W : outside;
+  n.hp = h <= a.H - 2 ? row + a.W : outside;
   return n;
 }
 
@@ -74,7 +74,7 @@ double plane_energy(const RegArgs& a, const T* base, int64_t d) {
   }
   for (int64_t h = 0; h < a.H; ++h) {
     const T* r = base + h * W;
-    const RowNeighbours<T> n = neighbours(a, r, d, h, r, r, r, r);
+    const RowNeighbours<T> n = neighbours(a, r, d, h, r);
     double sw = 0.0, sh = 0.0, sd = 0.0;
 #pragma omp simd reduction(+ : sw)
     for (int64_t w = 0; w < W - 1; ++w) {
@@ -114,7 +114,7 @@ void grad_l2_backward_plane(const RegArgs& a, const T* base, T sc, T* g, int64_t
   for (int64_t h = 0; h < a.H; ++h) {
     const T* r = base + h * W;
     T* gr = g + h * W;
-    const RowNeighbours<T> n = neighbours(a, r, d, h, r, r, r, r);
+    const RowNeighbours<T> n = neighbours(a, r, d, h, r);
 #pragma omp simd
     for (int64_t w = 1; w < W - 1; ++w) {
       const T u0 = r[w];
@@ -164,22 +164,19 @@ void harmonic_backward_plane(const RegArgs& a, const T* lbase, const T* zeros, T
   for (int64_t h = 0; h < a.H; ++h) {
     const T* l = lbase + h * W;
     T* gr = g + h * W;
-    const RowNeighbours<T> n = neighbours(a, l, d, h, zeros, zeros, zeros, zeros);
-    const T* dm = a.ndim == 3 ? n.dm : zeros;
-    const T* dp = a.ndim == 3 ? n.dp : zeros;
-    for (int64_t w = 0; w < W; ++w) {
-      if (w == 1 && W > 2) {
-#pragma omp simd
-        for (int64_t v = 1; v < W - 1; ++v) {
-          gr[v] = two_sc * (l[v - 1] + l[v + 1] + n.hm[v] + n.hp[v] + dm[v] + dp[v] -
-                            centre * l[v]);
-        }
-        w = W - 2;
-        continue;
-      }
+    const RowNeighbours<T> n = neighbours(a, l, d, h, zeros);
+    // L beyond the row's ends is 0 too.
+    auto at = [&](int64_t w) {
       const T left = w >= 1 ? l[w - 1] : T(0), right = w + 1 < W ? l[w + 1] : T(0);
-      gr[w] = two_sc * (left + right + n.hm[w] + n.hp[w] + dm[w] + dp[w] - centre * l[w]);
+      return two_sc * (left + right + n.hm[w] + n.hp[w] + n.dm[w] + n.dp[w] - centre * l[w]);
+    };
+    gr[0] = at(0);
+#pragma omp simd
+    for (int64_t w = 1; w < W - 1; ++w) {
+      gr[w] = two_sc * (l[w - 1] + l[w + 1] + n.hm[w] + n.hp[w] + n.dm[w] + n.dp[w] -
+                        centre * l[w]);
     }
+    if (W > 1) gr[W - 1] = at(W - 1);
   }
 }
 
