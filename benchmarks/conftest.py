@@ -283,16 +283,24 @@ def bench_forward_backward(
 COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every ``compiled`` row of every suite, however it is parametrised, gets COMPILE_MARKS
+    # (the first torch.compile of a process pays those imports, whichever row it is).
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "compiled" in callspec.params.values():
+            for mark in COMPILE_MARKS:
+                item.add_marker(mark)
+
+
 def bench_cases(cpu_shapes, gpu_shapes, cpu_impls, gpu_impls) -> list:
     """pytest params (shape, device, impl) for every CPU and GPU size and row: GPU rows are
-    marked ``cuda``, ``compiled`` rows get :data:`COMPILE_MARKS`."""
+    marked ``cuda`` (``compiled`` rows get :data:`COMPILE_MARKS` at collection)."""
     rows = [("cpu", s, impl) for s in cpu_shapes for impl in cpu_impls]
     rows += [("cuda", s, impl) for s in gpu_shapes for impl in gpu_impls]
     params = []
     for device, shape, impl in rows:
         marks = [pytest.mark.cuda] if device == "cuda" else []
-        if impl == "compiled":
-            marks += COMPILE_MARKS
         params.append(
             pytest.param(shape, device, impl, id=f"{device}-{shape_id(shape)}-{impl}", marks=marks)
         )
