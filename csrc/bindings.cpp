@@ -8,8 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
+#include "warp_avx2.h"
 
 namespace py = pybind11;
 
@@ -76,6 +78,12 @@ py::dict build_info() {
 #else
   d["cuda_version"] = std::string();
 #endif
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  d["cpu_simd"] = std::string(cpu::avx2::supported() ? "avx2" : "none (this CPU lacks AVX2/FMA)");
+#else
+  d["cpu_simd"] = std::string("none (not built for x86-64)");
+#endif
+  d["cpu_simd_enabled"] = cpu::simd_enabled();
   d["openmp"] = std::to_string(_OPENMP);
   d["openmp_max_threads"] = omp_get_max_threads();
 #if defined(__clang__)
@@ -100,4 +108,7 @@ PYBIND11_MODULE(_C, m) {
   mrus::register_lncc(m);
   mrus::register_regularisers(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
+  m.def(
+      "set_cpu_simd", [](bool on) { mrus::cpu::simd_switch() = on; },
+      "Allow (True, the default) or forbid the CPU kernels' vector (AVX2) paths.");
 }

@@ -33,6 +33,7 @@ def info_lines() -> list[str]:
         lines += [
             f"_C compiler  {build['compiler']}",
             f"_C OpenMP    {build['openmp']} ({build['openmp_max_threads']} threads max)",
+            f"_C CPU SIMD  {build['cpu_simd']}",
             f"_C CUDA      {cuda}",
         ]
     else:

@@ -233,6 +233,24 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+# --------------------------------------------------------------------------- CPU loops
+
+
+@pytest.fixture(params=["vector", "portable"])
+def cpu_loops(request) -> Iterator[str]:
+    """Runs the test twice: with the CPU kernels' vector paths (AVX2, where this CPU has it)
+    and with the portable loops that serve CPUs without them (``_C.set_cpu_simd``)."""
+    from mrus_kernels import _ext
+
+    if _ext.C is None:
+        pytest.skip(f"mrus_kernels._C is missing: {_ext.C_IMPORT_ERROR}")
+    _ext.C.set_cpu_simd(request.param == "vector")
+    try:
+        yield request.param
+    finally:
+        _ext.C.set_cpu_simd(True)
+
+
 # ---------------------------------------------------------------------------- shared test helpers
 
 

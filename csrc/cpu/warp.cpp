@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
+#include "warp_avx2.h"
 
 namespace py = pybind11;
 
@@ -243,17 +245,56 @@ inline bool small_volume(const WarpArgs& a) {
   return n < (int64_t(1) << 30);
 }
 
+// The AVX2 row kernels (warp_avx2.h) serve float32 linear warps with int32 offsets when the
+// CPU has AVX2 + FMA and they are not switched off (cpu_utils.h: simd_enabled).
+template <typename T>
+bool use_avx2() {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  return std::is_same<T, float>::value && simd_enabled() && avx2::supported();
+#else
+  return false;
+#endif
+}
+
+template <int NDIM, typename T>
+void avx2_forward(const WarpArgs& a, const T* image, const T* ddf, T* out, int64_t r0, int64_t r1) {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<T, float>::value) {
+    const avx2::RowKernels<NDIM> k(a);
+    k.forward(image, ddf, out, r0, r1);
+    return;
+  }
+#endif
+  throw std::logic_error("warp: AVX2 kernels called for a case they do not serve");
+}
+
+template <int NDIM, typename T>
+void avx2_backward(const WarpArgs& a, const T* grad_out, const T* image, const T* ddf, T* gimg,
+                   T* grad_ddf, int64_t r0, int64_t r1) {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<T, float>::value) {
+    const avx2::RowKernels<NDIM> k(a);
+    k.backward(grad_out, image, ddf, gimg, grad_ddf, r0, r1);
+    return;
+  }
+#endif
+  throw std::logic_error("warp: AVX2 kernels called for a case they do not serve");
+}
+
 template <int NDIM, typename T>
 void forward_impl(const WarpArgs& a, const T* image, const T* ddf, T* out) {
   const int64_t n_out = a.n_out();
   if (a.mode == int(Interp::LINEAR)) {
     const int64_t rows = n_out / a.out_size[NDIM - 1];
     const bool small = small_volume(a);
+    const bool vec = small && use_avx2<T>();
 #pragma omp parallel num_threads(threads_for(a, n_out * a.B * a.C))
     {
       const int64_t P = omp_get_num_threads(), r = omp_get_thread_num();
       const int64_t lo = rows * r / P, hi = rows * (r + 1) / P;
-      if (small) {
+      if (vec) {
+        avx2_forward<NDIM>(a, image, ddf, out, lo, hi);
+      } else if (small) {
         forward_rows<NDIM, T, int32_t>(a, image, ddf, out, lo, hi);
       } else {
         forward_rows<NDIM, T, int64_t>(a, image, ddf, out, lo, hi);
@@ -290,7 +331,9 @@ void backward_range(const WarpArgs& a, const T* grad_out, const T* image, const 
                     T* gimg, T* grad_ddf, int64_t lo, int64_t hi) {
   if (a.mode == int(Interp::LINEAR)) {
     const int64_t W = a.out_size[NDIM - 1];
-    if (small_volume(a)) {
+    if (small_volume(a) && use_avx2<T>()) {
+      avx2_backward<NDIM>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
+    } else if (small_volume(a)) {
       backward_rows<NDIM, T, int32_t>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
     } else {
       backward_rows<NDIM, T, int64_t>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
