@@ -11,7 +11,7 @@
 #include "cpu_utils.h"
 #include "launchers.h"
 #include "registry.h"
-#include "warp_avx2.h"
+#include "simd_avx2.h"
 
 namespace py = pybind11;
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,7 @@
 
 #include "cpu_utils.h"
 #include "launchers.h"
+#include "mi_avx2.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -40,19 +42,72 @@ int64_t chunks_per_item(const MIArgs& a) {
   return std::max<int64_t>(c, 1);
 }
 
+// The AVX2 kernels (mi_avx2.h) serve float32 when the CPU has AVX2 + FMA, they are not
+// switched off (cpu_utils.h: simd_enabled) and the window fits them.
+template <typename T>
+bool use_avx2(const MIArgs& a) {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  return std::is_same<T, float>::value && simd_enabled() && avx2::supported() &&
+         avx2::MIWindows::serves(a);
+#else
+  (void)a;
+  return false;
+#endif
+}
+
+// Chunk histograms with the AVX2 kernels: each chunk fills two padded double histograms,
+// then adds their real bins into its partial (same chunks, same reduction order as the
+// portable loop, so the result is still independent of the thread count).
+template <typename T>
+void forward_chunks_avx2(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges,
+                         int64_t C, double* partial) {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<T, float>::value) {
+    const avx2::MIWindows win(a);
+    const int K = a.K, P = win.P, M = win.margin;
+    const int64_t kk = int64_t(K) * K, pp = int64_t(P) * P;
+#pragma omp parallel num_threads(a.num_threads)
+    {
+      std::vector<double> padded(static_cast<size_t>(2 * pp));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bc = 0; bc < a.B * C; ++bc) {
+        const int64_t b = bc / C, c = bc % C;
+        std::fill(padded.begin(), padded.end(), 0.0);
+        const bool ok = win.accumulate(f + b * a.N, g + b * a.N, m ? m + b * a.N : nullptr,
+                                       ranges[4 * b], ranges[4 * b + 1], ranges[4 * b + 2],
+                                       ranges[4 * b + 3], a.N * c / C, a.N * (c + 1) / C,
+                                       padded.data(), padded.data() + pp);
+        double* h = partial + bc * kk;
+        for (int i = 0; i < K; ++i) {
+          const double* r0 = padded.data() + int64_t(i + M) * P + M;
+          const double* r1 = r0 + pp;
+          for (int j = 0; j < K; ++j) h[int64_t(i) * K + j] = r0[j] + r1[j];
+        }
+        if (!ok) h[0] += std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+    return;
+  }
+#endif
+  (void)a, (void)f, (void)g, (void)m, (void)ranges, (void)C, (void)partial;
+  throw std::logic_error("mi: AVX2 kernels called for a case they do not serve");
+}
+
 template <typename T>
 void forward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges, T* hist) {
   const int K = a.K;
   const int64_t kk = int64_t(K) * K;
   const int64_t C = chunks_per_item(a);
   std::vector<double> partial(static_cast<size_t>(a.B * C * kk), 0.0);
+  const bool vec = use_avx2<T>(a);
+  if (vec) forward_chunks_avx2<T>(a, f, g, m, ranges, C, partial.data());
 #pragma omp parallel num_threads(a.num_threads)
   {
     // Weights in the input precision (float32 keeps every weight to ~1e-7 relative, well
     // inside the float32 tolerance), sums in double.
     std::vector<T> wf(K), wg(K);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bc = 0; bc < a.B * C; ++bc) {
+    for (int64_t bc = 0; bc < (vec ? 0 : a.B * C); ++bc) {
       const int64_t b = bc / C, c = bc % C;
       const int64_t v0 = a.N * c / C, v1 = a.N * (c + 1) / C;
       const T lo_f = ranges[4 * b], hi_f = ranges[4 * b + 1];
@@ -89,9 +144,47 @@ void forward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* 
   }
 }
 
+// Per-voxel gradients with the AVX2 kernels, from dL/dhist padded per item.
+template <typename T>
+void backward_avx2(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges,
+                   const T* grad_hist, T* grad_f, T* grad_g) {
+#ifdef MRUS_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<T, float>::value) {
+    const avx2::MIWindows win(a);
+    const int K = a.K, P = win.P, M = win.margin;
+    const int64_t kk = int64_t(K) * K, pp = int64_t(P) * P;
+    std::vector<float> G(static_cast<size_t>(a.B * pp), 0.0f);
+    for (int64_t b = 0; b < a.B; ++b) {
+      for (int i = 0; i < K; ++i) {
+        std::copy(grad_hist + b * kk + int64_t(i) * K, grad_hist + b * kk + int64_t(i + 1) * K,
+                  G.data() + b * pp + int64_t(i + M) * P + M);
+      }
+    }
+    // Blocks of voxels, so that a block never straddles two items.
+    constexpr int64_t kBlock = 4096;
+    const int64_t per_item = (a.N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+    for (int64_t blk = 0; blk < a.B * per_item; ++blk) {
+      const int64_t b = blk / per_item, v0 = (blk % per_item) * kBlock;
+      const int64_t v1 = std::min(a.N, v0 + kBlock), o = b * a.N;
+      win.gradient(f + o, g + o, m ? m + o : nullptr, ranges[4 * b], ranges[4 * b + 1],
+                   ranges[4 * b + 2], ranges[4 * b + 3], G.data() + b * pp, v0, v1,
+                   grad_f ? grad_f + o : nullptr, grad_g ? grad_g + o : nullptr);
+    }
+    return;
+  }
+#endif
+  (void)a, (void)f, (void)g, (void)m, (void)ranges, (void)grad_hist, (void)grad_f, (void)grad_g;
+  throw std::logic_error("mi: AVX2 kernels called for a case they do not serve");
+}
+
 template <typename T>
 void backward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges,
                    const T* grad_hist, T* grad_f, T* grad_g) {
+  if (use_avx2<T>(a)) {
+    backward_avx2<T>(a, f, g, m, ranges, grad_hist, grad_f, grad_g);
+    return;
+  }
   const int K = a.K;
   const int64_t kk = int64_t(K) * K;
   const double nan = std::numeric_limits<double>::quiet_NaN();

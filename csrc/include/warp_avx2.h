@@ -7,34 +7,20 @@
 // read and reads as 0). Semantics are those of csrc/include/warp.h: zeros padding
 // interpolates against zero-valued voxels, border padding clamps the coordinate first
 // (gradient 0 where clamped), a NaN coordinate gives NaN and no gradient.
-//
-// Only the functions here carry the AVX2 target attribute, so nothing compiled for AVX2 can
-// leak into code that runs on other CPUs.
 #pragma once
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define MRUS_HAVE_AVX2_KERNELS 1
+#include "simd_avx2.h"
 
-#include <immintrin.h>
+#ifdef MRUS_HAVE_AVX2_KERNELS
 
 #include <algorithm>
 #include <cstdint>
 
 #include "warp.h"
 
-#define MRUS_AVX2 __attribute__((target("avx2,fma")))
-
 namespace mrus {
 namespace cpu {
 namespace avx2 {
-
-constexpr int L = 8;  // lanes (voxels) per group
-
-// True when this CPU runs the kernels below.
-inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 // Per-axis constants of the input volume.
 struct AxisConst {
@@ -55,24 +41,6 @@ struct Lanes {
   __m256 gate[NDIM]; // d(clamped p)/dp per axis (border padding)
   __m256 nan;        // all ones: NaN sample
 };
-
-// Lane mask (epi32 all ones) of the first len lanes.
-MRUS_AVX2 inline __m256i tail_mask(int len) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(len), iota);
-}
-
-MRUS_AVX2 inline __m256 load(const float* p, int len, __m256i tail) {
-  return len == L ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail);
-}
-
-MRUS_AVX2 inline void store(float* p, __m256 v, int len, __m256i tail) {
-  if (len == L) {
-    _mm256_storeu_ps(p, v);
-  } else {
-    _mm256_maskstore_ps(p, tail, v);
-  }
-}
 
 // Fills g from the sampling points p (one vector per axis); lanes outside tail are invalid.
 template <int NDIM>
@@ -349,4 +317,4 @@ struct RowKernels {
 }  // namespace cpu
 }  // namespace mrus
 
-#endif  // x86-64 GCC / Clang
+#endif  // MRUS_HAVE_AVX2_KERNELS

@@ -107,6 +107,55 @@ def test_backends_vs_reference(backend, kernel, dtype, shape, masked, gen):
     _compare(ours, ref, dtype, f"{backend} {kernel}")
 
 
+# (kernel, sigma): the Gaussian windows of 5, 7 (the widest of the vector kernels: radius
+# just under 3.5 bins) and 13 bins (portable loop only), a tiny sigma, and the B-spline.
+CPU_LOOP_KERNELS = [("gaussian", 0.5), ("gaussian", 0.59), ("gaussian", 1.2),
+                    ("gaussian", 0.1), ("bspline", 0.5)]
+
+
+@pytest.mark.parametrize(("kernel", "sigma"), CPU_LOOP_KERNELS,
+                         ids=[f"{k}-{s}" for k, s in CPU_LOOP_KERNELS])
+def test_cpu_loops_vs_reference(cpu_loops, kernel, sigma, gen):
+    """The cpu backend's float32 loops, vector and portable: P, MI, NMI and both gradients
+    against the reference, with a voxel count that is not a multiple of the vector width,
+    per-item ranges (one clamping), a mask, and values at the range ends and outside it."""
+    require_backend("cpu", "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 9, 7, 11))
+    f[0, 0, 0, 0, :3] = torch.tensor([0.0, 1.0, 1.5])  # range ends, then outside it
+    g[1, 0, 2, 2, :2] = torch.tensor([-5.0, 5.0])
+    vr = ((0.0, 1.0), (-1.0, 1.5))
+    mask = _mask(gen, f.shape)
+    ref = _ref_all(f, g, 13, kernel, sigma=sigma, value_range=vr, mask=mask)
+    with poisoned_empty():
+        ours = _ours_all(f, g, 13, kernel, "cpu", sigma=sigma, value_range=vr, mask=mask)
+    scale = max(1.0, 0.05 / sigma**2)  # as test_sigma_and_fixed_ranges
+    for what, a, e in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, ref):
+        assert_close_verbose(a, e, torch.float32, atol=TOLERANCES[torch.float32][0] * scale,
+                             rtol=TOLERANCES[torch.float32][1] * scale, name=f"{cpu_loops} {what}")
+
+
+@pytest.mark.parametrize("where", ["fixed", "moving", "mask"])
+def test_cpu_loops_nan(cpu_loops, where, gen):
+    """Both cpu loops: a NaN value (or mask) makes the item's MI and its gradients NaN, a NaN
+    under a zero mask changes nothing (its gradient is 0), the other item stays finite."""
+    require_backend("cpu", "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 5, 13))
+    mask = torch.ones_like(f)
+    mask[0, 0, 4, 12] = 0.0
+    f[0, 0, 4, 12] = float("nan")  # masked out: does not count
+    clean = mutual_information(f, g, mask=mask, backend="cpu")
+    target = {"fixed": f, "moving": g, "mask": mask}[where]
+    target[0, 0, 1, 9] = float("nan")
+    fr, gr = f.clone().requires_grad_(), g.clone().requires_grad_()
+    value = mutual_information(fr, gr, mask=mask, backend="cpu")
+    value.sum().backward()
+    assert bool(value[0].isnan()) and torch.equal(value[1], clean[1])
+    assert bool(fr.grad[1].isfinite().all()) and bool(gr.grad[1].isfinite().all())
+    assert bool(fr.grad[0].isnan().any()) and bool(gr.grad[0].isnan().any())
+    # A masked-out voxel gets exactly 0, even in an item whose histogram is NaN.
+    assert fr.grad[0, 0, 4, 12] == 0 and gr.grad[0, 0, 4, 12] == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 3.0])
 def test_sigma_and_fixed_ranges(backend, sigma, gen):
