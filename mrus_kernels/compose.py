@@ -199,13 +199,19 @@ def integrate_velocity(
 class Compose(nn.Module):
     """``nn.Module`` form of :func:`compose`: ``forward(u, v)`` = displacement of φ_u ∘ φ_v."""
 
-    def __init__(self, padding: str = "border", backend: str | None = None) -> None:
+    def __init__(
+        self, padding: str = "border", backend: str | None = None,
+        deterministic: bool | None = None,
+    ) -> None:
         super().__init__()
         self.padding = check_choice("Compose", "padding", padding, PADDINGS)
         self.backend = backend
+        check_optional_bool("Compose", "deterministic", deterministic)
+        self.deterministic = deterministic
 
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return compose(u, v, padding=self.padding, backend=self.backend)
+        return compose(u, v, padding=self.padding, backend=self.backend,
+                       deterministic=self.deterministic)
 
 
 class IntegrateVelocity(nn.Module):
@@ -218,19 +224,24 @@ class IntegrateVelocity(nn.Module):
 
     def __init__(
         self, steps: int = 7, memory: str = "store", padding: str = "border",
-        backend: str | None = None,
+        backend: str | None = None, deterministic: bool | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"IntegrateVelocity: steps must be an int >= 0, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"IntegrateVelocity: steps must be an int, got {type(steps).__name__}")
+        if steps < 0:
+            raise ValueError(f"IntegrateVelocity: steps must be >= 0, got {steps}")
         self.steps = steps
         self.memory = check_choice("IntegrateVelocity", "memory", memory, MEMORY_MODES)
         self.padding = check_choice("IntegrateVelocity", "padding", padding, PADDINGS)
         self.backend = backend
+        check_optional_bool("IntegrateVelocity", "deterministic", deterministic)
+        self.deterministic = deterministic
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return integrate_velocity(
-            v, self.steps, memory=self.memory, padding=self.padding, backend=self.backend
+            v, self.steps, memory=self.memory, padding=self.padding, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:

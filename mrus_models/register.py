@@ -18,7 +18,6 @@ The loss is ``-similarity + smoothness · grad_l2(u_svf)``, similarity MI or NMI
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,14 +65,6 @@ class RegistrationResult:
     @property
     def iterations(self) -> int:
         return len(self.loss_history)
-
-
-def _with_backend(fn, backend: str | None) -> dict:
-    """``{"backend": backend}`` if ``fn`` takes that keyword (every op of the public API does
-    or will; this keeps the call valid either way)."""
-    if backend is None:
-        return {}
-    return {"backend": backend} if "backend" in inspect.signature(fn).parameters else {}
 
 
 def _per_level(name: str, value, n: int) -> tuple:
@@ -181,10 +172,10 @@ class _Affine:
 
 def _similarity(name, fixed, warped, mask, value_range, bins, window, backend):
     if name == "lncc":
-        return lncc(fixed, warped, window=window, mask=mask, **_with_backend(lncc, backend))
+        return lncc(fixed, warped, window=window, mask=mask, backend=backend)
     fn = mutual_information if name == "mi" else nmi
     return fn(fixed, warped, bins=bins, value_range=value_range, mask=mask,
-              **_with_backend(fn, backend))
+              backend=backend)
 
 
 def _image_range(x: torch.Tensor, upper: float = 0.995) -> tuple[float, float]:
@@ -324,7 +315,7 @@ def register(
         u_svf = u_v = None
         if v is not None:
             smooth = gaussian_blur(v, velocity_sigma) if velocity_sigma > 0 and smooth_v else v
-            u_v = integrate_velocity(smooth, steps, **_with_backend(integrate_velocity, backend))
+            u_v = integrate_velocity(smooth, steps, backend=backend)
             u_svf = u_v if tuple(u_v.shape[2:]) == level_size else resize_ddf(u_v, level_size)
         if affine is None:
             return u_svf, u_v
@@ -358,18 +349,18 @@ def register(
             for _ in range(n_it):
                 opt.zero_grad(set_to_none=True)
                 u, u_svf = transform_ddf(level_size, velocity if stage == "svf" else None)
-                warped = warp(m_l, u, **_with_backend(warp, backend))
+                warped = warp(m_l, u, backend=backend)
                 weights = k_l
                 if mm_l is not None:
                     # Where the moving image has data; a constant, so that the loss cannot
                     # improve by sliding the field of view over the anatomy.
-                    seen = warp(mm_l, u.detach(), **_with_backend(warp, backend))
+                    seen = warp(mm_l, u.detach(), backend=backend)
                     weights = seen if weights is None else weights * seen
                 sim = _similarity(similarity, f_l, warped, weights, value_range, bins, window,
                                   backend).sum()
                 loss = -sim
                 if u_svf is not None and smoothness > 0:
-                    loss = loss + smoothness * b * grad_l2(u_svf, **_with_backend(grad_l2, backend))
+                    loss = loss + smoothness * b * grad_l2(u_svf, backend=backend)
                 loss.backward()
                 opt.step()
                 loss_value = float(loss.detach())
@@ -395,7 +386,7 @@ def register(
         ddf, _ = transform_ddf(size, v_final, smooth_v=False)
         if ddf is None:
             ddf = torch.zeros(b, ndim, *size, device=device)
-        warped = warp(moving, ddf, **_with_backend(warp, backend))
+        warped = warp(moving, ddf, backend=backend)
         inverse = _inverse(affine, v_final, size, steps, backend)
         matrix = affine.matrix() if affine is not None else \
             torch.eye(ndim + 1, dtype=torch.float64, device=device).repeat(b, 1, 1)
@@ -409,14 +400,14 @@ def _inverse(affine, v, size, steps, backend):
     """Displacement of φ⁻¹ = exp(-v) ∘ A⁻¹ on the grid ``size``."""
     parts = []
     if v is not None:
-        u_inv = integrate_velocity(-v, steps, **_with_backend(integrate_velocity, backend))
+        u_inv = integrate_velocity(-v, steps, backend=backend)
         parts.append(u_inv if tuple(u_inv.shape[2:]) == size else resize_ddf(u_inv, size))
     if affine is not None:
         a_inv = affine_ddf(torch.linalg.inv(affine.matrix()), size)
         if not parts:
             return a_inv
         # exp(-v) ∘ A⁻¹: a_inv(y) + u_inv(y + a_inv(y)).
-        return compose(parts[0], a_inv, **_with_backend(compose, backend))
+        return compose(parts[0], a_inv, backend=backend)
     return parts[0]
 
 

@@ -396,6 +396,35 @@ def test_modules(backend, gen):
     assert x.grad is not None
     default = IntegrateVelocity()
     assert (default.steps, default.memory, default.padding) == (7, "store", "border")
+    assert default.deterministic is None and Compose().deterministic is None
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+def test_modules_pass_deterministic(backend, gen):
+    """deterministic=True on the modules reaches the kernels: the backward is launched on
+    the deterministic path, and two runs agree bitwise."""
+    u, v = _pair(gen, (2, 3, 9, 10, 11))
+    calls: list[bool] = []
+    real = compose_module.launch_backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])  # (grad_out, image, ddf, mode, padding, flags, backend, det...)
+        return real(*args, **kwargs)
+
+    grads = []
+    # compose's backward runs in mrus_kernels.warp, integrate_velocity's in compose.
+    with mock.patch.object(importlib.import_module("mrus_kernels.warp"), "launch_backward",
+                           side_effect=spy), \
+            mock.patch.object(compose_module, "launch_backward", side_effect=spy):
+        for layer, inputs in ((Compose(backend=backend, deterministic=True), (u, v)),
+                              (IntegrateVelocity(3, backend=backend, deterministic=True), (u,))):
+            for _ in range(2):
+                xs = [x.clone().requires_grad_() for x in inputs]
+                layer(*xs).square().sum().backward()
+                grads.append([x.grad for x in xs])
+    assert calls and all(calls)
+    for first, second in (grads[0:2], grads[2:4]):
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -491,9 +520,14 @@ BAD_INPUTS = {
     "module-compose-padding": (lambda: Compose(padding="reflect"), ValueError,
                                r"Compose: padding must be 'border' or 'zeros', got 'reflect'"),
     "module-steps": (lambda: IntegrateVelocity(steps=-2), ValueError,
-                     r"IntegrateVelocity: steps must be an int >= 0, got -2"),
-    "module-steps-float": (lambda: IntegrateVelocity(steps=2.5), ValueError,
-                           r"IntegrateVelocity: steps must be an int >= 0, got 2\.5"),
+                     r"IntegrateVelocity: steps must be >= 0, got -2"),
+    "module-steps-float": (lambda: IntegrateVelocity(steps=2.5), TypeError,
+                           r"IntegrateVelocity: steps must be an int, got float"),
+    "module-compose-deterministic": (lambda: Compose(deterministic="yes"), TypeError,
+                                     r"Compose: deterministic must be None, True or False"),
+    "module-integrate-deterministic": (lambda: IntegrateVelocity(deterministic=1), TypeError,
+                                       r"IntegrateVelocity: deterministic must be None, True "
+                                       r"or False"),
     "module-memory": (lambda: IntegrateVelocity(memory="none"), ValueError,
                       r"IntegrateVelocity: memory must be 'store' or 'recompute', got 'none'"),
     "module-padding": (lambda: IntegrateVelocity(padding="zero"), ValueError,
