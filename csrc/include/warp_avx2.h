@@ -186,37 +186,46 @@ struct RowKernels {
     p[NDIM - 1] = _mm256_add_ps(x, load(ur + (NDIM - 1) * n_out, len, tail));
   }
 
-  MRUS_AVX2 void forward(const float* image, const float* ddf, float* out, int64_t r0,
-                         int64_t r1) const {
-    const bool add = a.flags & warp::ADD_DDF;
-    const __m256 qnan = _mm256_set1_ps(NAN);
-    Lanes<NDIM> g;
+  // Calls f(xo, n0, x0, len, tail) for every lane group of output rows [r0, r1): the row
+  // starts at flat voxel n0 with outer coordinates xo, the group covers its voxels
+  // [x0, x0 + len), tail is the mask of the len live lanes.
+  template <typename F>
+  MRUS_AVX2 void groups(int64_t r0, int64_t r1, F&& f) const {
     int64_t xo[NDIM];
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t n0 = row * W;
       warp::voxel_coords<NDIM>(a, n0, xo);
       for (int64_t x0 = 0; x0 < W; x0 += L) {
         const int len = static_cast<int>(std::min<int64_t>(L, W - x0));
-        const __m256i tail = tail_mask(len);
-        for (int64_t b = 0; b < a.B; ++b) {
-          const float* u = ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out;
-          if (b == 0 || a.Bd > 1) {
-            __m256 p[NDIM];
-            points(u, xo, n0, x0, len, tail, p);
-            geometry<NDIM>(p, ax, border, tail, g);
-          }
-          const float* img = image + (a.Bi > 1 ? b : 0) * a.C * n_in;
-          float* o = out + b * a.C * n_out + n0 + x0;
-          for (int64_t c = 0; c < a.C; ++c) {
-            __m256 v[K];
-            gather_corners<NDIM>(g, img + c * n_in, v);
-            __m256 s = lerp<NDIM>(v, g.t);
-            if (add) s = _mm256_add_ps(s, load(u + c * n_out + n0 + x0, len, tail));
-            store(o + c * n_out, _mm256_blendv_ps(s, qnan, g.nan), len, tail);
-          }
-        }
+        f(xo, n0, x0, len, tail_mask(len));
       }
     }
+  }
+
+  MRUS_AVX2 void forward(const float* image, const float* ddf, float* out, int64_t r0,
+                         int64_t r1) const {
+    const bool add = a.flags & warp::ADD_DDF;
+    const __m256 qnan = _mm256_set1_ps(NAN);
+    Lanes<NDIM> g;
+    groups(r0, r1, [&](const int64_t* xo, int64_t n0, int64_t x0, int len, __m256i tail) MRUS_AVX2 {
+      for (int64_t b = 0; b < a.B; ++b) {
+        const float* u = ddf + (a.Bd > 1 ? b : 0) * NDIM * n_out;
+        if (b == 0 || a.Bd > 1) {
+          __m256 p[NDIM];
+          points(u, xo, n0, x0, len, tail, p);
+          geometry<NDIM>(p, ax, border, tail, g);
+        }
+        const float* img = image + (a.Bi > 1 ? b : 0) * a.C * n_in;
+        float* o = out + b * a.C * n_out + n0 + x0;
+        for (int64_t c = 0; c < a.C; ++c) {
+          __m256 v[K];
+          gather_corners<NDIM>(g, img + c * n_in, v);
+          __m256 s = lerp<NDIM>(v, g.t);
+          if (add) s = _mm256_add_ps(s, load(u + c * n_out + n0 + x0, len, tail));
+          store(o + c * n_out, _mm256_blendv_ps(s, qnan, g.nan), len, tail);
+        }
+      }
+    });
   }
 
   // Image gradient into gimg (null: not needed); ddf gradient into grad_ddf, or with
@@ -237,79 +246,72 @@ struct RowKernels {
       valid_bits[k] = 0;
     }
     alignas(32) float wg[K][L];
-    int64_t xo[NDIM];
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t n0 = row * W;
-      warp::voxel_coords<NDIM>(a, n0, xo);
-      for (int64_t x0 = 0; x0 < W; x0 += L) {
-        const int len = static_cast<int>(std::min<int64_t>(L, W - x0));
-        const __m256i tail = tail_mask(len);
-        __m256 gu[NDIM];
-        for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < a.B; ++b) {
-          const int64_t bi = a.Bi > 1 ? b : 0, bd = a.Bd > 1 ? b : 0;
-          const float* u = ddf + bd * NDIM * n_out;
-          if (b == 0 || a.Bd > 1) {
-            __m256 p[NDIM];
-            points(u, xo, n0, x0, len, tail, p);
-            geometry<NDIM>(p, ax, border, tail, g);
-            if (need_image) {
-              corner_weights<NDIM>(g, w);
-              for (int k = 0; k < K; ++k) {
-                _mm256_store_si256(reinterpret_cast<__m256i*>(offs[k]), g.off[k]);
-                valid_bits[k] = _mm256_movemask_ps(g.valid[k]);
-              }
+    groups(r0, r1, [&](const int64_t* xo, int64_t n0, int64_t x0, int len, __m256i tail) MRUS_AVX2 {
+      __m256 gu[NDIM];
+      for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < a.B; ++b) {
+        const int64_t bi = a.Bi > 1 ? b : 0, bd = a.Bd > 1 ? b : 0;
+        const float* u = ddf + bd * NDIM * n_out;
+        if (b == 0 || a.Bd > 1) {
+          __m256 p[NDIM];
+          points(u, xo, n0, x0, len, tail, p);
+          geometry<NDIM>(p, ax, border, tail, g);
+          if (need_image) {
+            corner_weights<NDIM>(g, w);
+            for (int k = 0; k < K; ++k) {
+              _mm256_store_si256(reinterpret_cast<__m256i*>(offs[k]), g.off[k]);
+              valid_bits[k] = _mm256_movemask_ps(g.valid[k]);
             }
           }
-          const float* gb = grad_out + b * a.C * n_out + n0 + x0;
-          __m256 corner[K];
-          for (int k = 0; k < K; ++k) corner[k] = _mm256_setzero_ps();
-          for (int64_t c = 0; c < a.C; ++c) {
-            const __m256 gc = load(gb + c * n_out, len, tail);
-            const int64_t vol = (bi * a.C + c) * n_in;
-            if (need_ddf) {
-              __m256 v[K];
-              gather_corners<NDIM>(g, image + vol, v);
-              for (int k = 0; k < K; ++k) corner[k] = _mm256_fmadd_ps(gc, v[k], corner[k]);
-            }
-            if (need_image) {
-              for (int k = 0; k < K; ++k) _mm256_store_ps(wg[k], _mm256_mul_ps(w[k], gc));
-              // A scatter: serial, corner by corner (the corners of neighbouring voxels
-              // coincide, so consecutive adds of one corner never hit the same element).
-              float* gi = gimg + vol;
-              for (int k = 0; k < K; ++k) {
-                const int32_t* ok = offs[k];
-                const float* wk = wg[k];
-                if (valid_bits[k] == 0xff) {
-                  for (int j = 0; j < L; ++j) gi[ok[j]] += wk[j];
-                } else {
-                  for (int bits = valid_bits[k]; bits; bits &= bits - 1) {
-                    const int j = __builtin_ctz(bits);
-                    gi[ok[j]] += wk[j];
-                  }
+        }
+        const float* gb = grad_out + b * a.C * n_out + n0 + x0;
+        __m256 corner[K];
+        for (int k = 0; k < K; ++k) corner[k] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < a.C; ++c) {
+          const __m256 gc = load(gb + c * n_out, len, tail);
+          const int64_t vol = (bi * a.C + c) * n_in;
+          if (need_ddf) {
+            __m256 v[K];
+            gather_corners<NDIM>(g, image + vol, v);
+            for (int k = 0; k < K; ++k) corner[k] = _mm256_fmadd_ps(gc, v[k], corner[k]);
+          }
+          if (need_image) {
+            for (int k = 0; k < K; ++k) _mm256_store_ps(wg[k], _mm256_mul_ps(w[k], gc));
+            // A scatter: serial, corner by corner (the corners of neighbouring voxels
+            // coincide, so consecutive adds of one corner never hit the same element).
+            float* gi = gimg + vol;
+            for (int k = 0; k < K; ++k) {
+              const int32_t* ok = offs[k];
+              const float* wk = wg[k];
+              if (valid_bits[k] == 0xff) {
+                for (int j = 0; j < L; ++j) gi[ok[j]] += wk[j];
+              } else {
+                for (int bits = valid_bits[k]; bits; bits &= bits - 1) {
+                  const int j = __builtin_ctz(bits);
+                  gi[ok[j]] += wk[j];
                 }
               }
             }
           }
-          if (need_ddf) {
-            __m256 d[NDIM];
-            lerp_gradient<NDIM>(g, corner, d);
-            for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_add_ps(gu[i], _mm256_andnot_ps(g.nan, d[i]));
-          }
-          if (add) {  // d out[c] / d ddf[c] = 1, NaN sample or not
-            for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_add_ps(gu[i], load(gb + i * n_out, len, tail));
-          }
-          if (need_ddf && (a.Bd > 1 || b == a.B - 1)) {
-            float* dst = ddf_dst + bd * NDIM * n_out + n0 + x0;
-            for (int i = 0; i < NDIM; ++i) {
-              float* di = dst + i * n_out;
-              store(di, via_scatter ? _mm256_add_ps(load(di, len, tail), gu[i]) : gu[i], len, tail);
-              gu[i] = _mm256_setzero_ps();
-            }
+        }
+        if (need_ddf) {
+          __m256 d[NDIM];
+          lerp_gradient<NDIM>(g, corner, d);
+          for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_add_ps(gu[i], _mm256_andnot_ps(g.nan, d[i]));
+        }
+        if (add) {  // d out[c] / d ddf[c] = 1, NaN sample or not
+          for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_add_ps(gu[i], load(gb + i * n_out, len, tail));
+        }
+        if (need_ddf && (a.Bd > 1 || b == a.B - 1)) {
+          float* dst = ddf_dst + bd * NDIM * n_out + n0 + x0;
+          for (int i = 0; i < NDIM; ++i) {
+            float* di = dst + i * n_out;
+            store(di, via_scatter ? _mm256_add_ps(load(di, len, tail), gu[i]) : gu[i], len, tail);
+            gu[i] = _mm256_setzero_ps();
           }
         }
       }
-    }
+    });
   }
 };
 
