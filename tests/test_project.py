@@ -37,7 +37,10 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_test_extra_installs_what_the_tests_import():
     # The README's test command installs only ".[test]": the data extra's packages
     # (nibabel, nilearn, ...), imported by the mrus_models and CLI tests, must be in it.
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pip's vendored copy of the same parser
+        from pip._vendor import tomli as tomllib
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
