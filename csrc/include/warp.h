@@ -162,9 +162,21 @@ MRUS_UNROLL
 }
 
 // Integer coordinates of output voxel n (row-major over out_size). The CPU loops walk the
-// voxels in order and step the coordinates with next_coords instead (no divisions).
+// voxels in order and step the coordinates with next_coords instead (no divisions). On a
+// GPU a 64-bit division is a long software sequence: grids below 2**32 voxels (all real
+// ones) take the 32-bit divisions.
 template <int NDIM>
 MRUS_HD void voxel_coords(const WarpArgs& a, int64_t n, int64_t* x) {
+  if (a.n_out() <= int64_t(0xffffffffu)) {
+    uint32_t m = static_cast<uint32_t>(n);
+MRUS_UNROLL
+    for (int i = NDIM - 1; i >= 0; --i) {
+      const uint32_t s = static_cast<uint32_t>(a.out_size[i]);
+      x[i] = static_cast<int64_t>(m % s);
+      m /= s;
+    }
+    return;
+  }
 MRUS_UNROLL
   for (int i = NDIM - 1; i >= 0; --i) {
     x[i] = n % a.out_size[i];
