@@ -37,7 +37,10 @@ constexpr int64_t kMaxScratchBytes = int64_t(64) << 20;  // all chunk histograms
 
 int64_t chunks_per_item(const MIArgs& a) {
   const int64_t kk = int64_t(a.K) * a.K;
-  int64_t c = std::min<int64_t>((a.N + kMinChunk - 1) / kMinChunk, kMaxChunks);
+  // A chunk's histogram costs a fill and a reduction of K * K bins: at least 2 K^2 voxels
+  // per chunk keeps that below the chunk's own work when the bins are many.
+  const int64_t min_chunk = std::max<int64_t>(kMinChunk, 2 * kk);
+  int64_t c = std::min<int64_t>((a.N + min_chunk - 1) / min_chunk, kMaxChunks);
   c = std::min<int64_t>(c, kMaxScratchBytes / (a.B * kk * int64_t(sizeof(double))));
   return std::max<int64_t>(c, 1);
 }
