@@ -52,3 +52,17 @@ def test_test_extra_installs_what_the_tests_import():
     test = names(extras["test"])
     assert names(extras["data"]) <= test, names(extras["data"]) - test
     assert {"pytest", "pytest-benchmark", "scipy", "scikit-learn"} <= test
+
+
+def test_gpu_script_parses_and_rejects_unknown_stages():
+    """benchmarks/gpu_run.sh (the GPU checks, run where a GPU is) is valid bash, executable,
+    refuses an unknown stage before doing anything, and the README shows it."""
+    import os
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_run.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    bad = subprocess.run([str(script), "train"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage: benchmarks/gpu_run.sh" in bad.stderr
+    assert "benchmarks/gpu_run.sh all" in (ROOT / "README.md").read_text()
