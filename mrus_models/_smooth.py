@@ -1,11 +1,15 @@
 """Separable Gaussian smoothing and resizing helpers shared by the data and registration code.
 
-Plain PyTorch (``conv1d`` along each axis): these are not registration operators, only
-pre-processing, so they need no fused kernel.
+Plain PyTorch: these are not registration operators, only pre- and post-processing, so
+they need no fused kernel. The Gaussian filters each axis as one matrix product with an
+[n, n] matrix that holds the taps and the border rule (cached per size): for the field and
+image sizes of registration this is several times faster than ``conv1d`` on a batch of
+one-channel signals, forward and backward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,9 +25,30 @@ def gaussian_kernel1d(sigma: float, *, truncate: float = 3.0, dtype=torch.float3
     return (k / k.sum()).to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _filter_matrix(sigma: float, truncate: float, n: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """[n, n] matrix M with (M @ x)[i] = sum_t k[t] x[i + t - r] along one axis of n voxels,
+    k the taps of gaussian_kernel1d, indices beyond the ends replicated (by at most n - 1
+    voxels; further out they read 0, which matters only for axes shorter than the radius)."""
+    k = gaussian_kernel1d(sigma, truncate=truncate, dtype=torch.float64)
+    r = (k.numel() - 1) // 2
+    pad = min(r, n - 1)
+    i = torch.arange(n)[:, None]
+    p = i + torch.arange(2 * r + 1)[None, :] - r  # source index of tap t at voxel i
+    keep = (p >= -pad) & (p <= n - 1 + pad)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((i.expand_as(p)[keep], p.clamp(0, n - 1)[keep]), k.expand_as(p)[keep],
+                 accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float | tuple[float, ...], *,
                   truncate: float = 3.0) -> torch.Tensor:
     """Gaussian smoothing of every (batch, channel) volume, replicate padding.
+
+    Edge voxels are not pulled towards zero (the background of a brain image is zero
+    anyway; velocity fields must not shrink at the border). Differentiable.
 
     Args:
         x: Tensor [B, C, *S], 2D or 3D, floating.
@@ -36,26 +61,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float | tuple[float, ...], *,
     """
     ndim = x.dim() - 2
     sigmas = (sigma,) * ndim if isinstance(sigma, (int, float)) else tuple(sigma)
-    b, c, *size = x.shape
     y = x
     for axis, s in enumerate(sigmas):
         if s <= 0:
             continue
-        k = gaussian_kernel1d(float(s), truncate=truncate, dtype=x.dtype, device=x.device)
-        r = (k.numel() - 1) // 2
-        # Move the axis last, filter as a batch of 1D signals, move it back.
-        moved = y.movedim(2 + axis, -1)
-        shape = moved.shape
-        flat = moved.reshape(-1, 1, shape[-1])
-        # Replicate padding: edge voxels are not pulled towards zero (the background of a
-        # brain image is zero anyway; velocity fields must not shrink at the border).
-        pad = min(r, shape[-1] - 1)
-        flat = F.pad(flat, (pad, pad), mode="replicate") if pad > 0 else flat
-        if pad < r:
-            flat = F.pad(flat, (r - pad, r - pad), mode="constant", value=0.0)
-        out = F.conv1d(flat, k.view(1, 1, -1))
-        y = out.reshape(shape).movedim(-1, 2 + axis)
-    return y.reshape(b, c, *size)
+        m = _filter_matrix(float(s), float(truncate), x.shape[2 + axis], x.dtype, x.device)
+        y = torch.tensordot(y, m, dims=([2 + axis], [1])).movedim(-1, 2 + axis)
+    return y.contiguous()
 
 
 def resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
