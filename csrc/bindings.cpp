@@ -81,7 +81,7 @@ py::dict build_info() {
 #ifdef MRUS_HAVE_AVX2_KERNELS
   d["cpu_simd"] = std::string(cpu::avx2::supported() ? "avx2" : "none (this CPU lacks AVX2/FMA)");
 #else
-  d["cpu_simd"] = std::string("none (not built for x86-64)");
+  d["cpu_simd"] = std::string("none (built without the AVX2 kernels: not x86-64 GCC/Clang, or MRUS_NO_SIMD)");
 #endif
   d["cpu_simd_enabled"] = cpu::simd_enabled();
   d["openmp"] = std::to_string(_OPENMP);

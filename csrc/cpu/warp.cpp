@@ -265,6 +265,7 @@ void avx2_forward(const WarpArgs& a, const T* image, const T* ddf, T* out, int64
     return;
   }
 #endif
+  (void)a, (void)image, (void)ddf, (void)out, (void)r0, (void)r1;
   throw std::logic_error("warp: AVX2 kernels called for a case they do not serve");
 }
 
@@ -278,6 +279,7 @@ void avx2_backward(const WarpArgs& a, const T* grad_out, const T* image, const T
     return;
   }
 #endif
+  (void)a, (void)grad_out, (void)image, (void)ddf, (void)gimg, (void)grad_ddf, (void)r0, (void)r1;
   throw std::logic_error("warp: AVX2 kernels called for a case they do not serve");
 }
 

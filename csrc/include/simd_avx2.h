@@ -3,7 +3,9 @@
 // after supported() said yes, so nothing compiled for AVX2 runs on other CPUs.
 #pragma once
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+// Defining MRUS_NO_SIMD (CXXFLAGS=-DMRUS_NO_SIMD) leaves them out of the build, as on other
+// compilers and CPUs.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(MRUS_NO_SIMD)
 #define MRUS_HAVE_AVX2_KERNELS 1
 
 #include <immintrin.h>
