@@ -1,12 +1,12 @@
 // AVX2 + FMA kernels of the float32 Parzen-window joint histogram and its backward
 // (csrc/cpu/mi.cpp picks them at run time; its portable loops serve float64, CPUs without
-// AVX2 and Gaussian windows wider than 7 bins).
+// AVX2 and Gaussian windows wider than 15 bins).
 //
-// A value's window is one vector of 8 bins k0 .. k0 + 7 (weights 0 outside the kernel's
-// support and outside [0, K)), computed with a vector exp. The histogram (forward) and
-// dL/dhist (backward) are held padded, P = K + 8 bins a side with the real bins at offset
-// `margin`, so that the 8 bins of any window are in memory: a histogram row update is two
-// double vectors, a gradient row one float vector. Semantics are those of csrc/include/mi.h
+// A value's window is S = 8 NV bins k0 .. k0 + S - 1 (NV = 1 or 2 vectors; weights 0
+// outside the kernel's support and outside [0, K)), computed for 8 values at once with a
+// vector exp. The histogram (forward) and dL/dhist (backward) are held padded, P = K + S
+// bins a side with the real bins at offset `margin`, so that the S bins of any window are in
+// memory: a histogram row update is 2 NV double vectors, a gradient row NV float vectors. Semantics are those of csrc/include/mi.h
 // (the same bin coordinate, the same truncation radius, the same clamps).
 #pragma once
 
@@ -28,14 +28,19 @@ struct MIWindows {
   bool gauss = true;
   int J = 0;       // Gaussian: window slot i is bin kn - J + i, kn the nearest bin
   int slots = 8;   // bins a window can cover: 2 J + 1 (Gaussian) or 4 (B-spline)
+  int NV = 1;      // vectors per window: S = 8 NV >= slots bins
   int margin = 0;  // padded index of bin k: k + margin
   int P = 0;       // padded bins per side
   float inv_2s2 = 0, inv_s2 = 0, radius = 0, step = 0;
 
-  // Whether these kernels serve the arguments (the Gaussian window must fit 8 bins).
+  static constexpr int kMaxNV = 2;
+  static constexpr int kMaxS = L * kMaxNV;
+
+  // Whether these kernels serve the arguments (the Gaussian window must fit 16 bins:
+  // float32 sigma up to about 1.2 bin widths).
   static bool serves(const mi::MIArgs& a) {
     if (a.kernel == mi::Kernel::BSPLINE) return true;
-    return std::floor(a.radius + 0.5) <= 3.0;
+    return 2 * std::floor(a.radius + 0.5) + 1 <= kMaxS;
   }
 
   explicit MIWindows(const mi::MIArgs& a) {
@@ -43,10 +48,11 @@ struct MIWindows {
     gauss = a.kernel == mi::Kernel::GAUSSIAN;
     J = gauss ? static_cast<int>(std::floor(a.radius + 0.5)) : 0;
     slots = gauss ? 2 * J + 1 : 4;
+    NV = (slots + L - 1) / L;
     // The first bin of a window is >= -J (Gaussian: the nearest bin is clamped into
     // [0, K - 1]) or >= -2 (B-spline: floor(s) - 1 with s >= -1/2 - 1e-3).
     margin = gauss ? J : 2;
-    P = K + 8;
+    P = K + L * NV;
     inv_2s2 = static_cast<float>(1.0 / (2.0 * a.sigma * a.sigma));
     inv_s2 = 2.0f * inv_2s2;
     radius = static_cast<float>(a.radius);
@@ -54,11 +60,11 @@ struct MIWindows {
   }
 
   // Windows of n <= 8 values x (lanes), slot-major: w[i] (and, when need_dw, dw[i]) holds
-  // the weight (dW/dx) of bin k0 + i for every lane. bad: all ones for a lane whose value
+  // the weight (dW/dx) of bin k0 + i for every lane, i < S. bad: all ones for a lane whose value
   // (or range) is NaN / infinite (mi::bin_coord's test); lanes >= n are padding.
   struct Block {
     __m256i k0;
-    __m256 w[L], dw[L];
+    __m256 w[kMaxS], dw[kMaxS];
     __m256 bad;
   };
 
@@ -82,7 +88,8 @@ struct MIWindows {
     o.bad = _mm256_andnot_ps(good, _mm256_castsi256_ps(tail));
     s = _mm256_and_ps(s, good);  // bad lanes: any finite coordinate (their result is NaN)
     const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(float(K - 1));
-    __m256 phi[L], dphi[L];
+    const int S = L * NV;
+    __m256 phi[kMaxS], dphi[kMaxS];
     __m256 k0f;
     if (gauss) {
       // Nearest bin kn, d = s - kn; bin kn + j has t = d - j and, relative to the nearest
@@ -100,7 +107,7 @@ struct MIWindows {
       const __m256 stepv = _mm256_set1_ps(step);
       phi[J] = one;
       __m256 q = q_up;
-      for (int i = J + 1; i < L; ++i) {
+      for (int i = J + 1; i < S; ++i) {
         phi[i] = _mm256_mul_ps(phi[i - 1], q);
         q = _mm256_mul_ps(q, stepv);
       }
@@ -110,7 +117,7 @@ struct MIWindows {
         q = _mm256_mul_ps(q, stepv);
       }
       const __m256 r = _mm256_set1_ps(radius), sign = _mm256_set1_ps(-0.0f);
-      for (int i = 0; i < L; ++i) {
+      for (int i = 0; i < S; ++i) {
         const __m256 t = _mm256_sub_ps(d, _mm256_set1_ps(float(i - J)));
         const __m256 bin = _mm256_add_ps(k0f, _mm256_set1_ps(float(i)));
         const __m256 keep = _mm256_and_ps(
@@ -139,7 +146,7 @@ struct MIWindows {
         dphi[2] = _mm256_fnmadd_ps(c15, vv, _mm256_mul_ps(c2, v));
         dphi[3] = _mm256_mul_ps(uu, half);
       }
-      for (int i = 0; i < L; ++i) {
+      for (int i = 0; i < S; ++i) {
         if (i >= 4) {
           phi[i] = zero;
           if (need_dw) dphi[i] = zero;
@@ -154,16 +161,16 @@ struct MIWindows {
     }
     o.k0 = _mm256_cvtps_epi32(k0f);
     __m256 sum = phi[0], dsum = need_dw ? dphi[0] : zero;
-    for (int i = 1; i < L; ++i) {
+    for (int i = 1; i < S; ++i) {
       sum = _mm256_add_ps(sum, phi[i]);
       if (need_dw) dsum = _mm256_add_ps(dsum, dphi[i]);
     }
     const __m256 inv_sum = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
-    for (int i = 0; i < L; ++i) o.w[i] = _mm256_mul_ps(phi[i], inv_sum);
+    for (int i = 0; i < S; ++i) o.w[i] = _mm256_mul_ps(phi[i], inv_sum);
     if (need_dw) {
       // d(phi_k / S)/dx = (phi'_k - W_k S') / S * ds/dx; zero where the clamp is active.
       const __m256 scale = _mm256_and_ps(_mm256_div_ps(inv_sum, _mm256_set1_ps(wd)), inside);
-      for (int i = 0; i < L; ++i) {
+      for (int i = 0; i < S; ++i) {
         o.dw[i] = _mm256_mul_ps(_mm256_fnmadd_ps(o.w[i], dsum, dphi[i]), scale);
       }
     }
@@ -177,15 +184,16 @@ struct MIWindows {
                             double* h0, double* h1) const {
     bool ok = true;
     Block bf, bg;
-    alignas(32) float wf[L][L];
+    alignas(32) float wf[kMaxS][L];
     alignas(32) int32_t kf[L], kg[L];
+    const int quads = (slots + 3) / 4;  // columns of a row update, in vectors of 4 doubles
     for (int64_t x0 = v0; x0 < v1; x0 += L) {
       const int n = static_cast<int>(v1 - x0 < L ? v1 - x0 : L);
       windows(f + x0, n, lo_f, hi_f, false, bf);
       windows(g + x0, n, lo_g, hi_g, false, bg);
       const int bad = _mm256_movemask_ps(_mm256_or_ps(bf.bad, bg.bad));
       for (int i = 0; i < slots; ++i) _mm256_store_ps(wf[i], bf.w[i]);
-      transpose8(bg.w);  // bg.w[l]: the window of lane l
+      for (int q = 0; q < NV; ++q) transpose8(bg.w + L * q);  // bg.w[L q + l]: lane l's slots L q ..
       _mm256_store_si256(reinterpret_cast<__m256i*>(kf), _mm256_add_epi32(bf.k0, _mm256_set1_epi32(margin)));
       _mm256_store_si256(reinterpret_cast<__m256i*>(kg), _mm256_add_epi32(bg.k0, _mm256_set1_epi32(margin)));
       for (int l = 0; l < n; ++l) {
@@ -195,13 +203,17 @@ struct MIWindows {
           ok = false;
           continue;
         }
-        const __m256d g_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(bg.w[l]));
-        const __m256d g_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(bg.w[l], 1));
+        __m256d gw[2 * kMaxNV];  // the g window of lane l in doubles, 4 bins a vector
+        for (int q = 0; q < NV; ++q) {
+          gw[2 * q] = _mm256_cvtps_pd(_mm256_castps256_ps128(bg.w[L * q + l]));
+          gw[2 * q + 1] = _mm256_cvtps_pd(_mm256_extractf128_ps(bg.w[L * q + l], 1));
+        }
         double* row = ((l & 1) ? h1 : h0) + int64_t(kf[l]) * P + kg[l];
         for (int i = 0; i < slots; ++i, row += P) {
           const __m256d sv = _mm256_set1_pd(double(mv) * double(wf[i][l]));
-          _mm256_storeu_pd(row, _mm256_fmadd_pd(sv, g_lo, _mm256_loadu_pd(row)));
-          if (slots > 4) _mm256_storeu_pd(row + 4, _mm256_fmadd_pd(sv, g_hi, _mm256_loadu_pd(row + 4)));
+          for (int c = 0; c < quads; ++c) {
+            _mm256_storeu_pd(row + 4 * c, _mm256_fmadd_pd(sv, gw[c], _mm256_loadu_pd(row + 4 * c)));
+          }
         }
       }
     }
@@ -214,7 +226,7 @@ struct MIWindows {
                           float hi_f, float lo_g, float hi_g, const float* G, int64_t v0,
                           int64_t v1, float* grad_f, float* grad_g) const {
     Block bf, bg;
-    alignas(32) float wf[L][L], dwf[L][L];
+    alignas(32) float wf[kMaxS][L], dwf[kMaxS][L];
     alignas(32) int32_t kf[L], kg[L];
     for (int64_t x0 = v0; x0 < v1; x0 += L) {
       const int n = static_cast<int>(v1 - x0 < L ? v1 - x0 : L);
@@ -225,8 +237,10 @@ struct MIWindows {
         _mm256_store_ps(wf[i], bf.w[i]);
         if (grad_f) _mm256_store_ps(dwf[i], bf.dw[i]);
       }
-      transpose8(bg.w);
-      if (grad_g) transpose8(bg.dw);
+      for (int q = 0; q < NV; ++q) {
+        transpose8(bg.w + L * q);
+        if (grad_g) transpose8(bg.dw + L * q);
+      }
       _mm256_store_si256(reinterpret_cast<__m256i*>(kf), _mm256_add_epi32(bf.k0, _mm256_set1_epi32(margin)));
       _mm256_store_si256(reinterpret_cast<__m256i*>(kg), _mm256_add_epi32(bg.k0, _mm256_set1_epi32(margin)));
       // dL/df = m sum_a dW_a(f) sum_b G_ab W_b(g); dL/dg = m sum_a W_a(f) sum_b G_ab dW_b(g):
@@ -236,14 +250,21 @@ struct MIWindows {
         pf[l] = pg[l] = _mm256_setzero_ps();
         if (l >= n) continue;
         const float* row = G + int64_t(kf[l]) * P + kg[l];
-        __m256 by_w = _mm256_setzero_ps(), by_dw = _mm256_setzero_ps();
+        __m256 by_w[kMaxNV], by_dw[kMaxNV];
+        for (int q = 0; q < NV; ++q) by_w[q] = by_dw[q] = _mm256_setzero_ps();
         for (int i = 0; i < slots; ++i, row += P) {
-          const __m256 r = _mm256_loadu_ps(row);
-          if (grad_g) by_w = _mm256_fmadd_ps(_mm256_set1_ps(wf[i][l]), r, by_w);
-          if (grad_f) by_dw = _mm256_fmadd_ps(_mm256_set1_ps(dwf[i][l]), r, by_dw);
+          const __m256 a = _mm256_set1_ps(wf[i][l]);
+          const __m256 da = grad_f ? _mm256_set1_ps(dwf[i][l]) : _mm256_setzero_ps();
+          for (int q = 0; q < NV; ++q) {
+            const __m256 r = _mm256_loadu_ps(row + L * q);
+            if (grad_g) by_w[q] = _mm256_fmadd_ps(a, r, by_w[q]);
+            if (grad_f) by_dw[q] = _mm256_fmadd_ps(da, r, by_dw[q]);
+          }
         }
-        if (grad_f) pf[l] = _mm256_mul_ps(by_dw, bg.w[l]);
-        if (grad_g) pg[l] = _mm256_mul_ps(by_w, bg.dw[l]);
+        for (int q = 0; q < NV; ++q) {
+          if (grad_f) pf[l] = _mm256_fmadd_ps(by_dw[q], bg.w[L * q + l], pf[l]);
+          if (grad_g) pg[l] = _mm256_fmadd_ps(by_w[q], bg.dw[L * q + l], pg[l]);
+        }
       }
       const __m256 mv = m ? load(m + x0, n, tail) : _mm256_set1_ps(1.0f);
       const __m256 nan = _mm256_or_ps(bf.bad, bg.bad);

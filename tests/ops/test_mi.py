@@ -107,10 +107,12 @@ def test_backends_vs_reference(backend, kernel, dtype, shape, masked, gen):
     _compare(ours, ref, dtype, f"{backend} {kernel}")
 
 
-# (kernel, sigma): the Gaussian windows of 5, 7 (the widest of the vector kernels: radius
-# just under 3.5 bins) and 13 bins (portable loop only), a tiny sigma, and the B-spline.
-CPU_LOOP_KERNELS = [("gaussian", 0.5), ("gaussian", 0.59), ("gaussian", 1.2),
-                    ("gaussian", 0.1), ("bspline", 0.5)]
+# (kernel, sigma): Gaussian windows of 7 bins (one vector; 0.59 is the widest one vector
+# takes), 9 and 15 bins (two vectors; 1.2 is the widest the vector kernels take), 21 bins
+# (portable loop only), a tiny sigma, and the B-spline.
+CPU_LOOP_KERNELS = [("gaussian", 0.5), ("gaussian", 0.59), ("gaussian", 0.7),
+                    ("gaussian", 1.2), ("gaussian", 1.8), ("gaussian", 0.1),
+                    ("bspline", 0.5)]
 
 
 @pytest.mark.parametrize(("kernel", "sigma"), CPU_LOOP_KERNELS,
