@@ -96,26 +96,25 @@ void forward_chunks_avx2(const MIArgs& a, const T* f, const T* g, const T* m, co
   throw std::logic_error("mi: AVX2 kernels called for a case they do not serve");
 }
 
+// Chunk histograms with the portable loop: each chunk adds into its own partial, touching
+// only the few bins of each voxel's window.
 template <typename T>
-void forward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges, T* hist) {
+void forward_chunks_portable(const MIArgs& a, const T* f, const T* g, const T* m,
+                             const T* ranges, int64_t C, double* partial) {
   const int K = a.K;
   const int64_t kk = int64_t(K) * K;
-  const int64_t C = chunks_per_item(a);
-  std::vector<double> partial(static_cast<size_t>(a.B * C * kk), 0.0);
-  const bool vec = use_avx2<T>(a);
-  if (vec) forward_chunks_avx2<T>(a, f, g, m, ranges, C, partial.data());
 #pragma omp parallel num_threads(a.num_threads)
   {
     // Weights in the input precision (float32 keeps every weight to ~1e-7 relative, well
     // inside the float32 tolerance), sums in double.
     std::vector<T> wf(K), wg(K);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bc = 0; bc < (vec ? 0 : a.B * C); ++bc) {
+    for (int64_t bc = 0; bc < a.B * C; ++bc) {
       const int64_t b = bc / C, c = bc % C;
       const int64_t v0 = a.N * c / C, v1 = a.N * (c + 1) / C;
       const T lo_f = ranges[4 * b], hi_f = ranges[4 * b + 1];
       const T lo_g = ranges[4 * b + 2], hi_g = ranges[4 * b + 3];
-      double* h = partial.data() + bc * kk;
+      double* h = partial + bc * kk;
       const T* fb = f + b * a.N;
       const T* gb = g + b * a.N;
       const T* mb = m ? m + b * a.N : nullptr;
@@ -136,14 +135,27 @@ void forward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* 
         }
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t e = 0; e < a.B * kk; ++e) {
-      const int64_t b = e / kk, i = e % kk;
-      const double* p = partial.data() + b * C * kk + i;
-      double s = 0.0;
-      for (int64_t c = 0; c < C; ++c) s += p[c * kk];
-      hist[e] = T(s);
-    }
+  }
+}
+
+template <typename T>
+void forward_impl(const MIArgs& a, const T* f, const T* g, const T* m, const T* ranges, T* hist) {
+  const int64_t kk = int64_t(a.K) * a.K;
+  const int64_t C = chunks_per_item(a);
+  std::vector<double> partial(static_cast<size_t>(a.B * C * kk), 0.0);
+  if (use_avx2<T>(a)) {
+    forward_chunks_avx2<T>(a, f, g, m, ranges, C, partial.data());
+  } else {
+    forward_chunks_portable<T>(a, f, g, m, ranges, C, partial.data());
+  }
+  // The chunk histograms summed in chunk order.
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+  for (int64_t e = 0; e < a.B * kk; ++e) {
+    const int64_t b = e / kk, i = e % kk;
+    const double* p = partial.data() + b * C * kk + i;
+    double s = 0.0;
+    for (int64_t c = 0; c < C; ++c) s += p[c * kk];
+    hist[e] = T(s);
   }
 }
 
