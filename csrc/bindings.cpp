@@ -109,6 +109,6 @@ PYBIND11_MODULE(_C, m) {
   mrus::register_regularisers(m);
   m.def("build_info", &mrus::build_info, "Build flags of this compiled module.");
   m.def(
-      "set_cpu_simd", [](bool on) { mrus::cpu::simd_switch() = on; },
+      "set_cpu_simd", [](bool on) { mrus::cpu::simd_switch().store(on); },
       "Allow (True, the default) or forbid the CPU kernels' vector (AVX2) paths.");
 }

@@ -2,6 +2,7 @@
 // ndim dispatch, and the OpenMP thread count taken from the Python layer.
 #pragma once
 
+#include <atomic>
 #include <stdexcept>
 #include <type_traits>
 
@@ -36,11 +37,12 @@ void dispatch_ndim_real(int ndim, int dtype, const char* ndim_error, const char*
 
 // Whether the CPU kernels may take their vector (AVX2) paths where the CPU has them. On by
 // default; _C.set_cpu_simd(False) turns them off so that tests also run the portable loops.
-inline bool& simd_switch() {
-  static bool on = true;
+// Atomic: it may be set while another thread (GIL released) runs a kernel.
+inline std::atomic<bool>& simd_switch() {
+  static std::atomic<bool> on{true};
   return on;
 }
-inline bool simd_enabled() { return simd_switch(); }
+inline bool simd_enabled() { return simd_switch().load(std::memory_order_relaxed); }
 
 // OpenMP thread count: the Python layer passes 0 (or less) for "not set".
 inline int clamp_threads(int num_threads) { return num_threads > 0 ? num_threads : 1; }
