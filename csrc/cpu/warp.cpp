@@ -245,8 +245,8 @@ inline bool small_volume(const WarpArgs& a) {
   return n < (int64_t(1) << 30);
 }
 
-// The AVX2 row kernels (warp_avx2.h) serve float32 linear warps with int32 offsets when the
-// CPU has AVX2 + FMA and they are not switched off (cpu_utils.h: simd_enabled).
+// The AVX2 row kernels (warp_avx2.h) serve float32 when the CPU has AVX2 + FMA and they are
+// not switched off (cpu_utils.h: simd_enabled).
 template <typename T>
 bool use_avx2() {
 #ifdef MRUS_HAVE_AVX2_KERNELS
@@ -254,6 +254,16 @@ bool use_avx2() {
 #else
   return false;
 #endif
+}
+
+// The row loop that serves a linear warp: the AVX2 kernels where use_avx2 and the offsets fit
+// int32, else the portable loops with int32 or int64 offsets.
+enum class RowLoop { AVX2, PORTABLE32, PORTABLE64 };
+
+template <typename T>
+RowLoop row_loop(const WarpArgs& a) {
+  if (!small_volume(a)) return RowLoop::PORTABLE64;
+  return use_avx2<T>() ? RowLoop::AVX2 : RowLoop::PORTABLE32;
 }
 
 template <int NDIM, typename T>
@@ -288,15 +298,14 @@ void forward_impl(const WarpArgs& a, const T* image, const T* ddf, T* out) {
   const int64_t n_out = a.n_out();
   if (a.mode == int(Interp::LINEAR)) {
     const int64_t rows = n_out / a.out_size[NDIM - 1];
-    const bool small = small_volume(a);
-    const bool vec = small && use_avx2<T>();
+    const RowLoop loop = row_loop<T>(a);
 #pragma omp parallel num_threads(threads_for(a, n_out * a.B * a.C))
     {
       const int64_t P = omp_get_num_threads(), r = omp_get_thread_num();
       const int64_t lo = rows * r / P, hi = rows * (r + 1) / P;
-      if (vec) {
+      if (loop == RowLoop::AVX2) {
         avx2_forward<NDIM>(a, image, ddf, out, lo, hi);
-      } else if (small) {
+      } else if (loop == RowLoop::PORTABLE32) {
         forward_rows<NDIM, T, int32_t>(a, image, ddf, out, lo, hi);
       } else {
         forward_rows<NDIM, T, int64_t>(a, image, ddf, out, lo, hi);
@@ -333,9 +342,10 @@ void backward_range(const WarpArgs& a, const T* grad_out, const T* image, const 
                     T* gimg, T* grad_ddf, int64_t lo, int64_t hi) {
   if (a.mode == int(Interp::LINEAR)) {
     const int64_t W = a.out_size[NDIM - 1];
-    if (small_volume(a) && use_avx2<T>()) {
+    const RowLoop loop = row_loop<T>(a);
+    if (loop == RowLoop::AVX2) {
       avx2_backward<NDIM>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
-    } else if (small_volume(a)) {
+    } else if (loop == RowLoop::PORTABLE32) {
       backward_rows<NDIM, T, int32_t>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
     } else {
       backward_rows<NDIM, T, int64_t>(a, grad_out, image, ddf, gimg, grad_ddf, lo / W, hi / W);
