@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable)
 
 try:
     from . import _C as C  # type: ignore[attr-defined]
@@ -56,6 +61,35 @@ def build_info() -> dict:
 def cuda_stream(t: torch.Tensor) -> int:
     """The current CUDA stream of t's device, as the integer the launchers take."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def tensor_device(args) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor among `args`, or None."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
+def on_tensor_device(fn: _F) -> _F:
+    """Runs a launcher under the CUDA device of its first CUDA tensor argument.
+
+    Triton launches and the CUDA C++ launchers run on the *current* device; a tensor on
+    cuda:1 while cuda:0 is current would otherwise make a kernel dereference another GPU's
+    pointers. Autograd sets the device for backward passes, but a forward called directly
+    does not, so every launcher (forward and backward) is wrapped.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = tensor_device((*args, *kwargs.values()))
+        if device is None:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    wrapper.__mrus_device_guard__ = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
 
 
 def ptr(t: torch.Tensor | None) -> int:

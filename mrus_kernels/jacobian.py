@@ -49,6 +49,7 @@ def _kernel_args(u: torch.Tensor, inv_h: list[float]) -> tuple:
     return DTYPE_CODES[u.dtype], u.shape[1], u.shape[0], list(u.shape[2:]), list(inv_h)
 
 
+@_ext.on_tensor_device
 def launch_forward(u: torch.Tensor, inv_h: list[float], backend: str) -> torch.Tensor:
     """Runs the forward kernel of `backend` (not "torch"): det [B, *S] of u's dtype."""
     u = u.contiguous()
@@ -75,6 +76,7 @@ def launch_forward(u: torch.Tensor, inv_h: list[float], backend: str) -> torch.T
     return det
 
 
+@_ext.on_tensor_device
 def launch_backward(
     grad_det: torch.Tensor, u: torch.Tensor, inv_h: list[float], backend: str
 ) -> torch.Tensor:

@@ -100,6 +100,7 @@ def _denominator(fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return torch.where(msum > 0, msum, torch.ones_like(msum))
 
 
+@_ext.on_tensor_device
 def launch_forward(
     fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
     backend: str,
@@ -133,6 +134,7 @@ def launch_forward(
     return num / _denominator(fixed, mask)
 
 
+@_ext.on_tensor_device
 def launch_backward(
     grad: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
     window: int, eps: float, backend: str, need_fixed: bool, need_moving: bool,

@@ -227,6 +227,7 @@ def _args(f: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float):
     return (DTYPE_CODES[f.dtype], f.shape[0], f.shape[1], bins, kernel, sigma, radius)
 
 
+@_ext.on_tensor_device
 def launch_forward(
     f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, ranges: torch.Tensor, bins: int,
     kernel: int, sigma: float, radius: float, backend: str,
@@ -261,6 +262,7 @@ def launch_forward(
     return partial.sum(1)
 
 
+@_ext.on_tensor_device
 def launch_backward(
     grad_hist: torch.Tensor, f: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None,
     ranges: torch.Tensor, bins: int, kernel: int, sigma: float, radius: float, backend: str,

@@ -68,6 +68,7 @@ def _args(u: torch.Tensor, kind: int, wt: list[float]):
     return (DTYPE_CODES[u.dtype], kind, u.shape[0], u.shape[1], list(u.shape[2:]), wt)
 
 
+@_ext.on_tensor_device
 def launch_forward(u: torch.Tensor, kind: int, wt: list[float], backend: str) -> torch.Tensor:
     """Per-item sums [B] of the energy, by the kernels of `backend` (cpu, cuda, triton);
     u contiguous float32/float64."""
@@ -92,6 +93,7 @@ def launch_forward(u: torch.Tensor, kind: int, wt: list[float], backend: str) ->
     raise ValueError(f"regularisers: no kernel for backend {backend!r}")  # pragma: no cover
 
 
+@_ext.on_tensor_device
 def launch_backward(
     scale: torch.Tensor, u: torch.Tensor, kind: int, wt: list[float], backend: str
 ) -> torch.Tensor:

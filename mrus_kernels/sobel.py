@@ -106,6 +106,7 @@ def _out_shape(x: torch.Tensor, mode: int, reduction: int) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+@_ext.on_tensor_device
 def launch_forward(
     x: torch.Tensor, x0: torch.Tensor | None, mode: int, padding: int, eps: float,
     reduction: int, backend: str,
@@ -148,6 +149,7 @@ def launch_forward(
     return out
 
 
+@_ext.on_tensor_device
 def launch_backward(
     grad_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor | None, mode: int, padding: int,
     eps: float, reduction: int, backend: str, need_x: bool, need_x0: bool,

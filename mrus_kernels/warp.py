@@ -63,6 +63,7 @@ def _out_shape(image: torch.Tensor, ddf: torch.Tensor) -> tuple[int, ...]:
     return (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
 
 
+@_ext.on_tensor_device
 def launch_forward(
     image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int, backend: str
 ) -> torch.Tensor:
@@ -96,6 +97,7 @@ def launch_forward(
     return out
 
 
+@_ext.on_tensor_device
 def launch_backward(
     grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
     flags: int, backend: str, deterministic: bool, need_image: bool, need_ddf: bool,
