@@ -191,23 +191,52 @@ def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32,
 # --------------------------------------------------------------------------- poisoning
 
 _REAL_EMPTY = torch.empty
+_REAL_EMPTY_LIKE = torch.empty_like
+_REAL_EMPTY_STRIDED = torch.empty_strided
+_REAL_NEW_EMPTY = torch.Tensor.new_empty
 
 
-def _poisoned_empty(*args, **kwargs):
-    t = _REAL_EMPTY(*args, **kwargs)
-    if "out" not in kwargs and (t.is_floating_point() or t.is_complex()):
+def _nan_filled(t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if "out" not in kwargs and (t.is_floating_point() or t.is_complex()) and t.numel():
         with torch.no_grad():
             t.fill_(float("nan"))
     return t
 
 
+def _poisoned_empty(*args, **kwargs):
+    return _nan_filled(_REAL_EMPTY(*args, **kwargs), kwargs)
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    return _nan_filled(_REAL_EMPTY_LIKE(*args, **kwargs), kwargs)
+
+
+def _poisoned_empty_strided(*args, **kwargs):
+    return _nan_filled(_REAL_EMPTY_STRIDED(*args, **kwargs), kwargs)
+
+
+def _poisoned_new_empty(self, *args, **kwargs):
+    return _nan_filled(_REAL_NEW_EMPTY(self, *args, **kwargs), kwargs)
+
+
+# Every allocator of uninitialised memory that the launchers call from Python.
+POISONED_ALLOCATORS = (
+    (torch, "empty", _poisoned_empty),
+    (torch, "empty_like", _poisoned_empty_like),
+    (torch, "empty_strided", _poisoned_empty_strided),
+    (torch.Tensor, "new_empty", _poisoned_new_empty),
+)
+
+
 @contextlib.contextmanager
 def poisoned_empty() -> Iterator[None]:
-    """Every float ``torch.empty`` called from Python inside the block comes NaN-filled, so
-    an output element a kernel forgot to write shows up as NaN. (The operators allocate
-    their outputs with ``torch.empty``; allocations inside C++, e.g. ``.to()``, are not
-    covered.)"""
-    with mock.patch.object(torch, "empty", new=_poisoned_empty):
+    """Every float ``torch.empty``, ``torch.empty_like``, ``torch.empty_strided`` and
+    ``Tensor.new_empty`` called from Python inside the block comes NaN-filled, so an output
+    or scratch element a kernel forgot to write shows up as NaN. (Allocations inside C++,
+    e.g. ``.to()``, are not covered.)"""
+    with contextlib.ExitStack() as stack:
+        for owner, name, poisoned in POISONED_ALLOCATORS:
+            stack.enter_context(mock.patch.object(owner, name, new=poisoned))
         yield
 
 
