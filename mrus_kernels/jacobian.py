@@ -95,9 +95,14 @@ def launch_backward(
     grad_det = grad_det.to(dtype)
     grad_u = torch.empty(u.shape, dtype=dtype, device=u.device)
     if backend == "cuda":
+        # P = grad_det · cofactors / h per voxel, written then read by the two backward passes.
+        ndim = u.shape[1]
+        scratch = torch.empty(
+            (u.shape[0], ndim * ndim, *u.shape[2:]), dtype=torch.float32, device=u.device
+        )
         _ext.C.jacobian_backward_cuda(
             *_kernel_args(u, inv_h), grad_det.data_ptr(), u.data_ptr(), grad_u.data_ptr(),
-            cuda_stream(u),
+            scratch.data_ptr(), cuda_stream(u),
         )
     elif backend == "triton":
         from .triton import jacobian as triton_jacobian

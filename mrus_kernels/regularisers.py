@@ -1,8 +1,10 @@
 """Smoothness regularisers of displacement fields: ``grad_l2`` and ``harmonic_energy``.
 
-Both are one fused stencil pass over u (read once, no difference or Laplacian volumes
-materialised) with a deterministic per-item reduction (per-plane / per-block partials added
-in fixed order), and one fused pass for the gradient (csrc/include/regularisers.h).
+The forward of both is one fused stencil pass over u (read once, no difference or Laplacian
+volumes materialised) with a deterministic per-item reduction (per-plane / per-block partials
+added in fixed order). The gradient of grad_l2 is one fused pass; that of harmonic_energy
+writes the Laplacian once (into a scratch of u's size) and applies its adjoint stencil in a
+second pass (csrc/include/regularisers.h).
 """
 
 from __future__ import annotations
@@ -106,8 +108,11 @@ def launch_backward(
             grad.data_ptr(),
         )
     elif backend == "cuda":
+        # The harmonic backward writes the Laplacian here, then applies its adjoint stencil.
+        lap = torch.empty_like(u) if kind == HARMONIC else None
         _ext.C.regularisers_backward_cuda(
-            *_args(u, kind, wt), u.data_ptr(), scale.data_ptr(), grad.data_ptr(), cuda_stream(u)
+            *_args(u, kind, wt), u.data_ptr(), scale.data_ptr(), grad.data_ptr(),
+            lap.data_ptr() if lap is not None else 0, cuda_stream(u),
         )
     elif backend == "triton":
         from .triton import regularisers as triton_reg

@@ -109,9 +109,9 @@ void register_jacobian(py::module_& m) {
   m.def(
       "jacobian_backward_cuda",
       [](int dtype, int ndim, int64_t B, std::vector<int64_t> size, std::vector<double> inv_h,
-         uintptr_t grad_det, uintptr_t u, uintptr_t grad_u, uintptr_t stream) {
+         uintptr_t grad_det, uintptr_t u, uintptr_t grad_u, uintptr_t scratch, uintptr_t stream) {
         cuda::jacobian_backward(jacobian_args(dtype, ndim, B, size, inv_h, 1), grad_det, u, grad_u,
-                                stream);
+                                scratch, stream);
       },
       release);
 }

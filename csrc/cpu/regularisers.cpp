@@ -273,8 +273,9 @@ void register_regularisers(py::module_& m) {
   m.def(
       "regularisers_backward_cuda",
       [](int dtype, int kind, int64_t B, int64_t C, std::vector<int64_t> size, std::vector<double> wt,
-         uintptr_t u, uintptr_t scale, uintptr_t grad, uintptr_t stream) {
-        cuda::regularisers_backward(reg_args(dtype, kind, B, C, size, wt, 1), u, scale, grad, stream);
+         uintptr_t u, uintptr_t scale, uintptr_t grad, uintptr_t scratch, uintptr_t stream) {
+        cuda::regularisers_backward(reg_args(dtype, kind, B, C, size, wt, 1), u, scale, grad, scratch,
+                                    stream);
       },
       release);
 }

@@ -47,4 +47,30 @@ MRUS_HD T round_half_even(T x) {
   return r;
 }
 
+// Coordinates x[0..N-1] of flat index n (0 <= n < total) in the row-major grid size[0..N-1]
+// (last axis fastest), total = the product of the sizes. On a GPU a 64-bit division is a
+// long software sequence: grids below 2**32 elements (all real ones) take 32-bit divisions.
+template <int N>
+MRUS_HD void unravel(int64_t n, const int64_t* size, int64_t total, int64_t* x) {
+  if (total <= int64_t(0xffffffffu)) {
+    uint32_t m = static_cast<uint32_t>(n);
+MRUS_UNROLL
+    for (int i = N - 1; i > 0; --i) {
+      const uint32_t s = static_cast<uint32_t>(size[i]);
+      const uint32_t q = m / s;
+      x[i] = static_cast<int64_t>(m - q * s);
+      m = q;
+    }
+    x[0] = static_cast<int64_t>(m);  // < size[0] since n < total
+    return;
+  }
+MRUS_UNROLL
+  for (int i = N - 1; i > 0; --i) {
+    const int64_t q = n / size[i];
+    x[i] = n - q * size[i];
+    n = q;
+  }
+  x[0] = n;
+}
+
 }  // namespace mrus

@@ -65,8 +65,9 @@ void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image,
                    uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream);
 // As the cpu versions, float32/float16/bfloat16 (float32 math), on `stream`.
 void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det, uintptr_t stream);
+// scratch: float32 [B, ndim * ndim, *S], written then read by the backward (no init needed).
 void jacobian_backward(const jacobian::JacobianArgs& a, uintptr_t grad_det, uintptr_t u,
-                       uintptr_t grad_u, uintptr_t stream);
+                       uintptr_t grad_u, uintptr_t scratch, uintptr_t stream);
 // float32 only (the caller converts). partial: float32 [B, blocks_per_item, K, K], every
 // element written: one histogram per block, which the caller sums over blocks (fixed order).
 void mi_forward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
@@ -93,8 +94,9 @@ void lncc_backward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, u
 // Regularisers, float32 only; the forward writes per-block partials
 // [B, ceil(C D H W / REG_CUDA_BLOCK)] (float32) instead of per-item sums.
 void regularisers_forward(const reg::RegArgs& a, uintptr_t u, uintptr_t partials, uintptr_t stream);
+// scratch: float32 like u for the harmonic kind (its Laplacian, no init needed), else unused.
 void regularisers_backward(const reg::RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad,
-                           uintptr_t stream);
+                           uintptr_t scratch, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace mrus

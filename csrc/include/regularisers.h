@@ -104,5 +104,33 @@ MRUS_HD T voxel_grad(const RegArgs& a, const T* u, const int64_t* x) {
   return g;
 }
 
+// The GPU harmonic backward in two passes over a scratch L of u's shape: L(x) = ∇²u(x) on
+// interior voxels, 0 elsewhere (harmonic_laplacian), then the adjoint stencil gathers from L
+// (harmonic_grad_from_laplacian): 14 loads per voxel in 3D instead of the 49 of voxel_grad,
+// which recomputes the Laplacian at each neighbour. Both add the same terms in the same order.
+template <typename T>
+MRUS_HD T harmonic_laplacian(const RegArgs& a, const T* u, const int64_t* x) {
+  return interior<T>(a, x) ? laplacian(a, u) : T(0);
+}
+
+// ∂E/∂u(x) = 2 Σ_y L(y) ∂L(y)/∂u(x), L pointing at voxel x of the pass-1 scratch.
+template <typename T>
+MRUS_HD T harmonic_grad_from_laplacian(const RegArgs& a, const T* L, const int64_t* x) {
+  int nact = 0;
+  for (int i = 0; i < 3; ++i) nact += a.active(i) ? 1 : 0;
+  T g = interior<T>(a, x) ? -T(2 * nact) * L[0] : T(0);
+  int64_t y[3] = {x[0], x[1], x[2]};
+  for (int i = 0; i < 3; ++i) {
+    if (!a.active(i)) continue;
+    const int64_t st = a.stride(i);
+    for (int s = -1; s <= 1; s += 2) {
+      y[i] = x[i] + s;
+      if (interior<T>(a, y)) g += L[s * st];
+    }
+    y[i] = x[i];
+  }
+  return T(2) * g;
+}
+
 }  // namespace reg
 }  // namespace mrus
