@@ -2,14 +2,18 @@
 
 The per-voxel semantics are those of csrc/include/jacobian.h (shared by the CPU and CUDA
 kernels): d u_i / d x_j by central differences inside, one-sided differences at the two
-borders, 0 along an axis of size 1, each times 1 / spacing_j. The backward is a gather over
-the adjoint stencil (voxel y collects from itself and its two neighbours along each axis,
-recomputing their cofactors), so each gradient element has a single writer and there are no
-atomics.
+borders, 0 along an axis of size 1, each times 1 / spacing_j. The backward runs in two
+passes, as on CUDA: P_ij = g · cof_ij / h_j once per voxel into a float32 scratch
+[B, ndim * ndim, *S], then a gather over the adjoint stencil (voxel y collects from P at
+itself and at its two neighbours along each axis): each gradient element has a single
+writer, there are no atomics, and a voxel costs ~27 loads in 3D instead of the ~126 of
+recomputing the cofactors of every neighbour.
 
-One program per BLOCK voxels of one batch item (grid (cdiv(n, BLOCK), B)). Batch offsets
-are 64-bit; offsets inside one volume are int32 unless a volume is near 2**31 elements
-(IDX64). All arithmetic is float32 (inputs float32, float16 or bfloat16).
+One program per BLOCK voxels of one batch item, the blocks of all items on grid axis 0
+(program k: item k // blocks, so the batch meets no 65535 limit of axes 1 and 2). Batch and
+component offsets are 64-bit; offsets inside one volume are int32 unless a volume is near
+2**31 elements (IDX64, decided by ``_common.needs_idx64``). All arithmetic is float32
+(inputs float32, float16 or bfloat16).
 """
 
 from __future__ import annotations
@@ -20,11 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 BLOCK_2D = 256
-BLOCK_3D = 128  # the 3D backward recomputes 7 Jacobians per voxel: fewer registers per program
-_INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_3D = 128  # a 3D voxel holds 9 Jacobian entries and 3 cofactors: fewer per program
 
 
 @triton.jit
@@ -54,10 +57,11 @@ def _difference(u_ptr, offs, x, s, st, inv_h, mask):
 @triton.jit
 def _jacobian(u_ptr, offs, xs, sizes, strides, inv_hs, n, mask, NDIM: tl.constexpr):
     """J = I + ∇u at voxels offs (coordinates xs), flattened row-major: J[i * NDIM + j]."""
+    comp = tl.cast(n, tl.int64)  # component offsets i * n: ndim * n may pass 2**31
     J = ()
     for i in tl.static_range(NDIM):
         for j in tl.static_range(NDIM):
-            d = _difference(u_ptr + i * n, offs, xs[j], sizes[j], strides[j], inv_hs[j], mask)
+            d = _difference(u_ptr + i * comp, offs, xs[j], sizes[j], strides[j], inv_hs[j], mask)
             if i == j:
                 d = d + 1.0
             J = J + (d,)
@@ -93,67 +97,99 @@ def _cofactor_column(J, j: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _geometry(S0, S1, S2, H0, H1, H2, NDIM: tl.constexpr):
+def _geometry(S0, S1, S2, NDIM: tl.constexpr):
+    """Sizes and strides per axis (axis 0 first)."""
     if NDIM == 3:
-        return (S0, S1, S2), (S1 * S2, S2, 1), (H0, H1, H2)
+        return (S0, S1, S2), (S1 * S2, S2, 1)
     else:
-        return (S0, S1), (S1, 1), (H0, H1)
+        return (S0, S1), (S1, 1)
 
 
 @triton.jit
-def _program_voxels(n, S1, S2, NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
-    """Batch item (int64), flat voxel indices, their mask and coordinates of this program."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _inv_spacing(H0, H1, H2, NDIM: tl.constexpr):
+    if NDIM == 3:
+        return (H0, H1, H2)
     else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        return (H0, H1)
+
+
+@triton.jit
+def _program_voxels(n, blocks, S1, S2, NDIM: tl.constexpr, IDX64: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Batch item (int64), flat voxel indices, their mask and coordinates of this program
+    (program k: block k % blocks of item k // blocks)."""
+    pid = tl.program_id(0)
+    item = pid // blocks
+    blk = pid - item * blocks
+    b = item.to(tl.int64)
+    if IDX64:
+        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     return b, offs, mask, _coords(offs, S1, S2, NDIM)
 
 
 @triton.jit
 def _jacobian_fwd_kernel(
-    u_ptr, det_ptr, n, S0, S1, S2, H0, H1, H2,
+    u_ptr, det_ptr, n, blocks, S0, S1, S2, H0, H1, H2,
     NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (cdiv(n, BLOCK), B): det[b, voxel] for BLOCK voxels of batch item b."""
-    sizes, strides, inv_hs = _geometry(S0, S1, S2, H0, H1, H2, NDIM)
-    b, offs, mask, xs = _program_voxels(n, S1, S2, NDIM, IDX64, BLOCK)
+    """Grid (B * blocks,): det[b, voxel] for BLOCK voxels of batch item b."""
+    sizes, strides = _geometry(S0, S1, S2, NDIM)
+    inv_hs = _inv_spacing(H0, H1, H2, NDIM)
+    b, offs, mask, xs = _program_voxels(n, blocks, S1, S2, NDIM, IDX64, BLOCK)
     J = _jacobian(u_ptr + b * NDIM * n, offs, xs, sizes, strides, inv_hs, n, mask, NDIM)
     det = _determinant(J, NDIM)
     tl.store(det_ptr + b * n + offs, det.to(det_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _jacobian_bwd_kernel(
-    g_ptr, u_ptr, gu_ptr, n, S0, S1, S2, H0, H1, H2,
+def _jacobian_cof_kernel(
+    g_ptr, u_ptr, p_ptr, n, blocks, S0, S1, S2, H0, H1, H2,
     NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (cdiv(n, BLOCK), B): grad_u[b, :, y] for BLOCK voxels y, gathered from y and its
-    neighbours y -/+ e_j (jacobian.h backward_voxel)."""
-    sizes, strides, inv_hs = _geometry(S0, S1, S2, H0, H1, H2, NDIM)
-    b, offs, mask, xs = _program_voxels(n, S1, S2, NDIM, IDX64, BLOCK)
-    ub = u_ptr + b * NDIM * n
-    gb = g_ptr + b * n
+    """Backward pass 1, grid (B * blocks,): P[b, i * NDIM + j, x] = (g(x) / h_j) cof_ij(x)
+    (jacobian.h weighted_cofactors_voxel), float32."""
+    sizes, strides = _geometry(S0, S1, S2, NDIM)
+    inv_hs = _inv_spacing(H0, H1, H2, NDIM)
+    b, offs, mask, xs = _program_voxels(n, blocks, S1, S2, NDIM, IDX64, BLOCK)
+    J = _jacobian(u_ptr + b * NDIM * n, offs, xs, sizes, strides, inv_hs, n, mask, NDIM)
+    g = tl.load(g_ptr + b * n + offs, mask=mask, other=0.0).to(tl.float32)
+    comp = tl.cast(n, tl.int64)
+    pb = p_ptr + b * (NDIM * NDIM) * n + offs
+    for j in tl.static_range(NDIM):
+        c = inv_hs[j] * g
+        cof = _cofactor_column(J, j, NDIM)
+        for i in tl.static_range(NDIM):
+            tl.store(pb + (i * NDIM + j) * comp, c * cof[i], mask=mask)
+
+
+@triton.jit
+def _jacobian_adj_kernel(
+    p_ptr, gu_ptr, n, blocks, S0, S1, S2,
+    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Backward pass 2, grid (B * blocks,): grad_u[b, :, y] for BLOCK voxels y, gathered
+    from P at y and at its neighbours y -/+ e_j (jacobian.h adjoint_voxel). Terms of weight
+    0 are skipped, not multiplied (P may be inf or NaN there)."""
+    sizes, strides = _geometry(S0, S1, S2, NDIM)
+    b, offs, mask, xs = _program_voxels(n, blocks, S1, S2, NDIM, IDX64, BLOCK)
+    comp = tl.cast(n, tl.int64)
+    pb = p_ptr + b * (NDIM * NDIM) * n
     acc = ()
     for i in tl.static_range(NDIM):
         acc = acc + (tl.zeros([BLOCK], dtype=tl.float32),)
     # y's own differences read u(y) at the borders only: -1 at index 0, +1 at index s - 1.
-    J = _jacobian(ub, offs, xs, sizes, strides, inv_hs, n, mask, NDIM)
-    g0 = tl.load(gb + offs, mask=mask, other=0.0).to(tl.float32)
     for j in tl.static_range(NDIM):
         s = sizes[j]
         m = xs[j]
         c = tl.where((m == 0) & (m < s - 1), -1.0, tl.where((m == s - 1) & (m > 0), 1.0, 0.0))
-        # Where c is 0 the cofactor term is skipped, not multiplied (it may be inf or NaN).
         on = mask & (c != 0.0)
-        c = c * inv_hs[j] * g0
-        cof = _cofactor_column(J, j, NDIM)
         acc2 = ()
         for i in tl.static_range(NDIM):
-            acc2 = acc2 + (acc[i] + tl.where(on, c * cof[i], 0.0),)
+            p = tl.load(pb + (i * NDIM + j) * comp + offs, mask=on, other=0.0)
+            acc2 = acc2 + (acc[i] + tl.where(on, c * p, 0.0),)
         acc = acc2
     # The neighbours x = y -/+ e_j read u(y) with weight +/-1/2 (central) or +/-1 (x at the
     # border, one-sided).
@@ -170,45 +206,39 @@ def _jacobian_bwd_kernel(
                 x = offs + strides[j]
                 sign = -1.0
             on = mask & (mx >= 0) & (mx <= s - 1)  # never along an axis of size 1
-            border = (mx == 0) | (mx == s - 1)
-            g = tl.load(gb + x, mask=on, other=0.0).to(tl.float32)
-            c = sign * tl.where(border, 1.0, 0.5) * inv_hs[j] * g
-            xn = ()
-            for k in tl.static_range(NDIM):
-                if k == j:
-                    xn = xn + (mx,)
-                else:
-                    xn = xn + (xs[k],)
-            Jn = _jacobian(ub, x, xn, sizes, strides, inv_hs, n, on, NDIM)
-            cof = _cofactor_column(Jn, j, NDIM)
+            w = sign * tl.where((mx == 0) | (mx == s - 1), 1.0, 0.5)
             acc2 = ()
             for i in tl.static_range(NDIM):
-                acc2 = acc2 + (acc[i] + tl.where(on, c * cof[i], 0.0),)
+                p = tl.load(pb + (i * NDIM + j) * comp + x, mask=on, other=0.0)
+                acc2 = acc2 + (acc[i] + tl.where(on, w * p, 0.0),)
             acc = acc2
     out = gu_ptr + b * NDIM * n + offs
     for i in tl.static_range(NDIM):
-        tl.store(out, acc[i].to(gu_ptr.dtype.element_ty), mask=mask)
-        out += n
+        tl.store(out + i * comp, acc[i].to(gu_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
-# Launchers (inputs validated upstream, in mrus_kernels/jacobian.py)
+# Launchers. mrus_kernels/jacobian.py validates and guarantees what the kernels assume: u
+# [B, ndim, *S] contiguous, ndim 2 or 3, float32/float16/bfloat16, not empty; det, grad_det
+# and grad_u contiguous, u's dtype, their shapes.
 # --------------------------------------------------------------------------------------
 
 
 def _launch(u: torch.Tensor, inv_h: list[float]):
+    """Grid, geometry arguments (n, blocks, S0, S1, S2), 1 / spacing (3) and meta-params."""
     ndim = u.shape[1]
-    assert ndim in (2, 3) and u.dim() == ndim + 2 and len(inv_h) == ndim
-    assert u.dtype in _DTYPES and u.is_contiguous()
     n = math.prod(u.shape[2:])
     sizes = list(u.shape[2:]) + [1] * (3 - ndim)
     hs = [float(h) for h in inv_h] + [1.0] * (3 - ndim)
     block = BLOCK_3D if ndim == 3 else BLOCK_2D
-    # Neighbour offsets reach one stride beyond the volume; the last block's lanes n + block.
-    idx64 = ndim * n + block + n > _INT32_MAX
-    assert u.shape[0] <= _MAX_GRID_Y
-    grid = (triton.cdiv(n, block), u.shape[0])
-    return grid, (n, *sizes, *hs), dict(NDIM=ndim, IDX64=idx64, BLOCK=block, num_warps=4)
+    blocks = triton.cdiv(n, block)
+    # Lane offsets inside one volume (masked lanes included) stay below n + BLOCK plus one
+    # stride (<= n); batch and component offsets are int64 in every variant.
+    idx64 = _common.needs_idx64(2 * n + block)
+    grid = _common.check_grid(
+        "jacobian_det (triton)", (u.shape[0] * blocks,), ("B * voxel blocks",)
+    )
+    return grid, (n, blocks, *sizes), hs, dict(NDIM=ndim, IDX64=idx64, BLOCK=block, num_warps=4)
 
 
 def jacobian_forward(u: torch.Tensor, det: torch.Tensor, inv_h: list[float]) -> None:
@@ -219,15 +249,15 @@ def jacobian_forward(u: torch.Tensor, det: torch.Tensor, inv_h: list[float]) -> 
         det: [B, *S], contiguous, u's dtype; every element is written.
         inv_h: 1 / spacing per axis (ndim floats).
     """
-    assert det.is_contiguous() and det.dtype == u.dtype
-    assert det.shape == (u.shape[0], *u.shape[2:])
-    grid, args, meta = _launch(u, inv_h)
-    _jacobian_fwd_kernel[grid](u, det, *args, **meta)
+    grid, geometry, hs, meta = _launch(u, inv_h)
+    _jacobian_fwd_kernel[grid](u, det, *geometry, *hs, **meta)
 
 
 def jacobian_backward(grad_det: torch.Tensor, u: torch.Tensor, grad_u: torch.Tensor,
                       inv_h: list[float]) -> None:
     """grad_u = d (sum grad_det * det) / d u, every element written once.
+
+    Two passes over a float32 scratch P [B, ndim * ndim, *S] allocated here (no host sync).
 
     Args:
         grad_det: [B, *S], contiguous, u's dtype.
@@ -235,8 +265,10 @@ def jacobian_backward(grad_det: torch.Tensor, u: torch.Tensor, grad_u: torch.Ten
         grad_u: [B, ndim, *S], contiguous, u's dtype.
         inv_h: as in jacobian_forward.
     """
-    assert grad_det.is_contiguous() and grad_det.dtype == u.dtype
-    assert grad_det.shape == (u.shape[0], *u.shape[2:])
-    assert grad_u.is_contiguous() and grad_u.dtype == u.dtype and grad_u.shape == u.shape
-    grid, args, meta = _launch(u, inv_h)
-    _jacobian_bwd_kernel[grid](grad_det, u, grad_u, *args, **meta)
+    grid, geometry, hs, meta = _launch(u, inv_h)
+    ndim = u.shape[1]
+    scratch = torch.empty(
+        (u.shape[0], ndim * ndim, *u.shape[2:]), dtype=torch.float32, device=u.device
+    )
+    _jacobian_cof_kernel[grid](grad_det, u, scratch, *geometry, *hs, **meta)
+    _jacobian_adj_kernel[grid](scratch, grad_u, *geometry, **meta)
