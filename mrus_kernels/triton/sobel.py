@@ -1,25 +1,30 @@
-"""Triton kernels of the Sobel operators: sobel (components, magnitude) and the fused
-Sobel-L1 boundary loss.
+"""Triton kernels of ``sobel`` and ``sobel_l1`` (the fused ACMT boundary loss).
 
 The per-voxel semantics are those of csrc/include/sobel.h (shared by the CPU and CUDA
 kernels): component i = [-1, 0, 1] along spatial axis i times [1, 2, 1] along the others,
 "replicate" padding (Padding::BORDER) reads clamped indices, "zeros" reads 0 outside;
 magnitude sqrt(sum_i g_i² + eps); the L1 backward factor sign(m1 - m0) * upstream.
 
-Layout of a program: one program per BLOCK voxels of one (batch, channel) volume (grid
-axis 1), one voxel per lane. The forward reads the 3^ndim neighbourhood of each voxel
-directly (neighbouring lanes share it through the cache). The backward is a gather with a
-single writer per gradient element: for each of the 3^ndim neighbours p of the output
-voxel q it recomputes the gradient inputs h_i(p) (the upstream components; or
-upstream * g_i(p) / m(p); or the L1 factors, from both inputs) and adds them with the
-adjoint weights, which fold the clamped reads of "replicate" padding back onto the edge
-voxels. No scratch memory, no atomics. The fused L1 forward writes one float32 partial sum
-per program, summed afterwards in a fixed order (deterministic).
+Layout of a program: BLOCK voxels of one (batch, channel) volume, one voxel per lane. The
+grid is one axis of B * C * ceil(voxels / BLOCK) programs (axis 0 takes 2**31 - 1, so the
+batch is not bounded by the 65535 of axes 1 and 2); a program finds its volume with one
+scalar division. The forward reads the 3^ndim neighbourhood of each voxel directly
+(neighbouring lanes share it through the cache). The fused L1 forward writes one float32
+partial sum per program, summed afterwards in a fixed order (deterministic).
 
-This is the portable version: the backward recomputes each neighbour's Sobel (3^ndim x
-3^ndim reads per voxel, cache hits); the cuda backend keeps slice tiles in shared memory
-instead. Offsets inside a volume are int32 unless a volume nears 2**31 elements (IDX64);
-volume offsets are 64-bit. Arithmetic in float32 (inputs float32, float16 or bfloat16).
+The backward is two passes. The first (modes MAGNITUDE and L1) computes the Sobel of the
+input(s) once per voxel and writes the gradient inputs h_i = r * g_i (r = upstream / m, or
+the L1 factors of both inputs) to a float32 scratch [B, C, ndim, *S]; the COMPONENTS mode
+has them already (the upstream gradient). The second is the adjoint filter, a gather with
+a single writer per gradient element: grad(q) = sum_i sum_p w_i(q, p) h_i(p) over the
+3^ndim neighbours p, with the adjoint weights of sobel.h (flipped taps, the clamped reads
+of "replicate" folded onto the edge voxels). Terms of weight 0 (the derivative's centre,
+neighbours outside) are not read, as on the CPU: a NaN reaches exactly the voxels whose
+gradient depends on it. About 2 * 3^ndim + ndim * 3^ndim reads per voxel, no atomics.
+
+Offsets inside a volume are int32 unless a volume nears the 64-bit threshold of
+_common.needs_idx64 (IDX64); volume and component bases are int64 scalars. Arithmetic in
+float32 (inputs float32, float16 or bfloat16).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
 
 # Codes of csrc/include/common.h (Padding) and csrc/include/sobel.h (Mode, Reduction).
 ZEROS = 0
@@ -38,9 +45,8 @@ NONE, SUM, MEAN = 0, 1, 2
 
 BLOCK = 256
 NUM_WARPS = 4
-_INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OP = "sobel (triton)"
 
 
 # --------------------------------------------------------------------------------------
@@ -66,13 +72,16 @@ def _comp_weight(i, o0, o1, o2, ndim):
 
 
 @triton.jit
-def _voxel(vox, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+def _program(vox, nblk, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """(volume index as int64, flat offsets of this program's voxels, in-volume mask)."""
     pid = tl.program_id(0)
+    v = pid // nblk
+    blk = pid - v * nblk
     if IDX64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < vox
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+    return v.to(tl.int64), offs, offs < vox
 
 
 @triton.jit
@@ -138,19 +147,22 @@ def _magnitude(g0, g1, g2, eps):
 
 
 @triton.jit
-def _adj_weight(o, q, n, DERIV: tl.constexpr, PADDING: tl.constexpr):
-    """Adjoint weight with which the value at neighbour q + o - 1 reaches index q: the
-    flipped kernel, plus (replicate, o == 1) the clamped reads folded onto the edges."""
-    base = _fwd_weight(2 - o, DERIV)
-    w = tl.zeros(q.shape, tl.float32) + base
-    if PADDING == BORDER:
-        if o == 1:
+def _adj_coef(o, q, n, DERIV: tl.constexpr, PADDING: tl.constexpr):
+    """Adjoint weight with which the value at neighbour q + o - 1 reaches index q of an axis
+    of length n (sobel.h tap_coefs): the flipped kernel, 0 for a neighbour outside, plus
+    ("replicate", o == 1) the clamped reads folded onto the edges."""
+    if o == 1:
+        w = tl.zeros(q.shape, tl.float32) + _fwd_weight(1, DERIV)
+        if PADDING == BORDER:
             lo = (q == 0).to(tl.float32)
             hi = (q == n - 1).to(tl.float32)
             if DERIV:
                 w = w - lo + hi
             else:
                 w = w + lo + hi
+    else:
+        inside = (q + (o - 1) >= 0) & (q + (o - 1) < n)
+        w = tl.where(inside, _fwd_weight(2 - o, DERIV), 0.0)
     return w
 
 
@@ -160,6 +172,33 @@ def _sign(d):
     return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
 
 
+@triton.jit
+def _adjoint_component(acc, hp, offs, mask, i0, i1, i2, S0, S1, S2, st0, st1,
+                       I: tl.constexpr, NDIM: tl.constexpr, PADDING: tl.constexpr):
+    """acc + the adjoint of component I applied to its gradient inputs at `hp` (the
+    component's volume, any float dtype): sum over the neighbours p of w_I(q, p) h_I(p),
+    terms of weight 0 not read. st0, st1: strides of the first two spatial axes."""
+    for d0 in tl.static_range(3):
+        # "zeros": the derivative's centre weight is 0 everywhere; skip it at compile time.
+        if not ((I == 0) & (d0 == 1) & (PADDING == ZEROS)):
+            w0 = _adj_coef(d0, i0, S0, I == 0, PADDING)
+            for d1 in tl.static_range(3):
+                if not ((I == 1) & (d1 == 1) & (PADDING == ZEROS)):
+                    w01 = w0 * _adj_coef(d1, i1, S1, I == 1, PADDING)
+                    if NDIM == 3:
+                        for d2 in tl.static_range(3):
+                            if not ((I == 2) & (d2 == 1) & (PADDING == ZEROS)):
+                                w = w01 * _adj_coef(d2, i2, S2, I == 2, PADDING)
+                                nb = offs + ((d0 - 1) * st0 + (d1 - 1) * st1 + (d2 - 1))
+                                h = tl.load(hp + nb, mask=mask & (w != 0.0), other=0.0)
+                                acc += w * h.to(tl.float32)
+                    else:
+                        nb = offs + ((d0 - 1) * st0 + (d1 - 1))
+                        h = tl.load(hp + nb, mask=mask & (w01 != 0.0), other=0.0)
+                        acc += w01 * h.to(tl.float32)
+    return acc
+
+
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
@@ -167,21 +206,20 @@ def _sign(d):
 
 @triton.jit
 def _sobel_fwd_kernel(
-    x_ptr, x0_ptr, out_ptr, partial_ptr, vox, S0, S1, S2, eps,
+    x_ptr, x0_ptr, out_ptr, partial_ptr, vox, nblk, S0, S1, S2, eps,
     NDIM: tl.constexpr, PADDING: tl.constexpr, MODE: tl.constexpr, REDUCE: tl.constexpr,
     IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    v = tl.program_id(1).to(tl.int64)
-    offs, mask = _voxel(vox, BLOCK, IDX64)
+    v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
     i0, i1, i2 = _coords(offs, S1, S2, NDIM)
     g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
     ty = out_ptr.dtype.element_ty
     if MODE == COMPONENTS:
-        o = out_ptr + v * NDIM * vox + offs
-        tl.store(o, g0.to(ty), mask=mask)
-        tl.store(o + vox, g1.to(ty), mask=mask)
+        # Component bases from the int64 volume index: (v * NDIM + i) * vox never in int32.
+        tl.store(out_ptr + (v * NDIM) * vox + offs, g0.to(ty), mask=mask)
+        tl.store(out_ptr + (v * NDIM + 1) * vox + offs, g1.to(ty), mask=mask)
         if NDIM == 3:
-            tl.store(o + 2 * vox, g2.to(ty), mask=mask)
+            tl.store(out_ptr + (v * NDIM + 2) * vox + offs, g2.to(ty), mask=mask)
     elif MODE == MAGNITUDE:
         tl.store(out_ptr + v * vox + offs, _magnitude(g0, g1, g2, eps).to(ty), mask=mask)
     else:
@@ -189,84 +227,75 @@ def _sobel_fwd_kernel(
         d = tl.abs(_magnitude(g0, g1, g2, eps) - _magnitude(h0, h1, h2, eps))
         if REDUCE:
             part = tl.sum(tl.where(mask, d, 0.0), axis=0)
-            tl.store(partial_ptr + v * tl.num_programs(0) + tl.program_id(0), part)
+            tl.store(partial_ptr + tl.program_id(0), part)
         else:
             tl.store(out_ptr + v * vox + offs, d.to(ty), mask=mask)
 
 
 @triton.jit
-def _sobel_bwd_kernel(
-    go_ptr, x_ptr, x0_ptr, gx_ptr, gx0_ptr, vox, S0, S1, S2, eps, scale,
+def _sobel_bwd_prep_kernel(
+    go_ptr, x_ptr, x0_ptr, h_ptr, h0_ptr, vox, nblk, S0, S1, S2, eps, scale,
     NDIM: tl.constexpr, PADDING: tl.constexpr, MODE: tl.constexpr, SCALAR_UP: tl.constexpr,
     NEED_X: tl.constexpr, NEED_X0: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    v = tl.program_id(1).to(tl.int64)
-    offs, mask = _voxel(vox, BLOCK, IDX64)
+    """First backward pass (MAGNITUDE, L1): h_i = r * g_i per voxel into the float32
+    scratch h [B, C, NDIM, *S] (input x) and h0 (input x0, L1 only)."""
+    v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
     i0, i1, i2 = _coords(offs, S1, S2, NDIM)
-    xb = x_ptr + v * vox
-    x0b = x0_ptr + v * vox
-    if SCALAR_UP:
-        up_scalar = tl.load(go_ptr).to(tl.float32) * scale
-    acc1 = tl.zeros(i0.shape, tl.float32)
-    acc0 = tl.zeros(i0.shape, tl.float32)
-    for d0 in tl.static_range(3):
-        p0, in0 = _axis(i0 + (d0 - 1), S0, PADDING)
-        s0 = _adj_weight(d0, i0, S0, False, PADDING)
-        t0 = _adj_weight(d0, i0, S0, True, PADDING)
-        for d1 in tl.static_range(3):
-            p1, in1 = _axis(i1 + (d1 - 1), S1, PADDING)
-            s1 = _adj_weight(d1, i1, S1, False, PADDING)
-            t1 = _adj_weight(d1, i1, S1, True, PADDING)
-            for d2 in tl.static_range(3 if NDIM == 3 else 1):
-                if NDIM == 3:
-                    p2, in2 = _axis(i2 + (d2 - 1), S2, PADDING)
-                    s2 = _adj_weight(d2, i2, S2, False, PADDING)
-                    t2 = _adj_weight(d2, i2, S2, True, PADDING)
-                    pm = mask & in0 & in1 & in2
-                    poff = (p0 * S1 + p1) * S2 + p2
-                    w0 = t0 * s1 * s2
-                    w1 = s0 * t1 * s2
-                    w2 = s0 * s1 * t2
-                else:
-                    p2 = p1 * 0
-                    pm = mask & in0 & in1
-                    poff = p0 * S1 + p1
-                    w0 = t0 * s1
-                    w1 = s0 * t1
-                    w2 = w0 * 0.0
-                if MODE == COMPONENTS:
-                    gb = go_ptr + v * NDIM * vox + poff
-                    h0 = tl.load(gb, mask=pm, other=0.0).to(tl.float32)
-                    h1 = tl.load(gb + vox, mask=pm, other=0.0).to(tl.float32)
-                    acc = w0 * h0 + w1 * h1
-                    if NDIM == 3:
-                        acc += w2 * tl.load(gb + 2 * vox, mask=pm, other=0.0).to(tl.float32)
-                    acc1 += tl.where(pm, acc, 0.0)
-                else:
-                    g0, g1, g2 = _components(xb, p0, p1, p2, S0, S1, S2, pm, NDIM, PADDING)
-                    m1 = _magnitude(g0, g1, g2, eps)
-                    if MODE == MAGNITUDE:
-                        up = tl.load(go_ptr + v * vox + poff, mask=pm, other=0.0).to(tl.float32)
-                        r1 = up / m1
-                    else:
-                        f0, f1, f2 = _components(x0b, p0, p1, p2, S0, S1, S2, pm, NDIM, PADDING)
-                        m0 = _magnitude(f0, f1, f2, eps)
-                        if SCALAR_UP:
-                            up = up_scalar
-                        else:
-                            up = tl.load(go_ptr + v * vox + poff, mask=pm, other=0.0)
-                            up = up.to(tl.float32)
-                        w = _sign(m1 - m0) * up
-                        r1 = w / m1
-                        if NEED_X0:
-                            r0 = -w / m0
-                            acc0 += tl.where(pm, (w0 * f0 + w1 * f1 + w2 * f2) * r0, 0.0)
-                    if NEED_X:
-                        acc1 += tl.where(pm, (w0 * g0 + w1 * g1 + w2 * g2) * r1, 0.0)
+    g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
+    m1 = _magnitude(g0, g1, g2, eps)
+    if MODE == MAGNITUDE:
+        up = tl.load(go_ptr + v * vox + offs, mask=mask, other=0.0).to(tl.float32)
+        r1 = up / m1
+    else:
+        f0, f1, f2 = _components(x0_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
+        m0 = _magnitude(f0, f1, f2, eps)
+        if SCALAR_UP:
+            up = tl.load(go_ptr).to(tl.float32) * scale
+        else:
+            up = tl.load(go_ptr + v * vox + offs, mask=mask, other=0.0).to(tl.float32)
+        w = _sign(m1 - m0) * up
+        r1 = w / m1
+        if NEED_X0:
+            r0 = -w / m0
+            tl.store(h0_ptr + (v * NDIM) * vox + offs, f0 * r0, mask=mask)
+            tl.store(h0_ptr + (v * NDIM + 1) * vox + offs, f1 * r0, mask=mask)
+            if NDIM == 3:
+                tl.store(h0_ptr + (v * NDIM + 2) * vox + offs, f2 * r0, mask=mask)
     if NEED_X:
-        tl.store(gx_ptr + v * vox + offs, acc1.to(gx_ptr.dtype.element_ty), mask=mask)
-    if NEED_X0:
-        tl.store(gx0_ptr + v * vox + offs, acc0.to(gx0_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + (v * NDIM) * vox + offs, g0 * r1, mask=mask)
+        tl.store(h_ptr + (v * NDIM + 1) * vox + offs, g1 * r1, mask=mask)
+        if NDIM == 3:
+            tl.store(h_ptr + (v * NDIM + 2) * vox + offs, g2 * r1, mask=mask)
+
+
+@triton.jit
+def _sobel_bwd_kernel(
+    h_ptr, gx_ptr, vox, nblk, S0, S1, S2,
+    NDIM: tl.constexpr, PADDING: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Second backward pass: gx = sum_i S_i^T h_i, h [B, C, NDIM, *S] (the upstream
+    components, or the scratch of the first pass), one writer per element of gx."""
+    v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
+    i0, i1, i2 = _coords(offs, S1, S2, NDIM)
+    if NDIM == 3:
+        if IDX64:
+            st0 = S1.to(tl.int64) * S2
+        else:
+            st0 = S1 * S2
+        st1 = S2
+    else:
+        st0 = S1
+        st1 = 1
+    acc = tl.zeros(i0.shape, tl.float32)
+    acc = _adjoint_component(acc, h_ptr + (v * NDIM) * vox, offs, mask, i0, i1, i2, S0, S1,
+                             S2, st0, st1, 0, NDIM, PADDING)
+    acc = _adjoint_component(acc, h_ptr + (v * NDIM + 1) * vox, offs, mask, i0, i1, i2, S0,
+                             S1, S2, st0, st1, 1, NDIM, PADDING)
+    if NDIM == 3:
+        acc = _adjoint_component(acc, h_ptr + (v * NDIM + 2) * vox, offs, mask, i0, i1, i2,
+                                 S0, S1, S2, st0, st1, 2, NDIM, PADDING)
+    tl.store(gx_ptr + v * vox + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,18 +303,29 @@ def _sobel_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _geometry(shape: tuple[int, ...]) -> tuple[int, int, list[int], bool, tuple[int, int]]:
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"{_OP}: {name} must be float32, float16 or bfloat16 (float64 runs on the torch "
+            f"and cpu backends), got {t.dtype}"
+        )
+
+
+def _geometry(shape: tuple[int, ...]) -> tuple[int, int, int, list[int], bool, tuple[int]]:
+    """(ndim, voxels per volume, blocks per volume, sizes [3], IDX64, grid) of [B, C, *S]."""
     ndim = len(shape) - 2
-    assert ndim in (2, 3)
-    volumes = shape[0] * shape[1]
+    if ndim not in (2, 3):
+        raise ValueError(f"{_OP}: expected [B, C, H, W] or [B, C, D, H, W], got {shape}")
     vox = 1
     for n in shape[2:]:
         vox *= n
+    nblk = triton.cdiv(vox, BLOCK)
+    grid = _common.check_grid(_OP, (shape[0] * shape[1] * nblk,),
+                              (f"B * C * ceil(voxels / {BLOCK})",))
     sizes = list(shape[2:]) + [1] * (3 - ndim)
-    idx64 = vox + BLOCK > _INT32_MAX
-    grid = (triton.cdiv(vox, BLOCK), volumes)
-    assert grid[1] <= _MAX_GRID_Y, "sobel (triton): B * C must be at most 65535"
-    return ndim, vox, sizes, idx64, grid
+    # Offsets inside one volume (plus a block of slack); volume bases are int64.
+    idx64 = _common.needs_idx64(vox + BLOCK)
+    return ndim, vox, nblk, sizes, idx64, grid
 
 
 def sobel_forward(x: torch.Tensor, x0: torch.Tensor | None, out: torch.Tensor, *, mode: int,
@@ -299,24 +339,22 @@ def sobel_forward(x: torch.Tensor, x0: torch.Tensor | None, out: torch.Tensor, *
             NONE) or a scalar; x's dtype, contiguous; every element is written.
         mode, padding, reduction: codes of sobel.h / common.h. eps: under the square root.
     """
-    assert x.is_contiguous() and out.is_contiguous() and x.dtype in _DTYPES
-    assert out.dtype == x.dtype
-    ndim, vox, sizes, idx64, grid = _geometry(tuple(x.shape))
+    _check_dtype("x", x)
+    ndim, vox, nblk, sizes, idx64, grid = _geometry(tuple(x.shape))
     reduce = mode == L1 and reduction != NONE
     partials = None
     if mode == L1:
-        assert x0 is not None and x0.shape == x.shape and x0.dtype == x.dtype
-        assert x0.is_contiguous()
+        if x0 is None:
+            raise ValueError(f"{_OP}: mode L1 needs x0")
         if reduce:
-            partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+            partials = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     _sobel_fwd_kernel[grid](
         x, x0 if x0 is not None else x, out, partials if partials is not None else out, vox,
-        *sizes, float(eps),
+        nblk, *sizes, float(eps),
         NDIM=ndim, PADDING=int(padding), MODE=int(mode), REDUCE=reduce, IDX64=idx64,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
-    if reduce:
-        assert partials is not None
+    if partials is not None:
         total = partials.double().sum()  # fixed order: deterministic
         if reduction == MEAN:
             total = total / x.numel()
@@ -328,26 +366,49 @@ def sobel_backward(grad_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor | N
                    padding: int, eps: float, reduction: int) -> None:
     """Gradients of sobel / the L1 loss, every element of grad_x / grad_x0 written.
 
+    MAGNITUDE and L1 allocate a float32 scratch of ndim values per voxel for each gradient
+    asked for (torch.empty: no host sync, CUDA-graph safe).
+
     Args:
         grad_out: the forward's output shape (a scalar for L1 with SUM / MEAN), contiguous.
         x: [B, C, *S] (unused, any tensor, for COMPONENTS); x0: like x for L1, else None.
         grad_x, grad_x0: [B, C, *S] of grad_out's dtype, or None when not needed (grad_x0:
             L1 only).
     """
-    assert grad_out.is_contiguous() and grad_out.dtype in _DTYPES
+    _check_dtype("grad_out", grad_out)
     ref = grad_x if grad_x is not None else grad_x0
     if ref is None:
         return
     shape = tuple(ref.shape)
-    ndim, vox, sizes, idx64, grid = _geometry(shape)
-    scalar_up = mode == L1 and reduction != NONE
-    scale = 1.0 / (vox * shape[0] * shape[1]) if (scalar_up and reduction == MEAN) else 1.0
-    if mode != COMPONENTS:
-        assert x.is_contiguous() and tuple(x.shape) == shape
-    _sobel_bwd_kernel[grid](
-        grad_out, x, x0 if x0 is not None else x, grad_x if grad_x is not None else ref,
-        grad_x0 if grad_x0 is not None else ref, vox, *sizes, float(eps), scale,
-        NDIM=ndim, PADDING=int(padding), MODE=int(mode), SCALAR_UP=scalar_up,
-        NEED_X=grad_x is not None, NEED_X0=grad_x0 is not None, IDX64=idx64, BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    ndim, vox, nblk, sizes, idx64, grid = _geometry(shape)
+    # Scratch and components offsets reach ndim * vox inside a volume's [ndim, *S] block;
+    # their bases are int64, so the in-volume reach stays vox + BLOCK.
+    sources = []
+    if mode == COMPONENTS:
+        sources.append((grad_out, grad_x))
+    else:
+        if mode == L1 and x0 is None:
+            raise ValueError(f"{_OP}: mode L1 needs x0")
+        scratch_shape = (shape[0], shape[1], ndim, *shape[2:])
+        h = torch.empty(scratch_shape, dtype=torch.float32, device=ref.device) \
+            if grad_x is not None else None
+        h0 = torch.empty(scratch_shape, dtype=torch.float32, device=ref.device) \
+            if grad_x0 is not None else None
+        scalar_up = mode == L1 and reduction != NONE
+        scale = 1.0 / (vox * shape[0] * shape[1]) if (scalar_up and reduction == MEAN) else 1.0
+        some_h = h if h is not None else h0
+        _sobel_bwd_prep_kernel[grid](
+            grad_out, x, x0 if x0 is not None else x, h if h is not None else some_h,
+            h0 if h0 is not None else some_h, vox, nblk, *sizes, float(eps), scale,
+            NDIM=ndim, PADDING=int(padding), MODE=int(mode), SCALAR_UP=scalar_up,
+            NEED_X=h is not None, NEED_X0=h0 is not None, IDX64=idx64, BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+        sources += [(h, grad_x), (h0, grad_x0)]
+    for src, dst in sources:
+        if dst is not None:
+            _sobel_bwd_kernel[grid](
+                src, dst, vox, nblk, *sizes,
+                NDIM=ndim, PADDING=int(padding), IDX64=idx64, BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
