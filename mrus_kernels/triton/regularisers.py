@@ -1,9 +1,16 @@
 """Triton kernels of the regularisers (math of csrc/include/regularisers.h, reproduced here).
 
-One program per BLOCK voxels of one item (grid: voxel blocks × items). The forward writes
-one partial sum per program, [B, n_blocks], which the caller adds in fixed order
-(deterministic, no atomics); the backward writes each voxel's gradient once. u is read with
-its stencil neighbours straight from memory (they are cache hits), nothing is materialised.
+One program per BLOCK voxels of one item, the blocks of all items on grid axis 0 (program k:
+item k // blocks, so the batch meets no 65535 limit of axes 1 and 2). The forward writes one
+partial sum per program, [B, blocks], which the caller adds in fixed order (deterministic,
+no atomics), reading u with its stencil neighbours straight from memory (cache hits). The
+gradient of grad_l2 is one pass; that of harmonic_energy writes the Laplacian once into a
+scratch of u's size, then applies its adjoint stencil (7 loads per voxel in 3D instead of
+recomputing the 7-point Laplacian at each of the 7 voxels it reaches: 49). Each gradient
+element is written once.
+
+Offsets: batch offsets are int64; offsets inside one item ([C, *S]) are int32 unless an item
+is near 2**31 elements (IDX64, decided by ``_common.needs_idx64``).
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 GRAD_L2, HARMONIC = 0, 1
 BLOCK = 256
+_OP_NAMES = {GRAD_L2: "grad_l2 (triton)", HARMONIC: "harmonic_energy (triton)"}
 
 
 @triton.jit
@@ -42,106 +52,182 @@ def _interior(x0, x1, x2, n0, n1, n2, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _reg_kernel(
-    u, scale, out, per_item, n0, n1, n2, w0, w1, w2,
-    KIND: tl.constexpr, NDIM: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
-):
-    b = tl.program_id(1).to(tl.int64)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Offsets (int64) into [B, C, *S], mask and coordinates of this program's voxels
+    (program k: block k % blocks of item k // blocks); item b's C channels are stacked along
+    axis 0, so x0 is taken modulo n0."""
+    pid = tl.program_id(0)
+    item = pid // blocks
+    blk = pid - item * blocks
+    b = item.to(tl.int64)
+    if IDX64:
+        idx = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = blk * BLOCK + tl.arange(0, BLOCK)
     ok = idx < per_item
     x2 = idx % n2
     x1 = (idx // n2) % n1
-    x0 = (idx // (n1 * n2)) % n0
-    s2 = 1
+    x0 = (idx // s0) % n0
+    return b, b * per_item + idx, ok, x0, x1, x2
+
+
+@triton.jit
+def _reg_fwd_kernel(
+    u, out, per_item, blocks, n0, n1, n2, s0, w0, w1, w2,
+    KIND: tl.constexpr, NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (B * blocks,): out[program] = the energy of its BLOCK voxels."""
+    b, off, ok, x0, x1, x2 = _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64, BLOCK)
     s1 = n2
-    s0 = n1 * n2
-    off = b * per_item + idx
-    if BACKWARD:
-        sc = tl.load(scale + b).to(tl.float32)
-        if KIND == 1:
-            inside = ok & _interior(x0, x1, x2, n0, n1, n2, NDIM)
-            g = tl.where(inside, -2.0 * NDIM * _lap(u, off, inside, s0, s1, s2, NDIM), 0.0)
-            m = ok & _interior(x0, x1 + 1, x2, n0, n1, n2, NDIM)
-            g += tl.where(m, _lap(u, off + s1, m, s0, s1, s2, NDIM), 0.0)
-            m = ok & _interior(x0, x1 - 1, x2, n0, n1, n2, NDIM)
-            g += tl.where(m, _lap(u, off - s1, m, s0, s1, s2, NDIM), 0.0)
-            m = ok & _interior(x0, x1, x2 + 1, n0, n1, n2, NDIM)
-            g += tl.where(m, _lap(u, off + s2, m, s0, s1, s2, NDIM), 0.0)
-            m = ok & _interior(x0, x1, x2 - 1, n0, n1, n2, NDIM)
-            g += tl.where(m, _lap(u, off - s2, m, s0, s1, s2, NDIM), 0.0)
-            if NDIM == 3:
-                m = ok & _interior(x0 + 1, x1, x2, n0, n1, n2, NDIM)
-                g += tl.where(m, _lap(u, off + s0, m, s0, s1, s2, NDIM), 0.0)
-                m = ok & _interior(x0 - 1, x1, x2, n0, n1, n2, NDIM)
-                g += tl.where(m, _lap(u, off - s0, m, s0, s1, s2, NDIM), 0.0)
-            g = 2.0 * g
-        else:
-            c = _load(u, off, ok)
-            g = tl.zeros([BLOCK], tl.float32)
-            lo = ok & (x2 >= 1)
-            hi = ok & (x2 <= n2 - 2)
-            t = tl.where(lo, c - _load(u, off - s2, lo), 0.0) - tl.where(
-                hi, _load(u, off + s2, hi) - c, 0.0
-            )
-            g += 2.0 * w2 * t
-            lo = ok & (x1 >= 1)
-            hi = ok & (x1 <= n1 - 2)
-            t = tl.where(lo, c - _load(u, off - s1, lo), 0.0) - tl.where(
-                hi, _load(u, off + s1, hi) - c, 0.0
-            )
-            g += 2.0 * w1 * t
-            if NDIM == 3:
-                lo = ok & (x0 >= 1)
-                hi = ok & (x0 <= n0 - 2)
-                t = tl.where(lo, c - _load(u, off - s0, lo), 0.0) - tl.where(
-                    hi, _load(u, off + s0, hi) - c, 0.0
-                )
-                g += 2.0 * w0 * t
-        tl.store(out + off, sc * g, mask=ok)
+    if KIND == 1:
+        inside = ok & _interior(x0, x1, x2, n0, n1, n2, NDIM)
+        lap = _lap(u, off, inside, s0, s1, 1, NDIM)
+        e = tl.where(inside, lap * lap, 0.0)
     else:
-        if KIND == 1:
-            inside = ok & _interior(x0, x1, x2, n0, n1, n2, NDIM)
-            lap = _lap(u, off, inside, s0, s1, s2, NDIM)
-            e = tl.where(inside, lap * lap, 0.0)
-        else:
-            c = _load(u, off, ok)
-            hi = ok & (x2 <= n2 - 2)
-            dd = tl.where(hi, _load(u, off + s2, hi) - c, 0.0)
-            e = w2 * dd * dd
-            hi = ok & (x1 <= n1 - 2)
-            dd = tl.where(hi, _load(u, off + s1, hi) - c, 0.0)
-            e += w1 * dd * dd
-            if NDIM == 3:
-                hi = ok & (x0 <= n0 - 2)
-                dd = tl.where(hi, _load(u, off + s0, hi) - c, 0.0)
-                e += w0 * dd * dd
-        tl.store(out + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(e, 0))
+        c = _load(u, off, ok)
+        hi = ok & (x2 <= n2 - 2)
+        dd = tl.where(hi, _load(u, off + 1, hi) - c, 0.0)
+        e = w2 * dd * dd
+        hi = ok & (x1 <= n1 - 2)
+        dd = tl.where(hi, _load(u, off + s1, hi) - c, 0.0)
+        e += w1 * dd * dd
+        if NDIM == 3:
+            hi = ok & (x0 <= n0 - 2)
+            dd = tl.where(hi, _load(u, off + s0, hi) - c, 0.0)
+            e += w0 * dd * dd
+    tl.store(out + tl.program_id(0), tl.sum(e, 0))
 
 
-def _launch(u: torch.Tensor, scale, out, kind: int, wt: list[float], backward: bool) -> None:
+@triton.jit
+def _grad_l2_bwd_kernel(
+    u, scale, grad, per_item, blocks, n0, n1, n2, s0, w0, w1, w2,
+    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (B * blocks,): grad = scale[b] · ∂E_b/∂u for grad_l2, one pass."""
+    b, off, ok, x0, x1, x2 = _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64, BLOCK)
+    s1 = n2
+    sc = tl.load(scale + b).to(tl.float32)
+    c = _load(u, off, ok)
+    g = tl.zeros([BLOCK], tl.float32)
+    lo = ok & (x2 >= 1)
+    hi = ok & (x2 <= n2 - 2)
+    t = tl.where(lo, c - _load(u, off - 1, lo), 0.0) - tl.where(
+        hi, _load(u, off + 1, hi) - c, 0.0
+    )
+    g += 2.0 * w2 * t
+    lo = ok & (x1 >= 1)
+    hi = ok & (x1 <= n1 - 2)
+    t = tl.where(lo, c - _load(u, off - s1, lo), 0.0) - tl.where(
+        hi, _load(u, off + s1, hi) - c, 0.0
+    )
+    g += 2.0 * w1 * t
+    if NDIM == 3:
+        lo = ok & (x0 >= 1)
+        hi = ok & (x0 <= n0 - 2)
+        t = tl.where(lo, c - _load(u, off - s0, lo), 0.0) - tl.where(
+            hi, _load(u, off + s0, hi) - c, 0.0
+        )
+        g += 2.0 * w0 * t
+    tl.store(grad + off, sc * g, mask=ok)
+
+
+@triton.jit
+def _laplacian_kernel(
+    u, lap, per_item, blocks, n0, n1, n2, s0,
+    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Harmonic backward pass 1, grid (B * blocks,): lap = ∇²u on interior voxels, 0
+    elsewhere (every element written)."""
+    b, off, ok, x0, x1, x2 = _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64, BLOCK)
+    inside = ok & _interior(x0, x1, x2, n0, n1, n2, NDIM)
+    value = _lap(u, off, inside, s0, n2, 1, NDIM)
+    tl.store(lap + off, tl.where(inside, value, 0.0), mask=ok)
+
+
+@triton.jit
+def _harmonic_bwd_kernel(
+    lap, scale, grad, per_item, blocks, n0, n1, n2, s0,
+    NDIM: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Harmonic backward pass 2, grid (B * blocks,): grad = scale[b] · 2 Σ_y L(y) ∂L(y)/∂u
+    over y = x and its neighbours, reading lap at interior voxels only."""
+    b, off, ok, x0, x1, x2 = _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64, BLOCK)
+    s1 = n2
+    sc = tl.load(scale + b).to(tl.float32)
+    inside = ok & _interior(x0, x1, x2, n0, n1, n2, NDIM)
+    g = tl.where(inside, -2.0 * NDIM * _load(lap, off, inside), 0.0)
+    m = ok & _interior(x0, x1 + 1, x2, n0, n1, n2, NDIM)
+    g += tl.where(m, _load(lap, off + s1, m), 0.0)
+    m = ok & _interior(x0, x1 - 1, x2, n0, n1, n2, NDIM)
+    g += tl.where(m, _load(lap, off - s1, m), 0.0)
+    m = ok & _interior(x0, x1, x2 + 1, n0, n1, n2, NDIM)
+    g += tl.where(m, _load(lap, off + 1, m), 0.0)
+    m = ok & _interior(x0, x1, x2 - 1, n0, n1, n2, NDIM)
+    g += tl.where(m, _load(lap, off - 1, m), 0.0)
+    if NDIM == 3:
+        m = ok & _interior(x0 + 1, x1, x2, n0, n1, n2, NDIM)
+        g += tl.where(m, _load(lap, off + s0, m), 0.0)
+        m = ok & _interior(x0 - 1, x1, x2, n0, n1, n2, NDIM)
+        g += tl.where(m, _load(lap, off - s0, m), 0.0)
+    g = 2.0 * g
+    tl.store(grad + off, sc * g, mask=ok)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers. mrus_kernels/regularisers.py guarantees what the kernels assume: u [B, C, *S]
+# contiguous float32, 2 or 3 spatial axes, each >= 2 (grad_l2) or >= 3 (harmonic); scale
+# [B] and grad contiguous, u's dtype.
+# --------------------------------------------------------------------------------------
+
+
+def _launch(u: torch.Tensor, kind: int):
+    """Grid, geometry arguments (per_item, blocks, n0, n1, n2, s0) and meta-params."""
     ndim = u.dim() - 2
     n0, n1, n2 = (u.shape[2:] if ndim == 3 else (1, *u.shape[2:]))
-    w0, w1, w2 = (wt if ndim == 3 else [0.0, *wt])
     per_item = u[0].numel()
-    # The C channels of an item are stacked along axis 0: a stencil never crosses a channel
-    # boundary because x0 is taken modulo n0 and the interior / difference masks stop at
-    # the volume's faces.
-    grid = (triton.cdiv(per_item, BLOCK), u.shape[0])
-    _reg_kernel[grid](
-        u, scale if scale is not None else u, out, per_item, n0, n1, n2, float(w0), float(w1),
-        float(w2), KIND=kind, NDIM=ndim, BACKWARD=backward, BLOCK=BLOCK,
-    )
+    blocks = triton.cdiv(per_item, BLOCK)
+    # Offsets inside one item (masked lanes included) stay below per_item + BLOCK plus one
+    # stride along axis 0 (n1 * n2); the batch offset is int64 in every variant.
+    idx64 = _common.needs_idx64(per_item + BLOCK + n1 * n2)
+    grid = _common.check_grid(_OP_NAMES[kind], (u.shape[0] * blocks,), ("B * voxel blocks",))
+    meta = dict(NDIM=ndim, IDX64=idx64, BLOCK=BLOCK)
+    return grid, (per_item, blocks, n0, n1, n2, n1 * n2), meta
+
+
+def _weights(u: torch.Tensor, wt: list[float]) -> tuple[float, float, float]:
+    w = [float(x) for x in wt]
+    return (w[0], w[1], w[2]) if u.dim() == 5 else (0.0, w[0], w[1])
 
 
 def forward(u: torch.Tensor, kind: int, wt: list[float]) -> torch.Tensor:
-    """Per-item energies [B] (float32) of contiguous float32 u [B, C, *S]."""
-    partials = torch.empty((u.shape[0], triton.cdiv(u[0].numel(), BLOCK)), dtype=torch.float32,
-                           device=u.device)
-    _launch(u, None, partials, kind, wt, False)
+    """Per-item energies [B] (float32) of contiguous float32 u [B, C, *S].
+
+    Args:
+        u: [B, C, *S], contiguous float32.
+        kind: GRAD_L2 or HARMONIC.
+        wt: grad_l2 weight per spatial axis (ndim floats; unused for HARMONIC).
+    """
+    grid, geometry, meta = _launch(u, kind)
+    partials = torch.empty((u.shape[0], geometry[1]), dtype=torch.float32, device=u.device)
+    _reg_fwd_kernel[grid](u, partials, *geometry, *_weights(u, wt), KIND=kind, **meta)
     return partials.sum(1)
 
 
 def backward(u: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, kind: int,
              wt: list[float]) -> None:
-    """grad = d(Σ_b scale[b] E_b)/du, every element written."""
-    _launch(u, scale, grad, kind, wt, True)
+    """grad = d(Σ_b scale[b] E_b)/du, every element written.
+
+    Args:
+        u: as in forward.
+        scale: [B], contiguous float32.
+        grad: like u; written.
+        kind, wt: as in forward.
+    """
+    grid, geometry, meta = _launch(u, kind)
+    if kind == HARMONIC:
+        lap = torch.empty_like(u)  # written whole by pass 1, no host sync
+        _laplacian_kernel[grid](u, lap, *geometry, **meta)
+        _harmonic_bwd_kernel[grid](lap, scale, grad, *geometry, **meta)
+    else:
+        _grad_l2_bwd_kernel[grid](u, scale, grad, *geometry, *_weights(u, wt), **meta)
