@@ -315,3 +315,27 @@ def skip_without_float64(backend: str, dtype: torch.dtype) -> None:
 def autograd_grads(out: torch.Tensor, inputs, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """d(out · grad_out)/d inputs."""
     return torch.autograd.grad(out, inputs, grad_out)
+
+
+# ---------------------------------------------------------------------------- triton launches
+
+
+def spy_launches(monkeypatch, module, *names: str) -> list[tuple[str, tuple, dict]]:
+    """Replaces the Triton kernels `names` of `module` with wrappers that record each launch
+    as (name, grid, keyword arguments) in the returned list, then launch the kernel."""
+    calls: list[tuple[str, tuple, dict]] = []
+
+    class _Spy:
+        def __init__(self, name: str, kernel) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append((self.name, tuple(grid), dict(kwargs)))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, _Spy(name, getattr(module, name)))
+    return calls
