@@ -1,14 +1,24 @@
-"""grad_l2 / harmonic_energy: identities, every backend against the float64 reference,
-gradients, torch.compile and bad input."""
+"""grad_l2 / harmonic_energy: identities, every kernel backend against the float64
+reference, the reference (backend "torch") against independent NumPy float64 sums and
+gradients, gradcheck, the Triton launchers' 64-bit variants and grid limits,
+torch.compile and bad input."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_verbose, backend_params, poisoned_empty, randn
+from conftest import (
+    assert_close_verbose,
+    backend_params,
+    poisoned_empty,
+    randn,
+    require_backend,
+    spy_launches,
+)
 from mrus_kernels import grad_l2, harmonic_energy, reference
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
@@ -27,13 +37,65 @@ def _run(fn, u, dtype, g=None):
     return out, gx
 
 
+def _numpy_grad_l2(u: torch.Tensor, spacing=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_l2 and its gradient in NumPy float64, written from the definition
+    (1/ndim) Σ_i mean(d_i²), d_i = np.diff(u, axis i) / h_i: ∂/∂u(k) = 2 (d(k-1) - d(k)) /
+    (h_i · ndim · count_i), the terms beyond either end 0."""
+    a = u.detach().double().numpy()
+    ndim = a.ndim - 2
+    h = spacing or (1.0,) * ndim
+    energy, grad = 0.0, np.zeros_like(a)
+    for i in range(ndim):
+        axis = 2 + i
+        d = np.diff(a, axis=axis) / h[i]
+        energy += (d * d).mean() / ndim
+        before, after = [(0, 0)] * a.ndim, [(0, 0)] * a.ndim
+        before[axis], after[axis] = (1, 0), (0, 1)
+        grad += 2.0 / (h[i] * d.size * ndim) * (np.pad(d, before) - np.pad(d, after))
+    return torch.tensor(energy, dtype=torch.float64), torch.from_numpy(grad)
+
+
+def _numpy_harmonic(u: torch.Tensor, reduction: str, weight: torch.Tensor | None = None):
+    """harmonic_energy and the gradient of Σ weight · energy in NumPy float64, by an explicit
+    loop over interior voxels: the Laplacian there, its square summed per item, and the
+    gradient scattered to the stencil's voxels (the kernels gather instead)."""
+    a = u.detach().double().numpy()
+    ndim = a.ndim - 2
+    per_item, grad = np.zeros(a.shape[0]), np.zeros_like(a)
+    for inner in np.ndindex(*[n - 2 for n in a.shape[2:]]):
+        x = tuple(k + 1 for k in inner)
+        neighbours = []
+        for i in range(ndim):
+            for step in (-1, 1):
+                y = list(x)
+                y[i] += step
+                neighbours.append(tuple(y))
+        lap = -2 * ndim * a[(..., *x)] + sum(a[(..., *y)] for y in neighbours)  # [B, C]
+        per_item += (lap * lap).sum(1)
+        grad[(..., *x)] += -2 * ndim * 2 * lap
+        for y in neighbours:
+            grad[(..., *y)] += 2 * lap
+    count = a.shape[0] * a.shape[1] * math.prod(n - 2 for n in a.shape[2:])
+    if reduction == "none":
+        w = weight.double().numpy() if weight is not None else np.ones(a.shape[0])
+        return torch.from_numpy(per_item), torch.from_numpy(grad * w.reshape(-1, 1, *[1] * ndim))
+    scale = 1.0 if reduction == "sum" else 1.0 / count
+    return torch.tensor(per_item.sum() * scale), torch.from_numpy(grad * scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", GRAD_L2_SHAPES, ids=str)
 def test_grad_l2_matches_reference(backend, shape, gen):
+    """Kernel backends against the reference's autograd; the torch row (the reference)
+    against NumPy."""
     u = randn(gen, *shape, dtype=torch.float64)
     ndim = len(shape) - 2
     for spacing in (None, tuple(0.5 + i for i in range(ndim))):
-        exp, ge = _run(lambda x: reference.grad_l2(x, spacing or (1.0,) * ndim), u, torch.float64)
+        if backend == "torch":
+            exp, ge = _numpy_grad_l2(u, spacing)
+        else:
+            exp, ge = _run(lambda x: reference.grad_l2(x, spacing or (1.0,) * ndim), u,
+                           torch.float64)
         for dtype in (torch.float32, torch.float64):
             if backend == "triton" and dtype == torch.float64:
                 continue
@@ -47,9 +109,14 @@ def test_grad_l2_matches_reference(backend, shape, gen):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_harmonic_matches_reference(backend, shape, reduction, gen):
+    """Kernel backends against the reference's autograd; the torch row (the reference)
+    against NumPy."""
     u = randn(gen, *shape, dtype=torch.float64)
     g = randn(gen, shape[0], dtype=torch.float64) if reduction == "none" else None
-    exp, ge = _run(lambda x: reference.harmonic_energy(x, reduction), u, torch.float64, g)
+    if backend == "torch":
+        exp, ge = _numpy_harmonic(u, reduction, g)
+    else:
+        exp, ge = _run(lambda x: reference.harmonic_energy(x, reduction), u, torch.float64, g)
     for dtype in (torch.float32, torch.float64):
         if backend == "triton" and dtype == torch.float64:
             continue
@@ -136,6 +203,73 @@ def test_gpu_backends(gpu_backend, shape, gen):
     out, gu = _run(lambda x: grad_l2(x, backend=gpu_backend), u.cuda(), torch.float32)
     assert_close_verbose(out, exp, atol=F32_TOL, rtol=F32_TOL)
     assert_close_verbose(gu, ge, atol=F32_TOL, rtol=F32_TOL)
+
+
+TRITON_KERNELS = (
+    "_reg_fwd_kernel", "_grad_l2_bwd_kernel", "_laplacian_kernel", "_harmonic_bwd_kernel",
+)
+OPS = {
+    "grad_l2": (lambda x, b: grad_l2(x, spacing=0.7, backend=b),
+                lambda x: reference.grad_l2(x, (0.7,) * (x.dim() - 2))),
+    "harmonic": (lambda x, b: harmonic_energy(x, reduction="none", backend=b),
+                 lambda x: reference.harmonic_energy(x, "none")),
+}
+
+
+def _triton_modules():
+    require_backend("triton", "cpu", torch.float32)
+    from mrus_kernels.triton import _common
+    from mrus_kernels.triton import regularisers as triton_reg
+
+    return _common, triton_reg
+
+
+def _check_op(op, shape, gen, name):
+    ours, ref = OPS[op]
+    u = randn(gen, *shape, dtype=torch.float64)
+    g = randn(gen, shape[0], dtype=torch.float64) if op == "harmonic" else None
+    exp, ge = _run(ref, u, torch.float64, g)
+    out, gu = _run(lambda x: ours(x, "triton"), u, torch.float32, g)
+    assert_close_verbose(out, exp, atol=F32_TOL, rtol=F32_TOL, name=f"{name} {op}")
+    assert_close_verbose(gu, ge, atol=F32_TOL, rtol=F32_TOL, name=f"{name} d {op}")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (3, 2, 9, 10)], ids=str)
+def test_triton_idx64_variants_match_reference(op, shape, monkeypatch, gen):
+    """With _common.IDX64_THRESHOLD lowered, the forward and every backward kernel launch
+    their 64-bit-offset variant (read at call time) and still match the reference."""
+    _common, triton_reg = _triton_modules()
+    monkeypatch.setattr(_common, "IDX64_THRESHOLD", 100)
+    calls = spy_launches(monkeypatch, triton_reg, *TRITON_KERNELS)
+    _check_op(op, shape, gen, "IDX64")
+    launched = {name for name, _, _ in calls}
+    assert launched == ({"_reg_fwd_kernel", "_laplacian_kernel", "_harmonic_bwd_kernel"}
+                        if op == "harmonic" else {"_reg_fwd_kernel", "_grad_l2_bwd_kernel"})
+    assert all(meta["IDX64"] is True for _, _, meta in calls), calls
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_triton_batch_fits_grid_limits(op, monkeypatch, gen):
+    """The batch does not sit on grid axis 1 or 2 (65535 programs): with that limit lowered
+    to 1, a batch of 3 launches within it and gives the reference's values."""
+    _common, triton_reg = _triton_modules()
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 1)
+    calls = spy_launches(monkeypatch, triton_reg, *TRITON_KERNELS)
+    _check_op(op, (3, 2, 5, 6), gen, "batch 3")
+    assert calls
+    for name, grid, _ in calls:
+        assert grid[0] <= _common.MAX_GRID_X and all(n <= 1 for n in grid[1:]), (name, grid)
+
+
+@pytest.mark.parametrize("op,label", [("grad_l2", "grad_l2"), ("harmonic", "harmonic_energy")])
+def test_triton_grid_overflow_raises(op, label, monkeypatch):
+    """More programs than grid axis 0 takes: a ValueError naming the operator and the axis."""
+    _common, _ = _triton_modules()
+    monkeypatch.setattr(_common, "MAX_GRID_X", 2)
+    with pytest.raises(ValueError, match=rf"{label} \(triton\): B \* voxel blocks needs 3 "
+                                         r"programs on grid axis 0, at most 2 fit"):
+        OPS[op][0](torch.rand(3, 2, 5, 6), "triton")
 
 
 U = torch.rand(1, 3, 4, 5, 6)
