@@ -88,11 +88,15 @@ def _cofactor_column(J, j: tl.constexpr, NDIM: tl.constexpr):
     else:
         j1: tl.constexpr = (j + 1) % 3
         j2: tl.constexpr = (j + 2) % 3
+        # Rows (i + 1) % 3 and (i + 2) % 3 written out: a constexpr assigned inside a
+        # static_range loop is a reassignment, which the compiler (not the interpreter)
+        # rejects.
         cof = ()
         for i in tl.static_range(3):
-            i1: tl.constexpr = (i + 1) % 3
-            i2: tl.constexpr = (i + 2) % 3
-            cof = cof + (J[i1 * 3 + j1] * J[i2 * 3 + j2] - J[i1 * 3 + j2] * J[i2 * 3 + j1],)
+            cof = cof + (
+                J[((i + 1) % 3) * 3 + j1] * J[((i + 2) % 3) * 3 + j2]
+                - J[((i + 1) % 3) * 3 + j2] * J[((i + 2) % 3) * 3 + j1],
+            )
         return cof
 
 
