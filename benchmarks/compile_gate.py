@@ -1,0 +1,1010 @@
+"""Compile gate: every GPU kernel compiled for sm_80 and sm_90 on a machine without a GPU.
+
+Two halves, both read registers, spills and shared memory per kernel and fail on any spill
+or on shared memory above the architecture's per-block limit:
+
+- **Triton.** The kernel variants are not listed by hand: a process with
+  ``TRITON_INTERPRET=1`` drives every public operator with ``backend="triton"`` on tiny CPU
+  tensors (forward and backward with each input requiring grad alone and all together,
+  float32 / float16 / bfloat16, 2D and 3D, every mode, padding, mask and deterministic
+  setting, MI bin counts up to ``mi.TRITON_MAX_BINS``, and once more with
+  ``_common.IDX64_THRESHOLD`` lowered so the 64-bit variants are requested too) and records
+  each launch the interpreter sees: kernel, argument types, constexpr values and launch
+  options. A kernel added or changed tomorrow is therefore covered as soon as an operator
+  launches it. The kernels do not run during the capture (their launch is recorded and
+  skipped): the launchers choose variants from shapes, dtypes and flags, never from values.
+  A second process (without the interpreter) compiles each distinct variant ahead of time
+  with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, runs
+  triton's own ptxas with ``-v`` on the PTX for registers and spills, and takes shared
+  memory from the compile metadata (Triton's shared memory is dynamic: ptxas does not see
+  it).
+- **CUDA.** ``nvcc --resource-usage`` on each ``csrc/cuda/*.cu`` with the flags and defines
+  of the CMake build. nvcc reports static shared memory only; kernels that take dynamic
+  shared memory at launch (``extern __shared__``) are flagged in the table.
+
+Signature specialisation: the Triton JIT on a GPU specialises integer arguments on their
+values (``== 1`` becomes a constexpr, divisible by 16 gets ``tt.divisibility``) and pointer
+arguments on 16-byte alignment. The values seen at the tiny capture sizes say nothing about
+the sizes a GPU run will see, so each variant is compiled in two forms that bracket them:
+``plain`` (integers unspecialised: odd sizes) and ``aligned`` (every integer argument that
+the JIT can specialise marked divisible by 16: sizes and strides that are multiples of 16,
+the form with the most vectorised loads). Pointers are 16-byte aligned in both, as CUDA
+allocations are. Integers equal to 1 (batch or channel 1) are not compiled as constexprs:
+that form only removes work.
+
+Usage::
+
+    python -m benchmarks.compile_gate                   # both halves, tables on stdout
+    python -m benchmarks.compile_gate --write-results   # also into benchmarks/RESULTS.md
+    python -m benchmarks.compile_gate --triton --jobs 2 --json /tmp/gate.json
+
+Exit status 1 when anything fails to compile, spills or overflows shared memory (minus the
+waivers below). ``tests/test_compile_gate.py`` runs the same functions in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+CUDA_SOURCES = ROOT / "csrc" / "cuda"
+CUDA_INCLUDE = ROOT / "csrc" / "include"
+
+ARCHS = (80, 90)
+# Largest shared memory one block can use (opt-in limit), bytes: 163 KiB on sm_80 (A100),
+# 227 KiB on sm_90 (H100).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# The capture's second pass lowers _common.IDX64_THRESHOLD to this, so every launcher asks
+# for its 64-bit variant at the tiny capture sizes (the tests use the same value).
+IDX64_CAPTURE_THRESHOLD = 100
+SPEC_FORMS = ("plain", "aligned")
+
+# Kernels allowed to spill or to exceed the shared-memory limit, with the reason. Keys are
+# "module:kernel" (Triton) or the demangled kernel name without its argument list (CUDA);
+# a value is the reason, stated for the reader of the table. Empty: no kernel needs one.
+TRITON_WAIVERS: dict[str, str] = {}
+CUDA_WAIVERS: dict[str, str] = {}
+
+BEGIN_MARK = "<!-- compile-gate:begin -->"
+END_MARK = "<!-- compile-gate:end -->"
+
+
+# ======================================================================= resource usage
+
+
+@dataclass
+class Usage:
+    """Resources of one compiled kernel on one architecture.
+
+    Attributes:
+        kernel: "module:name" (Triton) or the demangled name (CUDA).
+        variant: a short summary of the variant (constexprs, argument types, form).
+        arch: compute capability, 80 or 90.
+        registers: registers per thread (ptxas).
+        spill_stores, spill_loads: bytes per thread (ptxas).
+        shared: bytes per block (Triton: the compile metadata, dynamic; CUDA: static).
+        dynamic_shared: the kernel also takes dynamic shared memory at launch (CUDA only;
+            not included in ``shared``).
+        error: the compile or ptxas error, when there is one.
+    """
+
+    kernel: str
+    variant: str
+    arch: int
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    shared: int = 0
+    dynamic_shared: bool = False
+    error: str = ""
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    def problems(self) -> list[str]:
+        """What this kernel breaks: compile error, spills, shared memory over the limit."""
+        out = []
+        if self.error:
+            out.append("does not compile")
+        if self.spills:
+            out.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
+        limit = SHARED_LIMIT.get(self.arch)
+        if limit is not None and self.shared > limit:
+            out.append(f"shared {self.shared} B > {limit} B")
+        return out
+
+
+_PTXAS_ENTRY = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_PTXAS_ARCH = re.compile(r"for '(sm_\w+)'")
+
+
+def parse_ptxas(log: str) -> dict[str, dict[str, Any]]:
+    """Per-entry resources from a ``ptxas -v`` (or ``nvcc --resource-usage``) log.
+
+    Returns:
+        {mangled name: {"arch": "sm_90a" or None, "registers", "spill_stores",
+        "spill_loads", "shared" (static bytes)}}. With several architectures in one log the
+        key is "name@sm_XX".
+    """
+    out: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in log.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m and "Compiling entry function" in line:
+            arch = _PTXAS_ARCH.search(line)
+            name = m.group(1)
+            key = f"{name}@{arch.group(1)}" if arch else name
+            current = out.setdefault(key, {"name": name, "arch": arch.group(1) if arch else None,
+                                           "registers": 0, "spill_stores": 0, "spill_loads": 0,
+                                           "shared": 0})
+            continue
+        if m and "Function properties for" in line:
+            # Properties of a device function (not an entry) come without a "Compiling
+            # entry" line; they belong to no kernel of their own.
+            name = m.group(1)
+            if current is None or current["name"] != name:
+                current = None
+            continue
+        if current is None:
+            continue
+        if (s := _PTXAS_SPILL.search(line)) is not None:
+            current["spill_stores"] = int(s.group(2))
+            current["spill_loads"] = int(s.group(3))
+        if (u := _PTXAS_USED.search(line)) is not None:
+            current["registers"] = int(u.group(1))
+            if (sm := _PTXAS_SMEM.search(line)) is not None:
+                current["shared"] = int(sm.group(1))
+    return out
+
+
+def failures(usages: Iterable[Usage], waivers: dict[str, str]) -> list[Usage]:
+    """The usages with a problem that no waiver covers (see :func:`waived`)."""
+    return [u for u in usages if u.problems() and waived(u, waivers) is None]
+
+
+# ==================================================================== Triton: capture
+
+
+def _is_constexpr_annotation(annotation: object) -> bool:
+    # The kernel modules use `from __future__ import annotations`: annotations are strings.
+    if isinstance(annotation, str):
+        return "constexpr" in annotation
+    return getattr(annotation, "__name__", "") == "constexpr"
+
+
+def _json_value(value: object) -> object:
+    """A constexpr value as JSON (tl.dtype as {"dtype": name})."""
+    import triton.language as tl
+
+    if isinstance(value, tl.constexpr):
+        value = value.value
+    if isinstance(value, tl.dtype):
+        return {"dtype": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"constexpr value {value!r} of type {type(value).__name__} cannot be recorded")
+
+
+def _from_json_value(value: object) -> object:
+    import triton.language as tl
+
+    if isinstance(value, dict) and "dtype" in value:
+        return getattr(tl, value["dtype"]) if hasattr(tl, value["dtype"]) else tl.dtype(value["dtype"])
+    return value
+
+
+def _record_launch(fn_obj: Any, args: tuple, kwargs: dict) -> dict:
+    """One launch as a JSON-able variant record (see :func:`capture_variants`)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = fn_obj.fn
+    sig = inspect.signature(fn)
+    names = list(sig.parameters)
+    params = {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    bound = sig.bind(*args, **params)
+    bound.apply_defaults()
+    no_spec = set(fn_obj.kwargs.get("do_not_specialize") or ())
+    record_params = []
+    for i, (name, p) in enumerate(sig.parameters.items()):
+        value = bound.arguments[name]
+        if _is_constexpr_annotation(p.annotation):
+            record_params.append({"name": name, "type": "constexpr", "value": _json_value(value)})
+            continue
+        plain, _ = native_specialize_impl(BaseBackend, value, False, False, False)
+        specialise = name not in no_spec and i not in no_spec
+        if plain == "constexpr":  # None: the JIT makes it a constexpr whatever the form
+            record_params.append({"name": name, "type": "constexpr", "value": None})
+            continue
+        entry: dict[str, Any] = {"name": name, "type": plain}
+        # Pointer alignment is not recorded: a view's offset at the capture's tiny sizes
+        # says nothing about a GPU run, and both forms compile pointers as 16-byte aligned.
+        if plain[0] in "iu" and plain != "u1":
+            entry["specialisable"] = specialise
+        record_params.append(entry)
+    return {
+        "module": fn.__module__,
+        "kernel": fn.__name__,
+        "params": record_params,
+        "options": {k: _json_value(v) for k, v in sorted(options.items())},
+    }
+
+
+def variant_key(record: dict) -> str:
+    """Identity of a variant: kernel, parameter types and constexprs, options."""
+    return json.dumps([record["module"], record["kernel"], record["params"], record["options"]],
+                      sort_keys=True)
+
+
+class _Recorder:
+    """Patches the interpreter's launch to record variants (and skip or run the kernel)."""
+
+    def __init__(self, execute: bool):
+        self.execute = execute
+        self.variants: dict[str, dict] = {}
+        self.launches = 0
+
+    def __enter__(self) -> _Recorder:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._cls = InterpretedFunction
+        self._orig = InterpretedFunction.run
+        recorder = self
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                rec = _record_launch(fn_self, args, kwargs)
+                recorder.variants.setdefault(variant_key(rec), rec)
+                recorder.launches += 1
+                if not recorder.execute:
+                    return None
+            return recorder._orig(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cls.run = self._orig
+
+
+# Each case: (operator, label, callable building inputs and running forward + backward).
+Case = tuple[str, str, Callable[[], None]]
+
+
+def _grad_sets(n: int) -> list[tuple[bool, ...]]:
+    """Which of n differentiable inputs require grad: none, each alone, all."""
+    sets = [tuple([False] * n)]
+    sets += [tuple(i == j for j in range(n)) for i in range(n)]
+    if n > 1:
+        sets.append(tuple([True] * n))
+    return sets
+
+
+def _run(fn: Callable[..., Any], inputs: Sequence[Any], grads: Sequence[bool], **kw) -> None:
+    """fn(*inputs, **kw), then a backward through the inputs marked in grads."""
+    import torch
+
+    leaves = []
+    for x, g in zip(inputs, grads):
+        if g:
+            x.requires_grad_(True)
+            leaves.append(x)
+    out = fn(*inputs, **kw)
+    if leaves:
+        weight = torch.rand(out.shape, dtype=out.dtype, device=out.device) + 0.5
+        (out * weight).sum().backward()
+
+
+def operator_cases() -> Iterator[Case]:
+    """Every public operator with backend="triton" across its variant-selecting settings.
+
+    Sizes are odd and tiny (the kernels do not run); 2D and 3D, batch and channels > 1,
+    a broadcast batch where an operator allows one, and a long line for the per-line passes.
+    """
+    import torch
+
+    import mrus_kernels as mk
+    from mrus_kernels import mi as mi_mod
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    spatial = {2: (11, 13), 3: (5, 6, 7)}
+    long_line = {2: (5, 150), 3: (5, 6, 150)}
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.rand(shape, generator=gen).to(dtype)
+
+    def ddf(b, nd, s, dtype):
+        return (rand(b, nd, *s) * 2 - 1).to(dtype)
+
+    for dtype in dtypes:
+        dn = str(dtype).removeprefix("torch.")
+        for nd, s in spatial.items():
+            tag = f"{dn} {nd}D"
+            # warp: every mode and padding, deterministic or not, broadcast displacement.
+            for mode in ("linear", "nearest"):
+                for padding in ("zeros", "border"):
+                    for det in (False, True):
+                        for bd in (2, 1):
+                            for grads in _grad_sets(2):
+                                yield ("warp", f"{tag} {mode} {padding} det={det} Bd={bd} {grads}",
+                                       lambda s=s, nd=nd, d=dtype, m=mode, p=padding, det=det, bd=bd,
+                                       g=grads: _run(mk.warp, [rand(2, 3, *s, dtype=d),
+                                                               ddf(bd, nd, s, d)], g, mode=m,
+                                                     padding=p, deterministic=det,
+                                                     backend="triton"))
+            for padding in ("border", "zeros"):
+                for det in (False, True):
+                    for grads in _grad_sets(2):
+                        yield ("compose", f"{tag} {padding} det={det} {grads}",
+                               lambda s=s, nd=nd, d=dtype, p=padding, det=det, g=grads:
+                               _run(mk.compose, [ddf(2, nd, s, d), ddf(2, nd, s, d)], g,
+                                    padding=p, deterministic=det, backend="triton"))
+                    for memory in ("store", "recompute"):
+                        for grads in _grad_sets(1):
+                            yield ("integrate_velocity", f"{tag} {padding} {memory} det={det} {grads}",
+                                   lambda s=s, nd=nd, d=dtype, p=padding, det=det, mem=memory,
+                                   g=grads: _run(mk.integrate_velocity, [ddf(2, nd, s, d)], g,
+                                                 steps=2, memory=mem, padding=p,
+                                                 deterministic=det, backend="triton"))
+            for spacing in (None, tuple(float(i + 1) for i in range(nd))):
+                for grads in _grad_sets(1):
+                    yield ("jacobian_det", f"{tag} spacing={spacing} {grads}",
+                           lambda s=s, nd=nd, d=dtype, sp=spacing, g=grads:
+                           _run(mk.jacobian_det, [ddf(2, nd, s, d)], g, spacing=sp,
+                                backend="triton"))
+                    yield ("grad_l2", f"{tag} spacing={spacing} {grads}",
+                           lambda s=s, nd=nd, d=dtype, sp=spacing, g=grads:
+                           _run(mk.grad_l2, [ddf(2, nd, s, d)], g, spacing=sp,
+                                backend="triton"))
+                yield ("folding_fraction", f"{tag} spacing={spacing}",
+                       lambda s=s, nd=nd, d=dtype, sp=spacing:
+                       mk.folding_fraction(ddf(2, nd, s, d), spacing=sp, backend="triton"))
+            for reduction in ("sum", "mean"):
+                for grads in _grad_sets(1):
+                    yield ("harmonic_energy", f"{tag} {reduction} {grads}",
+                           lambda s=s, nd=nd, d=dtype, r=reduction, g=grads:
+                           _run(mk.harmonic_energy, [ddf(2, nd, s, d)], g, reduction=r,
+                                backend="triton"))
+            # MI family: both windows, bin counts over every padded size up to the cap,
+            # masks of each kind, fixed and per-image ranges.
+            bins_set = sorted({8, 16, 32, 48, mi_mod.TRITON_MAX_BINS})
+            for kernel in ("gaussian", "bspline"):
+                for bins in bins_set:
+                    for mask_kind in (None, "bool", "float"):
+                        for det in (False, True):
+                            for grads in _grad_sets(2):
+                                for fn_name in ("mutual_information", "nmi", "joint_histogram"):
+                                    if fn_name != "mutual_information" and (
+                                            bins not in (32, mi_mod.TRITON_MAX_BINS) or det):
+                                        continue
+                                    yield (fn_name,
+                                           f"{tag} {kernel} bins={bins} mask={mask_kind} det={det} {grads}",
+                                           lambda s=s, d=dtype, k=kernel, b=bins, mkind=mask_kind,
+                                           det=det, g=grads, fn=getattr(mk, fn_name):
+                                           _run(fn, [rand(2, 1, *s, dtype=d), rand(2, 1, *s, dtype=d)],
+                                                g, bins=b, kernel=k, mask=_mask(rand, mkind, s, d),
+                                                value_range=(0.0, 1.0) if b == 32 else None,
+                                                deterministic=det, backend="triton"))
+            # Sobel: every output and padding; the L1 loss with every reduction.
+            for shape in (s, long_line[nd]):
+                for padding in ("replicate", "zeros"):
+                    for output in ("magnitude", "components"):
+                        for grads in _grad_sets(1):
+                            yield ("sobel", f"{tag} {shape} {output} {padding} {grads}",
+                                   lambda sh=shape, d=dtype, o=output, p=padding, g=grads:
+                                   _run(mk.sobel, [rand(2, 3, *sh, dtype=d)], g, output=o,
+                                        padding=p, backend="triton"))
+                    for reduction in ("mean", "sum", "none"):
+                        for grads in _grad_sets(2):
+                            yield ("sobel_l1", f"{tag} {shape} {reduction} {padding} {grads}",
+                                   lambda sh=shape, d=dtype, r=reduction, p=padding, g=grads:
+                                   _run(mk.sobel_l1, [rand(2, 3, *sh, dtype=d),
+                                                      rand(2, 3, *sh, dtype=d)], g,
+                                        reduction=r, padding=p, backend="triton"))
+                # LNCC: masks of each kind, broadcast batch, two windows.
+                for mask_kind in (None, "bool", "float"):
+                    for window in (3, 5):
+                        for bm in (2, 1):
+                            for grads in _grad_sets(2):
+                                yield ("lncc", f"{tag} {shape} w={window} mask={mask_kind} Bm={bm} {grads}",
+                                       lambda sh=shape, d=dtype, w=window, mkind=mask_kind, bm=bm,
+                                       g=grads: _run(mk.lncc, [rand(2, 1, *sh, dtype=d),
+                                                               rand(bm, 1, *sh, dtype=d)], g,
+                                                     window=w, mask=_mask(rand, mkind, sh, d),
+                                                     backend="triton"))
+
+
+def _mask(rand: Callable[..., Any], kind: str | None, s: Sequence[int], dtype: Any) -> Any:
+    if kind is None:
+        return None
+    m = rand(2, 1, *s)
+    return m > 0.3 if kind == "bool" else m.to(dtype)
+
+
+def capture_variants(*, execute: bool = False,
+                     cases: Iterable[Case] | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Drives the operators under the interpreter and returns the distinct kernel variants.
+
+    Must run in a process with ``TRITON_INTERPRET=1`` set before triton was imported.
+
+    Args:
+        execute: also run each kernel (slow; the default records and skips the launch).
+        cases: the cases to drive (default :func:`operator_cases`), once with the default
+            64-bit threshold and once with it lowered to ``IDX64_CAPTURE_THRESHOLD``.
+
+    Returns:
+        (variants, info): variants sorted by kernel, each {"module", "kernel", "params":
+        [{"name", "type", "value" (constexprs) / "aligned" (pointers) / "specialisable"
+        (integers)}], "options"}; info has "launches", "cases" and "errors" (one line per
+        case that raised: an operator the capture could not drive is a gate failure).
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("capture_variants needs TRITON_INTERPRET=1 set before triton is imported")
+    import torch
+
+    from mrus_kernels.triton import _common
+
+    errors: list[str] = []
+    n_cases = 0
+    case_list = list(cases if cases is not None else operator_cases())
+    saved = _common.IDX64_THRESHOLD
+    with _Recorder(execute) as rec:
+        for threshold in (saved, IDX64_CAPTURE_THRESHOLD):
+            _common.IDX64_THRESHOLD = threshold
+            try:
+                for op, label, fn in case_list:
+                    n_cases += 1
+                    try:
+                        fn()
+                    except Exception as exc:  # noqa: BLE001 - every failure is reported
+                        errors.append(f"{op} [{label}] idx64_threshold={threshold}: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            finally:
+                _common.IDX64_THRESHOLD = saved
+    del torch
+    variants = sorted(rec.variants.values(), key=lambda r: (r["module"], r["kernel"], variant_key(r)))
+    return variants, {"launches": rec.launches, "cases": n_cases, "errors": errors}
+
+
+def capture_in_subprocess(out_json: Path, *, timeout: float = 900) -> dict:
+    """Runs the capture in a fresh interpreter process and returns its JSON."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "benchmarks.compile_gate", "--capture-only", str(out_json)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"capture failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+# ==================================================================== Triton: compile
+
+
+def variant_summary(record: dict, form: str | None = None) -> str:
+    """Short text of a variant: constexprs that are set, pointer dtypes, 64-bit ints."""
+    parts = []
+    ptr_types = sorted({p["type"][1:] for p in record["params"] if p["type"].startswith("*")})
+    for p in record["params"]:
+        if p["type"] == "constexpr" and p.get("value") is not None:
+            v = p["value"]
+            v = v["dtype"] if isinstance(v, dict) else v
+            parts.append(f"{p['name']}={v}")
+    parts.append("/".join(ptr_types))
+    if any(p["type"] == "i64" for p in record["params"]):
+        parts.append("i64 args")
+    opts = record["options"]
+    if "num_warps" in opts:
+        parts.append(f"w{opts['num_warps']}")
+    if "num_stages" in opts:
+        parts.append(f"s{opts['num_stages']}")
+    if form:
+        parts.append(form)
+    return " ".join(parts)
+
+
+def _import_kernel_module(record: dict) -> Any:
+    """The module of a variant's kernel: by name, or from record["path"] (a kernel file
+    outside the package, as the gate's self-tests use)."""
+    path = record.get("path")
+    if not path:
+        return importlib.import_module(record["module"])
+    if record["module"] in sys.modules:
+        return sys.modules[record["module"]]
+    spec = importlib.util.spec_from_file_location(record["module"], path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load kernel module {record['module']} from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[record["module"]] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ast_source(record: dict, form: str) -> tuple[Any, dict]:
+    """(ASTSource, options) of one variant in one specialisation form."""
+    from triton.backends.compiler import BaseBackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    module = _import_kernel_module(record)
+    fn = getattr(module, record["kernel"])
+    # Autotuner / heuristics wrappers hold the JITFunction in .fn.
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"{record['module']}.{record['kernel']} is not a triton.jit kernel")
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], Any] = {}
+    if [p["name"] for p in record["params"]] != list(fn.arg_names):
+        raise TypeError(f"{record['kernel']}: parameters changed since the capture")
+    for i, p in enumerate(record["params"]):
+        ty = p["type"]
+        signature[p["name"]] = ty
+        if ty == "constexpr":
+            constexprs[p["name"]] = _from_json_value(p.get("value"))
+        elif ty.startswith("*"):
+            attrs[(i,)] = BaseBackend.parse_attr("D")
+        elif form == "aligned" and p.get("specialisable"):
+            attrs[(i,)] = BaseBackend.parse_attr("D")
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), \
+        dict(record["options"])
+
+
+def _triton_ptxas(arch: int) -> str:
+    """Path of the ptxas triton itself uses for this architecture (else nvcc's)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - any failure falls back to the CUDA toolkit's
+        pass
+    found = shutil.which("ptxas") or (
+        os.path.join(os.path.dirname(shutil.which("nvcc") or ""), "ptxas") if shutil.which("nvcc")
+        else None)
+    if not found or not os.path.exists(found):
+        raise FileNotFoundError("no ptxas: neither triton's nor the CUDA toolkit's was found")
+    return found
+
+
+def ptxas_usage(ptx: str, arch: int, *, fmad: bool = True) -> dict[str, dict[str, Any]]:
+    """Runs ptxas -v on PTX text for its own .target (sm_90a for 90) and parses the log."""
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    gpu = target.group(1) if target else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [_triton_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+               str(src), "-o", str(Path(tmp) / "k.cubin")]
+        if not fmad:
+            cmd.insert(1, "--fmad=false")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return parse_ptxas(proc.stdout + proc.stderr)
+
+
+def compile_variant(job: tuple[dict, str, int]) -> dict:
+    """Compiles one (variant, form, arch) and returns its Usage as a dict (never raises)."""
+    record, form, arch = job
+    name = f"{record['module']}:{record['kernel']}"
+    usage = Usage(kernel=name, variant=variant_summary(record, form), arch=arch)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        src, options = _ast_source(record, form)
+        # Triton runs ptxas -v itself for the cubin; with TRITON_DUMP_PTXAS_LOG (set in the
+        # worker) it prints that log, which has the numbers of exactly that invocation.
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        usage.shared = int(k.metadata.shared)
+        entries = parse_ptxas(log.getvalue())
+        if not entries:  # a cache hit compiles nothing: run ptxas on the PTX ourselves
+            entries = ptxas_usage(k.asm["ptx"], arch,
+                                  fmad=options.get("enable_fp_fusion", True))
+        if len(entries) != 1:
+            raise RuntimeError(f"expected one entry in the ptxas log, got {sorted(entries)}")
+        (info,) = entries.values()
+        usage.registers = info["registers"]
+        usage.spill_stores = info["spill_stores"]
+        usage.spill_loads = info["spill_loads"]
+        usage.shared += info["shared"]
+    except Exception as exc:  # noqa: BLE001 - the gate reports it as a failure
+        usage.error = f"{type(exc).__name__}: {str(exc).strip()[:600]}"
+    return asdict(usage)
+
+
+def _clean_worker_env() -> None:
+    # The compile workers must see the real triton.jit, not the interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+
+def compile_variants(variants: Sequence[dict], *, archs: Sequence[int] = ARCHS,
+                     forms: Sequence[str] = SPEC_FORMS, jobs: int = 2) -> list[Usage]:
+    """AOT-compiles every variant in every form for every architecture, in a process pool.
+
+    The pool's processes are started fresh ("spawn") with TRITON_INTERPRET removed, so this
+    works from a process that runs the interpreter itself (pytest here).
+    """
+    import multiprocessing
+
+    work = [(v, f, a) for v in variants for f in forms for a in archs]
+    # Longest first (MI's big bins, Sobel backward) so the pool does not end on one of them.
+    work.sort(key=lambda j: -_cost_hint(j[0]))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx,
+                             initializer=_clean_worker_env) as pool:
+        results = list(pool.map(compile_variant, work, chunksize=1))
+    return [Usage(**r) for r in results]
+
+
+def _cost_hint(record: dict) -> int:
+    return sum(int(p["value"]) for p in record["params"]
+               if p["type"] == "constexpr" and isinstance(p.get("value"), int)
+               and not isinstance(p.get("value"), bool))
+
+
+# ======================================================================= CUDA (nvcc)
+
+
+def nvcc_path() -> str | None:
+    """nvcc on PATH, or under CUDA_HOME / /usr/local/cuda; None when absent."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release [\d.]+, V([\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def _demangle(names: Sequence[str], nvcc: str) -> dict[str, str]:
+    """Demangled names (cu++filt beside nvcc, else c++filt; unchanged when neither exists)."""
+    tool = None
+    for cand in (os.path.join(os.path.dirname(nvcc), "cu++filt"), shutil.which("cu++filt"),
+                 shutil.which("c++filt")):
+        if cand and os.path.exists(cand):
+            tool = cand
+            break
+    if tool is None or not names:
+        return {n: n for n in names}
+    proc = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) != len(names):
+        return {n: n for n in names}
+    return dict(zip(names, lines))
+
+
+def _kernel_key(demangled: str) -> str:
+    """A demangled kernel name without return type, anonymous namespace and parameters:
+    "void ns::(anonymous namespace)::k<3, float>(Args, float*)" -> "ns::k<3, float>"."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    name = re.sub(r"^void\s+", "", name)
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+def _dynamic_shared_kernels(source: str) -> set[str]:
+    """Names of __global__ functions in a .cu source whose body declares extern __shared__."""
+    names = set()
+    for g in re.finditer(r"\b__global__\b", source):
+        # The kernel's name: the first identifier followed by "(" that is not an attribute.
+        name = None
+        for m in re.finditer(r"(\w+)\s*\(", source[g.end():]):
+            if not m.group(1).startswith("__"):
+                name, rest = m.group(1), g.end() + m.end()
+                break
+        if name is None:
+            continue
+        body_start = source.find("{", rest)
+        semicolon = source.find(";", rest)
+        if body_start < 0 or 0 <= semicolon < body_start:  # a declaration, no body
+            continue
+        depth, i = 0, body_start
+        while i < len(source):
+            if source[i] == "{":
+                depth += 1
+            elif source[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        if "extern __shared__" in source[body_start:i]:
+            names.add(name)
+    return names
+
+
+def cuda_flags(archs: Sequence[int], nvcc: str) -> list[str]:
+    """nvcc flags of the gate: the CMake build's CUDA flags and definitions (CMakeLists.txt:
+    C++17, -O3, MRUS_WITH_CUDA and the two informational strings), device code only (a
+    fatbin: the host half is the CMake build's business), one -gencode per architecture."""
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return ["-std=c++17", "-O3", "-fatbin", *gencode, "--resource-usage",
+            f"-I{CUDA_INCLUDE}", "-DMRUS_WITH_CUDA",
+            f'-DMRUS_CUDA_ARCHS="{",".join(map(str, archs))}"',
+            f'-DMRUS_CUDA_VERSION="{nvcc_version(nvcc)}"']
+
+
+def compile_cuda_file(job: tuple[str, tuple[int, ...], str]) -> list[dict]:
+    """nvcc --resource-usage on one .cu for every arch; one Usage dict per kernel and arch
+    (never raises: a compile error is a Usage with its error)."""
+    path, archs, nvcc = job
+    src = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, *cuda_flags(archs, nvcc), str(src), "-o", str(Path(tmp) / "k.fatbin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return [asdict(Usage(kernel=src.name, variant=src.name, arch=a,
+                             error=f"nvcc failed ({proc.returncode}): {log.strip()[-1500:]}"))
+                for a in archs]
+    entries = parse_ptxas(log)
+    demangled = _demangle(sorted({e["name"] for e in entries.values()}), nvcc)
+    dynamic = _dynamic_shared_kernels(src.read_text())
+    out = []
+    for e in entries.values():
+        key = _kernel_key(demangled[e["name"]])
+        base = re.sub(r"<.*", "", key).split("::")[-1]
+        arch = int(re.sub(r"\D", "", e["arch"] or "0") or 0)
+        out.append(asdict(Usage(kernel=key, variant=src.name, arch=arch,
+                                registers=e["registers"], spill_stores=e["spill_stores"],
+                                spill_loads=e["spill_loads"], shared=e["shared"],
+                                dynamic_shared=base in dynamic)))
+    missing = set(archs) - {u["arch"] for u in out}
+    for a in sorted(missing):
+        out.append(asdict(Usage(kernel=src.name, variant=src.name, arch=a,
+                                error="nvcc reported no kernel for this arch")))
+    return out
+
+
+def compile_cuda(*, archs: Sequence[int] = ARCHS, jobs: int = 2,
+                 sources: Sequence[Path] | None = None) -> list[Usage]:
+    """Compiles every csrc/cuda/*.cu (or `sources`) for every architecture, files in
+    parallel; raises FileNotFoundError without nvcc."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+    files = sorted(sources if sources is not None else CUDA_SOURCES.glob("*.cu"))
+    work = [(str(f), tuple(archs), nvcc) for f in files]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(compile_cuda_file, work, chunksize=1))
+    return [Usage(**u) for batch in results for u in batch]
+
+
+# ============================================================================= tables
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n}" if n < 1024 else f"{n} ({n / 1024:.1f} KiB)"
+
+
+def _base_name(kernel: str) -> str:
+    """"mod:k" -> "k"; "ns::k<3, float>" -> "k"."""
+    return re.sub(r"<.*", "", kernel.split(":")[-1] if "::" not in kernel else kernel).split("::")[-1]
+
+
+def waived(u: Usage, waivers: dict[str, str]) -> str | None:
+    """The waiver reason that covers `u` (its kernel, or its name without template
+    arguments), or None."""
+    for key in (u.kernel, re.sub(r"<.*", "", u.kernel)):
+        if key in waivers:
+            return waivers[key]
+    return None
+
+
+def _aggregate_table(usages: Sequence[Usage], waivers: dict[str, str], what: str,
+                     where: Callable[[Usage], str]) -> str:
+    """Markdown: one row per kernel (template instances and variants together) and arch,
+    the worst value of each column over them."""
+    groups: dict[tuple[str, str, int], list[Usage]] = {}
+    for u in usages:
+        groups.setdefault((where(u), _base_name(u.kernel), u.arch), []).append(u)
+    rows = []
+    for (place, name, arch), us in sorted(groups.items()):
+        ok = [u for u in us if not u.error]
+        reg = max(ok, key=lambda u: u.registers, default=None)
+        spill = max(ok, key=lambda u: (u.spills, u.spill_stores), default=None)
+        shared = max(ok, key=lambda u: u.shared, default=None)
+        bad = [u for u in us if u.problems()]
+        reasons = {waived(u, waivers) for u in bad}
+        if not bad:
+            status = "ok"
+        elif None not in reasons:
+            status = "waived: " + "; ".join(sorted(r for r in reasons if r))
+        else:
+            status = f"**{sum(1 for u in bad if waived(u, waivers) is None)} failing**"
+        dyn = " + dynamic" if any(u.dynamic_shared for u in us) else ""
+        rows.append(
+            f"| `{name}` | {place} | {len(us)} | sm_{arch} | "
+            f"{reg.registers if reg else '-'} | "
+            f"{f'{spill.spill_stores} / {spill.spill_loads}' if spill else '-'} | "
+            f"{_fmt_bytes(shared.shared) if shared else '-'}{dyn} | "
+            f"{reg.variant if reg and what == 'variants' else (reg.kernel if reg else '-')} | "
+            f"{status} |")
+    head = (f"| kernel | {'module' if what == 'variants' else 'file'} | {what} | arch | "
+            f"max registers | max spill stores / loads B | max shared B | "
+            f"{'variant' if what == 'variants' else 'instance'} with most registers | status |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+def triton_table(usages: Sequence[Usage], waivers: dict[str, str] = TRITON_WAIVERS) -> str:
+    """Markdown: one row per Triton kernel and arch, the worst over its variants and forms."""
+    return _aggregate_table(usages, waivers, "variants",
+                            lambda u: u.kernel.split(":")[0].removeprefix("mrus_kernels."))
+
+
+def cuda_table(usages: Sequence[Usage], waivers: dict[str, str] = CUDA_WAIVERS) -> str:
+    """Markdown: one row per CUDA kernel and arch, the worst over its template instances
+    (static shared memory; "+ dynamic" where the kernel also takes some at launch)."""
+    return _aggregate_table(usages, waivers, "instances", lambda u: u.variant)
+
+
+def offenders_table(usages: Sequence[Usage]) -> str:
+    """Markdown: every failing (kernel, variant, arch) with its numbers and problem."""
+    rows = [f"| `{u.kernel}` | {u.variant} | sm_{u.arch} | {u.registers} | "
+            f"{u.spill_stores} / {u.spill_loads} | {u.shared} | "
+            f"{'; '.join(u.problems())}{(': ' + u.error.splitlines()[0][:200]) if u.error else ''} |"
+            for u in usages]
+    return ("| kernel | variant | arch | registers | spill stores / loads | shared | problem |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def write_results(section: str, path: Path = RESULTS_MD) -> None:
+    """Puts `section` between the compile-gate markers of RESULTS.md (appended if absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN_MARK}\n{section.rstrip()}\n{END_MARK}"
+    if BEGIN_MARK in text and END_MARK in text:
+        start = text.index(BEGIN_MARK)
+        end = text.index(END_MARK) + len(END_MARK)
+        text = text[:start] + block + text[end:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+# =============================================================================== main
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "absent"
+    nvcc = nvcc_path()
+    out["nvcc"] = nvcc_version(nvcc) if nvcc else "absent"
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_gate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--triton", action="store_true", help="only the Triton half")
+    parser.add_argument("--cuda", action="store_true", help="only the CUDA half")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    parser.add_argument("--forms", nargs="+", default=list(SPEC_FORMS), choices=SPEC_FORMS)
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes")
+    parser.add_argument("--execute", action="store_true",
+                        help="run the kernels during the capture (slow; checks the capture)")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"write the tables into {RESULTS_MD.relative_to(ROOT)}")
+    parser.add_argument("--json", type=Path, help="write every usage row as JSON here")
+    parser.add_argument("--capture-only", type=Path, metavar="JSON",
+                        help=argparse.SUPPRESS)  # internal: the capture subprocess
+    args = parser.parse_args(argv)
+
+    if args.capture_only is not None:
+        variants, info = capture_variants(execute=args.execute)
+        args.capture_only.write_text(json.dumps({"variants": variants, **info}))
+        return 0
+
+    do_triton = args.triton or not args.cuda
+    do_cuda = args.cuda or not args.triton
+    t0 = time.time()
+    failed = False
+    sections = []
+    all_rows: dict[str, list[dict]] = {}
+    if do_triton:
+        with tempfile.TemporaryDirectory() as tmp:
+            cap = capture_in_subprocess(Path(tmp) / "capture.json")
+        t_cap = time.time() - t0
+        for e in cap["errors"]:
+            print(f"capture error: {e}", file=sys.stderr)
+        failed |= bool(cap["errors"])
+        usages = compile_variants(cap["variants"], archs=args.arch, forms=args.forms,
+                                  jobs=args.jobs)
+        t_tr = time.time() - t0
+        bad = failures(usages, TRITON_WAIVERS)
+        failed |= bool(bad)
+        text = (f"### Triton kernels ({len(cap['variants'])} variants from {cap['launches']} "
+                f"launches of {cap['cases']} operator calls, forms {', '.join(args.forms)}; "
+                f"worst over variants)\n\n" + triton_table(usages))
+        if bad:
+            text += "\n\nOffenders:\n\n" + offenders_table(bad)
+        sections.append(text)
+        all_rows["triton"] = [asdict(u) for u in usages]
+        print(f"triton: capture {t_cap:.0f} s, compile {t_tr - t_cap:.0f} s, "
+              f"{len(usages)} compiles, {len(bad)} failing", file=sys.stderr)
+    if do_cuda:
+        t1 = time.time()
+        try:
+            cu = compile_cuda(archs=args.arch, jobs=args.jobs)
+        except FileNotFoundError as exc:
+            sections.append(f"### CUDA kernels\n\nnot checked: {exc}")
+        else:
+            bad = failures(cu, CUDA_WAIVERS)
+            failed |= bool(bad)
+            text = ("### CUDA kernels (nvcc --resource-usage; dynamic shared memory is set at "
+                    "launch and not included)\n\n" + cuda_table(cu))
+            if bad:
+                text += "\n\nOffenders:\n\n" + offenders_table(bad)
+            sections.append(text)
+            all_rows["cuda"] = [asdict(u) for u in cu]
+            print(f"cuda: {time.time() - t1:.0f} s, {len(cu)} kernels, {len(bad)} failing",
+                  file=sys.stderr)
+    v = _versions()
+    header = (f"## Compile gate (sm_{', sm_'.join(map(str, args.arch))}, no GPU)\n\n"
+              f"{datetime.date.today().isoformat()}, triton {v['triton']}, nvcc {v['nvcc']}; "
+              f"regenerate with `python -m benchmarks.compile_gate --write-results` "
+              f"({time.time() - t0:.0f} s on this machine). Shared-memory limits per block: "
+              f"sm_80 {SHARED_LIMIT[80]} B, sm_90 {SHARED_LIMIT[90]} B. "
+              f"{'FAILING' if failed else 'No spills, no shared memory over the limit.'}")
+    report = header + "\n\n" + "\n\n".join(sections)
+    print(report)
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=1))
+    if args.write_results:
+        write_results(report)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
