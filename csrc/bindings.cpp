@@ -45,7 +45,7 @@ void sobel_forward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uin
   unavailable();
 }
 void sobel_backward(const sobel::SobelArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                    uintptr_t) {
+                    uintptr_t, uintptr_t) {
   unavailable();
 }
 void lncc_forward(const lncc::LnccArgs&, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,

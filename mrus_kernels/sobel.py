@@ -175,9 +175,15 @@ def launch_backward(
             ptr(xw), ptr(x0w), ptr(gx), ptr(gx0),
         )
     elif backend == "cuda":
+        # The two-pass backward's gradient inputs r * g_i, float32, one block per gradient.
+        scratch = None
+        if mode != COMPONENTS:
+            scratch = torch.empty((int(need_x) + int(need_x0), shape[0], shape[1],
+                                   len(shape) - 2, *shape[2:]), dtype=torch.float32,
+                                  device=grad_out.device)
         _ext.C.sobel_backward_cuda(
             *_args(shape, dtype, padding, eps, mode, reduction), g.data_ptr(), ptr(x), ptr(x0),
-            ptr(gx), ptr(gx0), cuda_stream(x),
+            ptr(gx), ptr(gx0), ptr(scratch), cuda_stream(x),
         )
     elif backend == "triton":
         from .triton import sobel as triton_sobel
@@ -342,8 +348,10 @@ def sobel_l1(
 
     Fused: one pass computes both magnitudes per voxel and the L1 sum (per-slice / per-block
     partial sums added in a fixed order: deterministic, no float atomics), never storing a
-    magnitude map; the backward is one gather pass per input (the adjoint Sobel of
-    sign(m1 - m0) g_i / m, recomputed on the fly). Differentiable in ``f1`` and ``f0``.
+    magnitude map. The backward is the adjoint Sobel of sign(m1 - m0) g_i / m per input: on
+    the CPU slice by slice; on the GPU backends one pass writes those ndim values per voxel
+    to a float32 scratch (ndim x the input's size, per input needing a gradient), then one
+    gather applies the adjoint filter. Differentiable in ``f1`` and ``f0``.
 
     Args:
         f1: Tensor [B, C, *S], e.g. deep features of the translated image.

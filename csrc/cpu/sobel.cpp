@@ -449,9 +449,9 @@ void register_sobel(py::module_& m) {
       "sobel_backward_cuda",
       [](int dtype, int ndim, int64_t B, int64_t C, std::vector<int64_t> size, int padding,
          double eps, int mode, int reduction, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
-         uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream) {
+         uintptr_t grad_x, uintptr_t grad_x0, uintptr_t scratch, uintptr_t stream) {
         cuda::sobel_backward(sobel_args(dtype, ndim, B, C, size, padding, eps, mode, reduction, 1),
-                             grad_out, x, x0, grad_x, grad_x0, stream);
+                             grad_out, x, x0, grad_x, grad_x0, scratch, stream);
       },
       release);
 }

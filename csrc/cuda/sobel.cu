@@ -1,17 +1,28 @@
 // CUDA kernels and launchers of the Sobel operators. The per-voxel math (taps, adjoint
 // weights, magnitude, L1 factors) is in csrc/include/sobel.h, shared with
-// csrc/cpu/sobel.cpp.
+// csrc/cpu/sobel.cpp; the per-voxel bodies of the kernels below are host-device functions
+// (forward_voxel, backward_prep_voxel, adjoint_voxel), so a host program can run them too.
 //
 // Layout: one thread per voxel of one (batch, channel) volume (grid y). The forward reads
 // the 3^ndim neighbourhood through the read-only cache. The fused L1 forward reduces |m1 -
-// m0| per block in shared memory (fixed tree) into one float partial per block, then one
-// block sums the partials in a fixed order in double: deterministic, no float atomics. The
-// backward is a gather, single writer per gradient element: each output voxel visits its
-// 3^ndim neighbours p with the adjoint weights of sobel.h (the clamped reads of "replicate"
-// folded onto the edges) and recomputes the gradient inputs at p (the upstream components,
-// or upstream * g_i(p) / m(p), or the L1 factors of both inputs). No scratch memory.
+// m0| per block in shared memory (fixed tree) into one float partial per block; a second
+// kernel adds fixed chunks of kSumChunk partials per block in double, and one block adds
+// those chunk sums in a fixed order: deterministic, no float atomics.
 //
-// No host syncs and no allocations: every launcher is safe under CUDA-graph capture.
+// The backward is two passes. The first (modes MAGNITUDE and L1) computes the Sobel of the
+// input(s) once per voxel and writes the gradient inputs h_i = r g_i (r = upstream / m, or
+// the L1 factors of sobel.h) to a float32 scratch [B, C, ndim, *S] per gradient asked for;
+// the COMPONENTS mode has them already (the upstream gradient). The second is the adjoint
+// filter, a gather with a single writer per gradient element: grad(q) = sum_i sum_p
+// w_i(q, p) h_i(p) over the 3^ndim neighbours p, with the adjoint taps of sobel.h (the
+// clamped reads of "replicate" folded onto the edges). Terms of weight 0 (the derivative's
+// centre, neighbours outside) are not read, as on the CPU, so a NaN reaches exactly the
+// gradients that depend on it. 2 x 26 reads per voxel in the first pass (3D, L1), at most
+// 3 x 27 in the second (18 per component inside the volume), against 27 recomputed Sobels
+// of both inputs (about 1,400 reads) when the gather recomputed them.
+//
+// No host syncs and no allocations (the scratch and the partials come from the caller):
+// every launcher is safe under CUDA-graph capture.
 
 #include <cstdint>
 #include <stdexcept>
@@ -29,62 +40,93 @@ using sobel::Reduction;
 using sobel::SobelArgs;
 
 constexpr int kBlock = 256;
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Partials added by one block of the second reduction stage (16 per thread).
+constexpr int64_t kSumChunk = int64_t(kBlock) * 16;
+
+MRUS_HD float to_float(__half v) { return __half2float(v); }
+MRUS_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v);
+MRUS_HD T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+MRUS_HD float from_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+MRUS_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+MRUS_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
-__device__ __forceinline__ float load(const T* p) {
+MRUS_HD float load(const T* p) {
   return to_float(p[0]);
 }
 template <>
-__device__ __forceinline__ float load<float>(const float* p) {
+MRUS_HD float load<float>(const float* p) {
+#ifdef __CUDA_ARCH__
   return __ldg(p);
+#else
+  return p[0];
+#endif
 }
 
-struct Index {
-  int64_t i[3];
-};
-
-__device__ __forceinline__ Index unravel(int64_t n, const SobelArgs& a, int ndim) {
-  Index q{{0, 0, 0}};
-  for (int k = ndim - 1; k >= 0; --k) {
-    q.i[k] = n % a.size[k];
-    n /= a.size[k];
+// Spatial indices q of flat voxel n of a volume of vox voxels (row-major over a.size; q[2]
+// = 0 in 2D). As warp.h's voxel_coords: a 64-bit division is a long software sequence on a
+// GPU, so volumes below 2**32 voxels (every real one) take 32-bit divisions (one per axis
+// but the first).
+template <int NDIM>
+MRUS_HD void voxel_coords(const SobelArgs& a, int64_t vox, int64_t n, int64_t q[3]) {
+  q[2] = 0;
+  if (vox <= int64_t(0xffffffffu)) {
+    uint32_t m = static_cast<uint32_t>(n);
+    MRUS_UNROLL
+    for (int k = NDIM - 1; k > 0; --k) {
+      const uint32_t s = static_cast<uint32_t>(a.size[k]);
+      q[k] = static_cast<int64_t>(m % s);
+      m /= s;
+    }
+    q[0] = static_cast<int64_t>(m);
+    return;
   }
-  return q;
+  // 2**32 voxels or more: each quotient in double (n < 2**53 is exact; the rounded quotient
+  // is off by at most one, which the remainder corrects). A 64-bit integer division is a
+  // subroutine call whose saved registers spill (sm_80) even when this path is not taken.
+  MRUS_UNROLL
+  for (int k = NDIM - 1; k > 0; --k) {
+    const int64_t s = a.size[k];
+    int64_t d = static_cast<int64_t>(static_cast<double>(n) / static_cast<double>(s));
+    int64_t r = n - d * s;
+    if (r < 0) {
+      --d;
+      r += s;
+    } else if (r >= s) {
+      ++d;
+      r -= s;
+    }
+    q[k] = r;
+    n = d;
+  }
+  q[0] = n;
 }
 
 // Forward taps: derivative d(o) = o, smoothing s(o) = 2 - |o| for o in -1, 0, 1.
-__device__ __forceinline__ float tap_d(int o) { return float(o); }
-__device__ __forceinline__ float tap_s(int o) { return o == 0 ? 2.f : 1.f; }
+MRUS_HD float tap_d(int o) { return float(o); }
+MRUS_HD float tap_s(int o) { return o == 0 ? 2.f : 1.f; }
 
 // Sobel components at voxel p of the volume X (g[2] = 0 in 2D).
 template <int NDIM, typename T>
-__device__ void components(const T* __restrict__ X, const Index& p, const SobelArgs& a,
-                           float g[3]) {
+MRUS_HD void components(const T* __restrict__ X, const int64_t p[3], const SobelArgs& a,
+                        float g[3]) {
   g[0] = g[1] = g[2] = 0.f;
   const bool rep = a.padding == int(Padding::BORDER);
   MRUS_UNROLL
   for (int o0 = -1; o0 <= 1; ++o0) {
-    int64_t c0 = p.i[0] + o0;
+    int64_t c0 = p[0] + o0;
     if (c0 < 0 || c0 >= a.size[0]) {
       if (!rep) continue;
       c0 = c0 < 0 ? 0 : a.size[0] - 1;
     }
     MRUS_UNROLL
     for (int o1 = -1; o1 <= 1; ++o1) {
-      int64_t c1 = p.i[1] + o1;
+      int64_t c1 = p[1] + o1;
       if (c1 < 0 || c1 >= a.size[1]) {
         if (!rep) continue;
         c1 = c1 < 0 ? 0 : a.size[1] - 1;
@@ -95,15 +137,16 @@ __device__ void components(const T* __restrict__ X, const Index& p, const SobelA
         g[0] += tap_d(o0) * tap_s(o1) * v;
         g[1] += tap_s(o0) * tap_d(o1) * v;
       } else {
+        const T* row = X + (c0 * a.size[1] + c1) * a.size[2];
         MRUS_UNROLL
         for (int o2 = -1; o2 <= 1; ++o2) {
           if (o0 == 0 && o1 == 0 && o2 == 0) continue;
-          int64_t c2 = p.i[2] + o2;
+          int64_t c2 = p[2] + o2;
           if (c2 < 0 || c2 >= a.size[2]) {
             if (!rep) continue;
             c2 = c2 < 0 ? 0 : a.size[2] - 1;
           }
-          const float v = load(X + (c0 * a.size[1] + c1) * a.size[2] + c2);
+          const float v = load(row + c2);
           g[0] += tap_d(o0) * tap_s(o1) * tap_s(o2) * v;
           g[1] += tap_s(o0) * tap_d(o1) * tap_s(o2) * v;
           g[2] += tap_s(o0) * tap_s(o1) * tap_d(o2) * v;
@@ -111,6 +154,121 @@ __device__ void components(const T* __restrict__ X, const Index& p, const SobelA
       }
     }
   }
+}
+
+// The forward at voxel n (indices q) of volume v: writes out (COMPONENTS, MAGNITUDE, L1
+// without reduction) and returns |m1 - m0| for L1 (0 otherwise).
+template <int NDIM, typename T>
+MRUS_HD float forward_voxel(const SobelArgs& a, int64_t vox, int64_t v, int64_t n,
+                            const int64_t q[3], const T* __restrict__ x,
+                            const T* __restrict__ x0, T* __restrict__ out) {
+  const Mode mode = static_cast<Mode>(a.mode);
+  const float eps = static_cast<float>(a.eps);
+  float g[3];
+  components<NDIM>(x + v * vox, q, a, g);
+  if (mode == Mode::COMPONENTS) {
+    MRUS_UNROLL
+    for (int i = 0; i < NDIM; ++i) out[(v * NDIM + i) * vox + n] = from_float<T>(g[i]);
+    return 0.f;
+  }
+  if (mode == Mode::MAGNITUDE) {
+    out[v * vox + n] = from_float<T>(sobel::magnitude(g[0], g[1], g[2], eps));
+    return 0.f;
+  }
+  float h[3];
+  components<NDIM>(x0 + v * vox, q, a, h);
+  const float d =
+      fabsf(sobel::magnitude(g[0], g[1], g[2], eps) - sobel::magnitude(h[0], h[1], h[2], eps));
+  if (a.reduction == int(Reduction::NONE)) out[v * vox + n] = from_float<T>(d);
+  return d;
+}
+
+// The upstream gradient of the reduced L1 loss (one element), times 1/N for the mean.
+template <typename T>
+MRUS_HD float l1_scalar_upstream(const SobelArgs& a, const T* grad_out) {
+  if (a.mode != int(Mode::L1) || a.reduction == int(Reduction::NONE)) return 0.f;
+  const float up = load(grad_out);
+  return a.reduction == int(Reduction::MEAN) ? up * static_cast<float>(1.0 / double(a.numel()))
+                                             : up;
+}
+
+// First backward pass at voxel n (indices q) of volume v, modes MAGNITUDE and L1: the
+// gradient inputs h_i = r g_i of x into h1 and (L1) of x0 into h0, each [V, NDIM, vox]
+// float32 or nullptr when that gradient is not needed. up_scalar: l1_scalar_upstream.
+template <int NDIM, typename T>
+MRUS_HD void backward_prep_voxel(const SobelArgs& a, int64_t vox, int64_t v, int64_t n,
+                                 const int64_t q[3], const T* __restrict__ grad_out,
+                                 const T* __restrict__ x, const T* __restrict__ x0,
+                                 float up_scalar, float* __restrict__ h1,
+                                 float* __restrict__ h0) {
+  const float eps = static_cast<float>(a.eps);
+  const int64_t base = v * NDIM * vox + n;
+  float g[3];
+  components<NDIM>(x + v * vox, q, a, g);
+  const float m1 = sobel::magnitude(g[0], g[1], g[2], eps);
+  if (a.mode == int(Mode::MAGNITUDE)) {
+    const float r1 = load(grad_out + v * vox + n) / m1;
+    MRUS_UNROLL
+    for (int i = 0; i < NDIM; ++i) h1[base + i * vox] = g[i] * r1;
+    return;
+  }
+  float f[3];
+  components<NDIM>(x0 + v * vox, q, a, f);
+  const float m0 = sobel::magnitude(f[0], f[1], f[2], eps);
+  const float up = a.reduction == int(Reduction::NONE) ? load(grad_out + v * vox + n) : up_scalar;
+  float r1, r0;
+  sobel::l1_factors(m1, m0, up, r1, r0);
+  MRUS_UNROLL
+  for (int i = 0; i < NDIM; ++i) {
+    if (h1) h1[base + i * vox] = g[i] * r1;
+    if (h0) h0[base + i * vox] = f[i] * r0;
+  }
+}
+
+// Second backward pass at voxel n (indices q): sum_i S_i^T h_i, h this volume's gradient
+// inputs [NDIM, vox] (any float type). Terms of adjoint weight 0 are skipped, not
+// multiplied: no 0 * NaN, and no pointer is formed outside the volume.
+template <int NDIM, typename H>
+MRUS_HD float adjoint_voxel(const SobelArgs& a, int64_t vox, int64_t n, const int64_t q[3],
+                            const H* __restrict__ h) {
+  const sobel::Tap3<float> s_adj = sobel::make_tap<float>(false, true, a.padding);
+  const sobel::Tap3<float> d_adj = sobel::make_tap<float>(true, true, a.padding);
+  float ws[3][3], wd[3][3];  // per axis, neighbours -1, 0, +1 (0 outside the axis)
+  MRUS_UNROLL
+  for (int k = 0; k < NDIM; ++k) {
+    sobel::tap_coefs(s_adj, q[k], a.size[k], ws[k][0], ws[k][1], ws[k][2]);
+    sobel::tap_coefs(d_adj, q[k], a.size[k], wd[k][0], wd[k][1], wd[k][2]);
+  }
+  const int64_t step0 = NDIM == 3 ? a.size[1] * a.size[2] : a.size[1];
+  const int64_t step1 = NDIM == 3 ? a.size[2] : 1;
+  float acc = 0.f;
+  MRUS_UNROLL
+  for (int i = 0; i < NDIM; ++i) {
+    const H* hi = h + i * vox + n;
+    MRUS_UNROLL
+    for (int d0 = 0; d0 < 3; ++d0) {
+      const float w0 = i == 0 ? wd[0][d0] : ws[0][d0];
+      if (w0 == 0.f) continue;
+      const H* p0 = hi + (d0 - 1) * step0;
+      MRUS_UNROLL
+      for (int d1 = 0; d1 < 3; ++d1) {
+        const float w01 = w0 * (i == 1 ? wd[1][d1] : ws[1][d1]);
+        if (w01 == 0.f) continue;
+        const H* p1 = p0 + (d1 - 1) * step1;
+        if constexpr (NDIM == 2) {
+          acc += w01 * load(p1);
+        } else {
+          MRUS_UNROLL
+          for (int d2 = 0; d2 < 3; ++d2) {
+            const float w = w01 * (i == 2 ? wd[2][d2] : ws[2][d2]);
+            if (w == 0.f) continue;
+            acc += w * load(p1 + (d2 - 1));
+          }
+        }
+      }
+    }
+  }
+  return acc;
 }
 
 template <int NDIM, typename T>
@@ -122,25 +280,13 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t vox = a.voxels();
   const int64_t v = blockIdx.y;
   const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
-  const Mode mode = static_cast<Mode>(a.mode);
-  const float eps = static_cast<float>(a.eps);
   float d = 0.f;
   if (n < vox) {
-    const Index p = unravel(n, a, NDIM);
-    float g[3];
-    components<NDIM>(x + v * vox, p, a, g);
-    if (mode == Mode::COMPONENTS) {
-      for (int i = 0; i < NDIM; ++i) out[(v * NDIM + i) * vox + n] = from_float<T>(g[i]);
-    } else if (mode == Mode::MAGNITUDE) {
-      out[v * vox + n] = from_float<T>(sobel::magnitude(g[0], g[1], g[2], eps));
-    } else {
-      float h[3];
-      components<NDIM>(x0 + v * vox, p, a, h);
-      d = fabsf(sobel::magnitude(g[0], g[1], g[2], eps) - sobel::magnitude(h[0], h[1], h[2], eps));
-      if (a.reduction == int(Reduction::NONE)) out[v * vox + n] = from_float<T>(d);
-    }
+    int64_t q[3];
+    voxel_coords<NDIM>(a, vox, n, q);
+    d = forward_voxel<NDIM>(a, vox, v, n, q, x, x0, out);
   }
-  if (mode != Mode::L1 || a.reduction == int(Reduction::NONE)) return;
+  if (a.mode != int(Mode::L1) || a.reduction == int(Reduction::NONE)) return;
   red[threadIdx.x] = d;
   __syncthreads();
   for (int s = kBlock / 2; s > 0; s >>= 1) {
@@ -150,112 +296,91 @@ __global__ void __launch_bounds__(kBlock)
   if (threadIdx.x == 0) partials[v * gridDim.x + blockIdx.x] = red[0];
 }
 
-// One block: thread t sums partials t, t + kBlock, ... in double, then a fixed tree.
-template <typename T>
-__global__ void __launch_bounds__(kBlock)
-    sum_partials_kernel(const float* __restrict__ partials, int64_t n, double scale,
-                        T* __restrict__ out) {
-  __shared__ double red[kBlock];
-  double s = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += kBlock) s += partials[i];
-  red[threadIdx.x] = s;
+// The sum of every thread's v over the block, in a fixed tree (same order every run).
+__device__ double block_sum(double v, double* red) {
+  red[threadIdx.x] = v;
   __syncthreads();
   for (int k = kBlock / 2; k > 0; k >>= 1) {
     if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
     __syncthreads();
   }
-  if (threadIdx.x == 0) out[0] = from_float<T>(static_cast<float>(red[0] * scale));
+  return red[0];
+}
+
+// Second stage: block b adds partials [b kSumChunk, (b + 1) kSumChunk) in double (thread t
+// the elements t, t + kBlock, ... of the chunk) into sums[b].
+__global__ void __launch_bounds__(kBlock)
+    sum_chunks_kernel(const float* __restrict__ partials, int64_t n, double* __restrict__ sums) {
+  __shared__ double red[kBlock];
+  const int64_t lo = int64_t(blockIdx.x) * kSumChunk;
+  const int64_t hi = lo + kSumChunk < n ? lo + kSumChunk : n;
+  double s = 0.0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kBlock) s += partials[i];
+  const double total = block_sum(s, red);
+  if (threadIdx.x == 0) sums[blockIdx.x] = total;
+}
+
+// Last stage, one block: out = scale * the sum of the n chunk sums.
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    sum_final_kernel(const double* __restrict__ sums, int64_t n, double scale,
+                     T* __restrict__ out) {
+  __shared__ double red[kBlock];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlock) s += sums[i];
+  const double total = block_sum(s, red);
+  if (threadIdx.x == 0) out[0] = from_float<T>(static_cast<float>(total * scale));
 }
 
 template <int NDIM, typename T>
 __global__ void __launch_bounds__(kBlock)
-    sobel_backward_kernel(const __grid_constant__ SobelArgs a, const T* __restrict__ grad_out,
-                          const T* __restrict__ x, const T* __restrict__ x0,
-                          T* __restrict__ grad_x, T* __restrict__ grad_x0) {
+    sobel_backward_prep_kernel(const __grid_constant__ SobelArgs a,
+                               const T* __restrict__ grad_out, const T* __restrict__ x,
+                               const T* __restrict__ x0, float* __restrict__ h1,
+                               float* __restrict__ h0) {
   const int64_t vox = a.voxels();
   const int64_t v = blockIdx.y;
   const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
   if (n >= vox) return;
-  const Mode mode = static_cast<Mode>(a.mode);
-  const float eps = static_cast<float>(a.eps);
-  const bool scalar_up = mode == Mode::L1 && a.reduction != int(Reduction::NONE);
-  const float up_scalar =
-      scalar_up ? load(grad_out) * (a.reduction == int(Reduction::MEAN)
-                                        ? static_cast<float>(1.0 / double(a.numel()))
-                                        : 1.f)
-                : 0.f;
-  const sobel::Tap3<float> s_adj = sobel::make_tap<float>(false, true, a.padding);
-  const sobel::Tap3<float> d_adj = sobel::make_tap<float>(true, true, a.padding);
-  const Index q = unravel(n, a, NDIM);
-  // Adjoint weights per axis for the neighbours -1, 0, +1 (0 where outside).
-  float ws[3][3], wd[3][3];
-  for (int k = 0; k < NDIM; ++k) {
-    sobel::tap_coefs(s_adj, q.i[k], a.size[k], ws[k][0], ws[k][1], ws[k][2]);
-    sobel::tap_coefs(d_adj, q.i[k], a.size[k], wd[k][0], wd[k][1], wd[k][2]);
-  }
-  const T* X = x + v * vox;
-  const T* X0 = x0 ? x0 + v * vox : nullptr;
-  float acc1 = 0.f, acc0 = 0.f;
-  for (int d0 = -1; d0 <= 1; ++d0) {
-    for (int d1 = -1; d1 <= 1; ++d1) {
-      for (int d2 = (NDIM == 3 ? -1 : 0); d2 <= (NDIM == 3 ? 1 : 0); ++d2) {
-        const int dd[3] = {d0, d1, d2};
-        Index p = q;
-        bool inside = true;
-        for (int k = 0; k < NDIM; ++k) {
-          p.i[k] += dd[k];
-          inside = inside && p.i[k] >= 0 && p.i[k] < a.size[k];
-        }
-        if (!inside) continue;
-        float w[3];
-        for (int i = 0; i < NDIM; ++i) {
-          float wi = 1.f;
-          for (int k = 0; k < NDIM; ++k) wi *= (k == i ? wd[k][dd[k] + 1] : ws[k][dd[k] + 1]);
-          w[i] = wi;
-        }
-        if (NDIM == 2) w[2] = 0.f;
-        int64_t poff = p.i[0];
-        for (int k = 1; k < NDIM; ++k) poff = poff * a.size[k] + p.i[k];
-        if (mode == Mode::COMPONENTS) {
-          for (int i = 0; i < NDIM; ++i) acc1 += w[i] * load(grad_out + (v * NDIM + i) * vox + poff);
-          continue;
-        }
-        float g[3];
-        components<NDIM>(X, p, a, g);
-        const float m1 = sobel::magnitude(g[0], g[1], g[2], eps);
-        const float dot1 = w[0] * g[0] + w[1] * g[1] + w[2] * g[2];
-        if (mode == Mode::MAGNITUDE) {
-          acc1 += dot1 * (load(grad_out + v * vox + poff) / m1);
-          continue;
-        }
-        float h[3];
-        components<NDIM>(X0, p, a, h);
-        const float m0 = sobel::magnitude(h[0], h[1], h[2], eps);
-        const float up = scalar_up ? up_scalar : load(grad_out + v * vox + poff);
-        float r1, r0;
-        sobel::l1_factors(m1, m0, up, r1, r0);
-        acc1 += dot1 * r1;
-        acc0 += (w[0] * h[0] + w[1] * h[1] + w[2] * h[2]) * r0;
-      }
-    }
-  }
-  if (grad_x) grad_x[v * vox + n] = from_float<T>(acc1);
-  if (grad_x0) grad_x0[v * vox + n] = from_float<T>(acc0);
+  int64_t q[3];
+  voxel_coords<NDIM>(a, vox, n, q);
+  backward_prep_voxel<NDIM>(a, vox, v, n, q, grad_out, x, x0, l1_scalar_upstream(a, grad_out),
+                            h1, h0);
+}
+
+// grad [V, *S] = the adjoint filter of h [V, NDIM, *S].
+template <int NDIM, typename H, typename T>
+__global__ void __launch_bounds__(kBlock)
+    sobel_adjoint_kernel(const __grid_constant__ SobelArgs a, const H* __restrict__ h,
+                         T* __restrict__ grad) {
+  const int64_t vox = a.voxels();
+  const int64_t v = blockIdx.y;
+  const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
+  if (n >= vox) return;
+  int64_t q[3];
+  voxel_coords<NDIM>(a, vox, n, q);
+  grad[v * vox + n] = from_float<T>(adjoint_voxel<NDIM>(a, vox, n, q, h + v * NDIM * vox));
 }
 
 dim3 grid_for(const SobelArgs& a) {
   const int64_t blocks = ceil_div(a.voxels(), kBlock);
   if (a.volumes() > kMaxGridY) {
-    throw std::invalid_argument("mrus cuda sobel: B * C must be at most 65535");
+    throw std::invalid_argument("mrus cuda sobel: B * C must be at most 65535, got " +
+                                std::to_string(a.volumes()));
   }
   if (blocks > kMaxGridX) throw std::invalid_argument("mrus cuda sobel: volume too large");
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.volumes()));
 }
 
+// Block partials of the forward, then (at an even float offset) the double chunk sums.
+int64_t first_partials(const SobelArgs& a) { return ceil_div(a.voxels(), kBlock) * a.volumes(); }
+int64_t chunk_sums_offset(const SobelArgs& a) { return (first_partials(a) + 1) / 2 * 2; }
+int64_t chunk_sums(const SobelArgs& a) { return ceil_div(first_partials(a), kSumChunk); }
+
 }  // namespace
 
 int64_t sobel_num_partials(const SobelArgs& a) {
-  return ceil_div(a.voxels(), kBlock) * a.volumes();
+  return chunk_sums_offset(a) + 2 * chunk_sums(a);
 }
 
 void sobel_forward(const SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
@@ -266,32 +391,63 @@ void sobel_forward(const SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
     if (a.numel() == 0) return;
     const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const dim3 grid = grid_for(a);
+    float* part = reinterpret_cast<float*>(partials);
     sobel_forward_kernel<NDIM, T><<<grid, kBlock, 0, s>>>(
         a, reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(x0), reinterpret_cast<T*>(out),
-        reinterpret_cast<float*>(partials));
+        part);
     check_launch("sobel_forward_kernel");
     if (a.mode == int(Mode::L1) && a.reduction != int(Reduction::NONE)) {
+      if (part == nullptr) {
+        throw std::invalid_argument("mrus cuda sobel_forward: the reduced L1 loss needs "
+                                    "sobel_num_partials(a) floats of partials");
+      }
+      double* sums = reinterpret_cast<double*>(part + chunk_sums_offset(a));
+      const int64_t nsums = chunk_sums(a);
+      sum_chunks_kernel<<<static_cast<unsigned>(nsums), kBlock, 0, s>>>(part, first_partials(a),
+                                                                        sums);
+      check_launch("sum_chunks_kernel");
       const double scale = a.reduction == int(Reduction::MEAN) ? 1.0 / double(a.numel()) : 1.0;
-      sum_partials_kernel<T><<<1, kBlock, 0, s>>>(reinterpret_cast<const float*>(partials),
-                                                  sobel_num_partials(a), scale,
-                                                  reinterpret_cast<T*>(out));
-      check_launch("sum_partials_kernel");
+      sum_final_kernel<T><<<1, kBlock, 0, s>>>(sums, nsums, scale, reinterpret_cast<T*>(out));
+      check_launch("sum_final_kernel");
     }
   });
 }
 
 void sobel_backward(const SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
-                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream) {
+                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t scratch, uintptr_t stream) {
   dispatch_ndim_dtype(a.ndim, a.dtype, "sobel_backward", [&](auto nd, auto tag) {
     constexpr int NDIM = decltype(nd)::value;
     using T = typename decltype(tag)::type;
     if (a.numel() == 0 || (grad_x == 0 && grad_x0 == 0)) return;
-    sobel_backward_kernel<NDIM, T>
-        <<<grid_for(a), kBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-            a, reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
-            reinterpret_cast<const T*>(x0), reinterpret_cast<T*>(grad_x),
-            reinterpret_cast<T*>(grad_x0));
-    check_launch("sobel_backward_kernel");
+    const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    const dim3 grid = grid_for(a);
+    T* gx = reinterpret_cast<T*>(grad_x);
+    T* gx0 = reinterpret_cast<T*>(grad_x0);
+    if (a.mode == int(Mode::COMPONENTS)) {
+      if (gx == nullptr) return;
+      sobel_adjoint_kernel<NDIM, T, T>
+          <<<grid, kBlock, 0, s>>>(a, reinterpret_cast<const T*>(grad_out), gx);
+      check_launch("sobel_adjoint_kernel");
+      return;
+    }
+    if (scratch == 0) {
+      throw std::invalid_argument("mrus cuda sobel_backward: the magnitude and L1 backward need "
+                                  "a float32 scratch of B * C * ndim * prod(S) per gradient");
+    }
+    float* h1 = gx ? reinterpret_cast<float*>(scratch) : nullptr;
+    float* h0 = gx0 ? reinterpret_cast<float*>(scratch) + (gx ? a.numel() * NDIM : 0) : nullptr;
+    sobel_backward_prep_kernel<NDIM, T><<<grid, kBlock, 0, s>>>(
+        a, reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
+        reinterpret_cast<const T*>(x0), h1, h0);
+    check_launch("sobel_backward_prep_kernel");
+    if (gx) {
+      sobel_adjoint_kernel<NDIM, float, T><<<grid, kBlock, 0, s>>>(a, h1, gx);
+      check_launch("sobel_adjoint_kernel");
+    }
+    if (gx0) {
+      sobel_adjoint_kernel<NDIM, float, T><<<grid, kBlock, 0, s>>>(a, h0, gx0);
+      check_launch("sobel_adjoint_kernel");
+    }
   });
 }
 

@@ -78,12 +78,15 @@ void mi_backward(const mi::MIArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
                  uintptr_t grad_moving, uintptr_t stream);
 // Sobel (csrc/cuda/sobel.cu), as the cpu entry points, input dtype (float32, float16,
 // bfloat16; float32 math). L1 with SUM/MEAN writes one float32 partial sum per block into
-// partials (sobel_num_partials(a) floats), then reduces them in a fixed order into out.
+// partials (sobel_num_partials(a) floats, also holding the chunk sums of the second stage),
+// then reduces them in a fixed order into out. The MAGNITUDE and L1 backward need scratch:
+// float32 [n, B, C, ndim, *S], n = the number of gradients asked for (x's block first);
+// COMPONENTS takes 0.
 int64_t sobel_num_partials(const sobel::SobelArgs& a);
 void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr_t out,
                    uintptr_t partials, uintptr_t stream);
 void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
-                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t stream);
+                    uintptr_t grad_x, uintptr_t grad_x0, uintptr_t scratch, uintptr_t stream);
 // LNCC, float32 only; as the cpu entry points, except that the forward writes per-block
 // partial sums [B, ceil(H W / LNCC_CUDA_COLS)] (float32) instead of num.
 void lncc_forward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
