@@ -21,6 +21,11 @@ from .backends import resolve
 MODES = ("linear", "nearest")
 PADDINGS = ("zeros", "border")
 _HALF = (torch.float16, torch.bfloat16)
+# GPU backward with a broadcast displacement (batch 1, image batch B > 1) whose gradient is
+# needed: below this many output voxels the displacement is expanded to B items, so that
+# the batch goes on a grid axis (the kernels then write one gradient per item, summed
+# here); above it the grid is full anyway and one program walks the batch.
+_SPLIT_BATCH_BELOW_VOXELS = 1 << 17
 
 
 def _validate(
@@ -61,6 +66,29 @@ def _kernel_args(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int
 
 def _out_shape(image: torch.Tensor, ddf: torch.Tensor) -> tuple[int, ...]:
     return (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
+
+
+def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite elements (0 if none), a float32 device scalar."""
+    return x.abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).amax().float()
+
+
+def _fixed_bound(grad_out: torch.Tensor, image: torch.Tensor, flags: int) -> torch.Tensor:
+    """vmax of the deterministic image gradient (mrus_kernels/triton/warp.py docstring): a
+    float32 device scalar >= every finite contribution, computed without a host sync.
+
+    Image-gradient contributions are w * g with 0 <= w <= 1: at most max |g|. With
+    DDF_GRAD_SCATTER (image is the field being squared) the displacement gradient adds
+    sum_c g_c * (differences of the field at the corners) * weights + g_i, at most
+    gmax * (2 * C * umax + 1); the factor 1 + 2**-16 covers its float32 rounding. Every
+    finite float32 value is <= FLT_MAX, so the bound is clamped there.
+    """
+    gmax = _finite_abs_max(grad_out)
+    if not flags & WarpFlags.DDF_GRAD_SCATTER:
+        return gmax
+    umax = _finite_abs_max(image).double()
+    bound = gmax.double() * (2 * image.shape[1] * umax + 1) * (1 + 2**-16)
+    return bound.clamp(max=torch.finfo(torch.float32).max).float()
 
 
 @_ext.on_tensor_device
@@ -122,28 +150,38 @@ def launch_backward(
             if need_image
             else None
         )
-        gd = torch.empty(ddf.shape, dtype=dtype, device=ddf.device) if need_ddf else None
+        batch = max(image.shape[0], ddf.shape[0])
+        expand = (need_ddf and ddf.shape[0] == 1 and batch > 1
+                  and ddf[0, 0].numel() < _SPLIT_BATCH_BELOW_VOXELS)
+        run_ddf = ddf.expand(batch, *ddf.shape[1:]).contiguous() if expand else ddf
+        gd = torch.empty(run_ddf.shape, dtype=dtype, device=ddf.device) if need_ddf else None
+        bound = None
+        if deterministic and need_image:
+            bound = _fixed_bound(grad_out, image, flags)
         if backend == "cuda":
-            scratch = gmax = None
-            if deterministic and need_image:
-                scratch = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
-                gmax = grad_out.abs().amax().float()
+            scratch = None
+            if bound is not None:
+                # int64 fixed-point sums, then the int32 non-finite flags (csrc/cuda/warp.cu).
+                n = image.numel()
+                scratch = torch.zeros(n + (n + 1) // 2, dtype=torch.int64, device=image.device)
             _ext.C.warp_backward_cuda(
-                *_kernel_args(image, ddf, mode, padding, flags), grad_out.data_ptr(),
-                image.data_ptr(), ddf.data_ptr(), gi.data_ptr() if gi is not None else 0,
+                *_kernel_args(image, run_ddf, mode, padding, flags), grad_out.data_ptr(),
+                image.data_ptr(), run_ddf.data_ptr(), gi.data_ptr() if gi is not None else 0,
                 gd.data_ptr() if gd is not None else 0, deterministic,
                 scratch.data_ptr() if scratch is not None else 0,
-                gmax.data_ptr() if gmax is not None else 0, cuda_stream(image),
+                bound.data_ptr() if bound is not None else 0, cuda_stream(image),
             )
         elif backend == "triton":
             from .triton import warp as triton_warp
 
             triton_warp.warp_backward(
-                grad_out, image, ddf, gi, gd, mode=mode, padding=padding,
-                deterministic=deterministic, flags=flags,
+                grad_out, image, run_ddf, gi, gd, mode=mode, padding=padding,
+                deterministic=deterministic, flags=flags, fixed_bound=bound,
             )
         else:  # pragma: no cover
             raise ValueError(f"warp: no kernel for backend {backend!r}")
+        if expand and gd is not None:
+            gd = gd.sum(0, keepdim=True, dtype=torch.float32).to(dtype)
     return (
         gi.to(dtype) if gi is not None else None,
         gd.to(dtype) if gd is not None else None,

@@ -58,11 +58,12 @@ void warp_forward(const warp::WarpArgs& a, uintptr_t image, uintptr_t ddf, uintp
 // grad_image: float32 [Bi, C, *in], zero-filled, or 0 when not needed (the caller casts it
 // to the input dtype). grad_ddf: input dtype [Bd, ndim, *out], every element written, or 0.
 // deterministic: accumulate the image gradient in 64-bit fixed point in fixed_scratch
-// (int64 [Bi, C, *in], zero-filled) with quantum gmax[0] * 2**-32, where gmax is a float32
-// device scalar holding max |grad_out|; integer sums do not depend on the order of atomics.
+// (int64 [Bi * C * n_in] sums followed by int32 [Bi * C * n_in] non-finite flags, zero-filled);
+// vmax: float32 device scalar bounding every finite contribution (the quantum follows from it,
+// csrc/cuda/warp.cu); integer sums do not depend on the order of atomics.
 void warp_backward(const warp::WarpArgs& a, uintptr_t grad_out, uintptr_t image, uintptr_t ddf,
                    uintptr_t grad_image, uintptr_t grad_ddf, bool deterministic,
-                   uintptr_t fixed_scratch, uintptr_t gmax, uintptr_t stream);
+                   uintptr_t fixed_scratch, uintptr_t vmax, uintptr_t stream);
 // As the cpu versions, float32/float16/bfloat16 (float32 math), on `stream`.
 void jacobian_forward(const jacobian::JacobianArgs& a, uintptr_t u, uintptr_t det, uintptr_t stream);
 // scratch: float32 [B, ndim * ndim, *S], written then read by the backward (no init needed).

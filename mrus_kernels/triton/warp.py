@@ -12,25 +12,45 @@ Layout of a program: one program per BLOCK output voxels and per displacement ba
 The sampling point, corner offsets, weights and validity are computed once per voxel, then a
 runtime loop over the image batch items that share this displacement (all of them when the
 displacement is broadcast, Bd == 1) and, inside it, over channels. The displacement gradient
-therefore has a single writer per element and the broadcast case reuses the stencil.
+therefore has a single writer per element and the broadcast case reuses the stencil. When
+the output is small (fewer than SPLIT_BELOW_BLOCKS programs per item) and no displacement
+gradient has to be summed over the batch, a broadcast displacement instead puts the batch
+on grid axis 1 (one item per program): a short loop over many items would leave most of
+the GPU idle.
 
 Channel and batch offsets advance 64-bit pointers; offsets inside one volume are int32 unless
-a volume is near 2**31 elements (IDX64). All arithmetic is float32 (inputs float32, float16
-or bfloat16).
+they can exceed _common.IDX64_THRESHOLD (IDX64). All arithmetic is float32 (inputs float32,
+float16 or bfloat16).
 
-The deterministic image gradient accumulates in 64-bit fixed point: each contribution v adds
-round(v / q), q = gmax * 2**-32 with gmax = max |grad_out| read from a device scalar (no host
-sync), with int64 atomics; integer sums do not depend on the order of the atomics, so the
-result is bitwise reproducible. |v| <= gmax, so each addition is at most 2**32 in magnitude
-and an image voxel can take 2**31 contributions before the int64 sum could overflow.
-With DDF_GRAD_SCATTER (compose's squaring step) the displacement gradient goes through the
-same fixed point; it is not bounded by gmax (it scales with the field's differences), which
-leaves ample headroom in practice, but a NaN there cannot be represented and adds 0.
+Deterministic image gradient (64-bit fixed point). Every contribution v (the float32 value
+the atomic path would add) is rounded once, in float64, to an integer multiple of the
+quantum q = 2**E and added with an int64 atomic: integer sums do not depend on the order of
+the atomics, so the result is bitwise reproducible. E is chosen so that no sum can
+overflow: with vmax a bound on every finite |v| (a float32 device scalar, no host sync) and
+M the most contributions one element can receive, q = 2**(e + L - 62) where
+2**(e - 1) <= vmax < 2**e and 2**L is the smallest power of two >= M, so a sum of M
+roundings stays within 2**62. Hence q <= max(vmax, 2**-126) * M * 2**-60, and an element
+that receives m contributions v_i ends within m * q / 2 of their exact sum before the final
+conversion to float32 (half an ulp of the result, plus at most 2**-53 relative from the
+int64 to float64 conversion):
+
+    |grad - sum_i v_i| <= m * q / 2 + 2**-24 * |grad|.
+
+Contributions far below q (relative to vmax, below about M * 2**-60) keep few bits; the
+float-atomic path keeps 24 bits of each but depends on the order of the atomics.
+vmax and M come from the launcher: vmax = max |grad_out| over finite values, and with
+DDF_GRAD_SCATTER (compose's squaring step: the displacement gradient goes into the same
+buffer) the bound gmax * (2 * C * umax + 1) of that gradient as well, umax the largest
+finite |ddf|; M = n_out times the batch items that read one image item, plus one with
+DDF_GRAD_SCATTER. A non-finite contribution (inf or NaN in grad_out, or in the field being
+squared) does not enter the integer sum: it sets a bit of an int32 flag of its destination
+element (1 NaN, 2 +inf, 4 -inf) and the conversion writes NaN (NaN seen, or both
+infinities), +inf or -inf there, as a float sum would. So a NaN or inf poisons exactly the
+elements it reaches, as on the CPU and on the float-atomic path.
 
 Interpreter (TRITON_INTERPRET=1): the kernels avoid NaN from finite operands where warp.h
-skips work (invalid corners, non-finite gmax), so NumPy raises no RuntimeWarning for NaN
-inputs; inf inputs can still make valid lanes compute inf * 0, as warp.h does, and NumPy
-then warns.
+skips work (invalid corners), so NumPy raises no RuntimeWarning for NaN inputs; inf inputs
+can still make valid lanes compute inf * 0, as warp.h does, and NumPy then warns.
 """
 
 from __future__ import annotations
@@ -41,6 +61,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from . import _common
 
 # Codes of csrc/include/common.h (Interp, Padding).
 LINEAR = 0
@@ -60,9 +82,10 @@ BLOCK_3D = 256
 VOXELS_PER_THREAD = 1
 CONVERT_BLOCK = 1024
 CONVERT_WARPS = 4
+# A broadcast displacement puts the batch on grid axis 1 (one item per program) when one
+# item needs fewer programs than this and no displacement gradient is summed over items.
+SPLIT_BELOW_BLOCKS = 512
 
-_INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -242,11 +265,19 @@ def _linear_dweights(cs, ts, ss, gates, PADDING: tl.constexpr, NDIM: tl.constexp
 
 
 @triton.jit
-def _to_fixed(v, s1, s2):
-    # round(v / q) as int64, q = gmax * 2**-32, written as (v * s1) * s2 with
-    # s1 * s2 = 1 / q so that neither factor overflows or underflows for tiny gmax.
-    # The kernel passes v = 0 when gmax is NaN or inf, so v * s1 * s2 is always finite.
-    return _round_half_even((v * s1) * s2).to(tl.int64)
+def _fixed_exponent(vmax_ptr, LOG2M):
+    """E of the quantum q = 2**E (module docstring): e + LOG2M - 62 with
+    2**(e - 1) <= vmax < 2**e, e read from vmax's exponent bits (e = -126 for vmax below
+    2**-126, still a bound)."""
+    bits = (tl.load(vmax_ptr).to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    bits = tl.minimum(tl.maximum(bits, 1), 254)
+    return bits - 126 + LOG2M - 62
+
+
+@triton.jit
+def _pow2(k):
+    """2.0**k as float64, exact, for -1022 <= k <= 1023 (built from the exponent bits)."""
+    return ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -268,10 +299,15 @@ def _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _scatter(ptr, v, mask, s1, s2, DETERMINISTIC: tl.constexpr):
-    """Adds v to the image gradient: float atomics, or int64 fixed point (v finite)."""
+def _scatter(ptr, flag_ptr, v, mask, inv_q, DETERMINISTIC: tl.constexpr):
+    """Adds v to the image gradient: a float atomic, or (DETERMINISTIC) round(v / q) into the
+    int64 fixed-point sum at ptr, a non-finite v as a bit of the int32 flag at flag_ptr."""
     if DETERMINISTIC:
-        tl.atomic_add(ptr, _to_fixed(v, s1, s2), mask=mask, sem="relaxed")
+        finite = tl.abs(v) < float("inf")  # False for NaN too; comparisons do not trap
+        x = tl.where(finite, v, 0.0).to(tl.float64) * inv_q  # exact: inv_q is 2**-E
+        tl.atomic_add(ptr, _round_half_even(x).to(tl.int64), mask=mask, sem="relaxed")
+        code = tl.where(v != v, 1, tl.where(v > 0.0, 2, 4))
+        tl.atomic_or(flag_ptr, code, mask=mask & ~finite, sem="relaxed")
     else:
         tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
 
@@ -285,8 +321,9 @@ def _warp_fwd_kernel(
     NDIM: tl.constexpr, MODE: tl.constexpr, PADDING: tl.constexpr, ADD_DDF: tl.constexpr,
     IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (cdiv(n_out, BLOCK), Bd). Program (pid, bd) writes out[bd + j] for j < NB
-    (NB = B when the displacement is broadcast, else 1) at its BLOCK voxels, all channels.
+    """Grid (cdiv(n_out, BLOCK), Bd, or B with the batch split). Program (pid, bd) writes
+    out[bd + j] for j < NB (NB = B when a broadcast displacement is walked by one program,
+    else 1; ddf_bstride is 0 for a broadcast displacement) at its BLOCK voxels, all channels.
     ADD_DDF (compose, C == NDIM, linear only as in warp.h): out[b, c] += ddf[bd, c]."""
     in_sizes, in_strides, out_sizes = _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM)
     offs, mask = _voxel_index(BLOCK, n_out, IDX64)
@@ -325,20 +362,22 @@ def _warp_fwd_kernel(
 
 @triton.jit
 def _warp_bwd_kernel(
-    gout_ptr, img_ptr, ddf_ptr, gimg_ptr, gddf_ptr, gmax_ptr,
+    gout_ptr, img_ptr, ddf_ptr, gimg_ptr, gddf_ptr, flag_ptr, vmax_ptr,
     C, n_in, n_out,
     I0, I1, I2, IST0, IST1, O0, O1, O2,
-    img_bstride, ddf_bstride, out_bstride, NB,
+    img_bstride, ddf_bstride, out_bstride, NB, LOG2M,
     NDIM: tl.constexpr, MODE: tl.constexpr, PADDING: tl.constexpr,
     NEED_IMG: tl.constexpr, NEED_DDF: tl.constexpr, DETERMINISTIC: tl.constexpr,
     ADD_DDF: tl.constexpr, DDF_SCATTER: tl.constexpr,
     IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (cdiv(n_out, BLOCK), Bd), batch items as in the forward. The displacement
-    gradient of element (bd, i, voxel) is formed once, after the loop over the NB batch items
-    that share the displacement, and stored into gddf_ptr or, with DDF_SCATTER (image is
-    ddf: compose's squaring step), added into the image gradient at its own flat index.
-    gimg_ptr: float32 (float atomics) or, if DETERMINISTIC, the int64 fixed-point scratch.
+    """Grid (cdiv(n_out, BLOCK), programs per batch), batch items as in the forward. The
+    displacement gradient of element (bd, i, voxel) is formed once, after the loop over the
+    NB batch items that share the displacement, and stored into gddf_ptr or, with
+    DDF_SCATTER (image is ddf: compose's squaring step), added into the image gradient at
+    its own flat index. gimg_ptr: float32 (float atomics) or, if DETERMINISTIC, the int64
+    fixed-point sums, with flag_ptr the int32 non-finite flags, vmax_ptr the float32 bound
+    and LOG2M = L of the quantum (module docstring).
     ADD_DDF: out[b, c] had ddf[bd, c] added, so grad_out[b, i] adds to the displacement
     gradient at every voxel, NaN sample or not, in both modes (warp.h)."""
     in_sizes, in_strides, out_sizes = _geometry(I0, I1, I2, IST0, IST1, O0, O1, O2, NDIM)
@@ -347,17 +386,9 @@ def _warp_bwd_kernel(
     ddf_off = bd.to(tl.int64) * ddf_bstride
     ps, nan = _sample_point(ddf_ptr + ddf_off, offs, mask, n_out, out_sizes, NDIM)
     ok = mask & ~nan
-    s1 = 1.0
-    s2 = 1.0
-    finite = True
+    inv_q = 1.0
     if DETERMINISTIC:
-        gmax = tl.load(gmax_ptr).to(tl.float32)
-        tiny = gmax < 5.421010862427522e-20  # 2**-64
-        s1 = tl.where(tiny, 1.8446744073709552e19, 1.0)  # 2**64
-        s2 = 4294967296.0 / tl.where(gmax > 0.0, gmax * s1, 1.0)  # 2**32 / (gmax * s1)
-        # gmax NaN or inf: the conversion kernel writes NaN everywhere; add zeros here so
-        # that no NaN reaches a float-to-int conversion.
-        finite = gmax < float("inf")
+        inv_q = _pow2(-_fixed_exponent(vmax_ptr, LOG2M))
     if MODE == 1:
         if NEED_IMG:
             off, valid = _nearest_offset(ps, in_sizes, in_strides, ok, PADDING, NDIM, IDX64)
@@ -376,6 +407,7 @@ def _warp_bwd_kernel(
         b = (bd + j).to(tl.int64)
         img_c = img_ptr + b * img_bstride
         gimg_c = gimg_ptr + b * img_bstride
+        flag_c = flag_ptr + b * img_bstride
         g_c = gout_ptr + b * out_bstride + offs
         if ADD_DDF and NEED_DDF:
             ga2 = ()
@@ -388,32 +420,29 @@ def _warp_bwd_kernel(
             if NEED_IMG:
                 for c in range(C):
                     g = tl.load(g_c, mask=valid, other=0.0).to(tl.float32)
-                    if DETERMINISTIC:
-                        g = tl.where(finite, g, 0.0)
-                    _scatter(gimg_c + off, g, valid, s1, s2, DETERMINISTIC)
+                    _scatter(gimg_c + off, flag_c + off, g, valid, inv_q, DETERMINISTIC)
                     gimg_c += n_in
+                    flag_c += n_in
                     g_c += n_out
         elif NEED_IMG or NEED_DDF:
             for c in range(C):
                 g = tl.load(g_c, mask=ok, other=0.0).to(tl.float32)
-                if DETERMINISTIC:
-                    g_img = tl.where(finite, g, 0.0)
-                else:
-                    g_img = g
                 cs2 = ()
                 for k in tl.static_range(len(ws)):
                     # An invalid corner is skipped as in warp.h, not multiplied by 0 (g may
                     # be inf): g is zeroed there before any product.
+                    g_k = tl.where(vs[k], g, 0.0)
                     if NEED_DDF:
                         v = tl.load(img_c + coffs[k], mask=vs[k], other=0.0).to(tl.float32)
-                        cs2 = cs2 + (cs[k] + tl.where(vs[k], g, 0.0) * v,)
+                        cs2 = cs2 + (cs[k] + g_k * v,)
                     if NEED_IMG:
-                        gw = ws[k] * tl.where(vs[k], g_img, 0.0)
-                        _scatter(gimg_c + coffs[k], gw, vs[k], s1, s2, DETERMINISTIC)
+                        _scatter(gimg_c + coffs[k], flag_c + coffs[k], ws[k] * g_k, vs[k],
+                                 inv_q, DETERMINISTIC)
                 if NEED_DDF:
                     cs = cs2
                 img_c += n_in
                 gimg_c += n_in
+                flag_c += n_in
                 g_c += n_out
     if NEED_DDF:
         if MODE == 1:
@@ -427,34 +456,34 @@ def _warp_bwd_kernel(
                 gu = gu2
         if DDF_SCATTER:
             gd_ptr = gimg_ptr + ddf_off + offs
+            fd_ptr = flag_ptr + ddf_off + offs
         else:
             gd_ptr = gddf_ptr + ddf_off + offs
         for i in tl.static_range(NDIM):
             if DDF_SCATTER:
-                gui = gu[i]
-                if DETERMINISTIC:
-                    # A NaN here (a NaN in the field being squared) cannot be represented
-                    # in fixed point: it adds 0 (see the module docstring).
-                    gui = tl.where(finite, tl.where(gui == gui, gui, 0.0), 0.0)
-                _scatter(gd_ptr, gui, mask, s1, s2, DETERMINISTIC)
+                _scatter(gd_ptr, fd_ptr, gu[i], mask, inv_q, DETERMINISTIC)
+                fd_ptr += n_out
             else:
                 tl.store(gd_ptr, gu[i].to(gddf_ptr.dtype.element_ty), mask=mask)
             gd_ptr += n_out
 
 
 @triton.jit
-def _fixed_to_float_kernel(scratch_ptr, out_ptr, gmax_ptr, numel, BLOCK: tl.constexpr):
-    """out = scratch * q, q = gmax * 2**-32 (NaN everywhere when gmax is NaN or inf),
-    formed in float64 (exact q, one rounding) as the CUDA kernel does."""
+def _fixed_to_float_kernel(scratch_ptr, flag_ptr, out_ptr, vmax_ptr, LOG2M, numel,
+                           BLOCK: tl.constexpr):
+    """out = scratch * q (q = 2**E, module docstring), formed in float64 (exact scaling, one
+    rounding to float32) as the CUDA kernel does; where the flag is set, NaN (NaN seen, or
+    both infinities), +inf or -inf."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    gmax = tl.load(gmax_ptr).to(tl.float32)
-    q = gmax.to(tl.float64) * 2.3283064365386963e-10  # 2**-32
+    q = _pow2(_fixed_exponent(vmax_ptr, LOG2M))
     s = tl.load(scratch_ptr + offs, mask=mask, other=0)
+    f = tl.load(flag_ptr + offs, mask=mask, other=0)
     v = (s.to(tl.float64) * q).to(tl.float32)
-    v = tl.where(gmax < float("inf"), v, float("nan"))
-    tl.store(out_ptr + offs, v, mask=mask)
+    special = tl.where(((f & 1) != 0) | ((f & 6) == 6), float("nan"),
+                       tl.where((f & 2) != 0, float("inf"), float("-inf")))
+    tl.store(out_ptr + offs, tl.where(f != 0, special, v), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -471,9 +500,10 @@ class _Launch(NamedTuple):
     num_warps: int
 
 
-def _launch(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
-            flags: int) -> _Launch:
-    """Grid and integer arguments of the warp kernels."""
+def _launch(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int, flags: int,
+            split: bool) -> _Launch:
+    """Grid and integer arguments of the warp kernels. split: a broadcast displacement may
+    put the batch on grid axis 1 (no displacement gradient to sum over the batch)."""
     ndim = ddf.shape[1]
     assert ndim in (2, 3) and image.dim() == ndim + 2 and ddf.dim() == ndim + 2
     assert image.dtype == ddf.dtype and image.dtype in _DTYPES
@@ -498,18 +528,33 @@ def _launch(image: torch.Tensor, ddf: torch.Tensor, mode: int, padding: int,
     reach = 1
     for n in in_size[:ndim]:
         reach *= n + 3
-    idx64 = reach > _INT32_MAX or n_out + block > _INT32_MAX
-    grid = (triton.cdiv(n_out, block), bd)
-    assert grid[1] <= _MAX_GRID_Y
+    idx64 = _common.needs_idx64(reach, n_out + block)
+    blocks = triton.cdiv(n_out, block)
+    items = bd
+    if (split and bd == 1 and b > 1 and blocks < SPLIT_BELOW_BLOCKS
+            and b <= _common.MAX_GRID_YZ):
+        items = b  # one batch item per program, the displacement read with stride 0
+    grid = _common.check_grid("warp (triton)", (blocks, items),
+                              ("blocks of output voxels", "batch items"))
     args = (
         c, n_in, n_out, *in_size, *in_strides, *out_size,
         c * n_in if bi > 1 else 0,  # image batch stride (0: broadcast)
         ndim * n_out if bd > 1 else 0,  # displacement batch stride
         c * n_out,  # output batch stride
-        b if bd == 1 else 1,  # batch items per program
+        b if items == 1 else 1,  # batch items per program
     )
     num_warps = max(1, block // (32 * VOXELS_PER_THREAD))
     return _Launch(grid, args, ndim, idx64, block, num_warps)
+
+
+def fixed_point_terms(image_shape, ddf_shape, flags: int) -> int:
+    """M of the module docstring: the most contributions one element of the deterministic
+    image gradient can receive. The 2**ndim corners of one sample are distinct voxels, so
+    an image item gets at most one contribution per output voxel of each batch item that
+    reads it, plus, with DDF_GRAD_SCATTER, one from its own displacement gradient."""
+    b = max(image_shape[0], ddf_shape[0])
+    n_out = math.prod(ddf_shape[2:])
+    return (b if image_shape[0] == 1 else 1) * n_out + (1 if flags & DDF_GRAD_SCATTER else 0)
 
 
 def warp_forward(image: torch.Tensor, ddf: torch.Tensor, out: torch.Tensor, *, mode: int,
@@ -523,8 +568,11 @@ def warp_forward(image: torch.Tensor, ddf: torch.Tensor, out: torch.Tensor, *, m
         mode: 0 linear, 1 nearest.
         padding: 0 zeros, 1 border.
         flags: WarpFlags of csrc/include/warp.h; ADD_DDF (C == ndim): out += ddf (linear).
+
+    Raises:
+        ValueError: the batch does not fit CUDA's grid (more than 65535 displacement items).
     """
-    lp = _launch(image, ddf, mode, padding, flags)
+    lp = _launch(image, ddf, mode, padding, flags, split=True)
     assert out.is_contiguous() and out.dtype == image.dtype
     assert out.shape == (max(image.shape[0], ddf.shape[0]), image.shape[1], *ddf.shape[2:])
     if out.numel() == 0:
@@ -538,7 +586,8 @@ def warp_forward(image: torch.Tensor, ddf: torch.Tensor, out: torch.Tensor, *, m
 
 def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor,
                   grad_image: torch.Tensor | None, grad_ddf: torch.Tensor | None, *, mode: int,
-                  padding: int, deterministic: bool, flags: int = 0) -> None:
+                  padding: int, deterministic: bool, flags: int = 0,
+                  fixed_bound: torch.Tensor | None = None) -> None:
     """Gradients of warp_forward, written into grad_image and grad_ddf.
 
     Args:
@@ -548,16 +597,17 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
         grad_ddf: None, or [Bd, ndim, *S_out] of ddf's dtype, uninitialised; every element is
             written (zero for nearest).
         mode, padding: as in warp_forward.
-        deterministic: accumulate grad_image in 64-bit fixed point (bitwise reproducible,
-            quantum max|grad_out| * 2**-32) instead of float atomics.
+        deterministic: accumulate grad_image in 64-bit fixed point (bitwise reproducible;
+            precision in the module docstring) instead of float atomics.
         flags: WarpFlags of csrc/include/warp.h. ADD_DDF: as in warp_forward (grad_out adds
             to the displacement gradient). DDF_GRAD_SCATTER (image is ddf, grad_image
             required): the displacement gradient is added into grad_image, grad_ddf ignored.
+        fixed_bound: float32 device scalar, finite, >= every finite contribution to
+            grad_image (vmax of the module docstring); required when deterministic.
+
+    Raises:
+        ValueError: the batch does not fit CUDA's grid (more than 65535 displacement items).
     """
-    lp = _launch(image, ddf, mode, padding, flags)
-    assert grad_out.is_contiguous() and grad_out.dtype == image.dtype
-    assert grad_out.shape == (max(image.shape[0], ddf.shape[0]), image.shape[1],
-                              *ddf.shape[2:])
     ddf_scatter = bool(flags & DDF_GRAD_SCATTER)
     if grad_image is not None:
         assert grad_image.is_contiguous() and grad_image.dtype == torch.float32
@@ -571,6 +621,10 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
         assert grad_ddf.shape == ddf.shape
     need_img = grad_image is not None and grad_image.numel() > 0
     need_ddf = (grad_ddf is not None and grad_ddf.numel() > 0) or (ddf_scatter and need_img)
+    lp = _launch(image, ddf, mode, padding, flags, split=not need_ddf)
+    assert grad_out.is_contiguous() and grad_out.dtype == image.dtype
+    assert grad_out.shape == (max(image.shape[0], ddf.shape[0]), image.shape[1],
+                              *ddf.shape[2:])
     if not (need_img or need_ddf):
         return
     det = bool(deterministic) and need_img
@@ -578,15 +632,20 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
         if grad_ddf is not None:
             grad_ddf.zero_()
         return
+    log2m = 0
     if det:
-        gmax = grad_out.abs().amax().float()  # device scalar: no host sync
+        assert fixed_bound is not None and fixed_bound.dtype == torch.float32
+        assert fixed_bound.numel() == 1 and fixed_bound.device == image.device
+        log2m = (fixed_point_terms(image.shape, ddf.shape, flags) - 1).bit_length()
         target = torch.zeros(grad_image.shape, dtype=torch.int64, device=grad_image.device)
+        flag = torch.zeros(grad_image.shape, dtype=torch.int32, device=grad_image.device)
+        vmax = fixed_bound
     else:
-        gmax = ddf  # unused
         target = grad_image if need_img else image
+        flag = vmax = ddf  # unused
     _warp_bwd_kernel[lp.grid](
-        grad_out, image, ddf, target, grad_ddf if grad_ddf is not None else ddf, gmax,
-        *lp.args,
+        grad_out, image, ddf, target, grad_ddf if grad_ddf is not None else ddf, flag, vmax,
+        *lp.args, log2m,
         NDIM=lp.ndim, MODE=int(mode), PADDING=int(padding), NEED_IMG=need_img,
         NEED_DDF=need_ddf, DETERMINISTIC=det, ADD_DDF=bool(flags & ADD_DDF),
         DDF_SCATTER=ddf_scatter, IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps,
@@ -595,6 +654,6 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
     if det:
         numel = grad_image.numel()
         _fixed_to_float_kernel[(triton.cdiv(numel, CONVERT_BLOCK),)](
-            target, grad_image, gmax, numel, BLOCK=CONVERT_BLOCK, num_warps=CONVERT_WARPS,
-            enable_fp_fusion=True,
+            target, flag, grad_image, vmax, log2m, numel, BLOCK=CONVERT_BLOCK,
+            num_warps=CONVERT_WARPS, enable_fp_fusion=True,
         )
