@@ -20,7 +20,10 @@ Groups, one per pass and size: ``warp-fwd-<device>-<size>`` (inputs without grad
 ``warp-fwdbwd-<device>-<size>`` (image and ddf require grad; ``out.backward(grad_out)``
 with a fixed random ``grad_out``, both gradients freshly allocated every round as in a
 training step). Sizes: CPU ``1×1×64×64×64``; GPU ``1×1×160×192×224``, ``2×1×128×128×64``,
-``1×16×128×128×64``; float32, linear interpolation, zeros padding.
+``1×16×128×128×64``; float32, linear interpolation, zeros padding. On the GPU the
+forward + backward groups also time ``mrus_<backend>_det`` (``deterministic=True``: the
+fixed-point image gradient), and ``warp-bcast-fwdbwd-<device>-<size>`` warps a batch of
+images by one displacement (ddf batch 1: the batch goes on a grid axis for small outputs).
 
 Ideal bytes (what a perfect kernel moves; GB/s = ideal bytes / median time), with
 |x| the bytes of tensor x:
@@ -70,6 +73,9 @@ from .conftest import (
 
 CPU_SHAPES = [(1, 1, 64, 64, 64)]
 GPU_SHAPES = [(1, 1, 160, 192, 224), (2, 1, 128, 128, 64), (1, 16, 128, 128, 64)]
+# Image shapes warped by one displacement (ddf batch 1).
+CPU_BROADCAST_SHAPES = [(4, 1, 24, 24, 24)]
+GPU_BROADCAST_SHAPES = [(8, 1, 48, 48, 48)]
 BASELINES = ("grid_sample", "compiled", "monai")
 BASELINE = "grid_sample"  # the speed-ups are relative to this row
 DTYPE = torch.float32
@@ -82,6 +88,10 @@ Impl = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 CASES = bench_cases(CPU_SHAPES, GPU_SHAPES, ("mrus_cpu", *BASELINES),
                     ("mrus_cuda", "mrus_triton", *BASELINES))
+# Forward + backward adds the deterministic rows on the GPU.
+FWDBWD_CASES = CASES + bench_cases([], GPU_SHAPES, (), ("mrus_cuda_det", "mrus_triton_det"))
+BROADCAST_CASES = bench_cases(CPU_BROADCAST_SHAPES, GPU_BROADCAST_SHAPES,
+                              ("mrus_cpu", BASELINE), ("mrus_cuda", "mrus_triton", BASELINE))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -124,11 +134,12 @@ class Case:
     grad_ddf: torch.Tensor  # reference d(out · grad_out) / d ddf
 
 
-@functools.lru_cache(maxsize=len(CPU_SHAPES) + len(GPU_SHAPES))
-def make_case(shape: tuple[int, ...], device: str) -> Case:
-    """Seeded inputs of ``shape`` on ``device`` and the float64 reference results."""
+@functools.lru_cache(maxsize=8)
+def make_case(shape: tuple[int, ...], device: str, broadcast: bool = False) -> Case:
+    """Seeded inputs of ``shape`` on ``device`` and the float64 reference results; with
+    ``broadcast`` one displacement (batch 1) for the whole image batch."""
     generator = torch.Generator().manual_seed(0)
-    ddf = smooth_ddf(shape, generator).to(DTYPE)
+    ddf = smooth_ddf((1, *shape[1:]) if broadcast else shape, generator).to(DTYPE)
     image = torch.randn(shape, generator=generator, dtype=DTYPE)
     grad_out = torch.randn(shape, generator=generator, dtype=DTYPE)
     image, ddf, grad_out = image.to(device), ddf.to(device), grad_out.to(device)
@@ -155,9 +166,9 @@ def _monai_warp_class() -> tuple[type | None, str | None]:
 def make_impl(name: str, device: str) -> Impl:
     """The callable (image, ddf) -> out of one row; skips the test when it cannot run."""
     if name.startswith("mrus_"):
-        backend = name.removeprefix("mrus_")
+        backend, _, variant = name.removeprefix("mrus_").partition("_")
         skip_unless_backend(backend, device, DTYPE)
-        return functools.partial(warp, backend=backend)
+        return functools.partial(warp, backend=backend, deterministic=variant == "det")
     if name == "grid_sample":
         return reference.warp_grid_sample
     if name == "compiled":
@@ -202,10 +213,19 @@ def test_warp_forward(shape, device, impl_name, benchmark):
     )
 
 
-@pytest.mark.parametrize(("shape", "device", "impl_name"), CASES)
+@pytest.mark.parametrize(("shape", "device", "impl_name"), FWDBWD_CASES)
 def test_warp_forward_backward(shape, device, impl_name, benchmark):
+    _forward_backward(shape, device, impl_name, benchmark, broadcast=False)
+
+
+@pytest.mark.parametrize(("shape", "device", "impl_name"), BROADCAST_CASES)
+def test_warp_broadcast_forward_backward(shape, device, impl_name, benchmark):
+    _forward_backward(shape, device, impl_name, benchmark, broadcast=True)
+
+
+def _forward_backward(shape, device, impl_name, benchmark, broadcast: bool) -> None:
     impl = make_impl(impl_name, device)
-    case = make_case(shape, device)
+    case = make_case(shape, device, broadcast)
     image = case.image.clone().requires_grad_()
     ddf = case.ddf.clone().requires_grad_()
     bench_forward_backward(
@@ -213,7 +233,7 @@ def test_warp_forward_backward(shape, device, impl_name, benchmark):
         {"image": (image, case.grad_image), "ddf": (ddf, case.grad_ddf)},
         grad_out=case.grad_out,
         rtol=RTOL,
-        group=f"warp-fwdbwd-{device}-{shape_id(shape)}",
+        group=f"warp-{'bcast-' if broadcast else ''}fwdbwd-{device}-{shape_id(shape)}",
         rounds=ROUNDS[device],
         device=device,
         ideal_bytes=ideal_bytes(case, backward=True),

@@ -32,7 +32,7 @@ struct AtomicScatter {
 };
 
 // 64-bit fixed point (precision and the choice of the quantum: mrus_kernels/triton/warp.py,
-// whose kernels compute bitwise the same sums). Every finite contribution v is rounded once
+// whose kernels use the same quantum and rounding). Every finite contribution v is rounded once
 // to an integer multiple of q = 2**E, E = e + log2m - 62 with 2**(e - 1) <= vmax < 2**e,
 // vmax a bound on every finite |v| and 2**log2m >= the most contributions one element can
 // receive, so no sum leaves [-2**62, 2**62]; integer sums do not depend on the order of the

@@ -783,9 +783,14 @@ def test_fixed_point_precision(backend, ndim, mode, padding, gen):
     the fixed point documents: |grad - sum| <= m * q / 2 + 2**-24 |grad|, q <= vmax * M *
     2**-60. Contributions span 20 binary orders, so a quantum tied to max |grad_out| alone,
     or float32 rounding of v / q, shows."""
+    _check_fixed_point_precision(backend, "cpu", ndim, mode, padding, gen)
+
+
+def _check_fixed_point_precision(backend, device, ndim, mode, padding, gen):
     image, ddf, grad_out = _dyadic_case(gen, ndim)
     exact, count, _ = warp_truth.scatter_image_grad(image.shape, ddf, grad_out, mode, padding)
-    gi = _image_grad_mode(image, ddf, grad_out, backend, mode, padding, True)
+    gi = _image_grad_mode(image.to(device), ddf.to(device), grad_out.to(device), backend, mode,
+                          padding, True)
     terms = triton_fixed_point_terms(image.shape, ddf.shape)
     quantum = warp_truth.fixed_point_quantum_bound(float(grad_out.abs().max()), terms)
     warp_truth.assert_fixed_point_close(gi, exact, count, quantum, name="d image")
@@ -827,12 +832,17 @@ def test_non_finite_grad_out_poisons_only_what_it_reaches(backend, ndim, mode, d
     is NaN), as the float64 scatter says; every other element keeps its value (within the
     fixed-point bound on the deterministic path, whose quantum comes from the finite
     values)."""
+    _check_non_finite_grad_out(backend, "cpu", ndim, mode, deterministic, gen)
+
+
+def _check_non_finite_grad_out(backend, device, ndim, mode, deterministic, gen):
     image, ddf, grad_out = _dyadic_case(gen, ndim)
     ddf, grad_out = _poison_grad_out(ddf, grad_out, ndim)
     exact, count, _ = warp_truth.scatter_image_grad(image.shape, ddf, grad_out, mode, "zeros")
     assert bool((~exact.isfinite()).any()) and bool(exact.isfinite().any())
-    gi = _image_grad_mode(image, ddf, grad_out, backend, mode, "zeros", deterministic)
-    if backend == "triton" and deterministic:
+    gi = _image_grad_mode(image.to(device), ddf.to(device), grad_out.to(device), backend, mode,
+                          "zeros", deterministic)
+    if backend in ("triton", "cuda") and deterministic:
         finite_max = float(grad_out[grad_out.isfinite()].abs().max())
         quantum = warp_truth.fixed_point_quantum_bound(
             finite_max, triton_fixed_point_terms(image.shape, ddf.shape))
@@ -1375,6 +1385,50 @@ def test_gpu_deterministic_bitwise(gpu_backend, dtype, gen, deterministic_algori
     ref_image = image.clone().requires_grad_()
     (expected,) = autograd_grads(reference.warp(ref_image, ddf), (ref_image,), grad_out)
     assert_close_verbose(grads[0], expected, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_gpu_fixed_point_precision(gpu_backend, ndim, mode, padding, gen):
+    """test_fixed_point_precision on the GPU kernels (the CUDA fixed point included)."""
+    _check_fixed_point_precision(gpu_backend, "cuda", ndim, mode, padding, gen)
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_gpu_non_finite_grad_out_poisons_only_what_it_reaches(gpu_backend, ndim, mode,
+                                                              deterministic, gen):
+    _check_non_finite_grad_out(gpu_backend, "cuda", ndim, mode, deterministic, gen)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [True, False], ids=["batch-on-grid", "batch-in-program"])
+def test_gpu_broadcast_ddf_batch_paths(gpu_backend, split, monkeypatch, gen):
+    """A broadcast displacement with its gradient: expanded and split over the batch (small
+    output) or walked by one thread/program (threshold 0), against the reference."""
+    if not split:
+        monkeypatch.setattr(warp_module, "_SPLIT_BATCH_BELOW_VOXELS", 0)
+        if gpu_backend == "triton":
+            monkeypatch.setattr(importlib.import_module("mrus_kernels.triton.warp"),
+                                "SPLIT_BELOW_BLOCKS", 0)
+    image, ddf = _inputs(gen, (4, 3, 9, 10, 11), (1, 3, 12, 7, 9), device="cuda")
+    grad_out = randn(gen, 4, 3, 12, 7, 9, device="cuda")
+    ref_image, ref_ddf = image.double().requires_grad_(), ddf.double().requires_grad_()
+    expected = reference.warp(ref_image, ref_ddf)
+    ei, ed = autograd_grads(expected, (ref_image, ref_ddf), grad_out.double())
+    for deterministic in (False, True):
+        i, d = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+        with poisoned_empty():
+            out = warp(i, d, backend=gpu_backend, deterministic=deterministic)
+            gi, gd = autograd_grads(out, (i, d), grad_out)
+        assert_close_verbose(out, expected, torch.float32)
+        assert_close_verbose(gi, ei, torch.float32, name=f"d image ({deterministic})")
+        assert_close_verbose(gd, ed, torch.float32, name=f"d ddf ({deterministic})")
 
 
 @pytest.mark.cuda
