@@ -4,8 +4,10 @@
 the derivative [-1, 0, 1] along spatial axis i times the smoothing [1, 2, 1] along every
 other axis, unnormalised, exactly ``scipy.ndimage.sobel(x[b, c], axis=i)`` (mode "nearest"
 for ``padding="replicate"``, "constant" for ``"zeros"``). ``sobel_l1(f1, f0)`` is
-``mean |sobel(f1) - sobel(f0)|`` of the magnitudes, computed in one pass forward and one
-backward without materialising either magnitude map. The per-voxel math is in
+``mean |sobel(f1) - sobel(f0)|`` of the magnitudes, computed without materialising either
+magnitude map: one pass forward; backward, the adjoint Sobel of sign(m1 - m0) g_i / m (on
+the GPU backends, those values go to a float32 scratch in a first pass, then one gather
+applies the adjoint filter). The per-voxel math is in
 csrc/include/sobel.h (shared by the cpu and cuda kernels); mrus_kernels/triton/sobel.py
 reproduces it.
 """

@@ -44,9 +44,18 @@ L1 = 2
 NONE, SUM, MEAN = 0, 1, 2
 
 BLOCK = 256
-NUM_WARPS = 4
+# One voxel per thread: 4 warps (two voxels per thread) needed up to 146 registers in the
+# backward passes (sm_90), 8 warps need at most ~80, doubling the resident warps.
+NUM_WARPS = 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "sobel (triton)"
+
+# The codes the kernels read: a @triton.jit function may only read constexpr globals (the
+# interpreter reads any global, the compiler does not).
+_ZEROS = tl.constexpr(ZEROS)
+_BORDER = tl.constexpr(BORDER)
+_COMPONENTS = tl.constexpr(COMPONENTS)
+_MAGNITUDE = tl.constexpr(MAGNITUDE)
 
 
 # --------------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ def _components(base, i0, i1, i2, S0, S1, S2, mask, NDIM: tl.constexpr, PADDING:
                     if (o0 != 1) | (o1 != 1) | (o2 != 1):  # the centre has weight 0
                         c2, in2 = _axis(i2 + (o2 - 1), S2, PADDING)
                         m = mask
-                        if PADDING == ZEROS:
+                        if PADDING == _ZEROS:
                             m = m & in0 & in1 & in2
                         val = tl.load(base + (c0 * S1 + c1) * S2 + c2, mask=m, other=0.0)
                         val = val.to(tl.float32)
@@ -131,7 +140,7 @@ def _components(base, i0, i1, i2, S0, S1, S2, mask, NDIM: tl.constexpr, PADDING:
             else:
                 if (o0 != 1) | (o1 != 1):
                     m = mask
-                    if PADDING == ZEROS:
+                    if PADDING == _ZEROS:
                         m = m & in0 & in1
                     val = tl.load(base + c0 * S1 + c1, mask=m, other=0.0).to(tl.float32)
                     if _comp_weight(0, o0, o1, 0, 2) != 0:
@@ -153,7 +162,7 @@ def _adj_coef(o, q, n, DERIV: tl.constexpr, PADDING: tl.constexpr):
     ("replicate", o == 1) the clamped reads folded onto the edges."""
     if o == 1:
         w = tl.zeros(q.shape, tl.float32) + _fwd_weight(1, DERIV)
-        if PADDING == BORDER:
+        if PADDING == _BORDER:
             lo = (q == 0).to(tl.float32)
             hi = (q == n - 1).to(tl.float32)
             if DERIV:
@@ -172,6 +181,13 @@ def _sign(d):
     return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
 
 
+@triton.constexpr_function
+def _zero_centre(i, axis, d, padding):
+    """Whether the neighbour at offset d - 1 along `axis` has adjoint weight 0 in component
+    i everywhere: the derivative's centre tap under "zeros" padding (no edge folding)."""
+    return i == axis and d == 1 and padding == ZEROS
+
+
 @triton.jit
 def _adjoint_component(acc, hp, offs, mask, i0, i1, i2, S0, S1, S2, st0, st1,
                        I: tl.constexpr, NDIM: tl.constexpr, PADDING: tl.constexpr):
@@ -179,15 +195,14 @@ def _adjoint_component(acc, hp, offs, mask, i0, i1, i2, S0, S1, S2, st0, st1,
     component's volume, any float dtype): sum over the neighbours p of w_I(q, p) h_I(p),
     terms of weight 0 not read. st0, st1: strides of the first two spatial axes."""
     for d0 in tl.static_range(3):
-        # "zeros": the derivative's centre weight is 0 everywhere; skip it at compile time.
-        if not ((I == 0) & (d0 == 1) & (PADDING == ZEROS)):
+        if not _zero_centre(I, 0, d0, PADDING):
             w0 = _adj_coef(d0, i0, S0, I == 0, PADDING)
             for d1 in tl.static_range(3):
-                if not ((I == 1) & (d1 == 1) & (PADDING == ZEROS)):
+                if not _zero_centre(I, 1, d1, PADDING):
                     w01 = w0 * _adj_coef(d1, i1, S1, I == 1, PADDING)
                     if NDIM == 3:
                         for d2 in tl.static_range(3):
-                            if not ((I == 2) & (d2 == 1) & (PADDING == ZEROS)):
+                            if not _zero_centre(I, 2, d2, PADDING):
                                 w = w01 * _adj_coef(d2, i2, S2, I == 2, PADDING)
                                 nb = offs + ((d0 - 1) * st0 + (d1 - 1) * st1 + (d2 - 1))
                                 h = tl.load(hp + nb, mask=mask & (w != 0.0), other=0.0)
@@ -214,13 +229,13 @@ def _sobel_fwd_kernel(
     i0, i1, i2 = _coords(offs, S1, S2, NDIM)
     g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
     ty = out_ptr.dtype.element_ty
-    if MODE == COMPONENTS:
+    if MODE == _COMPONENTS:
         # Component bases from the int64 volume index: (v * NDIM + i) * vox never in int32.
         tl.store(out_ptr + (v * NDIM) * vox + offs, g0.to(ty), mask=mask)
         tl.store(out_ptr + (v * NDIM + 1) * vox + offs, g1.to(ty), mask=mask)
         if NDIM == 3:
             tl.store(out_ptr + (v * NDIM + 2) * vox + offs, g2.to(ty), mask=mask)
-    elif MODE == MAGNITUDE:
+    elif MODE == _MAGNITUDE:
         tl.store(out_ptr + v * vox + offs, _magnitude(g0, g1, g2, eps).to(ty), mask=mask)
     else:
         h0, h1, h2 = _components(x0_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
@@ -238,13 +253,13 @@ def _sobel_bwd_prep_kernel(
     NDIM: tl.constexpr, PADDING: tl.constexpr, MODE: tl.constexpr, SCALAR_UP: tl.constexpr,
     NEED_X: tl.constexpr, NEED_X0: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """First backward pass (MAGNITUDE, L1): h_i = r * g_i per voxel into the float32
+    """First backward pass (_MAGNITUDE, L1): h_i = r * g_i per voxel into the float32
     scratch h [B, C, NDIM, *S] (input x) and h0 (input x0, L1 only)."""
     v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
     i0, i1, i2 = _coords(offs, S1, S2, NDIM)
     g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
     m1 = _magnitude(g0, g1, g2, eps)
-    if MODE == MAGNITUDE:
+    if MODE == _MAGNITUDE:
         up = tl.load(go_ptr + v * vox + offs, mask=mask, other=0.0).to(tl.float32)
         r1 = up / m1
     else:
