@@ -13,10 +13,14 @@ large intensities from giving cc > 1.
 Kernels (cpu, cuda, triton) compute the five box sums (ΣI, ΣJ, ΣI², ΣJ², ΣIJ) by separable
 running sums, one pass per axis (cost independent of the window), and never materialise cc
 or the products. The backward recomputes the sums, turns them into five per-window
-coefficient maps K = w ∂cc/∂S in place, box-sums those with the same filter and combines
-them with I and J (csrc/include/lncc.h). Buffers: cpu and cuda one [B, 5, *S] work buffer
-plus the gradients; triton two [B, 5, *S] buffers. The per-item reduction is deterministic
-(per-block partials added in fixed order, no float atomics).
+coefficient maps K = w ∂cc/∂S, box-sums those with the same filter and combines them with
+I and J (csrc/include/lncc.h). Buffers: cpu one [B, 5, *S] work buffer of the inputs' dtype
+plus the gradients; cuda and triton keep the box sums in float64 ([B, 5, *S] float64, 3D
+only on triton) and, in the backward, the coefficient maps in float32 ([B, 5, *S]): float32
+running sums and float32 sums between passes leave errors of ~1e-7 of the largest window
+sum, which flat windows next to bright tissue turn into variances far above eps (cc ≈ 0.2
+where it is 0). The per-item reduction is deterministic (per-block partials added in fixed
+order, no float atomics).
 """
 
 from __future__ import annotations
@@ -100,6 +104,21 @@ def _denominator(fixed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return torch.where(msum > 0, msum, torch.ones_like(msum))
 
 
+def _work(fixed: torch.Tensor, backend: str, backward: bool) -> torch.Tensor:
+    """Scratch of one call: cpu [B, 5, *S] of the inputs' dtype; triton [B, 5, *S] float64
+    (3D; 2D needs none); cuda one flat float64 buffer holding the box sums [B, 5, *S]
+    float64, then (backward) the coefficient maps [B, 5, *S] float32."""
+    b, size = fixed.shape[0], list(fixed.shape[2:])
+    if backend == "cpu":
+        return torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
+    if backend == "triton":
+        shape = (b, NSUM, *size) if len(size) == 3 else (0,)
+        return torch.empty(shape, dtype=torch.float64, device=fixed.device)
+    n = b * NSUM * math.prod(size)
+    return torch.empty(n + (-(-n // 2) if backward else 0), dtype=torch.float64,
+                       device=fixed.device)
+
+
 @_ext.on_tensor_device
 def launch_forward(
     fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
@@ -108,7 +127,7 @@ def launch_forward(
     """lncc [B] by the kernels of `backend` (cpu, cuda, triton) on validated, batch-matched,
     contiguous float32/float64 inputs [B, 1, *S] (mask of their dtype or None)."""
     b, size = fixed.shape[0], list(fixed.shape[2:])
-    work = torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
+    work = _work(fixed, backend, backward=False)
     if backend == "cpu":
         num = torch.empty(b, dtype=fixed.dtype)
         _ext.C.lncc_forward_cpu(
@@ -142,7 +161,7 @@ def launch_backward(
     """(d lncc / d fixed, d lncc / d moving) weighted by grad [B]; None where not needed."""
     b, size = fixed.shape[0], list(fixed.shape[2:])
     scale = (grad.to(fixed.dtype) / _denominator(fixed, mask)).contiguous()
-    work = torch.empty((b, NSUM, *size), dtype=fixed.dtype, device=fixed.device)
+    work = _work(fixed, backend, backward=True)
     gf = torch.empty_like(fixed) if need_fixed else None
     gm = torch.empty_like(moving) if need_moving else None
     ptrs = (ptr(gf), ptr(gm))

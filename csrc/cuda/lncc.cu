@@ -1,17 +1,39 @@
 // CUDA kernels of the LNCC operator over the shared per-voxel math (csrc/include/lncc.h).
 //
-// One work buffer S [B, 5, *S] (float32) and the gradients; nothing else is allocated.
-// Passes (running box sums, cost independent of the window):
-//   forward:  W (rows, I J -> S) | H (columns, in place) | D (columns, cc -> block partials)
-//   backward: W | H | D (coefficient maps K written over S) | H on K | D on K |
-//             W on K fused with the gradients dI, dJ.
-// In-place column passes keep the originals of the last r + 1 voxels of each column in a
-// shared-memory ring (the voxel leaving the window has been overwritten by then).
-// The forward's per-item sum: one partial per block, tree-reduced in shared memory, added
-// in fixed order by the caller: deterministic, no atomics. No host syncs, no allocations.
+// Scratch (`work`, from the caller): the box sums S [B, 5, *S] in float64, followed in the
+// backward by the coefficient maps K [B, 5, *S] in float32 (the caller sizes it).
+//
+// Two kernels, both running box sums along a line (add the row entering the window,
+// subtract the one leaving: cost independent of the window), accumulated in double:
+//   wh_kernel: a block owns kWhCols adjacent columns (w) of one (b, d) plane and a chunk of
+//     rows along H; each row's sums along W are computed on the fly from the summands of I,
+//     J (or from K) by 2r + 1 shifted contiguous loads (coalesced, cache hits after the
+//     first), and summed along H in registers.
+//   d_kernel: a block owns LNCC_CUDA_COLS adjacent (h, w) columns of one item and a chunk
+//     of the line along D, reading S (coalesced).
+// Each ends in an epilogue per voxel: COPY (S), REDUCE (Σ m cc, one partial per block,
+// tree-reduced in shared memory in fixed order: deterministic, no atomics), COEFF (K) or
+// FINAL (dI, dJ from the box-summed K and I, J).
+//   forward:  wh(I, J -> S) | d(S -> partials)
+//   backward: wh(I, J -> S) | d(S -> K) | wh(K -> S) | d(S -> dI, dJ); in 2D (D = 1) the
+//             two D passes would only apply the epilogue: wh(I, J -> K) | wh(K -> dI, dJ).
+//
+// Why double: float32 running sums keep about one ulp of the largest window sum they have
+// seen, and float32 sums between passes lose ~1e-7 of each sum; the variances
+// ΣI² − (ΣI)²/n cancel, so a flat window next to bright tissue (intensity ~1000) kept a
+// variance of 10²–10³ against eps = 1e-5 and cc ≈ 0.2 instead of 0. The products of two
+// float32 values are exact in double, and the cc math runs in double too. K needs no double:
+// it has no cancellation of that kind (a flat window's K is exactly 0).
+//
+// The backward recomputes the forward's box sums rather than keeping S from the forward:
+// keeping it would hold 40 bytes per voxel between forward and backward (275 MB at
+// 160×192×224) to save one wh pass. Lines are split into chunks (2r rows of warm-up each)
+// when there are too few blocks to fill the GPU (2D images, small batches). No host syncs,
+// no allocations; the grid is one axis, checked against its limit.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "cuda_utils.cuh"
 #include "launchers.h"
@@ -23,183 +45,223 @@ namespace {
 using lncc::LnccArgs;
 using lncc::NSUM;
 
-constexpr int kRowThreads = 128;
-constexpr int kRingBytes = 48 * 1024;
+constexpr int kWhCols = 128;                     // threads (columns) per wh_kernel block
+constexpr int kDCols = lncc::LNCC_CUDA_COLS;     // threads (columns) per d_kernel block
+constexpr int64_t kTargetBlocks = 1024;          // blocks wanted before lines get chunked
+constexpr int64_t kMinChunk = 16;                // shortest chunk worth its warm-up
 
-// Row pass along W from (I, J): thread per row (b, d, h).
-__global__ void wpass_ij_kernel(LnccArgs a, const float* __restrict__ I,
-                                const float* __restrict__ J, float* __restrict__ S) {
-  const int64_t rows = a.B * a.D * a.H;
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  const int64_t vol = a.vol(), rpi = a.D * a.H;
-  const int64_t b = row / rpi, off = (row % rpi) * a.W;
-  const float* Ir = I + b * vol + off;
-  const float* Jr = J + b * vol + off;
-  float* Sr = S + b * NSUM * vol + off;
-  const int64_t W = a.W, r = a.rW;
-  float acc[NSUM] = {0.f, 0.f, 0.f, 0.f, 0.f}, s[NSUM];
-  for (int64_t w = 0; w <= min(r, W - 1); ++w) {
-    lncc::summands(Ir[w], Jr[w], s);
+enum class Mode : int { COPY = 0, REDUCE = 1, COEFF = 2, FINAL = 3 };
+
+// What the epilogues read and write.
+struct Io {
+  const float* I;
+  const float* J;
+  const float* mask;   // or nullptr
+  const float* scale;  // [B] (COEFF)
+  double* S;           // [B, 5, *S]
+  float* K;            // [B, 5, *S]
+  float* gI;           // or nullptr
+  float* gJ;           // or nullptr
+  float* partials;     // REDUCE
+};
+
+// Chunking of B * lines lines of length n (radius r) into blocks.
+struct Plan {
+  int64_t chunk, n_chunk, blocks;
+};
+
+Plan plan(int64_t lines, int64_t n, int64_t r) {
+  int64_t n_chunk = 1;
+  if (lines < kTargetBlocks) {
+    const int64_t longest = std::max<int64_t>(1, n / std::max<int64_t>(kMinChunk, 4 * r));
+    n_chunk = std::min(longest, ceil_div(kTargetBlocks, lines));
+  }
+  const int64_t chunk = ceil_div(n, n_chunk);
+  n_chunk = ceil_div(n, chunk);
+  return {chunk, n_chunk, lines * n_chunk};
+}
+
+unsigned grid_x(int64_t blocks) {
+  if (blocks > kMaxGridX)
+    throw std::invalid_argument("lncc cuda: the images need " + std::to_string(blocks) +
+                                " blocks, at most " + std::to_string(kMaxGridX) +
+                                " fit on grid axis 0; split the batch");
+  return unsigned(blocks);
+}
+
+// The five summands of I, J summed over row `Ir`, `Jr` at columns w - r .. w + r.
+__device__ __forceinline__ void wsum_ij(const float* __restrict__ Ir, const float* __restrict__ Jr,
+                                        int w, int W, int r, double* s) {
+  for (int o = -r; o <= r; ++o) {
+    const int t = w + o;
+    if (t < 0 || t >= W) continue;
+    const double i = __ldg(Ir + t), j = __ldg(Jr + t);
+    s[0] += i;
+    s[1] += j;
+    s[2] = fma(i, i, s[2]);  // the product of two floats is exact in double
+    s[3] = fma(j, j, s[3]);
+    s[4] = fma(i, j, s[4]);
+  }
+}
+
+// The five channels of K (channel stride vol) summed over row `Kr` at columns w - r .. w + r.
+__device__ __forceinline__ void wsum_k(const float* __restrict__ Kr, int64_t vol, int w, int W,
+                                       int r, double* s) {
+  for (int o = -r; o <= r; ++o) {
+    const int t = w + o;
+    if (t < 0 || t >= W) continue;
+    for (int c = 0; c < NSUM; ++c) s[c] += double(__ldg(Kr + c * vol + t));
+  }
+}
+
+// Epilogue at voxel `vox` (offset inside item b's volume) with box sums acc over n voxels.
+template <Mode MODE>
+__device__ __forceinline__ void emit(const Io& io, int64_t vol, int64_t b, int64_t vox,
+                                     const double* acc, double n, double eps, double& part) {
+  if (MODE == Mode::COPY) {
+    double* o = io.S + b * NSUM * vol + vox;
+    for (int c = 0; c < NSUM; ++c) o[c * vol] = acc[c];
+  } else if (MODE == Mode::REDUCE) {
+    const double cc = lncc::cc_value<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, eps);
+    part += io.mask ? double(io.mask[b * vol + vox]) * cc : cc;
+  } else if (MODE == Mode::COEFF) {
+    const double wt = io.mask ? double(io.scale[b]) * double(io.mask[b * vol + vox])
+                              : double(io.scale[b]);
+    double k[NSUM];
+    lncc::cc_coeffs<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, eps, wt, k);
+    float* o = io.K + b * NSUM * vol + vox;
+    for (int c = 0; c < NSUM; ++c) o[c * vol] = float(k[c]);
+  } else {
+    const double i = io.I[b * vol + vox], j = io.J[b * vol + vox];
+    if (io.gI) io.gI[b * vol + vox] = float(lncc::grad_fixed<double>(acc, i, j));
+    if (io.gJ) io.gJ[b * vol + vox] = float(lncc::grad_moving<double>(acc, i, j));
+  }
+}
+
+// Box sums along W (on the fly) and H (running) of one (b, d) plane's column block and row
+// chunk. Block index: ((b * D + d) * n_wblk + wb) * n_chunk + chunk index.
+template <Mode MODE, bool FROM_IJ>
+__global__ void __launch_bounds__(kWhCols)
+    wh_kernel(LnccArgs a, Io io, int64_t n_wblk, int64_t n_chunk, int64_t chunk) {
+  int64_t blk = blockIdx.x;
+  const int64_t ci = blk % n_chunk;
+  blk /= n_chunk;
+  const int64_t wb = blk % n_wblk;
+  blk /= n_wblk;
+  const int64_t d = blk % a.D, b = blk / a.D;
+  const int w = int(wb * kWhCols) + int(threadIdx.x);
+  if (w >= a.W) return;  // no block-wide sync below
+  const int W = int(a.W), H = int(a.H), r = int(a.rH), rw = int(a.rW);
+  const int64_t vol = a.vol(), plane = a.H * a.W;
+  const float* Ip = io.I + b * vol + d * plane;
+  const float* Jp = io.J + b * vol + d * plane;
+  const float* Kp = io.K + b * NSUM * vol + d * plane;
+  const int k0 = int(ci * chunk), k1 = int(min(ci * chunk + chunk, int64_t(H)));
+  const int lo = max(k0 - r, 0);  // rows before the warm-up are never added
+  auto row = [&](int h, double* s) {
+    for (int c = 0; c < NSUM; ++c) s[c] = 0.0;
+    if (h < lo || h >= H) return;
+    if (FROM_IJ)
+      wsum_ij(Ip + int64_t(h) * W, Jp + int64_t(h) * W, w, W, rw, s);
+    else
+      wsum_k(Kp + int64_t(h) * W, vol, w, W, rw, s);
+  };
+  double acc[NSUM] = {0.0, 0.0, 0.0, 0.0, 0.0}, s[NSUM];
+  for (int e = k0 - r; e < k0 + r; ++e) {  // warm-up: rows k0 - r .. k0 + r - 1
+    row(e, s);
     for (int c = 0; c < NSUM; ++c) acc[c] += s[c];
   }
-  for (int64_t w = 0; w < W; ++w) {
-    if (w > 0) {
-      if (w + r < W) {
-        lncc::summands(Ir[w + r], Jr[w + r], s);
-        for (int c = 0; c < NSUM; ++c) acc[c] += s[c];
-      }
-      if (w - r - 1 >= 0) {
-        lncc::summands(Ir[w - r - 1], Jr[w - r - 1], s);
-        for (int c = 0; c < NSUM; ++c) acc[c] -= s[c];
-      }
-    }
-    for (int c = 0; c < NSUM; ++c) Sr[c * vol + w] = acc[c];
+  const double cdw = double(lncc::axis_count(d, a.rD, a.D) * lncc::axis_count(w, rw, W));
+  const double eps = a.eps;
+  double part = 0.0;
+  for (int h = k0; h < k1; ++h) {
+    row(h + r, s);
+    for (int c = 0; c < NSUM; ++c) acc[c] += s[c];
+    row(h - r - 1, s);
+    for (int c = 0; c < NSUM; ++c) acc[c] -= s[c];
+    const double n = cdw * double(lncc::axis_count(h, r, H));
+    emit<MODE>(io, vol, b, d * plane + int64_t(h) * W + w, acc, n, eps, part);
   }
 }
 
-// Row pass along W over the box-summed coefficient maps, combined into the gradients.
-__global__ void wpass_final_kernel(LnccArgs a, const float* __restrict__ K,
-                                   const float* __restrict__ I, const float* __restrict__ J,
-                                   float* __restrict__ gI, float* __restrict__ gJ) {
-  const int64_t rows = a.B * a.D * a.H;
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  const int64_t vol = a.vol(), rpi = a.D * a.H;
-  const int64_t b = row / rpi, off = (row % rpi) * a.W;
-  const float* Kr = K + b * NSUM * vol + off;
-  const int64_t io = b * vol + off;
-  const int64_t W = a.W, r = a.rW;
-  float acc[NSUM] = {0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t w = 0; w <= min(r, W - 1); ++w)
-    for (int c = 0; c < NSUM; ++c) acc[c] += Kr[c * vol + w];
-  for (int64_t w = 0; w < W; ++w) {
-    if (w > 0) {
-      if (w + r < W)
-        for (int c = 0; c < NSUM; ++c) acc[c] += Kr[c * vol + w + r];
-      if (w - r - 1 >= 0)
-        for (int c = 0; c < NSUM; ++c) acc[c] -= Kr[c * vol + w - r - 1];
-    }
-    const float i = I[io + w], j = J[io + w];
-    if (gI) gI[io + w] = lncc::grad_fixed(acc, i, j);
-    if (gJ) gJ[io + w] = lncc::grad_moving(acc, i, j);
-  }
-}
-
-enum class ColMode : int { COPY = 0, COEFF = 1 };
-
-// In-place column pass: thread per (b, m, w) column of length N with stride sk, five
-// channels. COPY writes the box sums; COEFF (axis D) writes the coefficient maps.
-template <ColMode MODE>
-__global__ void col_inplace_kernel(LnccArgs a, float* __restrict__ S, int64_t M, int64_t N,
-                                   int64_t sm, int64_t sk, int64_t r,
-                                   const float* __restrict__ mask, const float* __restrict__ scale) {
-  extern __shared__ float ring[];  // [(r + 1) * NSUM][blockDim.x]
-  const int64_t cols = a.B * M * a.W;
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  const int64_t vol = a.vol();
-  const int64_t w = col % a.W, m = (col / a.W) % M, b = col / (a.W * M);
-  float* base = S + b * NSUM * vol + m * sm + w;
-  const int64_t slots = r + 1;
-  const int t = threadIdx.x, nt = blockDim.x;
-  float acc[NSUM] = {0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int64_t e = 0; e <= min(r, N - 1); ++e)
-    for (int c = 0; c < NSUM; ++c) acc[c] += base[c * vol + e * sk];
-  for (int64_t k = 0; k < N; ++k) {
-    const int slot = int(k % slots);
-    if (k > 0) {
-      if (k + r < N)
-        for (int c = 0; c < NSUM; ++c) acc[c] += base[c * vol + (k + r) * sk];
-      if (k - r - 1 >= 0)
-        for (int c = 0; c < NSUM; ++c) acc[c] -= ring[(slot * NSUM + c) * nt + t];
-    }
-    for (int c = 0; c < NSUM; ++c) ring[(slot * NSUM + c) * nt + t] = base[c * vol + k * sk];
-    if (MODE == ColMode::COPY) {
-      for (int c = 0; c < NSUM; ++c) base[c * vol + k * sk] = acc[c];
-    } else {
-      // axis D: d = k, h = m
-      const float n = float(lncc::axis_count(k, r, N) * lncc::axis_count(m, a.rH, a.H) *
-                            lncc::axis_count(w, a.rW, a.W));
-      const int64_t vox = b * vol + m * sm + w + k * sk;
-      const float wt = mask ? scale[b] * mask[vox] : scale[b];
-      float kk[NSUM];
-      lncc::cc_coeffs<float>(acc[0], acc[1], acc[2], acc[3], acc[4], n, float(a.eps), wt, kk);
-      for (int c = 0; c < NSUM; ++c) base[c * vol + k * sk] = kk[c];
+// Box sums along D (running) of S over one item's block of (h, w) columns and a chunk of D.
+// Block index: (b * n_cblk + column block) * n_chunk + chunk index; REDUCE has one chunk and
+// writes partials[b * n_cblk + column block].
+template <Mode MODE>
+__global__ void __launch_bounds__(kDCols)
+    d_kernel(LnccArgs a, Io io, int64_t n_cblk, int64_t n_chunk, int64_t chunk) {
+  __shared__ double red[MODE == Mode::REDUCE ? kDCols : 1];
+  int64_t blk = blockIdx.x;
+  const int64_t ci = blk % n_chunk;
+  blk /= n_chunk;
+  const int64_t cb = blk % n_cblk, b = blk / n_cblk;
+  const int64_t plane = a.H * a.W, vol = a.vol(), D = a.D, r = a.rD;
+  const int64_t p = cb * kDCols + threadIdx.x;
+  double part = 0.0;
+  if (p < plane) {
+    const double* Sp = io.S + b * NSUM * vol + p;
+    const int64_t k0 = ci * chunk, k1 = min(k0 + chunk, D);
+    const int64_t lo = max(k0 - r, int64_t(0));
+    const int64_t h = p / a.W, w = p - h * a.W;
+    const double chw =
+        double(lncc::axis_count(h, a.rH, a.H) * lncc::axis_count(w, a.rW, a.W));
+    double acc[NSUM] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t e = lo; e < min(k0 + r, D); ++e)  // warm-up: rows k0 - r .. k0 + r - 1
+      for (int c = 0; c < NSUM; ++c) acc[c] += Sp[c * vol + e * plane];
+    const double eps = a.eps;
+    for (int64_t k = k0; k < k1; ++k) {
+      if (k + r < D)
+        for (int c = 0; c < NSUM; ++c) acc[c] += Sp[c * vol + (k + r) * plane];
+      if (k - r - 1 >= lo)
+        for (int c = 0; c < NSUM; ++c) acc[c] -= Sp[c * vol + (k - r - 1) * plane];
+      const double n = chw * double(lncc::axis_count(k, r, D));
+      emit<MODE>(io, vol, b, k * plane + p, acc, n, eps, part);
     }
   }
-}
-
-// Column pass along D computing Σ m cc: one partial per block of LNCC_CUDA_COLS columns
-// (grid.y = item).
-__global__ void col_reduce_kernel(LnccArgs a, const float* __restrict__ S,
-                                  const float* __restrict__ mask, float* __restrict__ partials) {
-  __shared__ float red[lncc::LNCC_CUDA_COLS];
-  const int64_t b = blockIdx.y;
-  const int64_t plane = a.H * a.W, vol = a.vol();
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  float part = 0.f;
-  if (col < plane) {
-    const int64_t h = col / a.W, w = col % a.W;
-    const float* base = S + b * NSUM * vol + col;
-    const int64_t N = a.D, r = a.rD;
-    const int64_t chw = lncc::axis_count(h, a.rH, a.H) * lncc::axis_count(w, a.rW, a.W);
-    float acc[NSUM] = {0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t e = 0; e <= min(r, N - 1); ++e)
-      for (int c = 0; c < NSUM; ++c) acc[c] += base[c * vol + e * plane];
-    for (int64_t k = 0; k < N; ++k) {
-      if (k > 0) {
-        if (k + r < N)
-          for (int c = 0; c < NSUM; ++c) acc[c] += base[c * vol + (k + r) * plane];
-        if (k - r - 1 >= 0)
-          for (int c = 0; c < NSUM; ++c) acc[c] -= base[c * vol + (k - r - 1) * plane];
-      }
-      const float n = float(lncc::axis_count(k, r, N) * chw);
-      const float cc = lncc::cc_value<float>(acc[0], acc[1], acc[2], acc[3], acc[4], n, float(a.eps));
-      part += mask ? mask[b * vol + k * plane + col] * cc : cc;
-    }
-  }
-  red[threadIdx.x] = part;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (int(threadIdx.x) < s) red[threadIdx.x] += red[threadIdx.x + s];
+  if (MODE == Mode::REDUCE) {
+    red[threadIdx.x] = part;
     __syncthreads();
+    for (int s = kDCols / 2; s > 0; s >>= 1) {
+      if (int(threadIdx.x) < s) red[threadIdx.x] += red[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) io.partials[b * n_cblk + cb] = float(red[0]);
   }
-  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = red[0];
 }
 
 void check_args(const LnccArgs& a) {
   if (a.dtype != DType::F32) throw std::invalid_argument("lncc cuda kernels take float32");
+  if (a.H > INT32_MAX || a.W > INT32_MAX)
+    throw std::invalid_argument("lncc cuda: H and W must each be < 2**31");
 }
 
-// Threads per block of the in-place column passes: the ring holds (r + 1) * 5 floats per
-// thread in at most kRingBytes of shared memory.
-int ring_threads(int64_t r) {
-  const int64_t per = (r + 1) * NSUM * int64_t(sizeof(float));
-  int64_t t = std::min<int64_t>(128, kRingBytes / per);
-  if (t >= 32) t = t / 32 * 32;
-  if (t < 1) throw std::invalid_argument("lncc cuda: window too large for the shared-memory ring");
-  return int(t);
+template <Mode MODE, bool FROM_IJ>
+void wh(const LnccArgs& a, const Io& io, cudaStream_t s) {
+  const int64_t n_wblk = ceil_div(a.W, kWhCols);
+  const Plan p = plan(a.B * a.D * n_wblk, a.H, a.rH);
+  wh_kernel<MODE, FROM_IJ><<<grid_x(p.blocks), kWhCols, 0, s>>>(a, io, n_wblk, p.n_chunk,
+                                                                 p.chunk);
+  check_launch("lncc wh_kernel");
 }
 
-template <ColMode MODE>
-void col_inplace(const LnccArgs& a, float* S, bool axis_d, const float* mask, const float* scale,
-                 cudaStream_t s) {
-  const int64_t M = axis_d ? a.H : a.D, N = axis_d ? a.D : a.H;
-  const int64_t sm = axis_d ? a.W : a.H * a.W, sk = axis_d ? a.H * a.W : a.W;
-  const int64_t r = axis_d ? a.rD : a.rH;
-  const int threads = ring_threads(r);
-  const int64_t cols = a.B * M * a.W;
-  const size_t smem = size_t(r + 1) * NSUM * threads * sizeof(float);
-  col_inplace_kernel<MODE><<<unsigned(ceil_div(cols, threads)), threads, smem, s>>>(
-      a, S, M, N, sm, sk, r, mask, scale);
-  check_launch("lncc col_inplace_kernel");
+template <Mode MODE>
+void dpass(const LnccArgs& a, const Io& io, cudaStream_t s) {
+  const int64_t n_cblk = ceil_div(a.H * a.W, kDCols);
+  // REDUCE writes one partial per (item, column block), the layout the caller sums: one
+  // chunk per line.
+  const Plan p = MODE == Mode::REDUCE ? Plan{a.D, 1, a.B * n_cblk} : plan(a.B * n_cblk, a.D, a.rD);
+  d_kernel<MODE><<<grid_x(p.blocks), kDCols, 0, s>>>(a, io, n_cblk, p.n_chunk, p.chunk);
+  check_launch("lncc d_kernel");
 }
 
-void wpass_ij(const LnccArgs& a, const float* I, const float* J, float* S, cudaStream_t s) {
-  const int64_t rows = a.B * a.D * a.H;
-  wpass_ij_kernel<<<unsigned(ceil_div(rows, kRowThreads)), kRowThreads, 0, s>>>(a, I, J, S);
-  check_launch("lncc wpass_ij_kernel");
+Io make_io(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask, uintptr_t work) {
+  Io io{};
+  io.I = reinterpret_cast<const float*>(fixed);
+  io.J = reinterpret_cast<const float*>(moving);
+  io.mask = reinterpret_cast<const float*>(mask);
+  io.S = reinterpret_cast<double*>(work);
+  io.K = reinterpret_cast<float*>(io.S + a.B * NSUM * a.vol());
+  return io;
 }
 
 }  // namespace
@@ -208,15 +270,10 @@ void lncc_forward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_
                   uintptr_t work, uintptr_t partials, uintptr_t stream) {
   check_args(a);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const float* I = reinterpret_cast<const float*>(fixed);
-  const float* J = reinterpret_cast<const float*>(moving);
-  float* S = reinterpret_cast<float*>(work);
-  wpass_ij(a, I, J, S, s);
-  col_inplace<ColMode::COPY>(a, S, false, nullptr, nullptr, s);
-  const dim3 grid(unsigned(ceil_div(a.H * a.W, lncc::LNCC_CUDA_COLS)), unsigned(a.B));
-  col_reduce_kernel<<<grid, lncc::LNCC_CUDA_COLS, 0, s>>>(a, S, reinterpret_cast<const float*>(mask),
-                                                          reinterpret_cast<float*>(partials));
-  check_launch("lncc col_reduce_kernel");
+  Io io = make_io(a, fixed, moving, mask, work);
+  io.partials = reinterpret_cast<float*>(partials);
+  wh<Mode::COPY, true>(a, io, s);
+  dpass<Mode::REDUCE>(a, io, s);
 }
 
 void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
@@ -224,19 +281,19 @@ void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
                    uintptr_t stream) {
   check_args(a);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const float* I = reinterpret_cast<const float*>(fixed);
-  const float* J = reinterpret_cast<const float*>(moving);
-  float* S = reinterpret_cast<float*>(work);
-  wpass_ij(a, I, J, S, s);
-  col_inplace<ColMode::COPY>(a, S, false, nullptr, nullptr, s);
-  col_inplace<ColMode::COEFF>(a, S, true, reinterpret_cast<const float*>(mask),
-                              reinterpret_cast<const float*>(scale), s);
-  col_inplace<ColMode::COPY>(a, S, false, nullptr, nullptr, s);
-  col_inplace<ColMode::COPY>(a, S, true, nullptr, nullptr, s);
-  const int64_t rows = a.B * a.D * a.H;
-  wpass_final_kernel<<<unsigned(ceil_div(rows, kRowThreads)), kRowThreads, 0, s>>>(
-      a, S, I, J, reinterpret_cast<float*>(grad_fixed), reinterpret_cast<float*>(grad_moving));
-  check_launch("lncc wpass_final_kernel");
+  Io io = make_io(a, fixed, moving, mask, work);
+  io.scale = reinterpret_cast<const float*>(scale);
+  io.gI = reinterpret_cast<float*>(grad_fixed);
+  io.gJ = reinterpret_cast<float*>(grad_moving);
+  if (a.D == 1) {  // 2D: no D pass, the epilogues run in the H pass
+    wh<Mode::COEFF, true>(a, io, s);
+    wh<Mode::FINAL, false>(a, io, s);
+    return;
+  }
+  wh<Mode::COPY, true>(a, io, s);
+  dpass<Mode::COEFF>(a, io, s);
+  wh<Mode::COPY, false>(a, io, s);
+  dpass<Mode::FINAL>(a, io, s);
 }
 
 }  // namespace cuda

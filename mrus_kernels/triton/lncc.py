@@ -1,18 +1,39 @@
 """Triton kernels of the LNCC operator (math of csrc/include/lncc.h, reproduced here).
 
-Two kernels, both separable running box sums (add the voxel entering the window, subtract
-the one leaving: cost independent of the window), float32 accumulators:
+One kernel, ``_lncc_line_kernel``: a program owns BLOCK adjacent columns (w) of one line
+along H or D (AXIS_D) of one item, over a chunk of that line, and keeps five running box
+sums along the line in float64 registers (add the row entering the window, subtract the one
+leaving: cost independent of the window). Rows are read as BLOCK contiguous elements (w
+fastest), so every load is coalesced. The row it adds is either
 
-- ``_lncc_wpass_kernel``: one program per BLOCK_R rows along W; from (I, J) (the five
-  summands computed on the fly) or from a five-channel buffer, into a five-channel buffer.
-- ``_lncc_line_kernel``: one program per (item, other-axis index, BLOCK_W columns), a loop
-  along H or D over rows of W (coalesced). MODE says what happens to each voxel's sums:
-  COPY writes them, REDUCE adds m·cc into one partial per program (the per-item sum is the
-  fixed-order sum of the partials: deterministic), COEFF writes the coefficient maps
-  K = w ∂cc/∂S, FINAL writes the image gradients from the box-summed K and I, J.
+- a row of a five-channel float64 buffer (the sums already boxed along W and H), or
+- (WSUM) the window sums along W of that row, computed on the fly from the summands of the
+  images (FROM_IJ: I, J, I², J², IJ) or from a five-channel buffer (the coefficient maps
+  K): 2r + 1 shifted contiguous loads per row, cache hits after the first.
 
-Buffers: two [B, 5, *S] float32 (``work`` from the caller and one more); the forward is
-W → H → D(REDUCE), the backward W → H → D(COEFF) → W → H → D(FINAL).
+MODE says what happens to each voxel's sums: COPY writes them (float64), REDUCE adds m·cc
+into one partial per program (the per-item sum is the fixed-order sum of the partials:
+deterministic), COEFF writes the coefficient maps K = w ∂cc/∂S (float32), FINAL writes the
+image gradients from the box-summed K and I, J.
+
+Why float64: the running sums leave about one ulp of the largest window sum they have seen,
+and the variances ΣI² − (ΣI)²/n cancel; in float32 a window of flat background downstream of
+bright tissue (intensity ~1000) kept variances of 10²–10³ against eps = 1e-5 (cc ≈ 0.2
+instead of 0). The WH sums are stored in float64 too, since rounding them to float32 between
+passes leaves the same kind of error (~1e-7 n I²). The coefficient maps are rounded to
+float32 (they have no cancellation of that kind: a flat window's K is exactly 0).
+
+Passes (3D): forward H(WSUM from I, J → S, COPY) | D(S → REDUCE);
+backward H(WSUM I, J → S) | D(S → K, COEFF) | H(WSUM K → S) | D(S → dI, dJ, FINAL).
+2D has no D pass: the H pass does REDUCE, COEFF or FINAL itself. Buffers: S [B, 5, *S]
+float64 (the caller's work buffer) and, in the backward, K [B, 5, *S] float32.
+The backward recomputes the forward's box sums instead of keeping S from the forward:
+keeping it would hold 40 bytes per voxel from the forward to the backward (275 MB at
+160×192×224), for one H pass (~1/4 of the backward) saved.
+
+Long lines are split into chunks (each starts with 2r rows of warm-up) when there are too
+few (item, line, column block) programs to fill a GPU: 2D images and small batches.
+64-bit offsets (IDX64) when 5·B·|S| can exceed ``_common.IDX64_THRESHOLD``.
 """
 
 from __future__ import annotations
@@ -21,173 +42,181 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 COPY, REDUCE, COEFF, FINAL = 0, 1, 2, 3
-BLOCK_R = 64
-BLOCK_W = 64
+NSUM = 5
+# Programs wanted before lines get split into chunks (a few per SM on an H100/H200).
+TARGET_PROGRAMS = 1024
+# Shortest chunk worth its 2r rows of warm-up.
+MIN_CHUNK = 16
 
 
 @triton.jit
 def _count(i, r, n):
     lo = tl.maximum(i - r, 0)
     hi = tl.minimum(i + r, n - 1)
-    return (hi - lo + 1).to(tl.float32)
+    return (hi - lo + 1).to(tl.float64)
 
 
 @triton.jit
-def _lncc_wpass_kernel(
-    src_i, src_j, src5, dst, n_rows, rows_per_item, W, vol, r,
-    FROM_IJ: tl.constexpr, BLOCK: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n_rows
-    b = (rows // rows_per_item).to(tl.int64)
-    rw = (rows % rows_per_item).to(tl.int64) * W
-    in_base = b * vol + rw  # I, J: [B, 1, ...]
-    b5 = b * 5 * vol + rw  # five-channel buffers
-    a0 = tl.zeros([BLOCK], tl.float32)
-    a1 = tl.zeros([BLOCK], tl.float32)
-    a2 = tl.zeros([BLOCK], tl.float32)
-    a3 = tl.zeros([BLOCK], tl.float32)
-    a4 = tl.zeros([BLOCK], tl.float32)
-    # k runs from -r - 1 to W - 1: element k + r enters, k - r - 1 leaves, k is written.
-    zero = tl.zeros([BLOCK], tl.int32)
-    for kk in range(-r, W):
-        k = kk + zero  # a vector, so that every mask below is a vector of the same shape
-        e = k + r
-        lv = k - r - 1
-        me = ok & (e < W)
-        ml = ok & (lv >= 0)
-        if FROM_IJ:
-            ie = tl.load(src_i + in_base + e, mask=me, other=0.0).to(tl.float32)
-            je = tl.load(src_j + in_base + e, mask=me, other=0.0).to(tl.float32)
-            il = tl.load(src_i + in_base + lv, mask=ml, other=0.0).to(tl.float32)
-            jl = tl.load(src_j + in_base + lv, mask=ml, other=0.0).to(tl.float32)
-            a0 += ie - il
-            a1 += je - jl
-            a2 += ie * ie - il * il
-            a3 += je * je - jl * jl
-            a4 += ie * je - il * jl
-        else:
-            a0 += tl.load(src5 + b5 + e, mask=me, other=0.0) - tl.load(
-                src5 + b5 + lv, mask=ml, other=0.0)
-            a1 += tl.load(src5 + b5 + vol + e, mask=me, other=0.0) - tl.load(
-                src5 + b5 + vol + lv, mask=ml, other=0.0)
-            a2 += tl.load(src5 + b5 + 2 * vol + e, mask=me, other=0.0) - tl.load(
-                src5 + b5 + 2 * vol + lv, mask=ml, other=0.0)
-            a3 += tl.load(src5 + b5 + 3 * vol + e, mask=me, other=0.0) - tl.load(
-                src5 + b5 + 3 * vol + lv, mask=ml, other=0.0)
-            a4 += tl.load(src5 + b5 + 4 * vol + e, mask=me, other=0.0) - tl.load(
-                src5 + b5 + 4 * vol + lv, mask=ml, other=0.0)
-        mk = ok & (k >= 0)
-        tl.store(dst + b5 + k, a0, mask=mk)
-        tl.store(dst + b5 + vol + k, a1, mask=mk)
-        tl.store(dst + b5 + 2 * vol + k, a2, mask=mk)
-        tl.store(dst + b5 + 3 * vol + k, a3, mask=mk)
-        tl.store(dst + b5 + 4 * vol + k, a4, mask=mk)
+def _row(src_i, src_j, src5, ib, b5, e, lo, sk, w, ok, N, W, r, vol,
+         WSUM: tl.constexpr, FROM_IJ: tl.constexpr, WT: tl.constexpr):
+    """Five float64 sums of row e (0 where e lies outside [lo, N)) at columns w.
 
-
-@triton.jit
-def _cc_parts(s0, s1, s2, s3, s4, n, eps):
-    inv = 1.0 / n
-    cross = s4 - s0 * s1 * inv
-    vi_raw = s2 - s0 * s0 * inv
-    vj_raw = s3 - s1 * s1 * inv
-    vi = tl.where(vi_raw < 0.0, 0.0, vi_raw)
-    vj = tl.where(vj_raw < 0.0, 0.0, vj_raw)
-    return inv, cross, vi_raw, vj_raw, vi, vj
+    ib: this line's offset in [B, 1, *S]; b5: in [B, 5, *S] (both without w and e). WSUM:
+    each sum runs over columns w - r .. w + r, taken WT at a time as a [BLOCK, WT] tile of
+    shifted contiguous loads.
+    """
+    ev = tl.zeros(w.shape, tl.int32) + e  # a vector, so that every mask is a vector
+    valid = ok & (ev >= lo) & (ev < N)
+    ro = e * sk  # row offset (int64 when the caller's indices are)
+    if WSUM:
+        s0 = tl.zeros(w.shape, tl.float64)
+        s1 = tl.zeros(w.shape, tl.float64)
+        s2 = tl.zeros(w.shape, tl.float64)
+        s3 = tl.zeros(w.shape, tl.float64)
+        s4 = tl.zeros(w.shape, tl.float64)
+        for t0 in range(-r, r + 1, WT):
+            t = t0 + tl.arange(0, WT)
+            ww = w[:, None] + t[None, :]
+            m = valid[:, None] & (t[None, :] <= r) & (ww >= 0) & (ww < W)
+            if FROM_IJ:
+                o = ib + ro + ww
+                iv = tl.load(src_i + o, mask=m, other=0.0).to(tl.float64)
+                jv = tl.load(src_j + o, mask=m, other=0.0).to(tl.float64)
+                s0 += tl.sum(iv, 1)
+                s1 += tl.sum(jv, 1)
+                s2 += tl.sum(iv * iv, 1)  # exact: a product of two float32 fits a float64
+                s3 += tl.sum(jv * jv, 1)
+                s4 += tl.sum(iv * jv, 1)
+            else:
+                o = b5 + ro + ww
+                s0 += tl.sum(tl.load(src5 + o, mask=m, other=0.0).to(tl.float64), 1)
+                s1 += tl.sum(tl.load(src5 + o + vol, mask=m, other=0.0).to(tl.float64), 1)
+                s2 += tl.sum(tl.load(src5 + o + 2 * vol, mask=m, other=0.0).to(tl.float64), 1)
+                s3 += tl.sum(tl.load(src5 + o + 3 * vol, mask=m, other=0.0).to(tl.float64), 1)
+                s4 += tl.sum(tl.load(src5 + o + 4 * vol, mask=m, other=0.0).to(tl.float64), 1)
+    else:
+        o = b5 + ro + w
+        s0 = tl.load(src5 + o, mask=valid, other=0.0).to(tl.float64)
+        s1 = tl.load(src5 + o + vol, mask=valid, other=0.0).to(tl.float64)
+        s2 = tl.load(src5 + o + 2 * vol, mask=valid, other=0.0).to(tl.float64)
+        s3 = tl.load(src5 + o + 3 * vol, mask=valid, other=0.0).to(tl.float64)
+        s4 = tl.load(src5 + o + 4 * vol, mask=valid, other=0.0).to(tl.float64)
+    return s0, s1, s2, s3, s4
 
 
 @triton.jit
 def _lncc_line_kernel(
-    src, dst, img_i, img_j, mask, scale, out_i, out_j, partials,
-    N, M, W, vol, sk, sm, r, rH, rW, D, H, eps,
-    AXIS_D: tl.constexpr, MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    NEED_I: tl.constexpr, NEED_J: tl.constexpr, BLOCK: tl.constexpr,
+    src_i, src_j, src5, dst, mask, scale, out_i, out_j, partials,
+    N, M, W, vol, sk, sm, r, rD, rH, rW, D, H, eps, n_wblk, n_chunk, chunk,
+    AXIS_D: tl.constexpr, WSUM: tl.constexpr, FROM_IJ: tl.constexpr, MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_I: tl.constexpr, NEED_J: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK: tl.constexpr, WT: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # b * M + m
-    pw = tl.program_id(1)
-    b = (pid // M).to(tl.int64)
-    m = pid % M
-    w = pw * BLOCK + tl.arange(0, BLOCK)
+    # One program per (item b, line m, column block, chunk), chunk fastest; axis 0 only.
+    pid = tl.program_id(0)
+    c = pid % n_chunk
+    rest = pid // n_chunk
+    wb = rest % n_wblk
+    rest = rest // n_wblk
+    m = rest % M
+    b = rest // M
+    if IDX64:
+        b = b.to(tl.int64)
+        m = m.to(tl.int64)
+        k0 = c.to(tl.int64) * chunk
+    else:
+        k0 = c * chunk
+    k1 = tl.minimum(k0 + chunk, N)
+    w = wb * BLOCK + tl.arange(0, BLOCK)
     ok = w < W
-    base = b * 5 * vol + m.to(tl.int64) * sm + w
-    a0 = tl.zeros([BLOCK], tl.float32)
-    a1 = tl.zeros([BLOCK], tl.float32)
-    a2 = tl.zeros([BLOCK], tl.float32)
-    a3 = tl.zeros([BLOCK], tl.float32)
-    a4 = tl.zeros([BLOCK], tl.float32)
-    part = tl.zeros([BLOCK], tl.float32)
+    if IDX64:
+        vol = b * 0 + vol  # int64: 2 * vol ... 4 * vol below
+    ib = b * vol + m * sm  # this line in [B, 1, *S]
+    b5 = b * 5 * vol + m * sm  # this line in [B, 5, *S]
+    lo = tl.maximum(k0 - r, 0)  # rows before the warm-up were never added
+    a0 = tl.zeros([BLOCK], tl.float64)
+    a1 = tl.zeros([BLOCK], tl.float64)
+    a2 = tl.zeros([BLOCK], tl.float64)
+    a3 = tl.zeros([BLOCK], tl.float64)
+    a4 = tl.zeros([BLOCK], tl.float64)
+    # Warm-up: rows k0 - r .. k0 + r - 1; the loop adds k + r and drops k - r - 1.
+    for e in range(k0 - r, k0 + r):
+        s0, s1, s2, s3, s4 = _row(src_i, src_j, src5, ib, b5, e, lo, sk, w, ok, N, W, rW,
+                                  vol, WSUM, FROM_IJ, WT)
+        a0 += s0
+        a1 += s1
+        a2 += s2
+        a3 += s3
+        a4 += s4
+    part = tl.zeros([BLOCK], tl.float64)
     cw = _count(w, rW, W)
-    zero = tl.zeros([BLOCK], tl.int32)
-    for kk in range(-r, N):
-        k = kk + zero  # a vector, so that every mask below is a vector of the same shape
-        e = k + r
-        lv = k - r - 1
-        me = ok & (e < N)
-        ml = ok & (lv >= 0)
-        oe = base + e.to(tl.int64) * sk
-        ol = base + lv.to(tl.int64) * sk
-        a0 += tl.load(src + oe, mask=me, other=0.0) - tl.load(src + ol, mask=ml, other=0.0)
-        a1 += tl.load(src + oe + vol, mask=me, other=0.0) - tl.load(
-            src + ol + vol, mask=ml, other=0.0)
-        a2 += tl.load(src + oe + 2 * vol, mask=me, other=0.0) - tl.load(
-            src + ol + 2 * vol, mask=ml, other=0.0)
-        a3 += tl.load(src + oe + 3 * vol, mask=me, other=0.0) - tl.load(
-            src + ol + 3 * vol, mask=ml, other=0.0)
-        a4 += tl.load(src + oe + 4 * vol, mask=me, other=0.0) - tl.load(
-            src + ol + 4 * vol, mask=ml, other=0.0)
-        mk = ok & (k >= 0)
-        ok_ = base + k.to(tl.int64) * sk  # this voxel in a five-channel buffer
+    for k in range(k0, k1):
+        s0, s1, s2, s3, s4 = _row(src_i, src_j, src5, ib, b5, k + r, lo, sk, w, ok, N, W, rW,
+                                  vol, WSUM, FROM_IJ, WT)
+        l0, l1, l2, l3, l4 = _row(src_i, src_j, src5, ib, b5, k - r - 1, lo, sk, w, ok, N, W,
+                                  rW, vol, WSUM, FROM_IJ, WT)
+        a0 += s0 - l0
+        a1 += s1 - l1
+        a2 += s2 - l2
+        a3 += s3 - l3
+        a4 += s4 - l4
+        vo = k * sk + w  # this voxel, from the line's start
         if MODE == 0:
-            tl.store(dst + ok_, a0, mask=mk)
-            tl.store(dst + ok_ + vol, a1, mask=mk)
-            tl.store(dst + ok_ + 2 * vol, a2, mask=mk)
-            tl.store(dst + ok_ + 3 * vol, a3, mask=mk)
-            tl.store(dst + ok_ + 4 * vol, a4, mask=mk)
+            o = b5 + vo
+            tl.store(dst + o, a0, mask=ok)
+            tl.store(dst + o + vol, a1, mask=ok)
+            tl.store(dst + o + 2 * vol, a2, mask=ok)
+            tl.store(dst + o + 3 * vol, a3, mask=ok)
+            tl.store(dst + o + 4 * vol, a4, mask=ok)
         elif MODE == 3:
-            # this voxel in [B, 1, *S]
-            oi = b * vol + m.to(tl.int64) * sm + k.to(tl.int64) * sk + w
-            iv = tl.load(img_i + oi, mask=mk, other=0.0)
-            jv = tl.load(img_j + oi, mask=mk, other=0.0)
+            o = ib + vo
+            iv = tl.load(src_i + o, mask=ok, other=0.0).to(tl.float64)
+            jv = tl.load(src_j + o, mask=ok, other=0.0).to(tl.float64)
             if NEED_I:
-                tl.store(out_i + oi, a0 + 2.0 * iv * a2 + jv * a4, mask=mk)
+                tl.store(out_i + o, (a0 + 2.0 * iv * a2 + jv * a4).to(tl.float32), mask=ok)
             if NEED_J:
-                tl.store(out_j + oi, a1 + 2.0 * jv * a3 + iv * a4, mask=mk)
+                tl.store(out_j + o, (a1 + 2.0 * jv * a3 + iv * a4).to(tl.float32), mask=ok)
         else:
             if AXIS_D:
-                d = k
-                h = m
+                n = _count(k, rD, D) * _count(m, rH, H) * cw
             else:
-                d = m
-                h = k
-            n = _count(d, r if AXIS_D else 0, D) * _count(h, rH, H) * cw
-            n = tl.where(mk, n, 1.0)  # lanes outside the volume: no 1/0
-            oi = b * vol + m.to(tl.int64) * sm + k.to(tl.int64) * sk + w
-            if HAS_MASK:
-                mv = tl.load(mask + oi, mask=mk, other=0.0)
-            else:
-                mv = tl.where(mk, 1.0, 0.0)
-            inv, cross, vi_raw, vj_raw, vi, vj = _cc_parts(a0, a1, a2, a3, a4, n, eps)
+                n = _count(m, rD, D) * _count(k, rH, H) * cw
+            inv = 1.0 / tl.where(ok, n, 1.0)  # columns past W: no 1/0
+            cross = a4 - a0 * a1 * inv
+            vi_raw = a2 - a0 * a0 * inv
+            vj_raw = a3 - a1 * a1 * inv
+            vi = tl.where(vi_raw < 0.0, 0.0, vi_raw)
+            vj = tl.where(vj_raw < 0.0, 0.0, vj_raw)
             vv = vi * vj
             den = vv + eps
             c2 = cross * cross
-            clamp = c2 > vv
+            clamp = c2 > vv  # rounding only: cross² <= var_I var_J exactly
+            if HAS_MASK:
+                mv = tl.load(mask + ib + vo, mask=ok, other=0.0).to(tl.float64)
+            else:
+                mv = tl.where(ok, 1.0, 0.0).to(tl.float64)
             if MODE == 1:
                 cc = tl.where(clamp, vv, c2) / den
-                part += tl.where(mk, mv * cc, 0.0)
+                part += tl.where(ok, mv * cc, 0.0)
             else:
-                wt = tl.load(scale + b) * mv
+                wt = tl.load(scale + b).to(tl.float64) * mv
                 dcross = tl.where(clamp, 0.0, 2.0 * cross / den)
                 dvv = tl.where(clamp, eps, -c2) / (den * den)
                 dvi = tl.where(vi_raw < 0.0, 0.0, dvv * vj)
                 dvj = tl.where(vj_raw < 0.0, 0.0, dvv * vi)
-                tl.store(dst + ok_, wt * (-dcross * a1 * inv - 2.0 * dvi * a0 * inv), mask=mk)
-                tl.store(dst + ok_ + vol, wt * (-dcross * a0 * inv - 2.0 * dvj * a1 * inv), mask=mk)
-                tl.store(dst + ok_ + 2 * vol, wt * dvi, mask=mk)
-                tl.store(dst + ok_ + 3 * vol, wt * dvj, mask=mk)
-                tl.store(dst + ok_ + 4 * vol, wt * dcross, mask=mk)
+                o = b5 + vo
+                tl.store(dst + o, (wt * (-dcross * a1 * inv - 2.0 * dvi * a0 * inv)).to(
+                    tl.float32), mask=ok)
+                tl.store(dst + o + vol, (wt * (-dcross * a0 * inv - 2.0 * dvj * a1 * inv)).to(
+                    tl.float32), mask=ok)
+                tl.store(dst + o + 2 * vol, (wt * dvi).to(tl.float32), mask=ok)
+                tl.store(dst + o + 3 * vol, (wt * dvj).to(tl.float32), mask=ok)
+                tl.store(dst + o + 4 * vol, (wt * dcross).to(tl.float32), mask=ok)
     if MODE == 1:
-        tl.store(partials + pid * tl.num_programs(1) + pw, tl.sum(part, 0))
+        tl.store(partials + pid, tl.sum(part, 0).to(tl.float32))
 
 
 def _geometry(x: torch.Tensor, window: int):
@@ -197,32 +226,56 @@ def _geometry(x: torch.Tensor, window: int):
     return b, d, h, w, r, (r if len(size) == 3 else 0)
 
 
-def _wpass(i, j, src5, dst, b, d, h, w, r, from_ij):
-    rows = b * d * h
-    _lncc_wpass_kernel[(triton.cdiv(rows, BLOCK_R),)](
-        i, j, src5, dst, rows, d * h, w, d * h * w, r, FROM_IJ=from_ij, BLOCK=BLOCK_R,
-    )
+def block_w(w: int) -> int:
+    """Columns per program: 64 (two warps of float64 lanes), fewer for narrow images."""
+    return max(16, min(64, triton.next_power_of_2(w)))
 
 
-def _line(src, dst, i, j, mask, scale, gi, gj, partials, geo, axis_d, mode, eps):
+def window_tile(r: int) -> int:
+    """Columns of the window summed per step of the W sums: 4, 8 or 16 (windows > 16 loop)."""
+    return max(4, min(16, triton.next_power_of_2(2 * r + 1)))
+
+
+def plan(geo, axis_d: bool) -> tuple[int, int, int, int]:
+    """(programs, column blocks, chunks per line, chunk length) of one pass."""
+    b, d, h, w, r, rd = geo
+    n_line, m_lines = (d, h) if axis_d else (h, d)
+    rr = rd if axis_d else r
+    n_wblk = triton.cdiv(w, block_w(w))
+    lines = b * m_lines * n_wblk
+    n_chunk = 1
+    if lines < TARGET_PROGRAMS:
+        longest = max(1, n_line // max(MIN_CHUNK, 4 * rr))  # warm-up <= ~half a chunk
+        n_chunk = max(1, min(longest, triton.cdiv(TARGET_PROGRAMS, lines)))
+    chunk = triton.cdiv(n_line, n_chunk)
+    n_chunk = triton.cdiv(n_line, chunk)
+    return lines * n_chunk, n_wblk, n_chunk, chunk
+
+
+def _line(geo, axis_d, mode, *, i=None, j=None, src5=None, dst=None, mask=None, scale=None,
+          gi=None, gj=None, partials=None, wsum=False, from_ij=False, eps=1e-5):
     b, d, h, w, r, rd = geo
     vol = d * h * w
     if axis_d:
-        n_, m_, sk, sm, rr = d, h, h * w, w, rd
+        n_, m_, sk, sm = d, h, h * w, w
     else:
-        n_, m_, sk, sm, rr = h, d, w, h * w, r
-    grid = (b * m_, triton.cdiv(w, BLOCK_W))
-    dummy = src
-    _lncc_line_kernel[grid](
-        src, dst if dst is not None else dummy, i if i is not None else dummy,
-        j if j is not None else dummy, mask if mask is not None else dummy,
-        scale if scale is not None else dummy, gi if gi is not None else dummy,
-        gj if gj is not None else dummy, partials if partials is not None else dummy,
-        n_, m_, w, vol, sk, sm, rr, r, r, d, h, float(eps),
-        AXIS_D=axis_d, MODE=mode, HAS_MASK=mask is not None, NEED_I=gi is not None,
-        NEED_J=gj is not None, BLOCK=BLOCK_W,
+        n_, m_, sk, sm = h, d, w, h * w
+    total, n_wblk, n_chunk, chunk = plan(geo, axis_d)
+    _common.check_grid("lncc (triton)", (total,), ("B * lines * column blocks * chunks",))
+    idx64 = _common.needs_idx64(NSUM * b * vol + block_w(w) + (2 * r + 1))
+    anyt = next(t for t in (i, src5, dst) if t is not None)  # a pointer for unused slots
+    pick = lambda t: anyt if t is None else t  # noqa: E731
+    _lncc_line_kernel[(total,)](
+        pick(i), pick(j), pick(src5), pick(dst), pick(mask), pick(scale), pick(gi), pick(gj),
+        pick(partials),
+        n_, m_, w, vol, sk, sm, rd if axis_d else r, rd, r, r, d, h, float(eps),
+        n_wblk, n_chunk, chunk,
+        AXIS_D=axis_d, WSUM=wsum, FROM_IJ=from_ij, MODE=mode,
+        HAS_MASK=mask is not None and mode in (REDUCE, COEFF),
+        NEED_I=gi is not None and mode == FINAL, NEED_J=gj is not None and mode == FINAL,
+        IDX64=idx64, BLOCK=block_w(w), WT=window_tile(r), num_warps=2,
     )
-    return grid
+    return total
 
 
 def lncc_forward(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
@@ -231,31 +284,43 @@ def lncc_forward(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor |
 
     Args:
         fixed, moving: float32 [B, 1, *S], contiguous. mask: float32 [B, 1, *S] or None.
-        work: float32 [B, 5, *S] scratch.
+        work: float64 [B, 5, *S] scratch (3D only; unused in 2D).
     """
     geo = _geometry(fixed, window)
-    b, d, h, w, r, rd = geo
-    other = torch.empty_like(work)
-    _wpass(fixed, moving, work, work, b, d, h, w, r, True)
-    _line(work, other, None, None, None, None, None, None, None, geo, False, COPY, eps)
-    partials = torch.empty((b, h * triton.cdiv(w, BLOCK_W)), dtype=torch.float32,
-                           device=fixed.device)
-    _line(other, None, fixed, moving, mask, None, None, None, partials, geo, True, REDUCE, eps)
-    return partials.sum(1)
+    b = geo[0]
+    is3d = fixed.dim() == 5
+    total = plan(geo, is3d)[0]
+    partials = torch.empty(total, dtype=torch.float32, device=fixed.device)
+    if is3d:
+        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True, eps=eps)
+        _line(geo, True, REDUCE, i=fixed, j=moving, src5=work, mask=mask, partials=partials,
+              eps=eps)
+    else:
+        _line(geo, False, REDUCE, i=fixed, j=moving, mask=mask, partials=partials, wsum=True,
+              from_ij=True, eps=eps)
+    return partials.view(b, -1).sum(1)
 
 
 def lncc_backward(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
                   scale: torch.Tensor, work: torch.Tensor, grad_fixed: torch.Tensor | None,
                   grad_moving: torch.Tensor | None, *, window: int, eps: float) -> None:
-    """Writes d(Σ_b scale[b] Σ_v m cc)/d fixed into grad_fixed (and likewise grad_moving);
-    scale: float32 [B]; gradients float32 [B, 1, *S] or None."""
+    """Writes d(Σ_b scale[b] Σ_v m cc)/d fixed into grad_fixed (and likewise grad_moving).
+
+    Args:
+        scale: float32 [B]. work: float64 [B, 5, *S] scratch (3D only).
+        grad_fixed, grad_moving: float32 [B, 1, *S] or None.
+    """
     geo = _geometry(fixed, window)
     b, d, h, w, r, rd = geo
-    other = torch.empty_like(work)
-    _wpass(fixed, moving, work, work, b, d, h, w, r, True)
-    _line(work, other, None, None, None, None, None, None, None, geo, False, COPY, eps)
-    _line(other, work, fixed, moving, mask, scale, None, None, None, geo, True, COEFF, eps)
-    _wpass(fixed, moving, work, other, b, d, h, w, r, False)
-    _line(other, work, None, None, None, None, None, None, None, geo, False, COPY, eps)
-    _line(work, None, fixed, moving, None, None, grad_fixed, grad_moving, None, geo, True,
-          FINAL, eps)
+    coeff = torch.empty((b, NSUM, *fixed.shape[2:]), dtype=torch.float32, device=fixed.device)
+    grads = dict(i=fixed, j=moving, gi=grad_fixed, gj=grad_moving, eps=eps)
+    if fixed.dim() == 5:
+        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True, eps=eps)
+        _line(geo, True, COEFF, i=fixed, j=moving, src5=work, dst=coeff, mask=mask,
+              scale=scale, eps=eps)
+        _line(geo, False, COPY, src5=coeff, dst=work, wsum=True, eps=eps)
+        _line(geo, True, FINAL, src5=work, **grads)
+    else:
+        _line(geo, False, COEFF, i=fixed, j=moving, dst=coeff, mask=mask, scale=scale,
+              wsum=True, from_ij=True, eps=eps)
+        _line(geo, False, FINAL, src5=coeff, wsum=True, **grads)
