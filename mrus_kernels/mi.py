@@ -18,6 +18,19 @@ on it, so autograd delivers dL/dhist to the op's registered backward,
 ``mrus::mi_histogram_backward``: one fused per-voxel pass
 dL/df_v = m_v sum_ab G_ab W'_a(f_v) W_b(g_v) (and symmetrically for g).
 
+Non-finite input, the same on every backend: a voxel that counts (mask != 0) and has a NaN
+value, a NaN mask weight, or an item range that is NaN or infinite, makes every entry of
+its item's joint histogram NaN, hence that item's MI and NMI; other items are unaffected.
+An infinite value under a finite range is clamped to the range end and counts there. This
+is the definition's own arithmetic (a NaN value has NaN weights in every bin, so every
+P[a, b] = sum_v W_a W_b is NaN, as the torch backend computes literally); the kernels apply
+it as a rule (a flag per block or chunk, then NaN in every entry) instead of letting a NaN
+weight meet zero weights wherever a kernel happens to multiply it by them. Gradients in
+such an item: exactly 0 for voxels with mask 0; NaN for the offending voxel on the kernel
+backends (the torch backend follows torch.clamp, whose gradient at a NaN input is 0);
+elsewhere whatever dL/dP is, which for MI and NMI is 0 (their clamp of P at eps passes no
+gradient through NaN).
+
 Only a few bins have a non-negligible Gaussian weight: the kernels keep the bins within
 ``radius = sqrt(2 ln 2 * bits * sigma^2 + 1/4)`` bin widths of the value (bits = 24 for
 float32 and half inputs, 60 for float64), so every dropped weight is below 2**-bits of the

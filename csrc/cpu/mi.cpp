@@ -6,6 +6,9 @@
 // histogram, touching only the few bins of each voxel's window; the chunk histograms are
 // summed in chunk order. The result is bitwise the same for any number of threads.
 // Backward: one writer per voxel, no reduction.
+// A voxel with mask != 0 whose value or range gives no finite bin coordinate, or whose mask
+// is NaN, makes its chunk's histogram, hence its item's, NaN in every entry (the rule of
+// every backend, mrus_kernels/mi.py).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -86,7 +89,7 @@ void forward_chunks_avx2(const MIArgs& a, const T* f, const T* g, const T* m, co
           const double* r1 = r0 + pp;
           for (int j = 0; j < K; ++j) h[int64_t(i) * K + j] = r0[j] + r1[j];
         }
-        if (!ok) h[0] += std::numeric_limits<double>::quiet_NaN();
+        if (!ok) std::fill(h, h + kk, std::numeric_limits<double>::quiet_NaN());
       }
     }
     return;
@@ -118,6 +121,7 @@ void forward_chunks_portable(const MIArgs& a, const T* f, const T* g, const T* m
       const T* fb = f + b * a.N;
       const T* gb = g + b * a.N;
       const T* mb = m ? m + b * a.N : nullptr;
+      bool bad = false;
       for (int64_t v = v0; v < v1; ++v) {
         const T mv = mb ? mb[v] : T(1);
         if (mv == T(0)) continue;  // masked out: its values, even NaN, do not count
@@ -125,7 +129,7 @@ void forward_chunks_portable(const MIArgs& a, const T* f, const T* g, const T* m
         const int nf = mi::window<T>(a, fb[v], lo_f, hi_f, kf, wf.data(), nullptr, K);
         const int ng = mi::window<T>(a, gb[v], lo_g, hi_g, kg, wg.data(), nullptr, K);
         if (nf == 0 || ng == 0 || std::isnan(mv)) {
-          h[0] += std::numeric_limits<double>::quiet_NaN();
+          bad = true;
           continue;
         }
         for (int i = 0; i < nf; ++i) {
@@ -134,6 +138,8 @@ void forward_chunks_portable(const MIArgs& a, const T* f, const T* g, const T* m
           for (int j = 0; j < ng; ++j) row[j] += s * double(wg[j]);
         }
       }
+      // A non-finite voxel makes the item's whole histogram NaN (mrus_kernels/mi.py).
+      if (bad) std::fill(h, h + kk, std::numeric_limits<double>::quiet_NaN());
     }
   }
 }

@@ -77,12 +77,16 @@ MRUS_HD int window(const MIArgs& a, T x, T lo, T hi, int& k0, T* w, T* dw, int c
     const int last = i + 2 > a.K - 1 ? a.K - 1 : i + 2;
     k0 = first;
     n = last - first + 1;
-    for (int k = first; k <= last; ++k) {
-      w[k - first] = phi4[k - i + 1];
-      sum += phi4[k - i + 1];
+    // Over the four pieces with constant indices (bins first .. last in order), so that
+    // phi4 / dphi4 stay in registers on the GPU instead of a stack frame.
+    for (int q = 0; q < 4; ++q) {
+      const int k = i - 1 + q;
+      if (k < first || k > last) continue;
+      w[k - first] = phi4[q];
+      sum += phi4[q];
       if (dw) {
-        dw[k - first] = dphi4[k - i + 1];
-        dsum += dphi4[k - i + 1];
+        dw[k - first] = dphi4[q];
+        dsum += dphi4[q];
       }
     }
   } else {

@@ -12,6 +12,7 @@ log p with P and p clamped at eps; NMI = (H_f + H_g) / H_fg.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from unittest import mock
 
@@ -42,6 +43,12 @@ from mrus_kernels import (
 mi_module = importlib.import_module("mrus_kernels.mi")
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
+FIXED_RANGES = ((0.0, 2.0), (-2.0, 2.0))
+# The torch backend runs mrus_kernels.reference itself: comparing it with the reference is
+# no test. Its rows are compared with NumPy float64 Parzen sums instead
+# (test_torch_backend_vs_numpy_float64) and keep the identity / scikit-learn / gradcheck
+# tests below.
+KERNEL_BACKENDS = backend_params(("cpu", "triton"))
 KERNELS = ("gaussian", "bspline")
 
 
@@ -89,7 +96,7 @@ def _compare(ours, ref, dtype, name):
 # =========================================================================== vs reference
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape", [(2, 1, 7, 9, 11), (3, 1, 13, 10)], ids=["3d", "2d"])
@@ -105,6 +112,87 @@ def test_backends_vs_reference(backend, kernel, dtype, shape, masked, gen):
     with poisoned_empty():
         ours = _ours_all(f, g, bins, kernel, backend, mask=mask)
     _compare(ours, ref, dtype, f"{backend} {kernel}")
+
+
+# =========================================================================== NumPy truth
+
+
+def _np_weights(x, lo, hi, bins, kernel, sigma):
+    """Parzen weights [n, K] of values x (float64 NumPy), written from the definition."""
+    width = max((hi - lo) / bins, 1e-12)
+    centres = lo + (np.arange(bins) + 0.5) * width
+    t = (np.clip(x, lo, hi)[:, None] - centres[None, :]) / width
+    if kernel == "gaussian":
+        z = -(t**2) / (2 * sigma**2)
+        phi = np.exp(z - z.max(1, keepdims=True))
+    else:
+        a = np.abs(t)
+        phi = np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+    return phi / phi.sum(1, keepdims=True)
+
+
+def _np_joint(f, g, bins, kernel, sigma, value_range=None, mask=None):
+    """Joint histogram [B, K, K] per item in float64 NumPy: masked-out voxels are dropped
+    (not replaced), ranges from the kept voxels, P = sum m W_a(f) W_b(g) / sum m."""
+    f, g = f.double().numpy(), g.double().numpy()
+    out = []
+    for b in range(max(f.shape[0], g.shape[0])):
+        x = f[b if f.shape[0] > 1 else 0].ravel()
+        y = g[b if g.shape[0] > 1 else 0].ravel()
+        w = np.ones_like(x) if mask is None else mask[b].double().numpy().ravel()
+        keep = w > 0
+        x, y, w = x[keep], y[keep], w[keep]
+        if value_range is None:
+            rx, ry = (x.min(), x.max()), (y.min(), y.max())
+        elif isinstance(value_range[0], tuple):
+            rx, ry = value_range
+        else:
+            rx = ry = value_range
+        wx = _np_weights(x, *rx, bins, kernel, sigma)
+        wy = _np_weights(y, *ry, bins, kernel, sigma)
+        out.append((wx * w[:, None]).T @ wy / w.sum())
+    return np.stack(out)
+
+
+def _np_mi_nmi(p, eps=1e-10):
+    pc = np.maximum(p, eps)
+    pa = np.maximum(p.sum(2), eps)
+    pb = np.maximum(p.sum(1), eps)
+    mi = (pc * (np.log(pc) - np.log(pa)[:, :, None] - np.log(pb)[:, None, :])).sum((1, 2))
+    h_f = -(pa * np.log(pa)).sum(1)
+    h_g = -(pb * np.log(pb)).sum(1)
+    h_fg = -(pc * np.log(pc)).sum((1, 2))
+    return mi, (h_f + h_g) / h_fg
+
+
+# (kernel, sigma, value_range): per-item ranges, fixed ranges that clamp some voxels, narrow
+# and wide Gaussian windows.
+NUMPY_CASES = [
+    ("gaussian", 0.5, None), ("bspline", 0.5, None), ("gaussian", 0.05, ((0.6, 1.4), (-1.0, 1.0))),
+    ("gaussian", 1.0, (0.0, 1.2)), ("gaussian", 3.0, ((0.6, 1.4), (-1.0, 1.0))),
+    ("bspline", 0.5, ((0.6, 1.4), (-1.0, 1.0))),
+]
+
+
+@pytest.mark.parametrize(("kernel", "sigma", "value_range"), NUMPY_CASES,
+                         ids=[f"{k}-{s}-{'fixed' if r else 'item'}" for k, s, r in NUMPY_CASES])
+@pytest.mark.parametrize("shape", [(2, 1, 7, 9, 11), (3, 1, 13, 10)], ids=["3d", "2d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_torch_backend_vs_numpy_float64(kernel, sigma, value_range, shape, masked, gen):
+    """The torch backend (the reference the other backends are tested against) against an
+    independent float64 NumPy evaluation of the definition: P, MI and NMI. Its gradients are
+    checked against finite differences in test_gradcheck_float64."""
+    f, g = _pair(gen, shape, torch.float64)
+    mask = _mask(gen, shape) if masked else None
+    kw = dict(bins=12, kernel=kernel, sigma=sigma, value_range=value_range, mask=mask,
+              backend="torch")
+    p = _np_joint(f, g, 12, kernel, sigma, value_range, mask)
+    mi, nm = _np_mi_nmi(p)
+    assert_close_verbose(joint_histogram(f, g, **kw), torch.from_numpy(p), torch.float64,
+                         name="P")
+    assert_close_verbose(mutual_information(f, g, **kw), torch.from_numpy(mi), torch.float64,
+                         name="MI")
+    assert_close_verbose(nmi(f, g, **kw), torch.from_numpy(nm), torch.float64, name="NMI")
 
 
 # (kernel, sigma): Gaussian windows of 7 bins (one vector; 0.59 is the widest one vector
@@ -158,15 +246,12 @@ def test_cpu_loops_nan(cpu_loops, where, gen):
     assert fr.grad[0, 0, 4, 12] == 0 and gr.grad[0, 0, 4, 12] == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 3.0])
 def test_sigma_and_fixed_ranges(backend, sigma, gen):
     """Narrow and wide Gaussian windows (the truncated window of the C++ kernels must hold
     to tolerance at both ends), with a fixed range per image that clamps some voxels."""
-    # The torch backend runs the oracle's own float32 arithmetic, whose gradient at
-    # sigma = 0.05 loses ~1e-4 to rounding in t^2 / (2 sigma^2); the kernels work relative
-    # to the nearest bin and keep float32 accuracy. The oracle is checked in float64 here.
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = torch.float32
     require_backend(backend, "cpu", dtype)
     f, g = _pair(gen, (2, 1, 6, 7, 8), dtype)
     vr = ((0.6, 1.4), (-1.0, 1.0))
@@ -174,13 +259,13 @@ def test_sigma_and_fixed_ranges(backend, sigma, gen):
     ours = _ours_all(f, g, 16, "gaussian", backend, sigma=sigma, value_range=vr)
     # In float32 the rounding of the bin coordinate s (~1e-7 relative) is amplified by
     # 1 / sigma^2 in the weights' exponent: the tolerance scales with it below sigma ~ 0.2.
-    scale = max(1.0, 0.05 / sigma**2) if dtype == torch.float32 else 1.0
+    scale = max(1.0, 0.05 / sigma**2)
     for what, a, e in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, ref):
         assert_close_verbose(a, e, dtype, atol=TOLERANCES[dtype][0] * scale,
                              rtol=TOLERANCES[dtype][1] * scale, name=f"{backend} {what}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=DTYPE_IDS.get)
 def test_half_dtypes(backend, dtype, gen):
     require_backend(backend, "cpu", dtype)
@@ -190,7 +275,7 @@ def test_half_dtypes(backend, dtype, gen):
     _compare(ours, ref, dtype, f"{backend} {dtype}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_non_contiguous_and_broadcast(backend, gen):
     """A transposed (non-contiguous) fixed image of batch 1 against a batch-3 moving image:
     the same as the contiguous, expanded inputs; the broadcast gradient sums over the batch."""
@@ -207,7 +292,7 @@ def test_non_contiguous_and_broadcast(backend, gen):
     assert_close_verbose(ours[4], ref[4], torch.float32, name="d moving")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradient_only_where_needed(backend, gen):
     """Only the image that requires grad gets one (either image may be the fixed one)."""
     require_backend(backend, "cpu", torch.float32)
@@ -405,6 +490,92 @@ def test_nan_in_nan_out(backend, where, gen):
         vr = None
     value = mutual_information(f, g, value_range=vr, backend=backend)
     assert bool(value[0].isnan()) and bool(torch.isfinite(value[1]))
+
+
+# Every backend, CPU loops both ways, and the GPU rows (cuda marker): (backend, device).
+ALL_BACKEND_ROWS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("cpu", "cpu", id="cpu-vector"),
+    pytest.param("cpu-portable", "cpu", id="cpu-portable"),
+    pytest.param("triton", "cpu", id="triton"),
+    pytest.param("cuda", "cuda", marks=pytest.mark.cuda, id="cuda"),
+    pytest.param("triton", "cuda", marks=pytest.mark.cuda, id="triton-cuda"),
+]
+
+
+@contextlib.contextmanager
+def _backend_row(backend, device):
+    """The backend name to pass, with the cpu loops chosen; skips where it cannot run."""
+    name = "cpu" if backend == "cpu-portable" else backend
+    require_backend(name, device, torch.float32)
+    if name != "cpu":
+        yield name
+        return
+    from mrus_kernels import _ext
+
+    _ext.C.set_cpu_simd(backend == "cpu")
+    try:
+        yield name
+    finally:
+        _ext.C.set_cpu_simd(True)
+
+
+# Where the non-finite value sits; (f, g) of _pair lie inside these fixed ranges.
+NAN_CASES = {
+    "fixed": (("f", (0, 0, 2, 3)), FIXED_RANGES),
+    "moving": (("g", (0, 0, 4, 6)), FIXED_RANGES),
+    "fixed-first-voxel": (("f", (0, 0, 0, 0)), FIXED_RANGES),
+    "moving-last-voxel": (("g", (0, 0, 5, 8)), FIXED_RANGES),
+    "mask-weight": (("m", (0, 0, 3, 3)), FIXED_RANGES),
+    "item-range": (("f", (0, 0, 1, 5)), None),
+}
+
+
+@pytest.mark.parametrize(("backend", "device"), ALL_BACKEND_ROWS)
+@pytest.mark.parametrize("where", list(NAN_CASES))
+def test_nan_poisons_the_whole_item_histogram(backend, device, where, gen):
+    """One rule on every backend (mrus_kernels/mi.py): a NaN value, mask weight or item
+    range that counts makes every entry of its item's joint histogram NaN (not one entry,
+    nor the row or column a NaN weight meets) and leaves the other item as it would be
+    alone, gradients included; voxels with mask 0 get exactly 0 gradient; the kernels give
+    the offending voxel a NaN gradient."""
+    with _backend_row(backend, device) as name:
+        f, g = _pair(gen, (2, 1, 6, 9), torch.float32, device)
+        mask = _mask(gen, (2, 1, 6, 9), device).float()
+        (which, at), vr = NAN_CASES[where]
+        mask[at] = 1.0
+        {"f": f, "g": g, "m": mask}[which][at] = float("nan")
+        kw = dict(bins=8, value_range=vr, mask=mask, backend=name)
+        p = joint_histogram(f, g, **kw)
+        assert bool(p[0].isnan().all()), p[0]
+        fr, gr = f.clone().requires_grad_(), g.clone().requires_grad_()
+        (mutual_information(fr, gr, **kw) + nmi(fr, gr, **kw)).sum().backward()
+        ref = _ref_all(f[1:], g[1:], 8, "gaussian", value_range=vr, mask=mask[1:])
+        assert_close_verbose(p[1:], ref[0], torch.float32, name="item 1 P")
+        assert_close_verbose(fr.grad[1:], ref[3], torch.float32, name="item 1 d fixed")
+        assert_close_verbose(gr.grad[1:], ref[4], torch.float32, name="item 1 d moving")
+        out = mask[0] == 0
+        for grad in (fr.grad, gr.grad):
+            assert bool((grad[0][out] == 0).all()), "masked-out voxels must get exactly 0"
+            if name != "torch" and which != "m":
+                assert bool(grad[0][at[1:]].isnan()), "the offending voxel's gradient"
+
+
+@pytest.mark.parametrize(("backend", "device"), ALL_BACKEND_ROWS)
+def test_non_finite_values_that_do_not_count(backend, device, gen):
+    """A NaN under mask 0 changes nothing; an infinite value under a fixed range is clamped
+    to the range end and counts there (as torch.clamp does), on every backend."""
+    with _backend_row(backend, device) as name:
+        f, g = _pair(gen, (2, 1, 6, 9), torch.float32, device)
+        mask = torch.ones_like(f)
+        mask[0, 0, 2, 2] = 0.0
+        f[0, 0, 2, 2] = float("nan")
+        g[1, 0, 3, 3] = float("inf")
+        f[1, 0, 4, 4] = float("-inf")
+        p = joint_histogram(f, g, bins=8, value_range=FIXED_RANGES, mask=mask, backend=name)
+        ref = reference.joint_histogram(f.double().cpu(), g.double().cpu(), 8,
+                                        value_range=FIXED_RANGES, mask=mask.cpu())
+        assert_close_verbose(p, ref, torch.float32, name="P")
 
 
 def test_constant_image_is_finite(gen):
