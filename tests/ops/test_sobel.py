@@ -2,8 +2,9 @@
 backend (the torch one included) against ``scipy.ndimage.sobel`` per (batch, channel) slice
 and against a NumPy float64 truth (dense 1D filter matrices and their transposes, checked
 against SciPy), analytic identities, gradients (gradcheck in float64, kernels against the
-reference's autograd), NaN propagation, the Triton launcher's 64-bit and grid paths,
-determinism, the module, ``torch.compile`` and every validation message.
+reference's autograd), NaN propagation, the Triton launcher's 64-bit and grid paths, the
+CUDA kernels' per-voxel math run on the host (with nvcc), determinism, the module,
+``torch.compile`` and every validation message.
 
 The torch backend is the reference itself: it is compared with SciPy / NumPy only, never
 with ``mrus_kernels.reference``.
@@ -16,8 +17,12 @@ SciPy mode "constant"; each (batch, channel) volume on its own.
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib
 import inspect
+import shutil
+import subprocess
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -698,6 +703,224 @@ def test_explicit_backend_errors():
             sobel(X2, backend="cuda")
         with pytest.raises(RuntimeError, match=r"sobel_l1: backend 'cuda' cannot serve"):
             sobel_l1(X2, X2, backend="cuda")
+
+
+# =========================================================================== CUDA math, on the host
+
+# The per-voxel bodies of csrc/cuda/sobel.cu are host-device functions; this program runs
+# them over every voxel on the CPU, in the order the launchers do (forward, first backward
+# pass into a NaN-poisoned scratch, adjoint gather), so the CUDA kernels' math is checked
+# on machines without a GPU (nvcc only).
+_CUDA_HOST_HARNESS = r"""
+// Host-side run of the CUDA Sobel kernels' per-voxel bodies (forward_voxel,
+// backward_prep_voxel, adjoint_voxel, voxel_coords, l1_scalar_upstream) over every voxel,
+// in the order the launchers use them: the CUDA kernels' math without a GPU. Built by
+// tests/ops/test_sobel.py::test_cuda_kernel_bodies_on_the_host.
+#include "sobel.cu"
+
+#include <vector>
+
+using namespace mrus;
+using namespace mrus::cuda;
+
+static sobel::SobelArgs make_args(int dtype, int ndim, int64_t B, int64_t C, const int64_t* S,
+                                  int padding, double eps, int mode, int reduction) {
+  sobel::SobelArgs a;
+  a.dtype = dtype; a.ndim = ndim; a.B = B; a.C = C;
+  for (int i = 0; i < 3; ++i) a.size[i] = i < ndim ? S[i] : 1;
+  a.padding = padding; a.eps = eps; a.mode = mode; a.reduction = reduction;
+  return a;
+}
+
+template <int NDIM, typename T>
+static void fwd(const sobel::SobelArgs& a, const void* x, const void* x0, void* out) {
+  const int64_t vox = a.voxels();
+  double total = 0.0;
+  for (int64_t v = 0; v < a.volumes(); ++v)
+    for (int64_t n = 0; n < vox; ++n) {
+      int64_t q[3];
+      voxel_coords<NDIM>(a, vox, n, q);
+      total += forward_voxel<NDIM, T>(a, vox, v, n, q, (const T*)x, (const T*)x0, (T*)out);
+    }
+  if (a.mode == 2 && a.reduction != 0) {
+    const double scale = a.reduction == 2 ? 1.0 / double(a.numel()) : 1.0;
+    ((T*)out)[0] = from_float<T>(static_cast<float>(total * scale));
+  }
+}
+
+template <int NDIM, typename T>
+static void bwd(const sobel::SobelArgs& a, const void* go, const void* x, const void* x0,
+                void* gx, void* gx0) {
+  const int64_t vox = a.voxels(), V = a.volumes();
+  auto gather = [&](auto* h, T* g) {
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t n = 0; n < vox; ++n) {
+        int64_t q[3];
+        voxel_coords<NDIM>(a, vox, n, q);
+        g[v * vox + n] = from_float<T>(adjoint_voxel<NDIM>(a, vox, n, q, h + v * NDIM * vox));
+      }
+  };
+  if (a.mode == 0) {
+    gather((const T*)go, (T*)gx);
+    return;
+  }
+  // Poisoned scratch: every element must be written by the first pass.
+  std::vector<float> h1(gx ? V * NDIM * vox : 0, NAN), h0(gx0 ? V * NDIM * vox : 0, NAN);
+  const float up = l1_scalar_upstream<T>(a, (const T*)go);
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t n = 0; n < vox; ++n) {
+      int64_t q[3];
+      voxel_coords<NDIM>(a, vox, n, q);
+      backward_prep_voxel<NDIM, T>(a, vox, v, n, q, (const T*)go, (const T*)x, (const T*)x0, up,
+                                   gx ? h1.data() : nullptr, gx0 ? h0.data() : nullptr);
+    }
+  if (gx) gather((const float*)h1.data(), (T*)gx);
+  if (gx0) gather((const float*)h0.data(), (T*)gx0);
+}
+
+template <typename F>
+static void dispatch(int dtype, int ndim, F&& f) {
+  auto nd = [&](auto tag) {
+    if (ndim == 2) f(std::integral_constant<int, 2>{}, tag);
+    else f(std::integral_constant<int, 3>{}, tag);
+  };
+  if (dtype == int(DType::F32)) nd(TypeTag<float>{});
+  else if (dtype == int(DType::F16)) nd(TypeTag<__half>{});
+  else nd(TypeTag<__nv_bfloat16>{});
+}
+
+extern "C" void host_sobel_forward(int dtype, int ndim, int64_t B, int64_t C, const int64_t* S,
+                                   int padding, double eps, int mode, int reduction,
+                                   const void* x, const void* x0, void* out) {
+  const auto a = make_args(dtype, ndim, B, C, S, padding, eps, mode, reduction);
+  dispatch(dtype, ndim, [&](auto nd, auto tag) {
+    fwd<decltype(nd)::value, typename decltype(tag)::type>(a, x, x0, out);
+  });
+}
+
+extern "C" void host_sobel_backward(int dtype, int ndim, int64_t B, int64_t C, const int64_t* S,
+                                    int padding, double eps, int mode, int reduction,
+                                    const void* go, const void* x, const void* x0, void* gx,
+                                    void* gx0) {
+  const auto a = make_args(dtype, ndim, B, C, S, padding, eps, mode, reduction);
+  dispatch(dtype, ndim, [&](auto nd, auto tag) {
+    bwd<decltype(nd)::value, typename decltype(tag)::type>(a, go, x, x0, gx, gx0);
+  });
+}
+
+// The >= 2**32-voxel path of voxel_coords (quotients in double, corrected) against exact
+// 64-bit integer arithmetic, for volumes up to 2**52 voxels. Returns the number of mismatches.
+extern "C" int64_t host_coords_check(int64_t trials) {
+  uint64_t state = 88172645463325252ull;
+  auto next = [&]() {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  int64_t bad = 0;
+  for (int64_t t = 0; t < trials; ++t) {
+    sobel::SobelArgs a;
+    a.ndim = 3;
+    for (int k = 0; k < 3; ++k) a.size[k] = 1 + int64_t(next() % (t % 3 == 0 ? 7 : (1u << 17)));
+    const int64_t vox = a.size[0] * a.size[1] * a.size[2];
+    // n near multiples of the sizes (where a rounded quotient could cross an integer) and random.
+    int64_t n = int64_t(next() % uint64_t(vox));
+    if (t % 2) {
+      const int64_t m = a.size[2] * (int64_t(next() % uint64_t(a.size[0] * a.size[1])));
+      n = m + int64_t(next() % 3) - 1;
+      if (n < 0) n = 0;
+      if (n >= vox) n = vox - 1;
+    }
+    int64_t q[3];
+    voxel_coords<3>(a, int64_t(1) << 40, n, q);  // forces the 64-bit path
+    const int64_t e2 = n % a.size[2], e1 = (n / a.size[2]) % a.size[1];
+    const int64_t e0 = n / a.size[2] / a.size[1];
+    if (q[0] != e0 || q[1] != e1 || q[2] != e2) ++bad;
+  }
+  return bad;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_host_lib(tmp_path_factory):
+    nvcc = shutil.which("nvcc") or next(
+        (str(p) for p in (Path("/usr/local/cuda/bin/nvcc"),) if p.exists()), None)
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    root = Path(__file__).resolve().parents[2]
+    work = tmp_path_factory.mktemp("sobel_cuda_host")
+    src, lib = work / "harness.cu", work / "libsobelhost.so"
+    src.write_text(_CUDA_HOST_HARNESS)
+    # PTX only for the device side: the kernels are not run, only their host instances.
+    cmd = [nvcc, "-std=c++17", "-O1", "-gencode", "arch=compute_80,code=compute_80", "-shared",
+           "-Xcompiler", "-fPIC", f"-I{root / 'csrc' / 'include'}", f"-I{root / 'csrc' / 'cuda'}",
+           str(src), "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _host_args(x: torch.Tensor, padding: str, mode: int, reduction: str) -> tuple:
+    from mrus_kernels._ext import DTYPE_CODES
+
+    sizes = (ctypes.c_int64 * 3)(*(list(x.shape[2:]) + [1] * (5 - x.dim())))
+    return (ctypes.c_int(DTYPE_CODES[x.dtype]), ctypes.c_int(x.dim() - 2),
+            ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]), sizes,
+            ctypes.c_int(sobel_module._PADDING_CODES[padding]), ctypes.c_double(1e-6),
+            ctypes.c_int(mode), ctypes.c_int(sobel_module._REDUCTION_CODES[reduction]))
+
+
+def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=DTYPE_IDS.get)
+def test_cuda_kernel_bodies_on_the_host(cuda_host_lib, dtype, gen):
+    """The CUDA kernels' per-voxel math (two-pass backward included) against the float64
+    reference: every mode, reduction and gradient subset, both paddings, 2D / 3D / a
+    size-1 axis; and the >= 2**32-voxel index path against integer arithmetic."""
+    lib = cuda_host_lib
+    lib.host_coords_check.restype = ctypes.c_int64
+    assert lib.host_coords_check(ctypes.c_int64(200_000)) == 0
+    nan = float("nan")
+    for shape in ((2, 3, 13, 11), (2, 2, 7, 9, 11), (1, 2, 4, 1, 3)):
+        for padding in PADDINGS:
+            x, y = rand(gen, *shape).to(dtype), rand(gen, *shape).to(dtype)
+            for output, mode in (("components", 0), ("magnitude", 1)):
+                ref_x = x.double().requires_grad_()
+                expected = reference.sobel(ref_x, output, padding)
+                out = torch.full(expected.shape, nan, dtype=dtype)
+                lib.host_sobel_forward(*_host_args(x, padding, mode, "none"), _p(x), _p(None),
+                                       _p(out))
+                assert_close_verbose(out, expected, dtype, name=f"{shape} {padding} {output}")
+                grad_out = randn(gen, *expected.shape).to(dtype)
+                (e,) = autograd_grads(expected, (ref_x,), grad_out.double())
+                g = torch.full(shape, nan, dtype=dtype)
+                lib.host_sobel_backward(*_host_args(x, padding, mode, "none"), _p(grad_out),
+                                        _p(x), _p(None), _p(g), _p(None))
+                assert_close_verbose(g, e, dtype, name=f"{shape} {padding} d {output}")
+            for reduction in REDUCTIONS:
+                r1, r0 = x.double().requires_grad_(), y.double().requires_grad_()
+                expected = reference.sobel_l1(r1, r0, padding, 1e-6, reduction)
+                out = torch.full(expected.shape, nan, dtype=dtype)
+                lib.host_sobel_forward(*_host_args(x, padding, 2, reduction), _p(x), _p(y),
+                                       _p(out))
+                assert_close_verbose(out, expected, dtype, name=f"{shape} {padding} {reduction}")
+                grad_out = randn(gen, *expected.shape, 1)[..., 0].to(dtype)
+                e1, e0 = autograd_grads(expected, (r1, r0), grad_out.double())
+                for need1, need0 in ((True, True), (True, False), (False, True)):
+                    g1 = torch.full(shape, nan, dtype=dtype) if need1 else None
+                    g0 = torch.full(shape, nan, dtype=dtype) if need0 else None
+                    lib.host_sobel_backward(*_host_args(x, padding, 2, reduction), _p(grad_out),
+                                            _p(x), _p(y), _p(g1), _p(g0))
+                    for name, a, b in (("f1", g1, e1), ("f0", g0, e0)):
+                        if a is not None:
+                            assert_close_verbose(a, b, dtype,
+                                                 name=f"{shape} {padding} {reduction} d {name}")
 
 
 # =========================================================================== GPU
