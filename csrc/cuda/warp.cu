@@ -34,9 +34,9 @@ struct AtomicScatter {
 // 64-bit fixed point (precision and the choice of the quantum: mrus_kernels/triton/warp.py,
 // whose kernels use the same quantum and rounding). Every finite contribution v is rounded once
 // to an integer multiple of q = 2**E, E = e + log2m - 62 with 2**(e - 1) <= vmax < 2**e,
-// vmax a bound on every finite |v| and 2**log2m >= the most contributions one element can
-// receive, so no sum leaves [-2**62, 2**62]; integer sums do not depend on the order of the
-// atomics. A non-finite v sets a bit of its element's int32 flag instead (1 NaN, 2 +inf,
+// vmax a bound on every finite |v| and 2**log2m >= max(the most contributions one element
+// can receive, 2**11), so no sum leaves [-2**62, 2**62] and no rounded contribution exceeds
+// 2**51; integer sums do not depend on the order of the atomics. A non-finite v sets a bit of its element's int32 flag instead (1 NaN, 2 +inf,
 // 4 -inf), which the conversion turns into what a float sum would give: a NaN or inf
 // poisons exactly the elements it reaches.
 __device__ __forceinline__ int fixed_exponent(float vmax, int log2m) {
@@ -85,9 +85,12 @@ struct ItemScatter {
 // The most contributions one element of the image gradient can receive: the 2**ndim corners
 // of one sample are distinct voxels, so one per output voxel of each batch item that reads
 // the image item, plus one from its own displacement gradient with DDF_GRAD_SCATTER.
+// At least 2**11 (kFixedMinLog2m), as the Triton kernels (FIXED_MIN_LOG2M): the same quantum.
+constexpr int kFixedMinLog2m = 11;
+
 inline int fixed_log2_terms(const warp::WarpArgs& a) {
   const int64_t m = (a.Bi > 1 ? 1 : a.B) * a.n_out() + ((a.flags & warp::DDF_GRAD_SCATTER) ? 1 : 0);
-  int log2m = 0;
+  int log2m = kFixedMinLog2m;
   while ((int64_t(1) << log2m) < m) ++log2m;
   return log2m;
 }

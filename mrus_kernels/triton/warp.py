@@ -28,16 +28,18 @@ quantum q = 2**E and added with an int64 atomic: integer sums do not depend on t
 the atomics, so the result is bitwise reproducible. E is chosen so that no sum can
 overflow: with vmax a bound on every finite |v| (a float32 device scalar, no host sync) and
 M the most contributions one element can receive, q = 2**(e + L - 62) where
-2**(e - 1) <= vmax < 2**e and 2**L is the smallest power of two >= M, so a sum of M
-roundings stays within 2**62. Hence q <= max(vmax, 2**-126) * M * 2**-60, and an element
-that receives m contributions v_i ends within m * q / 2 of their exact sum before the final
-conversion to float32 (half an ulp of the result, plus at most 2**-53 relative from the
-int64 to float64 conversion):
+2**(e - 1) <= vmax < 2**e and 2**L is the smallest power of two >= max(M, 2**11), so a sum
+of M roundings stays within 2**62 (and each rounded contribution within 2**51, where
+float64 rounds to an integer in two additions). Hence
+q <= max(vmax, 2**-126) * max(M, 2**11) * 2**-60, and an element that receives m
+contributions v_i ends within m * q / 2 of their exact sum before the final conversion to
+float32 (half an ulp of the result, plus at most 2**-53 relative from the int64 to float64
+conversion):
 
     |grad - sum_i v_i| <= m * q / 2 + 2**-24 * |grad|.
 
-Contributions far below q (relative to vmax, below about M * 2**-60) keep few bits; the
-float-atomic path keeps 24 bits of each but depends on the order of the atomics.
+Contributions far below q (relative to vmax, below about max(M, 2**11) * 2**-60) keep few
+bits; the float-atomic path keeps 24 bits of each but depends on the order of the atomics.
 vmax and M come from the launcher: vmax = max |grad_out| over finite values, and with
 DDF_GRAD_SCATTER (compose's squaring step: the displacement gradient goes into the same
 buffer) the bound gmax * (2 * C * umax + 1) of that gradient as well, umax the largest
@@ -73,18 +75,26 @@ BORDER = 1
 ADD_DDF = 1
 DDF_GRAD_SCATTER = 2
 
-# Output voxels per program, one voxel per thread: with two per thread the 3D linear
-# backward needs 255 registers and spills on sm_90 (ptxas), with one about 100 (forward
-# about 64). Not autotuned: tuning runs would repeat the atomics into the image gradient,
+# Output voxels per program, one voxel per thread (two per thread doubled the backward's
+# registers). Not autotuned: tuning runs would repeat the atomics into the image gradient,
 # and fixed sizes keep the launch CUDA-graph friendly.
 BLOCK_2D = 256
 BLOCK_3D = 256
 VOXELS_PER_THREAD = 1
+# Register bound per thread given to ptxas (.maxnreg). Without one, ptxas sizes the
+# registers of a .reqntid 256 kernel for occupancy and spills (the backward: 48 registers
+# and 40-100 bytes of spills on sm_90); with it, every variant fits without spilling (at
+# most about 100 registers, benchmarks/RESULTS.md), and 128 still lets two programs share
+# an SM.
+MAX_REGISTERS = 128
 CONVERT_BLOCK = 1024
 CONVERT_WARPS = 4
 # A broadcast displacement puts the batch on grid axis 1 (one item per program) when one
 # item needs fewer programs than this and no displacement gradient is summed over items.
 SPLIT_BELOW_BLOCKS = 512
+# L of the fixed-point quantum is at least this (module docstring): every rounded
+# contribution stays below 2**(62 - 11) = 2**51, where float64 rounds it to an integer.
+FIXED_MIN_LOG2M = 11
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -223,6 +233,50 @@ def _nearest_offset(ps, sizes, strides, ok, PADDING: tl.constexpr, NDIM: tl.cons
     return off, valid
 
 
+@triton.jit
+def _axes_linear(ps, sizes, strides, PADDING: tl.constexpr, NDIM: tl.constexpr,
+                 IDX64: tl.constexpr):
+    """_axis_linear along every axis: per axis the lower corner's offset i0 * stride, t,
+    1 - t, the validity of the lower and upper corner, and the clamp gate. The backward
+    forms each corner from these when it needs it (_corner) rather than holding all
+    2**NDIM corners at once."""
+    los = ()
+    ts = ()
+    ss = ()
+    v0s = ()
+    v1s = ()
+    gates = ()
+    for i in tl.static_range(NDIM):
+        i0, t, v0, v1, g = _axis_linear(ps[i], sizes[i], PADDING, IDX64)
+        los = los + (i0 * strides[i],)
+        ts = ts + (t,)
+        ss = ss + (1.0 - t,)
+        v0s = v0s + (v0,)
+        v1s = v1s + (v1,)
+        gates = gates + (g,)
+    return los, ts, ss, v0s, v1s, gates
+
+
+@triton.jit
+def _corner(k: tl.constexpr, los, ts, ss, v0s, v1s, strides, ok, NDIM: tl.constexpr):
+    """Offset, weight and load mask of corner k (as _linear_stencil: the weight is the
+    product over axes 0, 1, ... in that order, as warp.h make_linear)."""
+    off = los[0]
+    w = 1.0
+    valid = ok
+    for i in tl.static_range(NDIM):
+        if i > 0:
+            off = off + los[i]
+        if _takes_upper(k, i, NDIM):
+            off = off + strides[i]
+            w = w * ts[i]
+            valid = valid & v1s[i]
+        else:
+            w = w * ss[i]
+            valid = valid & v0s[i]
+    return off, w, valid
+
+
 @triton.constexpr_function
 def _lower_corner(m, i, ndim):
     """The m-th corner (of 2**(ndim - 1)) that takes the lower index along axis i."""
@@ -305,7 +359,10 @@ def _scatter(ptr, flag_ptr, v, mask, inv_q, DETERMINISTIC: tl.constexpr):
     if DETERMINISTIC:
         finite = tl.abs(v) < float("inf")  # False for NaN too; comparisons do not trap
         x = tl.where(finite, v, 0.0).to(tl.float64) * inv_q  # exact: inv_q is 2**-E
-        tl.atomic_add(ptr, _round_half_even(x).to(tl.int64), mask=mask, sem="relaxed")
+        # |x| <= 2**51: adding and subtracting 1.5 * 2**52 rounds it half to even (the
+        # float64 spacing there is 1), in two additions instead of a floor-based rounding.
+        x = (x + 6755399441055744.0) - 6755399441055744.0
+        tl.atomic_add(ptr, x.to(tl.int64), mask=mask, sem="relaxed")
         code = tl.where(v != v, 1, tl.where(v > 0.0, 2, 4))
         tl.atomic_or(flag_ptr, code, mask=mask & ~finite, sem="relaxed")
     else:
@@ -389,61 +446,61 @@ def _warp_bwd_kernel(
     inv_q = 1.0
     if DETERMINISTIC:
         inv_q = _pow2(-_fixed_exponent(vmax_ptr, LOG2M))
+    # Linear: one corner at a time (all batch items and channels), so that only that
+    # corner's offset, weight and mask are live, not all 2**NDIM (register pressure); its
+    # grad_out values are read again per corner (cache hits). cs[k]: sum over batch items
+    # and channels of grad_out * image at corner k, for the displacement gradient.
+    cs = ()
     if MODE == 1:
         if NEED_IMG:
             off, valid = _nearest_offset(ps, in_sizes, in_strides, ok, PADDING, NDIM, IDX64)
-    else:
-        coffs, ws, vs, ts, ss, gates = _linear_stencil(ps, in_sizes, in_strides, ok, PADDING,
-                                                       NDIM, IDX64)
-    # Per corner: sum over batch items and channels of grad_out * image (linear), and the
-    # ADD_DDF term per axis: sum over batch items of grad_out[b, i].
-    cs = ()
-    for k in tl.static_range(2**NDIM):
-        cs = cs + (tl.zeros([BLOCK], dtype=tl.float32),)
-    ga = ()
-    for i in tl.static_range(NDIM):
-        ga = ga + (tl.zeros([BLOCK], dtype=tl.float32),)
-    for j in range(NB):
-        b = (bd + j).to(tl.int64)
-        img_c = img_ptr + b * img_bstride
-        gimg_c = gimg_ptr + b * img_bstride
-        flag_c = flag_ptr + b * img_bstride
-        g_c = gout_ptr + b * out_bstride + offs
-        if ADD_DDF and NEED_DDF:
-            ga2 = ()
-            g_i = g_c
-            for i in tl.static_range(NDIM):
-                ga2 = ga2 + (ga[i] + tl.load(g_i, mask=mask, other=0.0).to(tl.float32),)
-                g_i += n_out
-            ga = ga2
-        if MODE == 1:
-            if NEED_IMG:
+            for j in range(NB):
+                b = (bd + j).to(tl.int64)
+                gimg_c = gimg_ptr + b * img_bstride + off
+                flag_c = flag_ptr + b * img_bstride + off
+                g_c = gout_ptr + b * out_bstride + offs
                 for c in range(C):
                     g = tl.load(g_c, mask=valid, other=0.0).to(tl.float32)
-                    _scatter(gimg_c + off, flag_c + off, g, valid, inv_q, DETERMINISTIC)
+                    _scatter(gimg_c, flag_c, g, valid, inv_q, DETERMINISTIC)
                     gimg_c += n_in
                     flag_c += n_in
                     g_c += n_out
-        elif NEED_IMG or NEED_DDF:
-            for c in range(C):
-                g = tl.load(g_c, mask=ok, other=0.0).to(tl.float32)
-                cs2 = ()
-                for k in tl.static_range(len(ws)):
+    elif NEED_IMG or NEED_DDF:
+        los, ts, ss, v0s, v1s, gates = _axes_linear(ps, in_sizes, in_strides, PADDING, NDIM,
+                                                    IDX64)
+        for k in tl.static_range(2**NDIM):
+            off, w, valid = _corner(k, los, ts, ss, v0s, v1s, in_strides, ok, NDIM)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in range(NB):
+                b = (bd + j).to(tl.int64)
+                img_c = img_ptr + b * img_bstride + off
+                gimg_c = gimg_ptr + b * img_bstride + off
+                flag_c = flag_ptr + b * img_bstride + off
+                g_c = gout_ptr + b * out_bstride + offs
+                for c in range(C):
                     # An invalid corner is skipped as in warp.h, not multiplied by 0 (g may
-                    # be inf): g is zeroed there before any product.
-                    g_k = tl.where(vs[k], g, 0.0)
+                    # be inf): masked, g is 0 there and nothing is read or added.
+                    g = tl.load(g_c, mask=valid, other=0.0).to(tl.float32)
                     if NEED_DDF:
-                        v = tl.load(img_c + coffs[k], mask=vs[k], other=0.0).to(tl.float32)
-                        cs2 = cs2 + (cs[k] + g_k * v,)
+                        v = tl.load(img_c, mask=valid, other=0.0).to(tl.float32)
+                        acc += g * v
                     if NEED_IMG:
-                        _scatter(gimg_c + coffs[k], flag_c + coffs[k], ws[k] * g_k, vs[k],
-                                 inv_q, DETERMINISTIC)
-                if NEED_DDF:
-                    cs = cs2
-                img_c += n_in
-                gimg_c += n_in
-                flag_c += n_in
-                g_c += n_out
+                        _scatter(gimg_c, flag_c, w * g, valid, inv_q, DETERMINISTIC)
+                    img_c += n_in
+                    gimg_c += n_in
+                    flag_c += n_in
+                    g_c += n_out
+            cs = cs + (acc,)
+    # ADD_DDF: per axis, the sum over batch items of grad_out[b, i] (every voxel).
+    ga = ()
+    for i in tl.static_range(NDIM):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if ADD_DDF and NEED_DDF:
+            for j in range(NB):
+                b = (bd + j).to(tl.int64)
+                g_i = gout_ptr + b * out_bstride + i * n_out + offs
+                acc += tl.load(g_i, mask=mask, other=0.0).to(tl.float32)
+        ga = ga + (acc,)
     if NEED_DDF:
         if MODE == 1:
             gu = ga
@@ -580,7 +637,8 @@ def warp_forward(image: torch.Tensor, ddf: torch.Tensor, out: torch.Tensor, *, m
     _warp_fwd_kernel[lp.grid](
         image, ddf, out, *lp.args,
         NDIM=lp.ndim, MODE=int(mode), PADDING=int(padding), ADD_DDF=bool(flags & ADD_DDF),
-        IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps, enable_fp_fusion=True,
+        IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps, maxnreg=MAX_REGISTERS,
+        enable_fp_fusion=True,
     )
 
 
@@ -636,7 +694,8 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
     if det:
         assert fixed_bound is not None and fixed_bound.dtype == torch.float32
         assert fixed_bound.numel() == 1 and fixed_bound.device == image.device
-        log2m = (fixed_point_terms(image.shape, ddf.shape, flags) - 1).bit_length()
+        log2m = max((fixed_point_terms(image.shape, ddf.shape, flags) - 1).bit_length(),
+                    FIXED_MIN_LOG2M)
         target = torch.zeros(grad_image.shape, dtype=torch.int64, device=grad_image.device)
         flag = torch.zeros(grad_image.shape, dtype=torch.int32, device=grad_image.device)
         vmax = fixed_bound
@@ -649,7 +708,7 @@ def warp_backward(grad_out: torch.Tensor, image: torch.Tensor, ddf: torch.Tensor
         NDIM=lp.ndim, MODE=int(mode), PADDING=int(padding), NEED_IMG=need_img,
         NEED_DDF=need_ddf, DETERMINISTIC=det, ADD_DDF=bool(flags & ADD_DDF),
         DDF_SCATTER=ddf_scatter, IDX64=lp.idx64, BLOCK=lp.block, num_warps=lp.num_warps,
-        enable_fp_fusion=True,
+        maxnreg=MAX_REGISTERS, enable_fp_fusion=True,
     )
     if det:
         numel = grad_image.numel()

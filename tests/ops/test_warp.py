@@ -780,8 +780,8 @@ def _dyadic_case(gen, ndim, batches=(1, 2)):
 def test_fixed_point_precision(backend, ndim, mode, padding, gen):
     """The deterministic image gradient against the exact sum of its contributions (dyadic
     inputs: every w * g is exact in float32 and every sum exact in float64) with the bound
-    the fixed point documents: |grad - sum| <= m * q / 2 + 2**-24 |grad|, q <= vmax * M *
-    2**-60. Contributions span 20 binary orders, so a quantum tied to max |grad_out| alone,
+    the fixed point documents: |grad - sum| <= m * q / 2 + 2**-24 |grad|,
+    q <= vmax * max(M, 2**11) * 2**-60. Contributions span 20 binary orders, so a quantum tied to max |grad_out| alone,
     or float32 rounding of v / q, shows."""
     _check_fixed_point_precision(backend, "cpu", ndim, mode, padding, gen)
 

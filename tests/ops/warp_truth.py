@@ -117,8 +117,9 @@ def scatter_image_grad(image_shape, ddf: torch.Tensor, grad_out: torch.Tensor,
 
 def fixed_point_quantum_bound(vmax: float, terms: int) -> float:
     """The documented bound on the quantum of the fixed-point image gradient:
-    q <= max(vmax, 2**-126) * M * 2**-60, M the most contributions one element can get."""
-    return max(vmax, 2.0**-126) * terms * 2.0**-60
+    q <= max(vmax, 2**-126) * max(M, 2**11) * 2**-60, M the most contributions one element
+    can get."""
+    return max(vmax, 2.0**-126) * max(terms, 2**11) * 2.0**-60
 
 
 def assert_fixed_point_close(actual: torch.Tensor, exact: torch.Tensor, count: torch.Tensor,
