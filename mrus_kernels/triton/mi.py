@@ -39,7 +39,6 @@ batch shares grid axis 0 with the programs of an item (axis 0 takes 2**31 - 1 pr
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -74,7 +73,7 @@ class Config(NamedTuple):
 
 
 # Chosen so that no variant spills on sm_80 or sm_90 and each fits the architecture's
-# shared memory (ptxas -v on every variant; registers in benchmarks/RESULTS.md). The forward
+# shared memory (ptxas -v on every variant: benchmarks/compile_gate.py). The forward
 # holds a [KP, KP] fp32 accumulator and two [BLOCK_V, KP] weight tiles with their hi / lo
 # halves. The backward keeps G's halves (loop-invariant dot operands, shared memory) over
 # TILES tiles of BLOCK_V voxels, so G is loaded and split once per TILES * BLOCK_V voxels.
@@ -318,49 +317,3 @@ def mi_backward(
         TILES=cfg.tiles, IDX64=idx64, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
     )
-
-
-class Variant(NamedTuple):
-    """One compiled form of a kernel: what the launchers can request."""
-
-    name: str
-    kernel: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    num_warps: int
-    num_stages: int
-    maxnreg: int
-
-
-def variants() -> list[Variant]:
-    """Every kernel variant the launchers can request (each padded bin count, window kind,
-    mask, IDX64 and, for the backward, gradient choice), for ahead-of-time compilation."""
-    out = []
-    needs = {"f": (True, False), "g": (False, True), "fg": (True, True)}
-    for kp_, kind, mask, idx64 in itertools.product(
-        KP_VALUES, (GAUSSIAN, BSPLINE), (False, True), (False, True)
-    ):
-        index = "i64" if idx64 else "i32"
-        window = "gauss" if kind == GAUSSIAN else "bspline"
-        tag = f"kp{kp_}-{window}-{'mask' if mask else 'nomask'}-{index}"
-        ptrs = ("f_ptr", "g_ptr", "m_ptr", "ranges_ptr", "partial_ptr")
-        sig = {**dict.fromkeys(ptrs, "*fp32"), "N": index, "K": "i32", "programs": "i32",
-               "chunk": index, "inv_2s2": "fp32"}
-        cfg = FWD_CONFIG[kp_]
-        const = dict(KP=kp_, KERNEL=kind, HAS_MASK=mask, BLOCK_V=cfg.block_v, IDX64=idx64)
-        out.append(Variant(f"fwd-{tag}", _mi_fwd_kernel,
-                           {**sig, **dict.fromkeys(const, "constexpr")}, const, cfg.num_warps,
-                           cfg.num_stages, cfg.maxnreg))
-        ptrs = ("gh_ptr", "f_ptr", "g_ptr", "m_ptr", "ranges_ptr", "gf_ptr", "gg_ptr")
-        sig = {**dict.fromkeys(ptrs, "*fp32"), "N": index, "K": "i32", "chunks": index,
-               "inv_2s2": "fp32"}
-        cfg = BWD_CONFIG[kp_]
-        for need, (need_f, need_g) in needs.items():
-            if need == "fg" and kp_ >= BWD_SPLIT_KP:
-                continue  # two launches (mi_backward)
-            const = dict(KP=kp_, KERNEL=kind, HAS_MASK=mask, NEED_F=need_f, NEED_G=need_g,
-                         BLOCK_V=cfg.block_v, TILES=cfg.tiles, IDX64=idx64)
-            out.append(Variant(f"bwd-{tag}-d{need}", _mi_bwd_kernel,
-                               {**sig, **dict.fromkeys(const, "constexpr")}, const,
-                               cfg.num_warps, cfg.num_stages, cfg.maxnreg))
-    return out

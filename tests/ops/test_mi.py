@@ -29,6 +29,7 @@ from conftest import (
     poisoned_empty,
     rand,
     require_backend,
+    spy_launches,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -41,6 +42,10 @@ from mrus_kernels import (
 )
 
 mi_module = importlib.import_module("mrus_kernels.mi")
+try:  # the Triton kernels' module, for the tests that launch its helpers directly
+    triton_mi = importlib.import_module("mrus_kernels.triton.mi")
+except ImportError:  # pragma: no cover - triton not installed
+    triton_mi = None
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 FIXED_RANGES = ((0.0, 2.0), (-2.0, 2.0))
@@ -307,6 +312,98 @@ def test_gradient_only_where_needed(backend, gen):
         assert_close_verbose(
             (a, b)[which].grad, ref[3 + which], torch.float32, name=f"grad {which}"
         )
+
+
+# =========================================================================== Triton launches
+
+
+def test_triton_tf32_split_is_exact_in_tf32(gen):
+    """The premise of the 3xTF32 products: hi and lo are exactly representable in TF32
+    (the tensor cores then multiply them without rounding, as the interpreter's float32
+    matmul does) and hi + lo recovers x to 2**-21 relative; one TF32 product alone keeps
+    only ~2**-11 (the histogram would lose ~1e-4 relative)."""
+    if triton_mi is None:
+        pytest.skip("triton is not installed")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(x_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        hi, lo = triton_mi._split(tl.load(x_ptr + offs))
+        tl.store(hi_ptr + offs, hi)
+        tl.store(lo_ptr + offs, lo)
+
+    x = torch.cat([torch.rand(996, generator=gen), torch.rand(24, generator=gen) * 1e-20,
+                   torch.tensor([1.0, 0.0, 2.0**-30, 0.999999])])
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    split_kernel[(1,)](x, hi, lo, BLOCK=x.numel())
+    for part in (hi, lo):
+        assert bool((part.view(torch.int32) & 0x1FFF == 0).all()), "not exact in TF32"
+    err = (hi.double() + lo.double() - x.double()).abs()
+    assert bool((err <= 2.0**-21 * x.double().abs()).all()), float((err / x.double()).max())
+    assert float(((hi.double() - x.double()).abs() / x.double().clamp_min(1e-30)).max()) > 1e-4
+
+
+@pytest.mark.parametrize("bins", [7, 20, 50, 100], ids=lambda k: f"K{k}")
+def test_triton_every_bin_cap(bins, gen):
+    """Each padded bin count of the Triton kernels (KP = 16, 32, 64, 128; at 128 a backward
+    needing both gradients runs as two launches) against the float64 reference."""
+    require_backend("triton", "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 5, 7), torch.float32)
+    mask = _mask(gen, (2, 1, 5, 7))
+    ref = _ref_all(f, g, bins, "gaussian", sigma=0.7, mask=mask)
+    with poisoned_empty():
+        ours = _ours_all(f, g, bins, "gaussian", "triton", sigma=0.7, mask=mask)
+    _compare(ours, ref, torch.float32, f"triton K={bins}")
+
+
+def test_triton_batch_is_on_grid_axis_0(monkeypatch, gen):
+    """The batch shares grid axis 0 with an item's programs (axes 1 and 2 take at most
+    65535 programs on CUDA): with that limit lowered below the batch size, every launch
+    still fits, and the results match the reference."""
+    require_backend("triton", "cpu", torch.float32)
+    from mrus_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
+    calls = spy_launches(monkeypatch, triton_mi, "_mi_fwd_kernel", "_mi_bwd_kernel")
+    f, g = _pair(gen, (5, 1, 6, 7), torch.float32)
+    ours = _ours_all(f, g, 12, "bspline", "triton")
+    assert {name for name, _, _ in calls} == {"_mi_fwd_kernel", "_mi_bwd_kernel"}
+    for name, grid, _ in calls:
+        assert all(n <= _common.MAX_GRID_YZ for n in grid[1:]), (name, grid)
+    _compare(ours, _ref_all(f, g, 12, "bspline"), torch.float32, "batch 5")
+
+
+def test_triton_grid_limit_raises(monkeypatch, gen):
+    """More programs than grid axis 0 takes: a ValueError that names the axis and the
+    limit, not a launch failure."""
+    require_backend("triton", "cpu", torch.float32)
+    from mrus_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "MAX_GRID_X", 3)
+    f, g = _pair(gen, (4, 1, 6, 7), torch.float32)
+    with pytest.raises(ValueError, match=r"mi \(triton\): B \* blocks per item needs 4 "
+                                         r"programs on grid axis 0, at most 3"):
+        mutual_information(f, g, backend="triton")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_idx64_variants(monkeypatch, kernel, masked, gen):
+    """The 64-bit offset variants (IDX64, chosen at call time from
+    _common.IDX64_THRESHOLD) against the float64 reference at a small size."""
+    require_backend("triton", "cpu", torch.float32)
+    from mrus_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "IDX64_THRESHOLD", 100)
+    calls = spy_launches(monkeypatch, triton_mi, "_mi_fwd_kernel", "_mi_bwd_kernel")
+    f, g = _pair(gen, (2, 1, 7, 9), torch.float32)
+    mask = _mask(gen, f.shape) if masked else None
+    with poisoned_empty():
+        ours = _ours_all(f, g, 12, kernel, "triton", mask=mask)
+    assert calls and all(kw["IDX64"] for _, _, kw in calls), calls
+    _compare(ours, _ref_all(f, g, 12, kernel, mask=mask), torch.float32, "IDX64")
 
 
 # =========================================================================== gradcheck
@@ -819,3 +916,15 @@ def test_gpu_peak_memory_does_not_grow_with_voxels(gpu_backend, gen):
         del f, g
     assert extras[1] <= extras[0] + (1 << 20), extras
     assert extras[1] <= 100 << 20, extras
+
+
+@pytest.mark.cuda
+def test_gpu_batch_beyond_grid_axis_y(gpu_backend, gen):
+    """70,000 items (more than grid axis y takes): the batch is on grid axis x."""
+    f, g = _pair(gen, (70000, 1, 2, 3), torch.float32, "cuda")
+    fr = f.clone().requires_grad_()
+    value = mutual_information(fr, g, bins=8, backend=gpu_backend)
+    value.sum().backward()
+    ref = _ref_all(f, g, 8, "gaussian")
+    assert_close_verbose(value.detach().cpu(), ref[1], torch.float32, name="MI")
+    assert_close_verbose(fr.grad.cpu(), ref[3], torch.float32, name="d fixed")
