@@ -730,6 +730,11 @@ def test_gpu_compose_matches_reference(gpu_backend, dtype, ndim, padding, gen):
         assert_close_verbose(out, expected, dtype)
         assert_close_verbose(gu, eu, dtype, name=f"d u (deterministic={deterministic})")
         assert_close_verbose(gv, ev, dtype, name=f"d v (deterministic={deterministic})")
+        if deterministic:  # a second run agrees bitwise (fixed point; atomics would vary)
+            again = torch.autograd.grad(
+                compose(ou, ov, padding=padding, backend=gpu_backend, deterministic=True),
+                (ou, ov), grad)
+            assert torch.equal(again[0], gu) and torch.equal(again[1], gv)
 
 
 @pytest.mark.cuda

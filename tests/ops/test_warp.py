@@ -721,7 +721,6 @@ def _spy_launch_backward(calls):
 # The Triton interpreter runs float atomics in one order, so two runs always agree bitwise
 # there: the check cannot fail. It runs on a GPU (test_gpu_deterministic_bitwise); on the CPU
 # the Triton fixed-point values are checked against float64 with their documented bound.
-INTERPRETED_ATOMICS = "the Triton interpreter runs atomics in one order: bitwise agreement cannot fail"
 
 
 @pytest.mark.parametrize("how", ["argument", "global", "default"])
@@ -731,7 +730,7 @@ def test_deterministic_image_gradient(backend, how, gen, request):
     the deterministic path is taken; by default (the torch setting off) the fast path is
     taken. cpu: two runs agree bitwise (per-thread buffers summed in a fixed order).
     triton: the fixed-point result is within its documented bound of the float64 scatter
-    (bitwise agreement: see INTERPRETED_ATOMICS)."""
+    (bitwise agreement cannot fail under the interpreter: see above)."""
     image, ddf, grad_out = _scatter_heavy_case(gen, backend)
     exact, count, abs_sum = warp_truth.scatter_image_grad(image.shape, ddf, grad_out)
     deterministic = True if how == "argument" else None
@@ -781,8 +780,8 @@ def test_fixed_point_precision(backend, ndim, mode, padding, gen):
     """The deterministic image gradient against the exact sum of its contributions (dyadic
     inputs: every w * g is exact in float32 and every sum exact in float64) with the bound
     the fixed point documents: |grad - sum| <= m * q / 2 + 2**-24 |grad|,
-    q <= vmax * max(M, 2**11) * 2**-60. Contributions span 20 binary orders, so a quantum tied to max |grad_out| alone,
-    or float32 rounding of v / q, shows."""
+    q <= vmax * max(M, 2**11) * 2**-60. Contributions span 20 binary orders, so a quantum
+    tied to max |grad_out| alone, or float32 rounding of v / q, shows."""
     _check_fixed_point_precision(backend, "cpu", ndim, mode, padding, gen)
 
 
