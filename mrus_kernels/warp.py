@@ -266,7 +266,11 @@ def warp(
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".
         deterministic: bitwise reproducible image gradient (no float atomics); default
-            ``torch.are_deterministic_algorithms_enabled()``.
+            ``torch.are_deterministic_algorithms_enabled()``. On the GPU backends it sums in
+            64-bit fixed point: each element within m·q/2 of the exact sum of its m
+            contributions (q <= max|grad_out|·max(M, 2**11)·2**-60, M the most contributions
+            one element can receive; mrus_kernels/triton/warp.py), NaN/inf only where they
+            reach.
 
     Returns:
         Tensor [max(B_image, B_ddf), C, *S_out] of image's dtype. NaN in every channel where
