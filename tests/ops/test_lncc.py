@@ -1,11 +1,18 @@
-"""lncc / LNCCLoss: identities, every backend against the float64 reference, gradients,
-determinism, torch.compile and bad input."""
+"""lncc / LNCCLoss: identities, every backend against a NumPy float64 truth and the float64
+reference, gradients, raw-intensity accuracy, 64-bit offsets, determinism, torch.compile and
+bad input.
+
+The ``torch`` backend is the reference itself: its rows compare values with the NumPy truth
+(direct window sums, independent of torch) and its gradients are checked by gradcheck, never
+against ``reference`` (that would compare a function with itself)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import mrus_kernels.triton._common as triton_common
 from conftest import assert_close_verbose, backend_params, poisoned_empty, rand
 from mrus_kernels import LNCCLoss, lncc, reference
 from mrus_kernels.backends import call_reason
@@ -29,6 +36,60 @@ def _ref(f, m, window, mask=None, eps=1e-5):
                           mask.double() if mask is not None else None)
 
 
+def _box_np(x: np.ndarray, r: int) -> np.ndarray:
+    """Sums over the in-bounds voxels of the (2r + 1)-wide box on every axis but the first,
+    each window summed directly (no running sums): float64 NumPy, independent of torch."""
+    for ax in range(1, x.ndim):
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (r, r)
+        win = np.lib.stride_tricks.sliding_window_view(np.pad(x, pad), 2 * r + 1, axis=ax)
+        x = win.sum(-1)
+    return x
+
+
+def _cc_np(f, m, window, eps=1e-5) -> np.ndarray:
+    """Per-voxel cc [B, *S] in float64 NumPy (definition in mrus_kernels/lncc.py)."""
+    i = f.detach().double().cpu().numpy()[:, 0]
+    j = m.detach().double().cpu().numpy()[:, 0]
+    b = max(i.shape[0], j.shape[0])
+    i, j = np.broadcast_to(i, (b, *i.shape[1:])), np.broadcast_to(j, (b, *j.shape[1:]))
+    r = window // 2
+    n = _box_np(np.ones_like(i[:1]), r)
+    si, sj = _box_np(i, r), _box_np(j, r)
+    sii, sjj, sij = _box_np(i * i, r), _box_np(j * j, r), _box_np(i * j, r)
+    cross = sij - si * sj / n
+    vi = np.maximum(sii - si * si / n, 0.0)
+    vj = np.maximum(sjj - sj * sj / n, 0.0)
+    vv = vi * vj
+    return np.minimum(cross * cross, vv) / (vv + eps)
+
+
+def _truth(f, m, window, mask=None, eps=1e-5) -> torch.Tensor:
+    """lncc [B] in float64 from :func:`_cc_np`."""
+    cc = _cc_np(f, m, window, eps)
+    b = cc.shape[0]
+    if mask is None:
+        return torch.from_numpy(cc.reshape(b, -1).mean(1))
+    w = np.broadcast_to(mask.detach().double().cpu().numpy()[:, 0], cc.shape).reshape(b, -1)
+    msum = w.sum(1)
+    num = (cc.reshape(b, -1) * w).sum(1)
+    return torch.from_numpy(np.where(msum > 0, num / np.where(msum > 0, msum, 1.0), 0.0))
+
+
+def test_numpy_truth_matches_definition_by_hand():
+    # A 2D 3x4 image, window 3, checked against sums written out by hand at two voxels.
+    f = torch.tensor([[1.0, 2.0, 0.5, 3.0], [2.0, 1.0, 4.0, 0.0], [1.5, 2.5, 1.0, 2.0]])
+    m = torch.tensor([[0.5, 1.0, 2.0, 1.0], [1.0, 3.0, 0.5, 2.0], [2.0, 1.0, 1.5, 0.5]])
+    cc = _cc_np(f[None, None], m[None, None], 3)[0]
+    for (y, x) in ((0, 0), (1, 2)):
+        ys, xs = slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2)
+        a, b = f[ys, xs].double().flatten(), m[ys, xs].double().flatten()
+        cross = ((a - a.mean()) * (b - b.mean())).sum()
+        va, vb = ((a - a.mean()) ** 2).sum(), ((b - b.mean()) ** 2).sum()
+        exp = min(cross.item() ** 2, (va * vb).item()) / ((va * vb).item() + 1e-5)
+        assert abs(cc[y, x] - exp) <= 1e-12, (y, x, cc[y, x], exp)
+
+
 def _check_backend(backend, shape, window, gen, mask=None, dtype=torch.float32):
     f = rand(gen, *shape, dtype=dtype).requires_grad_()
     m = rand(gen, *shape, dtype=dtype).requires_grad_()
@@ -36,9 +97,11 @@ def _check_backend(backend, shape, window, gen, mask=None, dtype=torch.float32):
     md = m.detach().double().requires_grad_()
     with poisoned_empty():
         out = lncc(f, m, window=window, mask=mask, backend=backend)
-    exp = _ref(fd, md, window, mask)
     tol = 1e-10 if dtype == torch.float64 else F32_RTOL
-    assert_close_verbose(out, exp, atol=tol, rtol=tol, name="lncc")
+    assert_close_verbose(out, _truth(f, m, window, mask), atol=tol, rtol=tol, name="lncc")
+    if backend == "torch":
+        return  # its gradient is the reference's autograd: test_gradcheck_float64 checks it
+    exp = _ref(fd, md, window, mask)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     with poisoned_empty():
         gf, gm = torch.autograd.grad(out, (f, m), g.to(dtype))
@@ -62,6 +125,122 @@ def test_backend_with_mask(backend, gen):
     _check_backend(backend, shape, 5, gen, mask=mask)
     weights = rand(gen, 2, 1, *shape[2:], lo=0.0, hi=2.0)
     _check_backend(backend, shape, 3, gen, mask=weights)
+
+
+# ------------------------------------------------------------- raw intensities (issue 12)
+
+def _scaled_pair(gen, shape, scale):
+    """Correlated images at intensity `scale` (raw MR / CT range for 1e3 - 1e4)."""
+    f = rand(gen, *shape, dtype=torch.float64)
+    m = 0.6 * f + 0.4 * rand(gen, *shape, dtype=torch.float64)
+    return (f * scale).float(), (m * scale).float()
+
+
+# Backends that accumulate in float64 (cuda, triton) lose only the float32 rounding of their
+# outputs (~7e-8 of the largest value); float32 running sums were off by 2e-7 - 3e-6.
+F64_ACC_RTOL = 5e-7
+
+
+def _assert_rel(name, got, exp, tol):
+    top = exp.abs().max().item()
+    err = (got.detach().double().cpu() - exp).abs().max().item()
+    assert err <= tol * top, f"{name}: max |err| {err:g} > {tol:g} x max |expected| {top:g}"
+
+
+def _check_scaled(backend, f, m, window, gen):
+    """Value against the NumPy truth; gradients (not on torch: see the module docstring)
+    against the float64 reference's autograd; both relative to their largest magnitude (the
+    gradients shrink like 1/intensity, so an absolute tolerance would let anything pass)."""
+    tol = F64_ACC_RTOL if backend in ("cuda", "triton") else F32_RTOL
+    f, m = f.clone().requires_grad_(), m.clone().requires_grad_()
+    with poisoned_empty():
+        out = lncc(f, m, window=window, backend=backend)
+    _assert_rel("lncc", out, _truth(f, m, window), tol)
+    if backend == "torch":
+        return
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    with poisoned_empty():
+        gf, gm = torch.autograd.grad(out, (f, m), g.float().to(out.device))
+    fd = f.detach().double().cpu().requires_grad_()
+    md = m.detach().double().cpu().requires_grad_()
+    ef, em = torch.autograd.grad(_ref(fd, md, window), (fd, md), g)
+    _assert_rel("d fixed", gf, ef, tol)
+    _assert_rel("d moving", gm, em, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e4], ids=["x1", "x1e3", "x1e4"])
+@pytest.mark.parametrize("shape", [(2, 1, 6, 7, 9), (2, 1, 13, 11)], ids=["3d", "2d"])
+def test_raw_intensities_match_float64(backend, scale, shape, gen):
+    f, m = _scaled_pair(gen, shape, scale)
+    _check_scaled(backend, f, m, 5, gen)
+
+
+def _sphere_volume(scale=1.0, shape=(24, 28, 40), radius=8.0, window=9):
+    """Bright sphere (intensity ~scale, noisy) in a flat zero background, fixed and moving,
+    [1, 1, *shape] float32, and the mask of voxels whose whole window lies in the background
+    (the issue's case: 24x28x40, sphere ~1000, window 9)."""
+    g = torch.Generator().manual_seed(12)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape),
+                                indexing="ij")
+    c = [0.45 * n for n in shape]
+    sphere = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= radius ** 2
+    f = torch.zeros(shape, dtype=torch.float64)
+    m = torch.zeros(shape, dtype=torch.float64)
+    k = int(sphere.sum())
+    f[sphere] = 1.0 + 0.2 * torch.rand(k, generator=g, dtype=torch.float64)
+    m[sphere] = 0.5 * f[sphere] + 0.6 + 0.2 * torch.rand(k, generator=g, dtype=torch.float64)
+    near = torch.nn.functional.max_pool3d(sphere.double()[None, None], window, 1, window // 2)
+    flat = near[0, 0] == 0
+    assert int(flat.sum()) > 1000  # many windows downstream of the sphere on every axis
+    return (f * scale).float()[None, None], (m * scale).float()[None, None], flat
+
+
+FLAT_BACKENDS = backend_params(("torch", "cpu", "triton"))
+
+
+@pytest.mark.parametrize("backend", FLAT_BACKENDS)
+@pytest.mark.parametrize("scale", [1e3, 1e4], ids=["x1e3", "x1e4"])
+def test_flat_background_windows_stay_zero(backend, scale):
+    # Running sums in float32 kept ~1 ulp of the sphere's window sums after it left the
+    # window: flat windows downstream got variances of 1e2-1e3 against eps and cc ~0.1.
+    f, m, flat = _sphere_volume(scale)
+    mask = flat.float()[None, None]
+    out = lncc(f, m, window=9, mask=mask, backend=backend)  # mean cc over flat windows
+    assert 0.0 <= out.item() <= 1e-6, f"mean cc over flat-background windows: {out.item():g}"
+    whole = lncc(f, m, window=9, backend=backend)
+    _assert_rel("lncc", whole, _truth(f, m, 9),
+                F64_ACC_RTOL if backend in ("cuda", "triton") else F32_RTOL)
+
+
+# ------------------------------------------------------------------ triton launch limits
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("shape,window", [((2, 1, 5, 6, 7), 3), ((2, 1, 9, 11), 5)],
+                         ids=["3d", "2d"])
+def test_triton_idx64_variant(backend, shape, window, gen, monkeypatch):
+    # A threshold below 5 B |S| makes every pass take its 64-bit-offset variant.
+    monkeypatch.setattr(triton_common, "IDX64_THRESHOLD", 100)
+    seen = []
+    real = triton_common.needs_idx64
+
+    def spy(*reach):
+        seen.append(real(*reach))
+        return seen[-1]
+
+    monkeypatch.setattr(triton_common, "needs_idx64", spy)
+    mask = rand(gen, 1, 1, *shape[2:], lo=0.0, hi=1.0)
+    _check_backend(backend, shape, window, gen, mask=mask)
+    assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+def test_triton_grid_limit_is_a_value_error(backend, gen, monkeypatch):
+    monkeypatch.setattr(triton_common, "MAX_GRID_X", 3)
+    f, m = rand(gen, 2, 1, 5, 6, 7), rand(gen, 2, 1, 5, 6, 7)
+    with pytest.raises(ValueError, match=r"lncc \(triton\): .* programs on grid axis 0"):
+        lncc(f, m, window=3, backend=backend)
 
 
 @pytest.mark.parametrize("shape,window", CASES[:4], ids=lambda v: str(v))
@@ -144,7 +323,7 @@ def test_empty_mask_gives_zero(backend, gen):
     mask[0, 0, 2, 3, 4] = True
     out = lncc(f, m, window=3, mask=mask, backend=backend)
     assert out[1].item() == 0.0 and bool(torch.isfinite(out).all())
-    assert_close_verbose(out, _ref(f, m, 3, mask.float()), atol=F32_RTOL, rtol=F32_RTOL)
+    assert_close_verbose(out, _truth(f, m, 3, mask.float()), atol=F32_RTOL, rtol=F32_RTOL)
 
 
 def test_deterministic_cpu(gen):
@@ -190,6 +369,26 @@ def test_torch_compile_fullgraph(gen):
     (ge,) = torch.autograd.grad(fn(f, m), m)
     assert_close_verbose(out, fn(f, m).detach())
     assert_close_verbose(g, ge)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e4], ids=["x1", "x1e3", "x1e4"])
+@pytest.mark.parametrize("shape", [(2, 1, 17, 20, 23), (3, 1, 61, 45), (1, 1, 40, 300)],
+                         ids=["3d", "2d", "2d-long"])
+def test_gpu_raw_intensities_match_float64(gpu_backend, scale, shape, gen):
+    f, m = _scaled_pair(gen, shape, scale)
+    _check_scaled(gpu_backend, f.cuda(), m.cuda(), 9, gen)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scale", [1e3, 1e4], ids=["x1e3", "x1e4"])
+def test_gpu_flat_background_windows_stay_zero(gpu_backend, scale):
+    f, m, flat = _sphere_volume(scale)
+    out = lncc(f.cuda(), m.cuda(), window=9, mask=flat.float()[None, None].cuda(),
+               backend=gpu_backend)
+    assert 0.0 <= out.item() <= 1e-6, f"mean cc over flat-background windows: {out.item():g}"
+    whole = lncc(f.cuda(), m.cuda(), window=9, backend=gpu_backend)
+    _assert_rel("lncc", whole, _truth(f, m, 9), F64_ACC_RTOL)
 
 
 @pytest.mark.cuda
