@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp)
       }
       __syncwarp();  // this voxel's additions land before the next voxel's, in every lane
     }
+    __syncwarp();  // every lane has read the staged rows before they are written again
   }
 
   const bool block_bad = __syncthreads_or(bad);  // also: every warp's histogram is complete
