@@ -94,14 +94,33 @@ def _program(vox, nblk, BLOCK: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _coords(offs, S1, S2, NDIM: tl.constexpr):
+def _divmod(a, b, IDX64: tl.constexpr):
+    """(a // b, a % b) for a >= 0 and a scalar b > 0. The 64-bit variant divides in float64
+    (a < 2**53 is exact; the rounded quotient is off by at most one, which the remainder
+    corrects): a 64-bit integer division is a subroutine call, and the registers it saves
+    spilled (sm_80)."""
+    if IDX64:
+        q = (a.to(tl.float64) / b.to(tl.float64)).to(tl.int64)
+        r = a - q * b
+        low = r < 0
+        high = r >= b
+        q = tl.where(low, q - 1, tl.where(high, q + 1, q))
+        r = tl.where(low, r + b, tl.where(high, r - b, r))
+        return q, r
+    else:
+        return a // b, a % b
+
+
+@triton.jit
+def _coords(offs, S1, S2, NDIM: tl.constexpr, IDX64: tl.constexpr):
     """Spatial indices of flat offsets; the third is unused (0) in 2D."""
     if NDIM == 3:
-        i2 = offs % S2
-        r = offs // S2
-        return r // S1, r % S1, i2
+        r, i2 = _divmod(offs, S2, IDX64)
+        i0, i1 = _divmod(r, S1, IDX64)
+        return i0, i1, i2
     else:
-        return offs // S1, offs % S1, offs * 0
+        i0, i1 = _divmod(offs, S1, IDX64)
+        return i0, i1, offs * 0
 
 
 @triton.jit
@@ -226,7 +245,7 @@ def _sobel_fwd_kernel(
     IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
-    i0, i1, i2 = _coords(offs, S1, S2, NDIM)
+    i0, i1, i2 = _coords(offs, S1, S2, NDIM, IDX64)
     g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
     ty = out_ptr.dtype.element_ty
     if MODE == _COMPONENTS:
@@ -256,7 +275,7 @@ def _sobel_bwd_prep_kernel(
     """First backward pass (_MAGNITUDE, L1): h_i = r * g_i per voxel into the float32
     scratch h [B, C, NDIM, *S] (input x) and h0 (input x0, L1 only)."""
     v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
-    i0, i1, i2 = _coords(offs, S1, S2, NDIM)
+    i0, i1, i2 = _coords(offs, S1, S2, NDIM, IDX64)
     g0, g1, g2 = _components(x_ptr + v * vox, i0, i1, i2, S0, S1, S2, mask, NDIM, PADDING)
     m1 = _magnitude(g0, g1, g2, eps)
     if MODE == _MAGNITUDE:
@@ -292,7 +311,7 @@ def _sobel_bwd_kernel(
     """Second backward pass: gx = sum_i S_i^T h_i, h [B, C, NDIM, *S] (the upstream
     components, or the scratch of the first pass), one writer per element of gx."""
     v, offs, mask = _program(vox, nblk, BLOCK, IDX64)
-    i0, i1, i2 = _coords(offs, S1, S2, NDIM)
+    i0, i1, i2 = _coords(offs, S1, S2, NDIM, IDX64)
     if NDIM == 3:
         if IDX64:
             st0 = S1.to(tl.int64) * S2
