@@ -11,8 +11,11 @@ every channel and no gradient contribution.
 Layout of a program: one program per BLOCK output voxels and per displacement batch item.
 The sampling point, corner offsets, weights and validity are computed once per voxel, then a
 runtime loop over the image batch items that share this displacement (all of them when the
-displacement is broadcast, Bd == 1) and, inside it, over channels. The displacement gradient
-therefore has a single writer per element and the broadcast case reuses the stencil. When
+displacement is broadcast, Bd == 1) and, inside it, over channels. The linear backward
+takes one corner at a time (its offset, weight and mask, then every item and channel), so
+that only one corner's state is live (registers: no spills under MAX_REGISTERS). The
+displacement gradient therefore has a single writer per element and the broadcast case
+reuses the stencil. When
 the output is small (fewer than SPLIT_BELOW_BLOCKS programs per item) and no displacement
 gradient has to be summed over the batch, a broadcast displacement instead puts the batch
 on grid axis 1 (one item per program): a short loop over many items would leave most of
