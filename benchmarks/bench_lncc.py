@@ -5,7 +5,10 @@ Rows: ``mrus_<backend>`` (cpu on CPU sizes; cuda, triton on GPU sizes), ``refere
 (``torch.compile`` of it) and ``monai`` (``LocalNormalizedCrossCorrelationLoss``, rectangular
 kernel, when importable; it zero-pads its windows, so it is checked only for finiteness).
 Groups: ``lncc-fwd-<device>-<size>`` and ``lncc-fwdbwd-<device>-<size>`` (gradient of the
-moving image). Sizes: CPU 1×1×64×64×64, GPU 1×1×160×192×224; window 9, float32.
+moving image). Sizes: CPU 1×1×64×64×64, GPU 1×1×160×192×224 and a 2D batch 16×1×256×256
+(the GPU kernels split lines into chunks when a pass has few lines); window 9, float32.
+GPU inputs are at raw scanner intensities (×1000), where float32 running sums used to
+lose the flat background (the check against float64 then fails).
 Ideal bytes: forward |I| + |J|; forward + backward 2(|I| + |J|) + |dJ|.
 Every row is checked against the float64 reference (rtol 1e-4) before timing.
 """
@@ -21,17 +24,18 @@ from .conftest import assert_close_rel, nbytes, run_benchmark, shape_id, skip_un
 
 WINDOW = 9
 CPU_SIZES = [(1, 1, 64, 64, 64)]
-GPU_SIZES = [(1, 1, 160, 192, 224)]
+GPU_SIZES = [(1, 1, 160, 192, 224), (16, 1, 256, 256)]
 
 
 def _inputs(shape, device):
     g = torch.Generator().manual_seed(0)
     f = torch.rand(shape, generator=g)
     m = (0.7 * f + 0.3 * torch.rand(shape, generator=g))
-    return f.to(device), m.to(device)
+    scale = 1000.0 if device == "cuda" else 1.0
+    return (f * scale).to(device), (m * scale).to(device)
 
 
-def _impl(name, device):
+def _impl(name, device, ndim):
     if name.startswith("mrus_"):
         backend = name[5:]
         skip_unless_backend(backend, device)
@@ -43,13 +47,13 @@ def _impl(name, device):
         return lambda f, m: fn(f, m, WINDOW)
     monai_losses = pytest.importorskip("monai.losses")
     loss = monai_losses.LocalNormalizedCrossCorrelationLoss(
-        spatial_dims=3, kernel_size=WINDOW, kernel_type="rectangular", reduction="none")
+        spatial_dims=ndim, kernel_size=WINDOW, kernel_type="rectangular", reduction="none")
     return lambda f, m: -loss(m, f).flatten(1).mean(1)
 
 
 def _bench(benchmark, name, shape, device, backward):
     f, m = _inputs(shape, device)
-    fn = _impl(name, device)
+    fn = _impl(name, device, len(shape) - 2)
     exp = reference.lncc(f.double(), m.double(), WINDOW)
     if backward:
         md = m.double().requires_grad_()

@@ -89,7 +89,9 @@ void sobel_forward(const sobel::SobelArgs& a, uintptr_t x, uintptr_t x0, uintptr
 void sobel_backward(const sobel::SobelArgs& a, uintptr_t grad_out, uintptr_t x, uintptr_t x0,
                     uintptr_t grad_x, uintptr_t grad_x0, uintptr_t scratch, uintptr_t stream);
 // LNCC, float32 only; as the cpu entry points, except that the forward writes per-block
-// partial sums [B, ceil(H W / LNCC_CUDA_COLS)] (float32) instead of num.
+// partial sums [B, ceil(H W / LNCC_CUDA_COLS)] (float32) instead of num, and that work holds
+// the box sums [B, 5, *S] as float64, followed in the backward by the coefficient maps
+// [B, 5, *S] as float32 (csrc/cuda/lncc.cu).
 void lncc_forward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
                   uintptr_t work, uintptr_t partials, uintptr_t stream);
 void lncc_backward(const lncc::LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
