@@ -227,8 +227,11 @@ def _geometry(x: torch.Tensor, window: int):
 
 
 def block_w(w: int) -> int:
-    """Columns per program: 64 (two warps of float64 lanes), fewer for narrow images."""
-    return max(16, min(64, triton.next_power_of_2(w)))
+    """Columns per program: 64 (two warps), 32 (one warp) for images at most 32 wide.
+
+    Narrower blocks with the [BLOCK, 16] window tile compile to 170-255 registers and spill
+    (ptxas, sm_80 and sm_90); these two spill in no variant."""
+    return 32 if w <= 32 else 64
 
 
 def window_tile(r: int) -> int:
@@ -273,7 +276,7 @@ def _line(geo, axis_d, mode, *, i=None, j=None, src5=None, dst=None, mask=None, 
         AXIS_D=axis_d, WSUM=wsum, FROM_IJ=from_ij, MODE=mode,
         HAS_MASK=mask is not None and mode in (REDUCE, COEFF),
         NEED_I=gi is not None and mode == FINAL, NEED_J=gj is not None and mode == FINAL,
-        IDX64=idx64, BLOCK=block_w(w), WT=window_tile(r), num_warps=2,
+        IDX64=idx64, BLOCK=block_w(w), WT=window_tile(r), num_warps=block_w(w) // 32,
     )
     return total
 
