@@ -43,6 +43,7 @@ Usage::
     python -m benchmarks.compile_gate                   # both halves, tables on stdout
     python -m benchmarks.compile_gate --write-results   # also into benchmarks/RESULTS.md
     python -m benchmarks.compile_gate --triton --forms plain aligned --json /tmp/gate.json
+    python -m benchmarks.compile_gate --from-json /tmp/gate.json --write-results  # re-render
 
 Exit status 1 when anything fails to compile, spills or overflows shared memory (minus the
 waivers below). ``tests/test_compile_gate.py`` runs the same functions in CI.
@@ -489,7 +490,8 @@ def capture_variants(*, execute: bool = False, cases: Iterable[Case] | None = No
     return variants, {"launches": rec.launches, "cases": n_cases, "errors": errors}
 
 
-def capture_in_subprocess(out_dir: Path, *, timeout: float = 1800) -> dict:
+def capture_in_subprocess(out_dir: Path, *, execute: bool = False,
+                          timeout: float = 1800) -> dict:
     """Runs the capture in fresh interpreter processes, one per 64-bit pass, side by side,
     and returns the merged result (as :func:`capture_variants`, as a dict)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -498,7 +500,7 @@ def capture_in_subprocess(out_dir: Path, *, timeout: float = 1800) -> dict:
     for name in IDX64_PASSES:
         path = out_dir / f"capture_{name}.json"
         cmd = [sys.executable, "-m", "benchmarks.compile_gate", "--capture-only", str(path),
-               "--idx64-pass", name]
+               "--idx64-pass", name] + (["--execute"] if execute else [])
         procs.append((path, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True)))
     merged: dict[str, Any] = {"variants": [], "launches": 0, "cases": 0, "errors": []}
@@ -989,6 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-results", action="store_true",
                         help=f"write the tables into {RESULTS_MD.relative_to(ROOT)}")
     parser.add_argument("--json", type=Path, help="write every usage row as JSON here")
+    parser.add_argument("--from-json", type=Path, metavar="JSON",
+                        help="render the report of an earlier --json run (compiles nothing)")
     # Internal: one capture subprocess (see capture_in_subprocess).
     parser.add_argument("--capture-only", type=Path, metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--idx64-pass", choices=IDX64_PASSES, help=argparse.SUPPRESS)
@@ -1000,64 +1004,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.capture_only.write_text(json.dumps({"variants": variants, **info}))
         return 0
 
+    if args.from_json is not None:
+        data = json.loads(args.from_json.read_text())
+    else:
+        data = run_gate(args)
+    report, failed = render(data)
+    print(report)
+    if args.json and args.from_json is None:
+        args.json.write_text(json.dumps(data, indent=1))
+    if args.write_results:
+        write_results(report)
+    return 1 if failed else 0
+
+
+def run_gate(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the requested halves; returns every usage row plus what the report names."""
     do_triton = args.triton or not args.cuda
     do_cuda = args.cuda or not args.triton
     t0 = time.time()
-    failed = False
-    sections = []
-    all_rows: dict[str, list[dict]] = {}
+    data: dict[str, Any] = {"archs": list(args.arch), "forms": list(args.forms),
+                            "jobs": args.jobs, "date": datetime.date.today().isoformat(),
+                            "versions": _versions()}
     if do_triton:
         with tempfile.TemporaryDirectory() as tmp:
-            cap = capture_in_subprocess(Path(tmp))
+            cap = capture_in_subprocess(Path(tmp), execute=args.execute)
         t_cap = time.time() - t0
         for e in cap["errors"]:
             print(f"capture error: {e}", file=sys.stderr)
-        failed |= bool(cap["errors"])
         usages = compile_variants(cap["variants"], archs=args.arch, forms=args.forms,
                                   jobs=args.jobs)
-        t_tr = time.time() - t0
-        bad = failures(usages, TRITON_WAIVERS)
-        failed |= bool(bad)
-        text = (f"### Triton kernels ({len(cap['variants'])} variants from {cap['launches']} "
-                f"launches of {cap['cases']} operator calls, forms {', '.join(args.forms)}; "
-                f"worst over variants)\n\n" + triton_table(usages))
-        if bad:
-            text += "\n\nOffenders:\n\n" + offenders_table(bad)
-        sections.append(text)
-        all_rows["triton"] = [asdict(u) for u in usages]
-        print(f"triton: capture {t_cap:.0f} s, compile {t_tr - t_cap:.0f} s, "
-              f"{len(usages)} compiles, {len(bad)} failing", file=sys.stderr)
+        data["capture"] = {k: cap[k] for k in ("launches", "cases", "errors")}
+        data["capture"]["variants"] = len(cap["variants"])
+        data["triton"] = [asdict(u) for u in usages]
+        print(f"triton: capture {t_cap:.0f} s, compile {time.time() - t0 - t_cap:.0f} s "
+              f"({sum(u.cpu_s for u in usages):.0f} CPU-s), {len(usages)} compiles, "
+              f"{len(failures(usages, TRITON_WAIVERS))} failing", file=sys.stderr)
     if do_cuda:
         t1 = time.time()
         try:
             cu = compile_cuda(archs=args.arch, jobs=args.jobs)
         except FileNotFoundError as exc:
-            sections.append(f"### CUDA kernels\n\nnot checked: {exc}")
+            data["cuda_skipped"] = str(exc)
         else:
-            bad = failures(cu, CUDA_WAIVERS)
-            failed |= bool(bad)
-            text = ("### CUDA kernels (nvcc --resource-usage; dynamic shared memory is set at "
-                    "launch and not included)\n\n" + cuda_table(cu))
-            if bad:
-                text += "\n\nOffenders:\n\n" + offenders_table(bad)
-            sections.append(text)
-            all_rows["cuda"] = [asdict(u) for u in cu]
-            print(f"cuda: {time.time() - t1:.0f} s, {len(cu)} kernels, {len(bad)} failing",
-                  file=sys.stderr)
-    v = _versions()
-    header = (f"## Compile gate (sm_{', sm_'.join(map(str, args.arch))}, no GPU)\n\n"
-              f"{datetime.date.today().isoformat()}, triton {v['triton']}, nvcc {v['nvcc']}; "
-              f"regenerate with `python -m benchmarks.compile_gate --write-results` "
-              f"({time.time() - t0:.0f} s on this machine). Shared-memory limits per block: "
-              f"sm_80 {SHARED_LIMIT[80]} B, sm_90 {SHARED_LIMIT[90]} B. "
-              f"{'FAILING' if failed else 'No spills, no shared memory over the limit.'}")
-    report = header + "\n\n" + "\n\n".join(sections)
-    print(report)
-    if args.json:
-        args.json.write_text(json.dumps(all_rows, indent=1))
-    if args.write_results:
-        write_results(report)
-    return 1 if failed else 0
+            data["cuda"] = [asdict(u) for u in cu]
+            print(f"cuda: {time.time() - t1:.0f} s, {len(cu)} kernels, "
+                  f"{len(failures(cu, CUDA_WAIVERS))} failing", file=sys.stderr)
+    data["wall_s"] = round(time.time() - t0, 1)
+    data["cpu_s"] = round(_cpu_seconds(), 1)
+    return data
+
+
+def render(data: dict[str, Any]) -> tuple[str, bool]:
+    """The Markdown report of :func:`run_gate`'s result, and whether the gate fails."""
+    failed = False
+    sections = []
+    if "triton" in data:
+        usages = [Usage(**u) for u in data["triton"]]
+        cap = data.get("capture", {})
+        bad = failures(usages, TRITON_WAIVERS)
+        failed |= bool(bad) or bool(cap.get("errors"))
+        text = (f"### Triton kernels\n\n{cap.get('variants', '?')} distinct variants from "
+                f"{cap.get('launches', '?')} launches of {cap.get('cases', '?')} operator calls "
+                f"under the interpreter, compiled in the {', '.join(data.get('forms', []))} "
+                f"form{'s' if len(data.get('forms', [])) > 1 else ''}: {len(usages)} compiles."
+                f"\n\n" + triton_table(usages))
+        if cap.get("errors"):
+            text += ("\n\nOperator calls the capture could not make:\n\n"
+                     + "\n".join(f"- {e}" for e in cap["errors"][:20]))
+        if bad:
+            text += "\n\nOffenders:\n\n" + offenders_table(bad)
+        sections.append(text)
+    if "cuda" in data:
+        cu = [Usage(**u) for u in data["cuda"]]
+        bad = failures(cu, CUDA_WAIVERS)
+        failed |= bool(bad)
+        text = ("### CUDA kernels\n\n`nvcc --resource-usage`, device code of each "
+                "`csrc/cuda/*.cu`; static shared memory (\"+ dynamic\": the kernel also takes "
+                "shared memory sized at launch, not included).\n\n" + cuda_table(cu))
+        if bad:
+            text += "\n\nOffenders:\n\n" + offenders_table(bad)
+        sections.append(text)
+    elif "cuda_skipped" in data:
+        sections.append(f"### CUDA kernels\n\nnot checked: {data['cuda_skipped']}")
+    v = data.get("versions", {})
+    archs = " and ".join(f"sm_{a}" for a in data.get("archs", ARCHS))
+    waivers = {**TRITON_WAIVERS, **CUDA_WAIVERS}
+    header = (
+        f"## Compile gate: every GPU kernel compiled for {archs} (no GPU)\n\n"
+        f"{data.get('date', '?')}; triton {v.get('triton', '?')} (its own ptxas for the "
+        f"Triton kernels), nvcc {v.get('nvcc', '?')}. Regenerate with `python -m "
+        f"benchmarks.compile_gate --write-results` ({data.get('wall_s', 0):.0f} s wall, "
+        f"{data.get('cpu_s', 0):.0f} CPU-s with {data.get('jobs', '?')} compile processes on "
+        f"the shared development VM); `tests/test_compile_gate.py` runs the same checks in "
+        f"CI. Each row is the worst value over a kernel's variants (Triton: constexprs, "
+        f"pointer dtypes, signature form) or template instances (CUDA). A kernel fails on a "
+        f"compile error, any spill, or shared memory above the per-block limit (sm_80 "
+        f"{SHARED_LIMIT[80]} B, sm_90 {SHARED_LIMIT[90]} B). Waivers: "
+        + ("; ".join(f"`{k}`: {r}" for k, r in waivers.items()) if waivers else "none")
+        + ".\n\n"
+        + ("**Status: failing** (offenders listed under each table)." if failed
+           else "**Status: pass**: no compile error, no spill, no shared memory over the "
+                "limit."))
+    return header + "\n\n" + "\n\n".join(sections), failed
 
 
 if __name__ == "__main__":

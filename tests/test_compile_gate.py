@@ -297,3 +297,23 @@ def test_capture_json_round_trips(tmp_path: Path) -> None:
     back = json.loads(path.read_text())["variants"][0]
     assert gate.variant_key(back) == gate.variant_key(rec)
     assert gate.variant_summary(back, "plain") == "B=128 fp32 w4 plain"
+
+
+def test_render_reports_offenders_and_status() -> None:
+    ok = gate.Usage("mrus_kernels.triton.warp:_k", "BLOCK=256 fp32 plain", 90, registers=40)
+    spill = gate.Usage("mrus_kernels.triton.warp:_k", "BLOCK=512 fp32 plain", 80,
+                       registers=255, spill_stores=8, spill_loads=4)
+    cuda = gate.Usage("mrus::cuda::k<3, float>", "k.cu", 90, registers=30, shared=2048,
+                      dynamic_shared=True)
+    data = {"archs": [80, 90], "forms": ["plain"], "jobs": 2, "date": "2026-01-01",
+            "versions": {"triton": "3.9.0", "nvcc": "13.0"},
+            "capture": {"variants": 2, "launches": 5, "cases": 3, "errors": []},
+            "triton": [vars(ok), vars(spill)], "cuda": [vars(cuda)]}
+    report, failed = gate.render(data)
+    assert failed
+    assert "**Status: failing**" in report
+    assert "spills 8 B stores / 4 B loads" in report and "BLOCK=512 fp32 plain" in report
+    assert "| `k` | k.cu | 1 | sm_90 | 30 | 0 / 0 | 2048 (2.0 KiB) + dynamic |" in report
+    data["triton"] = [vars(ok)]
+    report, failed = gate.render(data)
+    assert not failed and "**Status: pass**" in report and "Offenders" not in report
