@@ -47,6 +47,11 @@ BLOCK = 256
 # One voxel per thread: 4 warps (two voxels per thread) needed up to 146 registers in the
 # backward passes (sm_90), 8 warps need at most ~80, doubling the resident warps.
 NUM_WARPS = 8
+# Register cap of the forward and first backward pass. Without one, ptxas picked 64
+# registers and spilled 4-12 B in the 3D IDX64 L1 variants (sm_90); with 96 they take
+# ~80 and spill nothing. (A cap of 128 made the IDX64 gather spill on sm_80: it runs
+# without one.)
+MAXNREG = 96
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "sobel (triton)"
 
@@ -391,7 +396,7 @@ def sobel_forward(x: torch.Tensor, x0: torch.Tensor | None, out: torch.Tensor, *
         x, x0 if x0 is not None else x, out, partials if partials is not None else out, vox,
         nblk, *sizes, float(eps),
         NDIM=ndim, PADDING=int(padding), MODE=int(mode), REDUCE=reduce, IDX64=idx64,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     if partials is not None:
         total = partials.double().sum()  # fixed order: deterministic
@@ -441,7 +446,7 @@ def sobel_backward(grad_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor | N
             h0 if h0 is not None else some_h, vox, nblk, *sizes, float(eps), scale,
             NDIM=ndim, PADDING=int(padding), MODE=int(mode), SCALAR_UP=scalar_up,
             NEED_X=h is not None, NEED_X0=h0 is not None, IDX64=idx64, BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, maxnreg=MAXNREG,
         )
         sources += [(h, grad_x), (h0, grad_x0)]
     for src, dst in sources:
