@@ -65,6 +65,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -1105,7 +1106,20 @@ def render(data: dict[str, Any]) -> tuple[str, bool]:
         + ("**Status: failing** (offenders listed under each table)." if failed
            else "**Status: pass**: no compile error, no spill, no shared memory over the "
                 "limit."))
-    return header + "\n\n" + "\n\n".join(sections), failed
+    return _wrap(header) + "\n\n" + "\n\n".join(_wrap(x) for x in sections), failed
+
+
+def _wrap(markdown: str, width: int = 92) -> str:
+    """Fills the prose paragraphs of `markdown` to `width` columns (tables, headings and
+    list items stay as they are), as the rest of RESULTS.md is written."""
+    out = []
+    for para in markdown.split("\n\n"):
+        if para.startswith(("|", "#", "- ")):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(para, width, break_on_hyphens=False,
+                                     break_long_words=False))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":
