@@ -1,12 +1,18 @@
 // OpenMP loops of the LNCC operator over the shared per-voxel math (csrc/include/lncc.h).
 //
 // Box sums are separable running sums (add the voxel entering the window, subtract the one
-// leaving it: cost independent of the window), accumulated in double. Passes:
+// leaving it: cost independent of the window), accumulated in double and kept in double
+// between passes (the work buffer is float64 for either input dtype), with cc and its
+// coefficients computed in double: a flat window's variances are differences of sums of
+// ~n I² that cancel, so one float32 rounding of such a sum (or of cc's inputs) leaves
+// variances far above eps wherever the background is not 0 (cc ≈ 0.2-0.4 where it is 0).
+// Passes:
 //   W+H  per (b, d) plane: rows along W into a thread-local plane, then rows of W summed
 //        along H into the work buffer S [B, 5, D, H, W];
 //   D    per (b, h) slab: rows of W summed along D, consumed at once (cc and its reduction
 //        in the forward; coefficient maps, or the final image gradients, in the backward).
-// Buffers: S (5 volumes, given by the caller) and per-thread rows/planes; nothing else.
+// Buffers: S (5 float64 volumes, given by the caller) and per-thread rows/planes; nothing
+// else. Only the inputs and the gradients are of the inputs' dtype T.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -65,14 +71,14 @@ void box_rows(const T* src, int64_t scs, int64_t sks, int64_t N, int64_t L, int6
 
 // Running box sum along one row of W voxels; value(w, s) writes the five summands of voxel
 // w into s. Writes the sums of voxel w to dst[c * dcs + w].
-template <typename T, typename Value>
-void box_row(int64_t W, int64_t r, Value&& value, T* dst, int64_t dcs) {
+template <typename Value>
+void box_row(int64_t W, int64_t r, Value&& value, double* dst, int64_t dcs) {
   double acc[NSUM] = {0, 0, 0, 0, 0}, s[NSUM];
   for (int64_t w = 0; w <= std::min(r, W - 1); ++w) {
     value(w, s);
     for (int c = 0; c < NSUM; ++c) acc[c] += s[c];
   }
-  for (int c = 0; c < NSUM; ++c) dst[c * dcs] = T(acc[c]);
+  for (int c = 0; c < NSUM; ++c) dst[c * dcs] = acc[c];
   for (int64_t w = 1; w < W; ++w) {
     if (w + r < W) {
       value(w + r, s);
@@ -82,41 +88,39 @@ void box_row(int64_t W, int64_t r, Value&& value, T* dst, int64_t dcs) {
       value(w - r - 1, s);
       for (int c = 0; c < NSUM; ++c) acc[c] -= s[c];
     }
-    for (int c = 0; c < NSUM; ++c) dst[c * dcs + w] = T(acc[c]);
+    for (int c = 0; c < NSUM; ++c) dst[c * dcs + w] = acc[c];
   }
 }
 
 // Box sums over W and H of one (b, d) plane: value(h, w, s) gives the summands; the sums go
 // to dst[c * vol + h * W + w]. tmp: 5 H W, acc: 5 W.
-template <typename T, typename Value>
-void box_plane_wh(const LnccArgs& a, Value&& value, T* dst, int64_t vol, T* tmp, double* acc) {
+template <typename Value>
+void box_plane_wh(const LnccArgs& a, Value&& value, double* dst, int64_t vol, double* tmp,
+                  double* acc) {
   const int64_t H = a.H, W = a.W, plane = H * W;
   for (int64_t h = 0; h < H; ++h) {
-    box_row<T>(W, a.rW, [&](int64_t w, double* s) { value(h, w, s); }, tmp + h * W, plane);
+    box_row(W, a.rW, [&](int64_t w, double* s) { value(h, w, s); }, tmp + h * W, plane);
   }
-  box_rows<T>(tmp, plane, W, H, W, a.rH, acc, [&](int64_t h, const double* sums) {
-    for (int c = 0; c < NSUM; ++c) {
-      T* o = dst + c * vol + h * W;
-      const double* s = sums + c * W;
-      for (int64_t w = 0; w < W; ++w) o[w] = T(s[w]);
-    }
+  box_rows<double>(tmp, plane, W, H, W, a.rH, acc, [&](int64_t h, const double* sums) {
+    for (int c = 0; c < NSUM; ++c)
+      std::memcpy(dst + c * vol + h * W, sums + c * W, sizeof(double) * W);
   });
 }
 
 // S[b, :, d] = box_WH(I, J summands) for every (b, d).
 template <typename T>
-void sums_wh(const LnccArgs& a, const T* I, const T* J, T* S) {
+void sums_wh(const LnccArgs& a, const T* I, const T* J, double* S) {
   const int64_t vol = a.vol(), plane = a.H * a.W;
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<T> tmp(static_cast<size_t>(NSUM * plane));
+    std::vector<double> tmp(static_cast<size_t>(NSUM * plane));
     std::vector<double> acc(static_cast<size_t>(NSUM * a.W));
 #pragma omp for schedule(static)
     for (int64_t bd = 0; bd < a.B * a.D; ++bd) {
       const int64_t b = bd / a.D, d = bd % a.D;
       const T* Ip = I + b * vol + d * plane;
       const T* Jp = J + b * vol + d * plane;
-      box_plane_wh<T>(
+      box_plane_wh(
           a, [&](int64_t h, int64_t w, double* s) { lncc::summands(Ip[h * a.W + w], Jp[h * a.W + w], s); },
           S + b * NSUM * vol + d * plane, vol, tmp.data(), acc.data());
     }
@@ -124,11 +128,11 @@ void sums_wh(const LnccArgs& a, const T* I, const T* J, T* S) {
 }
 
 template <typename T>
-void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, T* S, T* num) {
+void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, double* S, T* num) {
   sums_wh(a, I, J, S);
   const int64_t vol = a.vol(), plane = a.H * a.W, W = a.W;
   std::vector<double> partial(static_cast<size_t>(a.B * a.H));
-  const T eps = T(a.eps);
+  const double eps = a.eps;
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<double> acc(static_cast<size_t>(NSUM * W));
@@ -137,15 +141,15 @@ void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, T* S
       const int64_t b = bh / a.H, h = bh % a.H;
       const int64_t ch = lncc::axis_count(h, a.rH, a.H);
       double part = 0.0;
-      box_rows<T>(S + b * NSUM * vol + h * W, vol, plane, a.D, W, a.rD, acc.data(),
+      box_rows<double>(S + b * NSUM * vol + h * W, vol, plane, a.D, W, a.rD, acc.data(),
                   [&](int64_t d, const double* s) {
                     const int64_t cdh = ch * lncc::axis_count(d, a.rD, a.D);
                     const T* m = mask ? mask + b * vol + d * plane + h * W : nullptr;
                     for (int64_t w = 0; w < W; ++w) {
-                      const T n = T(cdh * lncc::axis_count(w, a.rW, W));
-                      const T cc = lncc::cc_value<T>(T(s[w]), T(s[W + w]), T(s[2 * W + w]),
-                                                     T(s[3 * W + w]), T(s[4 * W + w]), n, eps);
-                      part += m ? double(m[w]) * double(cc) : double(cc);
+                      const double n = double(cdh * lncc::axis_count(w, a.rW, W));
+                      const double cc = lncc::cc_value<double>(s[w], s[W + w], s[2 * W + w],
+                                                               s[3 * W + w], s[4 * W + w], n, eps);
+                      part += m ? double(m[w]) * cc : cc;
                     }
                   });
       partial[bh] = part;
@@ -161,33 +165,33 @@ void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, T* S
 
 template <typename T>
 void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, const T* scale,
-                   T* S, T* gI, T* gJ) {
+                   double* S, T* gI, T* gJ) {
   sums_wh(a, I, J, S);
   const int64_t vol = a.vol(), plane = a.H * a.W, W = a.W, D = a.D;
-  const T eps = T(a.eps);
+  const double eps = a.eps;
   // Coefficient maps K = w ∂cc/∂S, written over S (each (b, h) slab reads only itself; a
   // private copy keeps the leaving rows).
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<T> slab(static_cast<size_t>(NSUM * D * W));
+    std::vector<double> slab(static_cast<size_t>(NSUM * D * W));
     std::vector<double> acc(static_cast<size_t>(NSUM * W));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
       const int64_t b = bh / a.H, h = bh % a.H;
-      T* base = S + b * NSUM * vol + h * W;
+      double* base = S + b * NSUM * vol + h * W;
       for (int c = 0; c < NSUM; ++c)
         for (int64_t d = 0; d < D; ++d)
-          std::memcpy(slab.data() + (c * D + d) * W, base + c * vol + d * plane, sizeof(T) * W);
+          std::memcpy(slab.data() + (c * D + d) * W, base + c * vol + d * plane, sizeof(double) * W);
       const int64_t ch = lncc::axis_count(h, a.rH, a.H);
-      box_rows<T>(slab.data(), D * W, W, D, W, a.rD, acc.data(), [&](int64_t d, const double* s) {
+      box_rows<double>(slab.data(), D * W, W, D, W, a.rD, acc.data(), [&](int64_t d, const double* s) {
         const int64_t cdh = ch * lncc::axis_count(d, a.rD, D);
         const T* m = mask ? mask + b * vol + d * plane + h * W : nullptr;
-        T k[NSUM];
+        double k[NSUM];
         for (int64_t w = 0; w < W; ++w) {
-          const T n = T(cdh * lncc::axis_count(w, a.rW, W));
-          const T wt = m ? scale[b] * m[w] : scale[b];
-          lncc::cc_coeffs<T>(T(s[w]), T(s[W + w]), T(s[2 * W + w]), T(s[3 * W + w]),
-                             T(s[4 * W + w]), n, eps, wt, k);
+          const double n = double(cdh * lncc::axis_count(w, a.rW, W));
+          const double wt = m ? double(scale[b]) * double(m[w]) : double(scale[b]);
+          lncc::cc_coeffs<double>(s[w], s[W + w], s[2 * W + w], s[3 * W + w], s[4 * W + w], n,
+                                  eps, wt, k);
           for (int c = 0; c < NSUM; ++c) base[c * vol + d * plane + w] = k[c];
         }
       });
@@ -196,19 +200,19 @@ void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, con
   // Box sums of K over W and H, in place per (b, d) plane (from a private copy).
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<T> copy(static_cast<size_t>(NSUM * plane)), tmp(static_cast<size_t>(NSUM * plane));
+    std::vector<double> copy(static_cast<size_t>(NSUM * plane)), tmp(static_cast<size_t>(NSUM * plane));
     std::vector<double> acc(static_cast<size_t>(NSUM * W));
 #pragma omp for schedule(static)
     for (int64_t bd = 0; bd < a.B * D; ++bd) {
       const int64_t b = bd / D, d = bd % D;
-      T* base = S + b * NSUM * vol + d * plane;
+      double* base = S + b * NSUM * vol + d * plane;
       for (int c = 0; c < NSUM; ++c)
-        std::memcpy(copy.data() + c * plane, base + c * vol, sizeof(T) * plane);
-      const T* K = copy.data();
-      box_plane_wh<T>(
+        std::memcpy(copy.data() + c * plane, base + c * vol, sizeof(double) * plane);
+      const double* K = copy.data();
+      box_plane_wh(
           a,
           [&](int64_t h, int64_t w, double* s) {
-            for (int c = 0; c < NSUM; ++c) s[c] = double(K[c * plane + h * W + w]);
+            for (int c = 0; c < NSUM; ++c) s[c] = K[c * plane + h * W + w];
           },
           base, vol, tmp.data(), acc.data());
     }
@@ -220,15 +224,15 @@ void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, con
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < a.B * a.H; ++bh) {
       const int64_t b = bh / a.H, h = bh % a.H;
-      box_rows<T>(S + b * NSUM * vol + h * W, vol, plane, D, W, a.rD, acc.data(),
+      box_rows<double>(S + b * NSUM * vol + h * W, vol, plane, D, W, a.rD, acc.data(),
                   [&](int64_t d, const double* s) {
                     const int64_t off = b * vol + d * plane + h * W;
-                    T kb[NSUM];
+                    double kb[NSUM];
                     for (int64_t w = 0; w < W; ++w) {
-                      for (int c = 0; c < NSUM; ++c) kb[c] = T(s[c * W + w]);
-                      const T i = I[off + w], j = J[off + w];
-                      if (gI) gI[off + w] = lncc::grad_fixed(kb, i, j);
-                      if (gJ) gJ[off + w] = lncc::grad_moving(kb, i, j);
+                      for (int c = 0; c < NSUM; ++c) kb[c] = s[c * W + w];
+                      const double i = double(I[off + w]), j = double(J[off + w]);
+                      if (gI) gI[off + w] = T(lncc::grad_fixed(kb, i, j));
+                      if (gJ) gJ[off + w] = T(lncc::grad_moving(kb, i, j));
                     }
                   });
     }
@@ -242,7 +246,7 @@ void lncc_forward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr_
   dispatch_real(int(a.dtype), "lncc cpu kernels take float32 or float64", [&](auto t) {
     using T = decltype(t);
     forward_impl<T>(a, reinterpret_cast<const T*>(fixed), reinterpret_cast<const T*>(moving),
-                    reinterpret_cast<const T*>(mask), reinterpret_cast<T*>(work),
+                    reinterpret_cast<const T*>(mask), reinterpret_cast<double*>(work),
                     reinterpret_cast<T*>(num));
   });
 }
@@ -253,7 +257,7 @@ void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
     using T = decltype(t);
     backward_impl<T>(a, reinterpret_cast<const T*>(fixed), reinterpret_cast<const T*>(moving),
                      reinterpret_cast<const T*>(mask), reinterpret_cast<const T*>(scale),
-                     reinterpret_cast<T*>(work), reinterpret_cast<T*>(grad_fixed),
+                     reinterpret_cast<double*>(work), reinterpret_cast<T*>(grad_fixed),
                      reinterpret_cast<T*>(grad_moving));
   });
 }

@@ -36,31 +36,33 @@ def _ref(f, m, window, mask=None, eps=1e-5):
                           mask.double() if mask is not None else None)
 
 
-def _box_np(x: np.ndarray, r: int) -> np.ndarray:
-    """Sums over the in-bounds voxels of the (2r + 1)-wide box on every axis but the first,
-    each window summed directly (no running sums): float64 NumPy, independent of torch."""
-    for ax in range(1, x.ndim):
-        pad = [(0, 0)] * x.ndim
-        pad[ax] = (r, r)
-        win = np.lib.stride_tricks.sliding_window_view(np.pad(x, pad), 2 * r + 1, axis=ax)
-        x = win.sum(-1)
-    return x
+def _windows_np(x: np.ndarray, r: int) -> np.ndarray:
+    """[B, *S, k**nd]: the (2r + 1)-wide window of every voxel (all axes but the first),
+    zero outside the image."""
+    nd = x.ndim - 1
+    pad = np.pad(x, [(0, 0)] + [(r, r)] * nd)
+    win = np.lib.stride_tricks.sliding_window_view(pad, (2 * r + 1,) * nd, axis=tuple(range(1, nd + 1)))
+    return win.reshape(*x.shape, -1)
 
 
 def _cc_np(f, m, window, eps=1e-5) -> np.ndarray:
-    """Per-voxel cc [B, *S] in float64 NumPy (definition in mrus_kernels/lncc.py)."""
+    """Per-voxel cc [B, *S] in float64 NumPy (definition in mrus_kernels/lncc.py), from each
+    window's values directly: its in-bounds voxels centred on their own mean, then
+    Σ(I - Ī)(J - J̄) and Σ(I - Ī)². No running sums and no ΣI² − (ΣI)²/n cancellation, so
+    flat windows give exactly 0 at any background (the raw-sum form in float64 leaves
+    variances of ~1e-2 at a background of 3.7e5)."""
     i = f.detach().double().cpu().numpy()[:, 0]
     j = m.detach().double().cpu().numpy()[:, 0]
     b = max(i.shape[0], j.shape[0])
     i, j = np.broadcast_to(i, (b, *i.shape[1:])), np.broadcast_to(j, (b, *j.shape[1:]))
     r = window // 2
-    n = _box_np(np.ones_like(i[:1]), r)
-    si, sj = _box_np(i, r), _box_np(j, r)
-    sii, sjj, sij = _box_np(i * i, r), _box_np(j * j, r), _box_np(i * j, r)
-    cross = sij - si * sj / n
-    vi = np.maximum(sii - si * si / n, 0.0)
-    vj = np.maximum(sjj - sj * sj / n, 0.0)
-    vv = vi * vj
+    inside = _windows_np(np.ones_like(i[:1]), r)
+    n = inside.sum(-1, keepdims=True)
+    wi, wj = _windows_np(i, r), _windows_np(j, r)
+    ci = (wi - wi.sum(-1, keepdims=True) / n) * inside
+    cj = (wj - wj.sum(-1, keepdims=True) / n) * inside
+    cross = (ci * cj).sum(-1)
+    vv = (ci * ci).sum(-1) * (cj * cj).sum(-1)
     return np.minimum(cross * cross, vv) / (vv + eps)
 
 
@@ -136,9 +138,11 @@ def _scaled_pair(gen, shape, scale):
     return (f * scale).float(), (m * scale).float()
 
 
-# Backends that accumulate in float64 (cuda, triton) lose only the float32 rounding of their
-# outputs (~7e-8 of the largest value); float32 running sums were off by 2e-7 - 3e-6.
+# Backends that accumulate in float64 (cpu, cuda, triton) lose only the float32 rounding of
+# their outputs (~7e-8 of the largest value); float32 running sums were off by 2e-7 - 3e-6.
 F64_ACC_RTOL = 5e-7
+# Gradients of the backends that keep the coefficient maps in float32 (cuda, triton).
+K32_GRAD_RTOL = 5e-5
 
 
 def _assert_rel(name, got, exp, tol):
@@ -151,7 +155,7 @@ def _check_scaled(backend, f, m, window, gen):
     """Value against the NumPy truth; gradients (not on torch: see the module docstring)
     against the float64 reference's autograd; both relative to their largest magnitude (the
     gradients shrink like 1/intensity, so an absolute tolerance would let anything pass)."""
-    tol = F64_ACC_RTOL if backend in ("cuda", "triton") else F32_RTOL
+    tol = F32_RTOL if backend == "torch" else F64_ACC_RTOL
     f, m = f.clone().requires_grad_(), m.clone().requires_grad_()
     with poisoned_empty():
         out = lncc(f, m, window=window, backend=backend)
@@ -172,14 +176,64 @@ def _check_scaled(backend, f, m, window, gen):
 @pytest.mark.parametrize("scale", [1.0, 1e3, 1e4], ids=["x1", "x1e3", "x1e4"])
 @pytest.mark.parametrize("shape", [(2, 1, 6, 7, 9), (2, 1, 13, 11)], ids=["3d", "2d"])
 def test_raw_intensities_match_float64(backend, scale, shape, gen):
+    if backend == "triton" and shape[2:] == (6, 7, 9) and scale == 1e3:
+        pytest.skip("interpreted Triton: x1 and x1e4 bracket x1e3 in 3D")
     f, m = _scaled_pair(gen, shape, scale)
     _check_scaled(backend, f, m, 5, gen)
 
 
-def _sphere_volume(scale=1.0, shape=(24, 28, 40), radius=8.0, window=9):
-    """Bright sphere (intensity ~scale, noisy) in a flat zero background, fixed and moving,
-    [1, 1, *shape] float32, and the mask of voxels whose whole window lies in the background
-    (the issue's case: 24x28x40, sphere ~1000, window 9)."""
+def _grad_np(f, m, window, g, eps=1e-5):
+    """(d/d fixed, d/d moving) of Σ_b g_b lncc_b (no mask), [B, *S] float64 NumPy: per window
+    the derivative of its cc with respect to each of its voxels, from the centred values as
+    in :func:`_cc_np` (∂cross/∂I(x) = J(x) − J̄, ∂var_I/∂I(x) = 2 (I(x) − Ī); the clamps take
+    the reference's branches), scattered back onto the voxels. Independent of torch."""
+    i = f.detach().double().cpu().numpy()[:, 0]
+    j = m.detach().double().cpu().numpy()[:, 0]
+    nd, r = i.ndim - 1, window // 2
+    inside = _windows_np(np.ones_like(i[:1]), r)
+    n = inside.sum(-1, keepdims=True)
+    wi, wj = _windows_np(i, r), _windows_np(j, r)
+    ci = (wi - wi.sum(-1, keepdims=True) / n) * inside
+    cj = (wj - wj.sum(-1, keepdims=True) / n) * inside
+    cross = (ci * cj).sum(-1, keepdims=True)
+    vi, vj = (ci * ci).sum(-1, keepdims=True), (cj * cj).sum(-1, keepdims=True)
+    vv = vi * vj
+    den = vv + eps
+    clamped = cross * cross > vv  # cc = vv / (vv + eps) there
+    dcross = np.where(clamped, 0.0, 2 * cross / den)
+    dvv = np.where(clamped, eps / den**2, -cross * cross / den**2)
+    w = np.asarray(g, dtype=np.float64).reshape(-1, *([1] * (nd + 1))) / i[0].size
+    out = []
+    for d in (w * (dcross * cj + 2 * dvv * vj * ci), w * (dcross * ci + 2 * dvv * vi * cj)):
+        acc = np.zeros((i.shape[0], *(s + 2 * r for s in i.shape[1:])))
+        for k, off in enumerate(np.ndindex(*(2 * r + 1,) * nd)):
+            acc[(slice(None), *(slice(o, o + s) for o, s in zip(off, i.shape[1:])))] += d[..., k]
+        out.append(torch.from_numpy(acc[(slice(None), *(slice(r, r + s) for s in i.shape[1:]))]))
+    return out[0][:, None], out[1][:, None]
+
+
+def test_numpy_gradient_truth_matches_float64_autograd(gen):
+    # The float64 reference at intensities ~1 (no cancellation to speak of) checks _grad_np.
+    for shape, window in (((2, 1, 5, 6, 7), 3), ((1, 1, 9, 8), 5)):
+        f = rand(gen, *shape, dtype=torch.float64).requires_grad_()
+        m = rand(gen, *shape, dtype=torch.float64).requires_grad_()
+        g = torch.randn(shape[0], generator=gen, dtype=torch.float64)
+        ef, em = torch.autograd.grad(_ref(f, m, window), (f, m), g)
+        tf, tm = _grad_np(f, m, window, g)
+        _assert_rel("d fixed", tf, ef, 1e-10)
+        _assert_rel("d moving", tm, em, 1e-10)
+
+
+# Small enough for interpreted Triton (~15 s a case), large enough to catch float32 running
+# sums (test_flat_background_case_catches_float32_running_sums).
+FLAT_SHAPE, FLAT_RADIUS, FLAT_WINDOW = (12, 14, 16), 3.5, 5
+
+
+def _sphere_volume(scale=1.0, background=0.0, shape=FLAT_SHAPE, radius=FLAT_RADIUS,
+                   window=FLAT_WINDOW):
+    """A sphere of contrast ~scale (noisy) on a flat background of intensity `background`,
+    fixed and moving, [1, 1, *shape] float32, and the mask of voxels whose whole window lies
+    in the background."""
     g = torch.Generator().manual_seed(12)
     zz, yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape),
                                 indexing="ij")
@@ -192,25 +246,95 @@ def _sphere_volume(scale=1.0, shape=(24, 28, 40), radius=8.0, window=9):
     m[sphere] = 0.5 * f[sphere] + 0.6 + 0.2 * torch.rand(k, generator=g, dtype=torch.float64)
     near = torch.nn.functional.max_pool3d(sphere.double()[None, None], window, 1, window // 2)
     flat = near[0, 0] == 0
-    assert int(flat.sum()) > 1000  # many windows downstream of the sphere on every axis
-    return (f * scale).float()[None, None], (m * scale).float()[None, None], flat
+    # Many windows downstream of the sphere on every axis (the sphere sits before the centre).
+    assert int(flat.sum()) > 1000
+    return ((f * scale + background).float()[None, None],
+            (m * scale + background).float()[None, None], flat)
 
 
-FLAT_BACKENDS = backend_params(("torch", "cpu", "triton"))
+# (background, sphere contrast): raw MR / CT intensities. A non-zero background is what
+# breaks sums of I² stored or combined in float32 (the zero background only shows float32
+# running sums); 3.7e5 is where even float64 raw sums leave flat variances above eps.
+FLAT_CASES = [(0.0, 1e3), (0.0, 1e4), (370.0, 1e3), (370.0, 1e4), (3.7e5, 1e3), (3.7e5, 1e4)]
+# Interpreted Triton: the two non-zero backgrounds (they catch float32 running sums too).
+FLAT_CASES_TRITON = [(370.0, 1e3), (3.7e5, 1e4)]
+FLAT_IDS = lambda v: f"{v:g}"  # noqa: E731
 
 
-@pytest.mark.parametrize("backend", FLAT_BACKENDS)
-@pytest.mark.parametrize("scale", [1e3, 1e4], ids=["x1e3", "x1e4"])
-def test_flat_background_windows_stay_zero(backend, scale):
-    # Running sums in float32 kept ~1 ulp of the sphere's window sums after it left the
-    # window: flat windows downstream got variances of 1e2-1e3 against eps and cc ~0.1.
-    f, m, flat = _sphere_volume(scale)
-    mask = flat.float()[None, None]
-    out = lncc(f, m, window=9, mask=mask, backend=backend)  # mean cc over flat windows
+def _check_flat(backend, background, scale, device="cpu"):
+    """Flat-background windows give cc <= 1e-6; lncc and its gradients match the NumPy
+    float64 truth relative to their largest magnitude."""
+    f, m, flat = _sphere_volume(scale, background)
+    f, m = f.to(device).requires_grad_(), m.to(device).requires_grad_()
+    mask = flat.float()[None, None].to(device)
+    with poisoned_empty():
+        out = lncc(f, m, window=FLAT_WINDOW, mask=mask, backend=backend)  # mean cc, flat windows
     assert 0.0 <= out.item() <= 1e-6, f"mean cc over flat-background windows: {out.item():g}"
-    whole = lncc(f, m, window=9, backend=backend)
-    _assert_rel("lncc", whole, _truth(f, m, 9),
-                F64_ACC_RTOL if backend in ("cuda", "triton") else F32_RTOL)
+    with poisoned_empty():
+        whole = lncc(f, m, window=FLAT_WINDOW, backend=backend)
+        gf, gm = torch.autograd.grad(whole, (f, m), torch.full_like(whole, 1.5))
+    tol = F32_RTOL if backend == "torch" else F64_ACC_RTOL
+    _assert_rel("lncc", whole, _truth(f, m, FLAT_WINDOW), tol)
+    # cpu keeps everything in float64 (measured <= 6e-8); cuda and triton store the
+    # coefficient maps in float32 and ∂L/∂I = box(K0) + 2I box(K2) + J box(K4) cancels at the
+    # sphere's rim (measured 1.7e-5 on triton at background 370).
+    gtol = {"torch": F32_RTOL, "cpu": F64_ACC_RTOL}.get(backend, K32_GRAD_RTOL)
+    tf, tm = _grad_np(f, m, FLAT_WINDOW, [1.5])
+    _assert_rel("d fixed", gf, tf, gtol)
+    _assert_rel("d moving", gm, tm, gtol)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("background,scale", FLAT_CASES, ids=FLAT_IDS)
+def test_flat_background_windows_stay_zero(backend, background, scale, request):
+    if backend == "torch" and background != 0.0:
+        # The torch backend is the reference, box sums by float32 convolutions: cc 0.01-0.13
+        # on these backgrounds (mrus_kernels/lncc.py docstring). Strict: it fails today.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="float32 reference sums"))
+    _check_flat(backend, background, scale)
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("background,scale", FLAT_CASES_TRITON, ids=FLAT_IDS)
+def test_flat_background_windows_stay_zero_triton(backend, background, scale):
+    _check_flat(backend, background, scale)
+
+
+def _box_running_f32(x: np.ndarray, r: int) -> np.ndarray:
+    """Box sums over all axes but the first by float32 running sums (add the voxel entering
+    the window, subtract the one leaving it), the scheme the GPU kernels used to run."""
+    x = x.astype(np.float32)
+    for ax in range(1, x.ndim):
+        x = np.moveaxis(x, ax, 0)
+        out, acc = np.empty_like(x), x[: r + 1].sum(0, dtype=np.float32)
+        out[0] = acc
+        for k in range(1, x.shape[0]):
+            if k + r < x.shape[0]:
+                acc = acc + x[k + r]
+            if k - r - 1 >= 0:
+                acc = acc - x[k - r - 1]
+            out[k] = acc
+        x = np.moveaxis(out, 0, ax)
+    return x
+
+
+@pytest.mark.parametrize("background,scale", FLAT_CASES, ids=FLAT_IDS)
+def test_flat_background_case_catches_float32_running_sums(background, scale):
+    # The flat-background test runs at a small size (interpreted Triton): this shows it is
+    # still large enough to catch float32 running sums and float32 cc, even on inputs
+    # centred on their mean as the launchers pass them to the kernels.
+    f, m, flat = _sphere_volume(scale, background)
+    i = (f - f.mean()).numpy()[:, 0]
+    j = (m - m.mean()).numpy()[:, 0]
+    r = FLAT_WINDOW // 2
+    n = _box_running_f32(np.ones_like(i), r)
+    si, sj = _box_running_f32(i, r), _box_running_f32(j, r)
+    sii, sjj, sij = (_box_running_f32(v, r) for v in (i * i, j * j, i * j))
+    cross = sij - si * sj / n
+    vv = np.maximum(sii - si * si / n, 0) * np.maximum(sjj - sj * sj / n, 0)
+    cc = np.minimum(cross * cross, vv) / (vv + np.float32(1e-5))
+    assert cc.dtype == np.float32
+    assert cc[0][flat.numpy()].mean() > 1e-2  # the test's bound is 1e-6
 
 
 # ------------------------------------------------------------------ triton launch limits
@@ -381,14 +505,9 @@ def test_gpu_raw_intensities_match_float64(gpu_backend, scale, shape, gen):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("scale", [1e3, 1e4], ids=["x1e3", "x1e4"])
-def test_gpu_flat_background_windows_stay_zero(gpu_backend, scale):
-    f, m, flat = _sphere_volume(scale)
-    out = lncc(f.cuda(), m.cuda(), window=9, mask=flat.float()[None, None].cuda(),
-               backend=gpu_backend)
-    assert 0.0 <= out.item() <= 1e-6, f"mean cc over flat-background windows: {out.item():g}"
-    whole = lncc(f.cuda(), m.cuda(), window=9, backend=gpu_backend)
-    _assert_rel("lncc", whole, _truth(f, m, 9), F64_ACC_RTOL)
+@pytest.mark.parametrize("background,scale", FLAT_CASES, ids=FLAT_IDS)
+def test_gpu_flat_background_windows_stay_zero(gpu_backend, background, scale):
+    _check_flat(gpu_backend, background, scale, device="cuda")
 
 
 @pytest.mark.cuda
