@@ -53,20 +53,89 @@ struct Taps {
         d_adj(sobel::make_tap<T>(true, true, padding)) {}
 };
 
-// out[i] (+)= am a[i] + a0 b[i] + ap c[i]. a or c may equal b where its coefficient is 0.
-template <bool ACC, typename T>
-inline void combine3(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b,
-                     const T* __restrict__ c, T am, T a0, T ap, int64_t n) {
-  if (a0 == T(0)) {  // derivative taps: b must not enter (0 * NaN), as in the reference
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = am * a[i] + ap * c[i];
-      out[i] = ACC ? out[i] + v : v;
+// Whether the pass t at index m of an axis of length n reads in[m]: the centre tap, or a
+// missing neighbour that "replicate" folds onto it. Its coefficient may still be 0 (the
+// derivative on a size-1 "replicate" axis: x - x), and then it is multiplied, not skipped,
+// as the reference's x - x gives NaN for NaN.
+template <typename T>
+inline bool reads_centre(const Tap3<T>& t, int64_t m, int64_t n) {
+  return t.c0 != T(0) || (m == 0 && t.elo != T(0)) || (m == n - 1 && t.ehi != T(0));
+}
+
+// The terms a 1D pass reads at one index: k terms, term j = w[j] * in[idx[j] - 1 + m]
+// (idx 0, 1, 2: the neighbours -1, 0, +1). Terms the reference does not read are left out:
+// a neighbour outside the axis under zero padding, the derivative's centre. So 0 * NaN
+// spreads nothing.
+template <typename T>
+struct Terms {
+  int k = 0;
+  int idx[3] = {1, 1, 1};  // entries past k: never read
+  T w[3] = {T(0), T(0), T(0)};
+};
+
+template <typename T>
+Terms<T> terms_at(const Tap3<T>& t, int64_t m, int64_t n) {
+  T coef[3];
+  sobel::tap_coefs(t, m, n, coef[0], coef[1], coef[2]);
+  const bool read[3] = {m > 0, reads_centre(t, m, n), m < n - 1};
+  Terms<T> r;
+  for (int j = 0; j < 3; ++j) {
+    if (read[j]) {
+      r.idx[r.k] = j;
+      r.w[r.k++] = coef[j];
     }
-    return;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = am * a[i] + a0 * b[i] + ap * c[i];
+  return r;
+}
+
+// out[i] (+)= the k-term sums, k = 3, 2, 1. The operands are function parameters so that
+// __restrict__ holds (GCC ignores it on local pointers) and the loops vectorise without
+// alias checks.
+template <bool ACC, typename T>
+inline void lin3(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ y,
+                 const T* __restrict__ z, T wx, T wy, T wz, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const T v = wx * x[i] + wy * y[i] + wz * z[i];
     out[i] = ACC ? out[i] + v : v;
+  }
+}
+
+template <bool ACC, typename T>
+inline void lin2(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ y, T wx,
+                 T wy, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const T v = wx * x[i] + wy * y[i];
+    out[i] = ACC ? out[i] + v : v;
+  }
+}
+
+template <bool ACC, typename T>
+inline void lin1(T* __restrict__ out, const T* __restrict__ x, T wx, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const T v = wx * x[i];
+    out[i] = ACC ? out[i] + v : v;
+  }
+}
+
+// out[i] (+)= sum_j e.w[j] src[e.idx[j]][i] for i < len (src: the neighbours -1, 0, +1 of
+// one index along the pass's axis; an unread one may be anything).
+template <bool ACC, typename T>
+inline void combine3(T* __restrict__ out, const T* const src[3], const Terms<T>& e,
+                     int64_t len) {
+  const T* const p[3] = {src[e.idx[0]], src[e.idx[1]], src[e.idx[2]]};
+  const T* w = e.w;
+  switch (e.k) {
+    case 3:
+      lin3<ACC>(out, p[0], p[1], p[2], w[0], w[1], w[2], len);
+      break;
+    case 2:
+      lin2<ACC>(out, p[0], p[1], w[0], w[1], len);
+      break;
+    case 1:
+      lin1<ACC>(out, p[0], w[0], len);
+      break;
+    default:
+      if (!ACC) std::fill(out, out + len, T(0));
   }
 }
 
@@ -74,12 +143,13 @@ inline void combine3(T* __restrict__ out, const T* __restrict__ a, const T* __re
 template <bool ACC, typename T>
 void col_pass(T* __restrict__ out, const T* __restrict__ in, int64_t rows, int64_t W,
               const Tap3<T>& t) {
+  // Three kinds of row: first, interior, last (the first may also be the last).
+  const Terms<T> first = terms_at(t, 0, rows), last = terms_at(t, rows - 1, rows);
+  const Terms<T> inner = terms_at(t, std::min<int64_t>(1, rows - 1), rows);
   for (int64_t r = 0; r < rows; ++r) {
-    T am, a0, ap;
-    sobel::tap_coefs(t, r, rows, am, a0, ap);
     const T* mid = in + r * W;
-    combine3<ACC>(out + r * W, r > 0 ? mid - W : mid, mid, r < rows - 1 ? mid + W : mid, am,
-                  a0, ap, W);
+    const T* const src[3] = {r > 0 ? mid - W : mid, mid, r < rows - 1 ? mid + W : mid};
+    combine3<ACC>(out + r * W, src, r == 0 ? first : (r == rows - 1 ? last : inner), W);
   }
 }
 
@@ -87,21 +157,23 @@ void col_pass(T* __restrict__ out, const T* __restrict__ in, int64_t rows, int64
 template <typename T>
 void row_pass(T* __restrict__ out, const T* __restrict__ in, int64_t rows, int64_t W,
               const Tap3<T>& t) {
+  // The end voxels read x[0] / x[W-1] only where the reference does (reads_centre).
+  const bool lo = reads_centre(t, 0, W), hi = reads_centre(t, W - 1, W);
+  const T e0 = t.c0 + t.elo, e1 = t.c0 + t.ehi, cm = t.cm, c0 = t.c0, cp = t.cp;
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = in + r * W;
     T* y = out + r * W;
     if (W == 1) {
-      y[0] = (t.c0 + t.elo + t.ehi) * x[0];
+      y[0] = lo ? (e0 + t.ehi) * x[0] : T(0);
       continue;
     }
-    y[0] = (t.c0 + t.elo) * x[0] + t.cp * x[1];
-    const T cm = t.cm, c0 = t.c0, cp = t.cp;
+    y[0] = lo ? e0 * x[0] + cp * x[1] : cp * x[1];
     if (c0 == T(0)) {
       for (int64_t w = 1; w < W - 1; ++w) y[w] = cm * x[w - 1] + cp * x[w + 1];
     } else {
       for (int64_t w = 1; w < W - 1; ++w) y[w] = cm * x[w - 1] + c0 * x[w] + cp * x[w + 1];
     }
-    y[W - 1] = t.cm * x[W - 2] + (t.c0 + t.ehi) * x[W - 1];
+    y[W - 1] = hi ? cm * x[W - 2] + e1 * x[W - 1] : cm * x[W - 2];
   }
 }
 
@@ -133,11 +205,9 @@ void slice_components(const Geometry& G, const Taps<T>& k, const T* X, int64_t z
   const T* x0 = X + z * L;
   const T* xm = z > 0 ? x0 - L : x0;
   const T* xp = z < G.n - 1 ? x0 + L : x0;
-  T am, a0, ap;
-  sobel::tap_coefs(k.s_fwd, z, G.n, am, a0, ap);
-  combine3<false>(P, xm, x0, xp, am, a0, ap, L);
-  sobel::tap_coefs(k.d_fwd, z, G.n, am, a0, ap);
-  combine3<false>(Q, xm, x0, xp, am, a0, ap, L);
+  const T* const src[3] = {xm, x0, xp};
+  combine3<false>(P, src, terms_at(k.s_fwd, z, G.n), L);
+  combine3<false>(Q, src, terms_at(k.d_fwd, z, G.n), L);
   if constexpr (NDIM == 3) {
     row_pass(t, P, G.rows, G.W, k.s_fwd);
     col_pass<false>(g[1], t, G.rows, G.W, k.d_fwd);
@@ -333,14 +403,14 @@ void backward_impl(const SobelArgs& a, const T* grad_out, const T* x1, const T* 
       for (int64_t z = z_lo; z < z_hi; ++z) {
         if (z + 1 < G.n) prepare(v, z + 1);
         const int64_t zm = z > 0 ? z - 1 : z, zp = z < G.n - 1 ? z + 1 : z;
-        T dm, d0, dp, sm, s0, sp;
-        sobel::tap_coefs(k.d_adj, z, G.n, dm, d0, dp);
-        sobel::tap_coefs(k.s_adj, z, G.n, sm, s0, sp);
+        const Terms<T> ed = terms_at(k.d_adj, z, G.n), es = terms_at(k.s_adj, z, G.n);
         for (int input = 0; input < 2; ++input) {
           if (!grads[input]) continue;
           T* out = grads[input] + v * vox + z * L;
-          combine3<false>(out, U(input, zm), U(input, z), U(input, zp), dm, d0, dp, L);
-          combine3<true>(out, Vb(input, zm), Vb(input, z), Vb(input, zp), sm, s0, sp, L);
+          const T* const u[3] = {U(input, zm), U(input, z), U(input, zp)};
+          const T* const vv[3] = {Vb(input, zm), Vb(input, z), Vb(input, zp)};
+          combine3<false>(out, u, ed, L);
+          combine3<true>(out, vv, es, L);
         }
       }
     }

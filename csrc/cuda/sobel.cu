@@ -3,7 +3,11 @@
 // csrc/cpu/sobel.cpp; the per-voxel bodies of the kernels below are host-device functions
 // (forward_voxel, backward_prep_voxel, adjoint_voxel), so a host program can run them too.
 //
-// Layout: one thread per voxel of one (batch, channel) volume (grid y). The forward reads
+// Layout: one thread per voxel of one (batch, channel) volume. Grid axis x holds the
+// voxel blocks of every volume, volume-major (block b: volume b / bpv, voxel block b % bpv,
+// bpv blocks per volume), so B * C is not bound by grid axis y's 65535; only where B * C *
+// bpv exceeds grid x's 2**31 - 1 blocks do further rows of whole volumes go on grid y
+// (block_item; 32-bit divisions only, no loop). The forward reads
 // the 3^ndim neighbourhood through the read-only cache. The fused L1 forward reduces |m1 -
 // m0| per block in shared memory (fixed tree) into one float partial per block; a second
 // kernel adds fixed chunks of kSumChunk partials per block in double, and one block adds
@@ -42,6 +46,25 @@ using sobel::SobelArgs;
 constexpr int kBlock = 256;
 // Partials added by one block of the second reduction stage (16 per thread).
 constexpr int64_t kSumChunk = int64_t(kBlock) * 16;
+
+// The (volume, voxel block) of block (bx, by) of a grid whose rows (grid x, a multiple of
+// bpv blocks) hold grid_x / bpv whole volumes each: volume v = by grid_x / bpv + bx / bpv,
+// voxel block nb = bx % bpv. Every division is a 32-bit one (grid x < 2**31); v >= V marks
+// a block past the last volume (the last row may be partial).
+struct BlockItem {
+  int64_t v;
+  uint32_t nb, bpv;
+};
+
+MRUS_HD BlockItem block_item(int64_t vox, uint32_t grid_x, uint32_t bx, uint32_t by) {
+  const uint32_t bpv = static_cast<uint32_t>((vox + kBlock - 1) / kBlock);
+  const uint32_t in_row = bx / bpv;
+  BlockItem b;
+  b.bpv = bpv;
+  b.nb = bx - in_row * bpv;
+  b.v = int64_t(by) * (grid_x / bpv) + in_row;
+  return b;
+}
 
 MRUS_HD float to_float(__half v) { return __half2float(v); }
 MRUS_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -278,13 +301,14 @@ __global__ void __launch_bounds__(kBlock)
                          float* __restrict__ partials) {
   __shared__ float red[kBlock];
   const int64_t vox = a.voxels();
-  const int64_t v = blockIdx.y;
-  const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
+  const BlockItem b = block_item(vox, gridDim.x, blockIdx.x, blockIdx.y);
+  if (b.v >= a.volumes()) return;  // the whole block: no __syncthreads is left waiting
+  const int64_t n = int64_t(b.nb) * kBlock + threadIdx.x;
   float d = 0.f;
   if (n < vox) {
     int64_t q[3];
     voxel_coords<NDIM>(a, vox, n, q);
-    d = forward_voxel<NDIM>(a, vox, v, n, q, x, x0, out);
+    d = forward_voxel<NDIM>(a, vox, b.v, n, q, x, x0, out);
   }
   if (a.mode != int(Mode::L1) || a.reduction == int(Reduction::NONE)) return;
   red[threadIdx.x] = d;
@@ -293,7 +317,9 @@ __global__ void __launch_bounds__(kBlock)
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) partials[v * gridDim.x + blockIdx.x] = red[0];
+  // Slot v * bpv + nb (= by * grid_x + bx, the rows holding whole volumes): the order of
+  // the partials does not depend on the grid's shape.
+  if (threadIdx.x == 0) partials[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = red[0];
 }
 
 // The sum of every thread's v over the block, in a fixed tree (same order every run).
@@ -339,12 +365,12 @@ __global__ void __launch_bounds__(kBlock)
                                const T* __restrict__ x0, float* __restrict__ h1,
                                float* __restrict__ h0) {
   const int64_t vox = a.voxels();
-  const int64_t v = blockIdx.y;
-  const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
-  if (n >= vox) return;
+  const BlockItem b = block_item(vox, gridDim.x, blockIdx.x, blockIdx.y);
+  const int64_t n = int64_t(b.nb) * kBlock + threadIdx.x;
+  if (b.v >= a.volumes() || n >= vox) return;
   int64_t q[3];
   voxel_coords<NDIM>(a, vox, n, q);
-  backward_prep_voxel<NDIM>(a, vox, v, n, q, grad_out, x, x0, l1_scalar_upstream(a, grad_out),
+  backward_prep_voxel<NDIM>(a, vox, b.v, n, q, grad_out, x, x0, l1_scalar_upstream(a, grad_out),
                             h1, h0);
 }
 
@@ -354,22 +380,35 @@ __global__ void __launch_bounds__(kBlock)
     sobel_adjoint_kernel(const __grid_constant__ SobelArgs a, const H* __restrict__ h,
                          T* __restrict__ grad) {
   const int64_t vox = a.voxels();
-  const int64_t v = blockIdx.y;
-  const int64_t n = int64_t(blockIdx.x) * kBlock + threadIdx.x;
-  if (n >= vox) return;
+  const BlockItem b = block_item(vox, gridDim.x, blockIdx.x, blockIdx.y);
+  const int64_t n = int64_t(b.nb) * kBlock + threadIdx.x;
+  if (b.v >= a.volumes() || n >= vox) return;
+  const int64_t v = b.v;
   int64_t q[3];
   voxel_coords<NDIM>(a, vox, n, q);
   grad[v * vox + n] = from_float<T>(adjoint_voxel<NDIM>(a, vox, n, q, h + v * NDIM * vox));
 }
 
+// Grid x: the voxel blocks of whole volumes, volume-major, as many volumes as 2**31 - 1
+// blocks hold (every B * C below that many blocks in all: one row); grid y: further rows of
+// as many volumes (block_item).
 dim3 grid_for(const SobelArgs& a) {
-  const int64_t blocks = ceil_div(a.voxels(), kBlock);
-  if (a.volumes() > kMaxGridY) {
-    throw std::invalid_argument("mrus cuda sobel: B * C must be at most 65535, got " +
-                                std::to_string(a.volumes()));
+  const int64_t bpv = ceil_div(a.voxels(), kBlock);
+  if (bpv > kMaxGridX) {
+    throw std::invalid_argument("mrus cuda sobel: a volume must have at most " +
+                                std::to_string(kMaxGridX * kBlock) + " voxels, got " +
+                                std::to_string(a.voxels()));
   }
-  if (blocks > kMaxGridX) throw std::invalid_argument("mrus cuda sobel: volume too large");
-  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.volumes()));
+  const int64_t per_row = std::min<int64_t>(a.volumes(), kMaxGridX / bpv);
+  const int64_t rows = ceil_div(a.volumes(), per_row);
+  if (rows > kMaxGridY) {
+    throw std::invalid_argument("mrus cuda sobel: B * C * ceil(voxels / " +
+                                std::to_string(kBlock) + ") must be at most " +
+                                std::to_string(kMaxGridX * kMaxGridY) + " blocks, got " +
+                                std::to_string(a.volumes()) + " volumes of " +
+                                std::to_string(bpv) + " blocks");
+  }
+  return dim3(static_cast<unsigned>(per_row * bpv), static_cast<unsigned>(rows));
 }
 
 // Block partials of the forward, then (at an even float offset) the double chunk sums.

@@ -303,6 +303,30 @@ def test_nan_propagates_as_in_the_reference(backend, gen):
         assert_close_verbose(out, expected, torch.float32, name=output)
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_at_an_edge_reaches_what_the_reference_says(backend, ndim, padding, gen):
+    """A NaN in a corner, and in a volume whose last axis has size 1, reaches exactly the
+    outputs it reaches in the reference: under zero padding the derivative's missing
+    neighbour is 0 and its centre weight is 0, so 0 * NaN must not put a NaN in the
+    derivative along the edge's axis (the CPU passes multiplied both by 0 once)."""
+    base = _shape(backend, ndim)
+    for shape in (base, (*base[:-1], 1)):
+        x = rand(gen, *shape)
+        x[(0, 1, *(0,) * ndim)] = float("nan")
+        for output in OUTPUTS:
+            out = sobel(x, output=output, padding=padding, backend=backend)
+            expected = reference.sobel(x.double(), output, padding)
+            nan = expected.isnan()
+            assert 0 < int(nan.sum()) < nan.numel(), (shape, output)
+            assert torch.equal(out.isnan(), nan), (
+                f"{shape} {output}: NaN at {int(out.isnan().sum())} outputs, the reference at "
+                f"{int(nan.sum())}"
+            )
+            assert_close_verbose(out[~nan], expected[~nan].float(), torch.float32, name=output)
+
+
 # =========================================================================== sobel backward
 
 
@@ -346,18 +370,8 @@ def _nan_case(backend: str, ndim: int, where: str, gen: torch.Generator) -> tupl
     return rand(gen, *shape), spot
 
 
-# The CPU backward's in-slice passes point an out-of-range neighbour at the middle row with
-# coefficient 0 (csrc/cpu/sobel.cpp combine3): at a zero-padded edge 0 * NaN spreads a NaN
-# one voxel further than the reference does.
-_CPU_EDGE_NAN = pytest.mark.xfail(
-    strict=True, reason="cpu backward: 0 * NaN of the aliased neighbour at zero-padded edges"
-)
-
-
 @pytest.mark.parametrize(("backend", "ndim", "padding", "where"), [
-    pytest.param(*p.values, n, pad, w, id=f"{p.id}-{n}-{pad}-{w}",
-                 marks=[*p.marks, *([_CPU_EDGE_NAN] if (p.id, pad, w) == ("cpu", "zeros", "edge")
-                                    else [])])
+    pytest.param(*p.values, n, pad, w, id=f"{p.id}-{n}-{pad}-{w}", marks=p.marks)
     for p in KERNEL_BACKENDS for n in (2, 3) for pad in PADDINGS for w in ("interior", "edge")
 ])
 def test_backward_nan_reaches_what_the_reference_says(backend, ndim, padding, where, gen):
@@ -388,6 +402,37 @@ def test_backward_nan_reaches_what_the_reference_says(backend, ndim, padding, wh
                 f"{int(nan.sum())}"
             )
             assert_close_verbose(a[~nan], b[~nan], torch.float32, name=name)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_backward_nan_on_a_size_one_axis(ndim, padding, gen):
+    """On a size-1 axis the derivative is x - x under "replicate" (NaN for NaN, in the
+    reference's autograd too) and 0 - 0 under zero padding (no read at all): the CPU
+    backward reads x exactly where the reference does. (The Triton and CUDA gathers skip
+    every term of weight 0, so they give 0 where "replicate" gives NaN here.)"""
+    require_backend("cpu", "cpu", torch.float32)
+    shape = (*SHAPES[ndim][:-1], 1)
+    spot = (0, 1, *(0,) * ndim)
+    x = rand(gen, *shape)
+    nan_x = x.clone()
+    nan_x[spot] = float("nan")
+    for output in OUTPUTS:
+        src = x if output == "components" else nan_x
+        ref_x, ker_x = src.double().requires_grad_(), src.clone().requires_grad_()
+        expected = reference.sobel(ref_x, output, padding)
+        grad_out = randn(gen, *expected.shape)
+        if output == "components":
+            grad_out[(*spot[:2], ndim - 1, *spot[2:])] = float("nan")
+        out = sobel(ker_x, output=output, padding=padding, backend="cpu")
+        (got,) = autograd_grads(out, (ker_x,), grad_out)
+        (want,) = autograd_grads(expected, (ref_x,), grad_out.double())
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan), (
+            f"{output}: NaN at {int(got.isnan().sum())} gradient elements, the reference at "
+            f"{int(nan.sum())}"
+        )
+        assert_close_verbose(got[~nan], want[~nan].float(), torch.float32, name=output)
 
 
 # =========================================================================== Triton launcher
@@ -980,6 +1025,25 @@ def test_gpu_large_and_deterministic(gpu_backend, gen):
     assert_close_verbose(runs[0][0], expected, torch.float32)
     for a, b in zip(runs[0][1:], autograd_grads(expected, (r1, r0), None)):
         assert_close_verbose(a, b, torch.float32)
+
+
+@pytest.mark.cuda
+def test_gpu_more_volumes_than_grid_axis_y_holds(gpu_backend, gen):
+    """B * C = 70000 > 65535 (grid axis y's limit) small volumes: the CUDA kernels put the
+    volumes on grid axis x with the voxel blocks, so every volume is computed (the last
+    ones included) and matches the reference, forward and both gradients."""
+    x = rand(gen, 2, 35000, 3, 4, 5, device="cuda")
+    y = rand(gen, 2, 35000, 3, 4, 5, device="cuda")
+    out = sobel(x, output="components", padding="zeros", backend=gpu_backend)
+    assert_close_verbose(out, reference.sobel(x.double(), "components", "zeros"), torch.float32)
+    f1, f0 = x.clone().requires_grad_(), y.clone().requires_grad_()
+    r1, r0 = x.double().requires_grad_(), y.double().requires_grad_()
+    loss = sobel_l1(f1, f0, reduction="sum", backend=gpu_backend)
+    expected = reference.sobel_l1(r1, r0, "replicate", 1e-6, "sum")
+    assert_close_verbose(loss, expected, torch.float32, name="loss")
+    for name, a, b in zip(("f1", "f0"), autograd_grads(loss, (f1, f0), None),
+                          autograd_grads(expected, (r1, r0), None)):
+        assert_close_verbose(a, b, torch.float32, name=f"grad {name}")
 
 
 @pytest.mark.cuda
