@@ -200,9 +200,13 @@ MRUS_HD float forward_voxel(const SobelArgs& a, int64_t vox, int64_t v, int64_t 
   }
   float h[3];
   components<NDIM>(x0 + v * vox, q, a, h);
-  const float d =
-      fabsf(sobel::magnitude(g[0], g[1], g[2], eps) - sobel::magnitude(h[0], h[1], h[2], eps));
-  if (a.reduction == int(Reduction::NONE)) out[v * vox + n] = from_float<T>(d);
+  // Squared sums first, both square roots last: nothing but the two sums and the output
+  // address is live across sqrt's slow-path subroutine (it saved a register to the stack).
+  const float s1 = g[0] * g[0] + g[1] * g[1] + g[2] * g[2] + eps;
+  const float s0 = h[0] * h[0] + h[1] * h[1] + h[2] * h[2] + eps;
+  T* const o = a.reduction == int(Reduction::NONE) ? out + (v * vox + n) : nullptr;
+  const float d = fabsf(sqrtf(s1) - sqrtf(s0));
+  if (o != nullptr) *o = from_float<T>(d);
   return d;
 }
 
