@@ -339,3 +339,17 @@ def spy_launches(monkeypatch, module, *names: str) -> list[tuple[str, tuple, dic
     for name in names:
         monkeypatch.setattr(module, name, _Spy(name, getattr(module, name)))
     return calls
+
+
+def spy_warp_idx64(monkeypatch, triton_warp) -> list[bool]:
+    """Records whether each Triton warp launch takes its 64-bit (IDX64) variant."""
+    seen: list[bool] = []
+    real = triton_warp._launch
+
+    def spy(*args, **kwargs):
+        lp = real(*args, **kwargs)
+        seen.append(lp.idx64)
+        return lp
+
+    monkeypatch.setattr(triton_warp, "_launch", spy)
+    return seen

@@ -33,6 +33,7 @@ from conftest import (
     randn,
     require_backend,
     skip_without_float64,
+    spy_warp_idx64,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -653,15 +654,7 @@ def test_triton_idx64_variants(monkeypatch, ndim, padding, deterministic, gen):
     triton_warp = importlib.import_module("mrus_kernels.triton.warp")
     monkeypatch.setattr(importlib.import_module("mrus_kernels.triton._common"),
                         "IDX64_THRESHOLD", 100)
-    seen: list[bool] = []
-    real = triton_warp._launch
-
-    def spy(*args, **kwargs):
-        lp = real(*args, **kwargs)
-        seen.append(lp.idx64)
-        return lp
-
-    monkeypatch.setattr(triton_warp, "_launch", spy)
+    seen = spy_warp_idx64(monkeypatch, triton_warp)
     u, v = _pair(gen, _shape("triton", ndim))
     grad = randn(gen, *u.shape)
     ru, rv = u.double().requires_grad_(), v.double().requires_grad_()

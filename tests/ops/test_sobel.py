@@ -370,16 +370,9 @@ def _nan_case(backend: str, ndim: int, where: str, gen: torch.Generator) -> tupl
     return rand(gen, *shape), spot
 
 
-@pytest.mark.parametrize(("backend", "ndim", "padding", "where"), [
-    pytest.param(*p.values, n, pad, w, id=f"{p.id}-{n}-{pad}-{w}", marks=p.marks)
-    for p in KERNEL_BACKENDS for n in (2, 3) for pad in PADDINGS for w in ("interior", "edge")
-])
-def test_backward_nan_reaches_what_the_reference_says(backend, ndim, padding, where, gen):
-    """A NaN reaches exactly the gradient elements it reaches in the reference's autograd:
-    terms whose adjoint weight is 0 (the derivative's centre) are not read, so NaN * 0 does
-    not spread it further; the other elements match the reference. (The L1 loss is left out:
-    torch's abs backward takes sign(NaN) as 0 or NaN depending on the torch version.)"""
-    x, spot = _nan_case(backend, ndim, where, gen)
+def _nan_gradients(x, spot, ndim, padding, backend, gen):
+    """(output, kernel gradient, float64 reference gradient) per output mode, with one NaN at
+    `spot`: in x for magnitude and L1, in the upstream gradient for components."""
     nan_x = x.clone()
     nan_x[spot] = float("nan")
     cases = []
@@ -391,17 +384,34 @@ def test_backward_nan_reaches_what_the_reference_says(backend, ndim, padding, wh
         if output == "components":
             grad_out[(*spot[:2], ndim - 1, *spot[2:])] = float("nan")
         out = sobel(ker_x, output=output, padding=padding, backend=backend)
-        cases.append((output, autograd_grads(out, (ker_x,), grad_out),
-                      autograd_grads(expected, (ref_x,), grad_out.double())))
-    for name, got, want in cases:
-        for a, b in zip(got, want):
-            nan = b.isnan()
-            assert 0 < int(nan.sum()) < nan.numel(), name  # the case does test something
-            assert torch.equal(a.isnan(), nan), (
-                f"{name}: NaN at {int(a.isnan().sum())} gradient elements, the reference at "
-                f"{int(nan.sum())}"
-            )
-            assert_close_verbose(a[~nan], b[~nan], torch.float32, name=name)
+        (got,) = autograd_grads(out, (ker_x,), grad_out)
+        (want,) = autograd_grads(expected, (ref_x,), grad_out.double())
+        cases.append((output, got, want))
+    return cases
+
+
+def _assert_same_nan_reach(name, got, want):
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), (
+        f"{name}: NaN at {int(got.isnan().sum())} gradient elements, the reference at "
+        f"{int(nan.sum())}"
+    )
+    assert_close_verbose(got[~nan], want[~nan].float(), torch.float32, name=name)
+
+
+@pytest.mark.parametrize(("backend", "ndim", "padding", "where"), [
+    pytest.param(*p.values, n, pad, w, id=f"{p.id}-{n}-{pad}-{w}", marks=p.marks)
+    for p in KERNEL_BACKENDS for n in (2, 3) for pad in PADDINGS for w in ("interior", "edge")
+])
+def test_backward_nan_reaches_what_the_reference_says(backend, ndim, padding, where, gen):
+    """A NaN reaches exactly the gradient elements it reaches in the reference's autograd:
+    terms whose adjoint weight is 0 (the derivative's centre) are not read, so NaN * 0 does
+    not spread it further; the other elements match the reference. (The L1 loss is left out:
+    torch's abs backward takes sign(NaN) as 0 or NaN depending on the torch version.)"""
+    x, spot = _nan_case(backend, ndim, where, gen)
+    for name, got, want in _nan_gradients(x, spot, ndim, padding, backend, gen):
+        assert 0 < int(want.isnan().sum()) < want.numel(), name  # the case tests something
+        _assert_same_nan_reach(name, got, want)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -415,24 +425,8 @@ def test_backward_nan_on_a_size_one_axis(ndim, padding, gen):
     shape = (*SHAPES[ndim][:-1], 1)
     spot = (0, 1, *(0,) * ndim)
     x = rand(gen, *shape)
-    nan_x = x.clone()
-    nan_x[spot] = float("nan")
-    for output in OUTPUTS:
-        src = x if output == "components" else nan_x
-        ref_x, ker_x = src.double().requires_grad_(), src.clone().requires_grad_()
-        expected = reference.sobel(ref_x, output, padding)
-        grad_out = randn(gen, *expected.shape)
-        if output == "components":
-            grad_out[(*spot[:2], ndim - 1, *spot[2:])] = float("nan")
-        out = sobel(ker_x, output=output, padding=padding, backend="cpu")
-        (got,) = autograd_grads(out, (ker_x,), grad_out)
-        (want,) = autograd_grads(expected, (ref_x,), grad_out.double())
-        nan = want.isnan()
-        assert torch.equal(got.isnan(), nan), (
-            f"{output}: NaN at {int(got.isnan().sum())} gradient elements, the reference at "
-            f"{int(nan.sum())}"
-        )
-        assert_close_verbose(got[~nan], want[~nan].float(), torch.float32, name=output)
+    for name, got, want in _nan_gradients(x, spot, ndim, padding, "cpu", gen):
+        _assert_same_nan_reach(name, got, want)
 
 
 # =========================================================================== Triton launcher

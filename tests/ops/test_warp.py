@@ -40,6 +40,7 @@ from conftest import (
     randn,
     require_backend,
     skip_without_float64,
+    spy_warp_idx64,
 )
 from mrus_kernels import (
     BackendUnavailableError,
@@ -1214,20 +1215,6 @@ def _triton_modules():
             importlib.import_module("mrus_kernels.triton._common"))
 
 
-def spy_idx64(monkeypatch, triton_warp) -> list[bool]:
-    """Records whether each Triton warp launch takes its 64-bit (IDX64) variant."""
-    seen: list[bool] = []
-    real = triton_warp._launch
-
-    def spy(*args, **kwargs):
-        lp = real(*args, **kwargs)
-        seen.append(lp.idx64)
-        return lp
-
-    monkeypatch.setattr(triton_warp, "_launch", spy)
-    return seen
-
-
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("mode", MODES)
@@ -1237,7 +1224,7 @@ def test_triton_idx64_variants(monkeypatch, ndim, mode, padding, deterministic, 
     (read at call time), and forward and backward still match the reference."""
     triton_warp, triton_common = _triton_modules()
     monkeypatch.setattr(triton_common, "IDX64_THRESHOLD", 100)
-    seen = spy_idx64(monkeypatch, triton_warp)
+    seen = spy_warp_idx64(monkeypatch, triton_warp)
     (gi, gd), (ei, ed) = _backward_case(gen, "triton", ndim, torch.float32, padding, mode,
                                         deterministic)
     assert seen and all(seen), seen
