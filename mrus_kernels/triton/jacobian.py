@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._blocks import item_block_offsets
 
 BLOCK_2D = 256
 BLOCK_3D = 128  # a 3D voxel holds 9 Jacobian entries and 3 cofactors: fewer per program
@@ -122,14 +123,7 @@ def _program_voxels(n, blocks, S1, S2, NDIM: tl.constexpr, IDX64: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Batch item (int64), flat voxel indices, their mask and coordinates of this program
     (program k: block k % blocks of item k // blocks)."""
-    pid = tl.program_id(0)
-    item = pid // blocks
-    blk = pid - item * blocks
-    b = item.to(tl.int64)
-    if IDX64:
-        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
+    b, offs = item_block_offsets(blocks, IDX64, BLOCK)
     mask = offs < n
     return b, offs, mask, _coords(offs, S1, S2, NDIM)
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._blocks import item_block_offsets
 
 GRAD_L2, HARMONIC = 0, 1
 BLOCK = 256
@@ -57,14 +58,7 @@ def _program_voxels(per_item, blocks, n0, n1, n2, s0, IDX64: tl.constexpr,
     """Offsets (int64) into [B, C, *S], mask and coordinates of this program's voxels
     (program k: block k % blocks of item k // blocks); item b's C channels are stacked along
     axis 0, so x0 is taken modulo n0."""
-    pid = tl.program_id(0)
-    item = pid // blocks
-    blk = pid - item * blocks
-    b = item.to(tl.int64)
-    if IDX64:
-        idx = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        idx = blk * BLOCK + tl.arange(0, BLOCK)
+    b, idx = item_block_offsets(blocks, IDX64, BLOCK)
     ok = idx < per_item
     x2 = idx % n2
     x1 = (idx // n2) % n1
