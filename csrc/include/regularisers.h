@@ -73,24 +73,31 @@ MRUS_HD T voxel_energy(const RegArgs& a, const T* u, const int64_t* x) {
   return e;
 }
 
+// ∂/∂u(x) Σ_y L(y)² = 2 Σ_y L(y) ∂L(y)/∂u(x): y = x (weight −2 ndim) and its interior
+// neighbours. lap_at(off) is L at the voxel `off` elements from x: recomputed from u on the
+// CPU (voxel_grad), read from the pass-1 scratch on the GPU (harmonic_grad_from_laplacian).
+template <typename T, typename LapAt>
+MRUS_HD T harmonic_adjoint(const RegArgs& a, const int64_t* x, LapAt lap_at) {
+  int nact = 0;
+  for (int i = 0; i < 3; ++i) nact += a.active(i) ? 1 : 0;
+  T g = interior<T>(a, x) ? -T(2 * nact) * lap_at(0) : T(0);
+  int64_t y[3] = {x[0], x[1], x[2]};
+  for (int i = 0; i < 3; ++i) {
+    if (!a.active(i)) continue;
+    const int64_t st = a.stride(i);
+    for (int s = -1; s <= 1; s += 2) {
+      y[i] = x[i] + s;
+      if (interior<T>(a, y)) g += lap_at(s * st);
+    }
+    y[i] = x[i];
+  }
+  return T(2) * g;
+}
+
 template <typename T>
 MRUS_HD T voxel_grad(const RegArgs& a, const T* u, const int64_t* x) {
   if (a.kind == Kind::HARMONIC) {
-    // ∂/∂u(x) Σ_y L(y)² = 2 Σ_y L(y) ∂L(y)/∂u(x): y = x (weight −2 ndim) and its neighbours.
-    int nact = 0;
-    for (int i = 0; i < 3; ++i) nact += a.active(i) ? 1 : 0;
-    T g = interior<T>(a, x) ? -T(2 * nact) * laplacian(a, u) : T(0);
-    int64_t y[3] = {x[0], x[1], x[2]};
-    for (int i = 0; i < 3; ++i) {
-      if (!a.active(i)) continue;
-      const int64_t st = a.stride(i);
-      for (int s = -1; s <= 1; s += 2) {
-        y[i] = x[i] + s;
-        if (interior<T>(a, y)) g += laplacian(a, u + s * st);
-      }
-      y[i] = x[i];
-    }
-    return T(2) * g;
+    return harmonic_adjoint<T>(a, x, [&](int64_t off) { return laplacian(a, u + off); });
   }
   T g = T(0);
   for (int i = 0; i < 3; ++i) {
@@ -116,20 +123,7 @@ MRUS_HD T harmonic_laplacian(const RegArgs& a, const T* u, const int64_t* x) {
 // ∂E/∂u(x) = 2 Σ_y L(y) ∂L(y)/∂u(x), L pointing at voxel x of the pass-1 scratch.
 template <typename T>
 MRUS_HD T harmonic_grad_from_laplacian(const RegArgs& a, const T* L, const int64_t* x) {
-  int nact = 0;
-  for (int i = 0; i < 3; ++i) nact += a.active(i) ? 1 : 0;
-  T g = interior<T>(a, x) ? -T(2 * nact) * L[0] : T(0);
-  int64_t y[3] = {x[0], x[1], x[2]};
-  for (int i = 0; i < 3; ++i) {
-    if (!a.active(i)) continue;
-    const int64_t st = a.stride(i);
-    for (int s = -1; s <= 1; s += 2) {
-      y[i] = x[i] + s;
-      if (interior<T>(a, y)) g += L[s * st];
-    }
-    y[i] = x[i];
-  }
-  return T(2) * g;
+  return harmonic_adjoint<T>(a, x, [&](int64_t off) { return L[off]; });
 }
 
 }  // namespace reg
