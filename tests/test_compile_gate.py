@@ -255,7 +255,9 @@ __global__ void __launch_bounds__(1024, 2) gate_spill_kernel(const float* x, flo
 
 
 @pytest.fixture(scope="session")
-def cuda_usages(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[gate.Usage], list[gate.Usage]]:
+def cuda_usages(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[gate.Usage], list[gate.Usage]]:
     if gate.nvcc_path() is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
     spill = tmp_path_factory.mktemp("gate_cuda") / "gate_selftest.cu"

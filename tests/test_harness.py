@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 import torch
-from conftest import POISONED_ALLOCATORS, poisoned_empty
 
+from conftest import POISONED_ALLOCATORS, poisoned_empty
 from mrus_kernels import _ext
 
 OPS = ("jacobian", "lncc", "mi", "regularisers", "sobel", "warp")

@@ -18,10 +18,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import warp_truth
 from scipy import ndimage
 
 import mrus_kernels
-import warp_truth
 from conftest import (
     ALL_DTYPES,
     DTYPE_IDS,

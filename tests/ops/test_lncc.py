@@ -41,7 +41,8 @@ def _windows_np(x: np.ndarray, r: int) -> np.ndarray:
     zero outside the image."""
     nd = x.ndim - 1
     pad = np.pad(x, [(0, 0)] + [(r, r)] * nd)
-    win = np.lib.stride_tricks.sliding_window_view(pad, (2 * r + 1,) * nd, axis=tuple(range(1, nd + 1)))
+    win = np.lib.stride_tricks.sliding_window_view(
+        pad, (2 * r + 1,) * nd, axis=tuple(range(1, nd + 1)))
     return win.reshape(*x.shape, -1)
 
 

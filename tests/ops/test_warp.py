@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import warp_truth
 from scipy import ndimage
 
 import mrus_kernels
-import warp_truth
 from conftest import (
     ALL_DTYPES,
     DTYPE_IDS,
