@@ -27,6 +27,19 @@ __device__ __forceinline__ void item_voxel(const jacobian::JacobianArgs& a, int6
   unravel<2>(k, dims, total, bn);
 }
 
+// Calls f(b, n) for every voxel n of every item b of the flattened [B, *size], one thread
+// per voxel (grid-stride).
+template <typename F>
+__device__ void for_each_item_voxel(const jacobian::JacobianArgs& a, F&& f) {
+  const int64_t total = a.B * a.n();
+  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
+    int64_t bn[2];
+    item_voxel(a, k, total, bn);
+    f(bn[0], bn[1]);
+  }
+}
+
 // One thread per voxel of the flattened [B, *size] (grid-stride). JacobianArgs is
 // __grid_constant__: the header indexes its arrays with runtime indices, which would
 // otherwise copy the struct to local memory in every thread.
@@ -34,13 +47,9 @@ template <int NDIM, typename scalar_t>
 __global__ void __launch_bounds__(kJacobianBlock)
     jacobian_forward_kernel(const __grid_constant__ jacobian::JacobianArgs a,
                             const scalar_t* __restrict__ u, scalar_t* __restrict__ det) {
-  const int64_t total = a.B * a.n();
-  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
-    int64_t bn[2];
-    item_voxel(a, k, total, bn);
-    jacobian::forward_voxel<NDIM, scalar_t, float>(a, u, det, bn[0], bn[1]);
-  }
+  for_each_item_voxel(a, [&](int64_t b, int64_t n) {
+    jacobian::forward_voxel<NDIM, scalar_t, float>(a, u, det, b, n);
+  });
 }
 
 // Backward pass 1: P[b, i * NDIM + j, n] = g(n) / h_j · cof_ij(n).
@@ -49,13 +58,9 @@ __global__ void __launch_bounds__(kJacobianBlock)
     jacobian_cofactor_kernel(const __grid_constant__ jacobian::JacobianArgs a,
                              const scalar_t* __restrict__ grad_det,
                              const scalar_t* __restrict__ u, float* __restrict__ P) {
-  const int64_t total = a.B * a.n();
-  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
-    int64_t bn[2];
-    item_voxel(a, k, total, bn);
-    jacobian::weighted_cofactors_voxel<NDIM, scalar_t, float>(a, grad_det, u, P, bn[0], bn[1]);
-  }
+  for_each_item_voxel(a, [&](int64_t b, int64_t n) {
+    jacobian::weighted_cofactors_voxel<NDIM, scalar_t, float>(a, grad_det, u, P, b, n);
+  });
 }
 
 // Backward pass 2: one thread per element group grad_u[b, :, y], a gather from P.
@@ -63,13 +68,9 @@ template <int NDIM, typename scalar_t>
 __global__ void __launch_bounds__(kJacobianBlock)
     jacobian_adjoint_kernel(const __grid_constant__ jacobian::JacobianArgs a,
                             const float* __restrict__ P, scalar_t* __restrict__ grad_u) {
-  const int64_t total = a.B * a.n();
-  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
-    int64_t bn[2];
-    item_voxel(a, k, total, bn);
-    jacobian::adjoint_voxel<NDIM, scalar_t, float>(a, P, grad_u, bn[0], bn[1]);
-  }
+  for_each_item_voxel(a, [&](int64_t b, int64_t n) {
+    jacobian::adjoint_voxel<NDIM, scalar_t, float>(a, P, grad_u, b, n);
+  });
 }
 
 }  // namespace

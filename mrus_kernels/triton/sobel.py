@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._blocks import item_block_offsets
 
 # Codes of csrc/include/common.h (Padding) and csrc/include/sobel.h (Mode, Reduction).
 ZEROS = 0
@@ -88,14 +89,8 @@ def _comp_weight(i, o0, o1, o2, ndim):
 @triton.jit
 def _program(vox, nblk, BLOCK: tl.constexpr, IDX64: tl.constexpr):
     """(volume index as int64, flat offsets of this program's voxels, in-volume mask)."""
-    pid = tl.program_id(0)
-    v = pid // nblk
-    blk = pid - v * nblk
-    if IDX64:
-        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-    return v.to(tl.int64), offs, offs < vox
+    v, offs = item_block_offsets(nblk, IDX64, BLOCK)
+    return v, offs, offs < vox
 
 
 @triton.jit
