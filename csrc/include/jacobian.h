@@ -139,6 +139,38 @@ MRUS_HD void forward_voxel(const JacobianArgs& a, const scalar_t* u, scalar_t* d
   det[b * nv + n] = static_cast<scalar_t>(determinant<NDIM, T>(J));
 }
 
+// The adjoint stencil of jacobian_at's differences at voxel y (coordinates v.x): calls
+// term(j, x, xj, w) for every difference along axis j that reads u(y), x being the voxel
+// whose Jacobian column j holds it, xj its coordinate along j and w the weight of u(y) in
+// it: first y itself at a border (-1 at index 0, +1 at size - 1: one-sided), then the
+// neighbours x = y -/+ e_j (+/-1/2 central, +/-1 where x is at a border, one-sided). Axes
+// of size 1 have no differences. Shared by the CPU backward (columns recomputed at x) and
+// the GPU's second pass (columns read from the scratch P), so both add the same terms in
+// the same order.
+template <int NDIM, typename T, typename Term>
+MRUS_HD void adjoint_stencil(const JacobianArgs& a, const Voxel<NDIM>& v, int64_t y,
+                             Term&& term) {
+MRUS_UNROLL
+  for (int j = 0; j < NDIM; ++j) {
+    const int64_t s = a.size[j], m = v.x[j];
+    if (s == 1 || (m > 0 && m < s - 1)) continue;
+    term(j, y, m, m == 0 ? T(-1) : T(1));
+  }
+MRUS_UNROLL
+  for (int j = 0; j < NDIM; ++j) {
+    const int64_t s = a.size[j], m = v.x[j], st = v.stride[j];
+    if (s == 1) continue;
+MRUS_UNROLL
+    for (int side = 0; side < 2; ++side) {
+      const int64_t mx = side == 0 ? m - 1 : m + 1;
+      if (mx < 0 || mx > s - 1) continue;
+      const bool border = mx == 0 || mx == s - 1;
+      term(j, side == 0 ? y - st : y + st, mx,
+           (side == 0 ? T(1) : T(-1)) * (border ? T(1) : T(0.5)));
+    }
+  }
+}
+
 // grad_u[b, :, y] for voxel y of batch item b, from grad_det [B, *size]: every element of
 // grad_u written once.
 template <int NDIM, typename scalar_t, typename T>
@@ -147,47 +179,24 @@ MRUS_HD void backward_voxel(const JacobianArgs& a, const scalar_t* grad_det, con
   const int64_t nv = a.n();
   const scalar_t* ub = u + b * NDIM * nv;
   const scalar_t* gb = grad_det + b * nv;
-  Voxel<NDIM> v = voxel<NDIM>(a, y);
+  const Voxel<NDIM> v = voxel<NDIM>(a, y);
   T acc[NDIM];
 MRUS_UNROLL
   for (int i = 0; i < NDIM; ++i) acc[i] = T(0);
-  T J[NDIM][NDIM];
-  T cof[NDIM];
-  // y's own differences read u(y) at the borders only: -1 at index 0, +1 at index s - 1.
-  jacobian_at<NDIM, scalar_t, T>(a, ub, y, v.x, v.stride, J);
-  const T g0 = static_cast<T>(gb[y]);
+  // Each term: column j of the Jacobian at x (coordinate xj along j), recomputed.
+  adjoint_stencil<NDIM, T>(a, v, y, [&](int j, int64_t x, int64_t xj, T w) {
+    int64_t xs[NDIM];
 MRUS_UNROLL
-  for (int j = 0; j < NDIM; ++j) {
-    const int64_t s = a.size[j], m = v.x[j];
-    if (s == 1 || (m > 0 && m < s - 1)) continue;
-    const T c = (m == 0 ? T(-1) : T(1)) * static_cast<T>(a.inv_h[j]) * g0;
+    for (int i = 0; i < NDIM; ++i) xs[i] = v.x[i];
+    xs[j] = xj;
+    T J[NDIM][NDIM];
+    T cof[NDIM];
+    jacobian_at<NDIM, scalar_t, T>(a, ub, x, xs, v.stride, J);
     cofactor_column<NDIM, T>(J, j, cof);
+    const T c = w * static_cast<T>(a.inv_h[j]) * static_cast<T>(gb[x]);
 MRUS_UNROLL
     for (int i = 0; i < NDIM; ++i) acc[i] += c * cof[i];
-  }
-  // The neighbours x = y -/+ e_j read u(y) with weight +/-1/2 (central) or +/-1 (x at the
-  // border, one-sided).
-MRUS_UNROLL
-  for (int j = 0; j < NDIM; ++j) {
-    const int64_t s = a.size[j], m = v.x[j], st = v.stride[j];
-    if (s == 1) continue;
-    const T inv_h = static_cast<T>(a.inv_h[j]);
-MRUS_UNROLL
-    for (int side = 0; side < 2; ++side) {
-      const int64_t mx = side == 0 ? m - 1 : m + 1;
-      if (mx < 0 || mx > s - 1) continue;
-      const int64_t x = side == 0 ? y - st : y + st;
-      const bool border = mx == 0 || mx == s - 1;
-      const T c = (side == 0 ? T(1) : T(-1)) * (border ? T(1) : T(0.5)) * inv_h *
-                  static_cast<T>(gb[x]);
-      v.x[j] = mx;
-      jacobian_at<NDIM, scalar_t, T>(a, ub, x, v.x, v.stride, J);
-      v.x[j] = m;
-      cofactor_column<NDIM, T>(J, j, cof);
-MRUS_UNROLL
-      for (int i = 0; i < NDIM; ++i) acc[i] += c * cof[i];
-    }
-  }
+  });
 MRUS_UNROLL
   for (int i = 0; i < NDIM; ++i) grad_u[b * NDIM * nv + i * nv + y] = static_cast<scalar_t>(acc[i]);
 }
@@ -226,29 +235,10 @@ MRUS_HD void adjoint_voxel(const JacobianArgs& a, const T* P, scalar_t* grad_u, 
   T acc[NDIM];
 MRUS_UNROLL
   for (int i = 0; i < NDIM; ++i) acc[i] = T(0);
+  adjoint_stencil<NDIM, T>(a, v, y, [&](int j, int64_t x, int64_t, T w) {
 MRUS_UNROLL
-  for (int j = 0; j < NDIM; ++j) {
-    const int64_t s = a.size[j], m = v.x[j];
-    if (s == 1 || (m > 0 && m < s - 1)) continue;
-    const T c = m == 0 ? T(-1) : T(1);
-MRUS_UNROLL
-    for (int i = 0; i < NDIM; ++i) acc[i] += c * Pb[(i * NDIM + j) * nv + y];
-  }
-MRUS_UNROLL
-  for (int j = 0; j < NDIM; ++j) {
-    const int64_t s = a.size[j], m = v.x[j], st = v.stride[j];
-    if (s == 1) continue;
-MRUS_UNROLL
-    for (int side = 0; side < 2; ++side) {
-      const int64_t mx = side == 0 ? m - 1 : m + 1;
-      if (mx < 0 || mx > s - 1) continue;
-      const int64_t x = side == 0 ? y - st : y + st;
-      const bool border = mx == 0 || mx == s - 1;
-      const T c = (side == 0 ? T(1) : T(-1)) * (border ? T(1) : T(0.5));
-MRUS_UNROLL
-      for (int i = 0; i < NDIM; ++i) acc[i] += c * Pb[(i * NDIM + j) * nv + x];
-    }
-  }
+    for (int i = 0; i < NDIM; ++i) acc[i] += w * Pb[(i * NDIM + j) * nv + x];
+  });
 MRUS_UNROLL
   for (int i = 0; i < NDIM; ++i) grad_u[b * NDIM * nv + i * nv + y] = static_cast<scalar_t>(acc[i]);
 }
