@@ -13,9 +13,9 @@ from mrus_kernels import _ext
 OPS = ("jacobian", "lncc", "mi", "regularisers", "sobel", "warp")
 
 
-@pytest.mark.parametrize("owner, name", [(o, n) for o, n, _ in POISONED_ALLOCATORS],
+@pytest.mark.parametrize("owner, name, poisoned", POISONED_ALLOCATORS,
                          ids=[n for _, n, _ in POISONED_ALLOCATORS])
-def test_every_uninitialised_allocator_is_poisoned(owner, name):
+def test_every_uninitialised_allocator_is_poisoned(owner, name, poisoned):
     base = torch.ones(3, 4)
     calls = {
         "empty": lambda: torch.empty(3, 4),
@@ -29,8 +29,7 @@ def test_every_uninitialised_allocator_is_poisoned(owner, name):
     assert t.shape == (3, 4) and bool(t.isnan().all()), t
     assert ints.dtype == torch.int64
     # Outside the block the real allocators are back.
-    assert getattr(owner, name) is not POISONED_ALLOCATORS[[n for _, n, _ in
-                                                           POISONED_ALLOCATORS].index(name)][2]
+    assert getattr(owner, name) is not poisoned
 
 
 def test_poisoned_allocators_keep_out_and_zero_size():
