@@ -87,3 +87,34 @@ def check_field(op: str, name: str, u: object) -> int:
             f"got {u.shape[1]} (shape {tuple(u.shape)})"
         )
     return ndim
+
+
+def capturing() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: no host sync is allowed,
+    so checks that read tensor values must be skipped or made asynchronous."""
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    )
+
+
+def check_mask_nonnegative(op: str, mask: torch.Tensor | None) -> None:
+    """Rejects negative mask weights (NaN weights are left to propagate).
+
+    Eager: a host sync, then ValueError naming `mask` and its minimum. Under torch.compile:
+    ``torch._assert_async`` in the graph (on CPU a RuntimeError carrying the same message
+    when the compiled function runs; on CUDA a device-side assert). Under a CUDA graph
+    capture outside torch.compile the weights are not checked (an assert kernel failing at
+    replay would abort the CUDA context).
+    """
+    if mask is None or mask.dtype == torch.bool:
+        return
+    m = mask.detach()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~(m < 0).any(), f"{op}: mask weights must be >= 0")
+        return
+    if capturing():
+        return
+    if bool((m < 0).any()):
+        raise ValueError(
+            f"{op}: mask weights must be >= 0, got min {m[m < 0].min().item()!r}"
+        )
