@@ -1,0 +1,101 @@
+"""What the Trainer calls: one :class:`Task` subclass per model.
+
+The Trainer knows no model; a task knows no Trainer internals. Data flows one way:
+``dataset`` → ``training_step`` → losses (``mrus_kernels``) → Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+__all__ = ["Task", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` (or ``torch.compile``) wrapper.
+
+    :meth:`Task.training_step` receives the wrapper under ``torchrun`` (calling it is what
+    synchronises the gradients); read the network's attributes through ``unwrap(model)``.
+    """
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class Task:
+    """A model as the Trainer and the ``mrus`` command see it.
+
+    Subclasses set :attr:`name` (the registry's name) and :attr:`config_class`, and
+    implement the five methods. Batches are dicts of tensors, collated by torch's default
+    ``collate_fn`` from the items of :meth:`dataset` and moved to the device by the Trainer.
+
+    Attributes:
+        name: the model's name on the command line (``mrus train NAME``).
+        config_class: the model's :class:`TrainConfig` subclass (its defaults are the paper's).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+
+    def default_config(self) -> TrainConfig:
+        """The model's configuration with its defaults."""
+        return self.config_class()
+
+    def build(self, config: TrainConfig) -> nn.Module:
+        """The network, freshly initialised from torch's global RNG (seeded by the Trainer)."""
+        raise NotImplementedError
+
+    def dataset(self, config: TrainConfig, split: str) -> torch.utils.data.Dataset:
+        """The map-style dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``).
+
+        Items must be deterministic by index (the Trainer's resume and its multi-process
+        data order rely on it) and splits must not overlap.
+        """
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any],
+                      config: TrainConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of one batch, and scalars to log.
+
+        Args:
+            model: the module to call: under ``torchrun`` the ``DistributedDataParallel``
+                wrapper (see :func:`unwrap` for the network's attributes).
+            batch: the collated items, on the training device.
+            config: the run's configuration.
+
+        Returns:
+            (loss, logs): ``loss`` a 0-d tensor, **the mean over the batch's items** (so
+            that N processes with batch B train like one with batch N × B); ``logs`` maps
+            names to floats or 0-d tensors (e.g. the loss's terms), averaged over
+            ``log_every`` steps and over processes in ``log.jsonl``.
+        """
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader,
+                 config: TrainConfig, device: torch.device) -> dict[str, float]:
+        """Metrics over ``loader``'s batches (on the CPU; move them to ``device``).
+
+        Called in ``eval`` mode under ``torch.no_grad`` with the bare network. Registration
+        models report at least ``epe_mm`` (mean endpoint error inside the brain),
+        ``epe_mm_identity`` (the same for a zero displacement), ``dice_wm``, ``dice_gm``
+        and ``folding_fraction``.
+        """
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, fixed: torch.Tensor, moving: torch.Tensor,
+                config: TrainConfig) -> dict[str, torch.Tensor]:
+        """Registers ``moving`` to ``fixed``: both Tensor [B, 1, *S] on the model's device,
+        on the same grid, raw intensities (the task normalises them as in training).
+
+        Returns:
+            at least ``"ddf"``: Tensor [B, ndim, *S], voxel units, ``warp(moving, ddf) ~
+            fixed``; and ``"warped"``: Tensor [B, 1, *S], the warped moving image.
+        """
+        raise NotImplementedError
