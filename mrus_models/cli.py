@@ -1,8 +1,10 @@
-"""The ``mrus`` command: ``info``, ``demo``, ``register`` and ``bench``.
+"""The ``mrus`` command: ``info``, ``demo``, ``register``, ``train``, ``evaluate``,
+``predict`` and ``bench``.
 
 Bad input (a missing file, a 4D image, images of different dimension, an unknown option
-value) ends with one ``mrus: error: ...`` line on stderr and exit status 2, never a
-traceback.
+value, an unknown model, a bad ``--set``, a checkpoint of another model or architecture, an
+``--out`` holding another run) ends with one ``mrus: error: ...`` line on stderr and exit
+status 2, never a traceback; nothing is written before the input has passed its checks.
 """
 
 from __future__ import annotations
@@ -246,17 +248,12 @@ def _fixed_to_moving(fixed, moving, device):
     return affine_ddf(torch.from_numpy(m), tuple(fixed.data.shape[2:]), device=device)
 
 
-def cmd_register(args) -> int:
-    import torch
+def _read_pair(fixed_path, moving_path):
+    """The fixed and moving NIfTI images, checked: same dimension, at least 4 voxels a side."""
+    from .data import read_nifti
 
-    from mrus_kernels import warp
-
-    from .data import read_nifti, write_displacement, write_nifti
-    from .register import register
-
-    device = _device(args.device)
-    fixed = read_nifti(args.fixed)
-    moving = read_nifti(args.moving)
+    fixed = read_nifti(fixed_path)
+    moving = read_nifti(moving_path)
     if fixed.ndim != moving.ndim:
         raise CLIError(
             f"fixed and moving must have the same dimension, got a {fixed.ndim}D fixed image "
@@ -266,17 +263,50 @@ def cmd_register(args) -> int:
     for name, img in (("fixed", fixed), ("moving", moving)):
         if min(img.data.shape[2:]) < 4:
             raise CLIError(f"{name} image is too small to register: {tuple(img.data.shape[2:])}")
-    same = _grids_equal(fixed, moving)
-    to_moving = None
-    moving_on_fixed = moving.data.to(device)
-    if not same:
-        # One resampling into the fixed grid through the two affines; the final warped image
-        # is resampled once more from the original moving image, not from this copy.
-        to_moving = _fixed_to_moving(fixed, moving, device)
-        moving_on_fixed = warp(moving.data.to(device), to_moving)
-        if not args.quiet:
-            print(f"moving resampled from {tuple(moving.data.shape[2:])} into the fixed grid "
-                  f"{tuple(fixed.data.shape[2:])} through the two affines")
+    return fixed, moving
+
+
+def _moving_on_fixed_grid(fixed, moving, device, quiet: bool):
+    """(moving image resampled into the fixed grid, the fixed-to-moving voxel displacement or
+    None when both share one grid)."""
+    from mrus_kernels import warp
+
+    if _grids_equal(fixed, moving):
+        return moving.data.to(device), None
+    # One resampling into the fixed grid through the two affines; the final warped image
+    # is resampled once more from the original moving image, not from this copy.
+    to_moving = _fixed_to_moving(fixed, moving, device)
+    moving_on_fixed = warp(moving.data.to(device), to_moving)
+    if not quiet:
+        print(f"moving resampled from {tuple(moving.data.shape[2:])} into the fixed grid "
+              f"{tuple(fixed.data.shape[2:])} through the two affines")
+    return moving_on_fixed, to_moving
+
+
+def _warp_original(fixed, moving, to_moving, ddf, device):
+    """The original moving image warped by ``ddf`` (fixed voxel units, on the fixed grid)."""
+    import numpy as np
+    import torch
+
+    from mrus_kernels import warp
+
+    if to_moving is None:
+        return warp(moving.data.to(device), ddf)
+    # Moving voxel of fixed voxel x: M (x + u(x)) with M = A_m⁻¹ A_f.
+    m = torch.from_numpy(np.linalg.inv(moving.affine_nd) @ fixed.affine_nd).to(
+        device=device, dtype=torch.float32)
+    n = ddf.shape[1]
+    total = to_moving + torch.einsum("ij,bj...->bi...", m[:n, :n], ddf)
+    return warp(moving.data.to(device), total)
+
+
+def cmd_register(args) -> int:
+    from .data import write_displacement, write_nifti
+    from .register import register
+
+    device = _device(args.device)
+    fixed, moving = _read_pair(args.fixed, args.moving)
+    moving_on_fixed, to_moving = _moving_on_fixed_grid(fixed, moving, device, args.quiet)
     kw = {}
     if args.levels is not None:
         kw["levels"] = tuple(args.levels)
@@ -287,17 +317,8 @@ def cmd_register(args) -> int:
                       transform=args.transform, device=device, progress=not args.quiet,
                       smoothness=args.smoothness, **kw)
     ddf = result.ddf
-    if to_moving is None:
-        warped = result.warped
-    else:
-        # Moving voxel of fixed voxel x: M (x + u(x)) with M = A_m⁻¹ A_f.
-        import numpy as np
-
-        m = torch.from_numpy(np.linalg.inv(moving.affine_nd) @ fixed.affine_nd).to(
-            device=device, dtype=torch.float32)
-        n = ddf.shape[1]
-        total = to_moving + torch.einsum("ij,bj...->bi...", m[:n, :n], ddf)
-        warped = warp(moving.data.to(device), total)
+    warped = result.warped if to_moving is None else \
+        _warp_original(fixed, moving, to_moving, ddf, device)
     write_nifti(args.output, warped.cpu(), fixed.affine)
     if args.ddf:
         write_displacement(args.ddf, ddf.cpu(), fixed.affine)
@@ -305,6 +326,105 @@ def cmd_register(args) -> int:
         print(f"registered in {result.seconds:.2f} s ({result.iterations} iterations), final "
               f"loss {result.loss_history[-1]:.4f}; wrote {args.output}"
               + (f" and {args.ddf}" if args.ddf else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _auto_device(name: str | None):
+    import torch
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return _device(name)
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer, apply_overrides, get_task
+    from .train.trainer import saved_config
+
+    task = get_task(args.model)
+    # A resumed run starts from its own configuration: only what is given here changes.
+    config = saved_config(task, args.out) if args.resume else task.default_config()
+    config = apply_overrides(config, args.set)
+    flags = [f"steps={args.steps}"] if args.steps is not None else []
+    flags += [f"batch_size={args.batch_size}"] if args.batch_size is not None else []
+    config = apply_overrides(config, flags)
+    trainer = Trainer(task, config, args.out, _auto_device(args.device), resume=args.resume,
+                      progress=False if args.quiet else None)
+    try:
+        start = trainer.step
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
+    if not args.quiet and trainer.rank == 0:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"{args.model}: trained steps {start + 1}-{trainer.step} on {trainer.device}"
+              + (f" x {trainer.world} processes" if trainer.world > 1 else "")
+              + (f"; validation: {shown}" if shown else "") + f"; wrote {args.out}/")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .train import apply_overrides, get_task
+    from .train.trainer import load_checkpoint
+
+    task = get_task(args.model)
+    device = _auto_device(args.device)
+    _, config, ckpt = load_checkpoint(task, args.checkpoint, "cpu")
+    config = apply_overrides(config, args.set)
+    if args.batch_size is not None:
+        config = apply_overrides(config, [f"batch_size={args.batch_size}"])
+    model, config, _ = load_checkpoint(task, args.checkpoint, device, config=config)
+    loader = DataLoader(task.dataset(config, args.split), batch_size=config.batch_size,
+                        shuffle=False, num_workers=config.num_workers)
+    with torch.no_grad():
+        metrics = {k: float(v) for k, v in task.evaluate(model, loader, config, device).items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "split": args.split, "step": ckpt.get("step"),
+                          **metrics}))
+    else:
+        print(f"{args.model} at step {ckpt.get('step')}, {args.split} split "
+              f"({len(loader.dataset)} items):")
+        for k, v in metrics.items():
+            print(f"  {k:<24}{v:.6g}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .data import write_displacement, write_nifti
+    from .train import get_task
+    from .train.trainer import load_checkpoint
+
+    task = get_task(args.model)
+    device = _auto_device(args.device)
+    model, config, _ = load_checkpoint(task, args.checkpoint, device)
+    fixed, moving = _read_pair(args.fixed, args.moving)
+    ndim = getattr(config, "ndim", fixed.ndim)
+    if ndim != fixed.ndim:
+        raise CLIError(f"{args.model} in {args.checkpoint} registers {ndim}D images, got "
+                       f"{fixed.ndim}D images {tuple(fixed.data.shape[2:])}")
+    moving_on_fixed, to_moving = _moving_on_fixed_grid(fixed, moving, device, args.quiet)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = task.predict(model, fixed.data.to(device), moving_on_fixed, config)
+    ddf = out["ddf"].float()
+    warped = out["warped"] if to_moving is None else \
+        _warp_original(fixed, moving, to_moving, ddf, device)
+    write_nifti(args.output, warped.float().cpu(), fixed.affine)
+    if args.ddf:
+        write_displacement(args.ddf, ddf.cpu(), fixed.affine)
+    if not args.quiet:
+        print(f"{args.model}: predicted in {time.perf_counter() - t0:.2f} s; wrote "
+              f"{args.output}" + (f" and {args.ddf}" if args.ddf else ""))
     return 0
 
 
@@ -398,6 +518,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothness", type=float, default=50.0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.set_defaults(func=cmd_register)
+
+    def model_args(p):
+        p.add_argument("model", help="model name (e.g. voxelmorph)")
+        p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="default: cuda when available")
+
+    def overrides(p, what):
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"{what} (repeatable; keys: the model's configuration fields)")
+
+    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node N -m "
+                                     "mrus_models.train MODEL ... for N processes)")
+    quiet(p)
+    model_args(p)
+    p.add_argument("--out", required=True,
+                   help="run directory: checkpoint.pt, config.json, log.jsonl")
+    p.add_argument("--steps", type=_positive_ints, default=None,
+                   help="optimiser steps (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_ints, default=None,
+                   help="items per step and process (default: the model's)")
+    overrides(p, "change a configuration field")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="a trained model's metrics on a held-out split")
+    quiet(p)
+    model_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of `mrus train`")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch-size", type=_positive_ints, default=None)
+    overrides(p, "change a field that is not the architecture's (e.g. the data)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="register two NIfTI images with a trained model")
+    quiet(p)
+    model_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of `mrus train`")
+    p.add_argument("fixed", help="fixed image (.nii/.nii.gz)")
+    p.add_argument("moving", help="moving image; another grid is resampled through the affines")
+    p.add_argument("-o", "--output", required=True, help="warped moving image to write")
+    p.add_argument("--ddf", help="also write the displacement (mm, NIfTI vector image)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks) and print "
                                      "its table")

@@ -53,6 +53,7 @@ def get_task(name: str) -> Task:
     Raises:
         ValueError: an unknown name (the message lists the known ones), or a registered
             task that cannot be imported.
+        TypeError: the registered class is no :class:`Task`.
     """
     table = {**MODELS, **_from_env()}
     if name not in table:
@@ -64,5 +65,8 @@ def get_task(name: str) -> Task:
         raise ValueError(f"model {name!r} ({table[name]}) cannot be imported: {exc}") from exc
     task = cls()
     if not isinstance(task, Task):
-        raise ValueError(f"model {name!r}: {table[name]} is not a mrus_models.train.Task")
+        raise TypeError(f"model {name!r}: {table[name]} is not a mrus_models.train.Task")
+    # The registered name is the model's identity (checkpoints record it), also for a
+    # class registered under a second name.
+    task.name = name
     return task
