@@ -3,8 +3,10 @@ simulated second modalities (T2-like, pseudo-ultrasound) and known random warps.
 
 :func:`default_pair` puts them together: the MNI T1 as the fixed image, a simulated
 modality warped by a known warp as the moving image, with the ground-truth displacement.
+:class:`SlicePairs` (2D) and :class:`Crops3D` (3D) make training datasets of such pairs.
 """
 
+from .datasets import Crops3D, SlicePairs
 from .modalities import pseudo_ultrasound, rayleigh_speckle, smooth_random_field, t2_like
 from .nifti import (
     NiftiImage,
@@ -21,9 +23,11 @@ from .warps import KnownWarp, affine_ddf, known_warp, random_affine, random_velo
 
 __all__ = [
     "LABELS",
+    "Crops3D",
     "KnownWarp",
     "NiftiImage",
     "Pair",
+    "SlicePairs",
     "Template",
     "affine_ddf",
     "affine_nd",
