@@ -301,14 +301,28 @@ class Trainer:
 
         # Every check reads only: nothing is written before all processes have passed them.
         ckpt = self._check_out_dir(resume)
+        self.train_set = task.dataset(config, "train")
+        self.sampler = _ResumableSampler(self.train_set, num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=config.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the train split has {len(self.train_set)} items, fewer than one "
+                             f"step needs ({config.batch_size} per process x {self.world})")
         self._owns_group = False
         if self.world > 1 and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self._owns_group = True
-        self._barrier()
+        try:
+            self._barrier()
+            self._set_up(ckpt, progress)
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self, ckpt: dict[str, Any] | None, progress: bool | None) -> None:
+        task, config, device = self.task, self.config, self.device
         _seed_all(config.seed)
         self.net = task.build(config).to(device)
         self.optimizer = _optimizer(self.net.parameters(), config)
@@ -327,13 +341,6 @@ class Trainer:
             # random stream (noise levels, dropout) differs per rank.
             _seed_all(_derived_seed(config.seed, self.rank))
 
-        self.train_set = task.dataset(config, "train")
-        self.sampler = _ResumableSampler(self.train_set, num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=config.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // config.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"the train split has {len(self.train_set)} items, fewer than one "
-                             f"step needs ({config.batch_size} per process x {self.world})")
         self._loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set, batch_size=config.batch_size, sampler=self.sampler,
