@@ -44,6 +44,10 @@ class VoxelMorphConfig(TrainConfig):
         data_seed: seeds the datasets' warps and slices (separate from ``seed``, so that
             changing the training seed keeps the validation items).
         train_items: length of the training split (None: the dataset's default).
+        data_warp: the random warp of the moving images, "bspline" or "svf"; None: the
+            dataset's default (B-spline for 2D slices, INNReg's protocol; SVF for 3D).
+        max_displacement: largest displacement of the random warps, mm.
+        planes: the slice planes of the 2D datasets ("axial", "coronal", "sagittal").
         encoder: U-Net encoder widths, [B19] Fig. 3 (VoxelMorph-2): 16, 32, 32, 32.
         decoder: decoder widths, [B19] Fig. 3 (VoxelMorph-2): 32, 32, 32, 32, 32, 16, 16.
         residual: residual encoder blocks (mrus's U-Net) instead of [B19]'s single
@@ -78,6 +82,9 @@ class VoxelMorphConfig(TrainConfig):
     size: tuple[int, ...] = ()
     data_seed: int = 0
     train_items: int | None = None
+    data_warp: Literal["bspline", "svf"] | None = None
+    max_displacement: float = 6.0
+    planes: tuple[str, ...] = ("axial", "coronal", "sagittal")
     encoder: tuple[int, ...] = arch_field((16, 32, 32, 32))
     decoder: tuple[int, ...] = arch_field((32, 32, 32, 32, 32, 16, 16))
     residual: bool = arch_field(True)
@@ -122,6 +129,9 @@ class VoxelMorphConfig(TrainConfig):
             raise ValueError(f"mi_sigma: expected a positive number, got {self.mi_sigma}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(f"lncc_window: expected an odd positive integer, got {self.lncc_window}")
+        if not self.max_displacement >= 0:
+            raise ValueError(f"max_displacement: expected a number >= 0 (mm), got "
+                             f"{self.max_displacement}")
         if self.train_items is not None and self.train_items < 1:
             raise ValueError(f"train_items: expected a positive integer or None, got "
                              f"{self.train_items}")

@@ -81,13 +81,16 @@ class VoxelMorphTask(Task):
 
         if split not in ("train", "val", "test"):
             raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
-        length = config.train_items if split == "train" else None
-        size = config.image_size
+        kwargs: dict[str, Any] = {
+            "size": config.image_size, "split": split, "seed": config.data_seed,
+            "max_displacement": config.max_displacement,
+            "length": config.train_items if split == "train" else None,
+        }
+        if config.data_warp is not None:
+            kwargs["warp"] = config.data_warp
         if config.ndim == 2:
-            return SlicePairs(config.modality, size=size[0] if size[0] == size[1] else size,
-                              split=split, seed=config.data_seed, length=length)
-        return Crops3D(config.modality, size=size, split=split, seed=config.data_seed,
-                       length=length)
+            return SlicePairs(config.modality, planes=config.planes, **kwargs)
+        return Crops3D(config.modality, **kwargs)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any],
                       config: VoxelMorphConfig) -> tuple[torch.Tensor, dict[str, Any]]:

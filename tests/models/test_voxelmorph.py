@@ -207,7 +207,7 @@ class _Truth(torch.nn.Module):
         self.ddf = ddf
 
     def forward(self, moving, fixed):
-        ddf = self.ddf.expand(moving.shape[0], *self.ddf.shape[1:])
+        ddf = self.ddf.expand(moving.shape[0], *self.ddf.shape[1:]).contiguous()
         return {"ddf": ddf, "velocity": ddf, "warped": mrus_kernels.warp(moving, ddf)}
 
 
@@ -290,3 +290,32 @@ def test_predict_shapes(ndim, size):
     assert torch.equal(out["warped"], mrus_kernels.warp(moving, out["ddf"]))
     if all(s % 4 == 0 for s in size):  # no padding: the network's own field
         assert torch.equal(out["ddf"], net(moving, fixed)["ddf"])
+
+
+# --------------------------------------------------------------------------- the datasets
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_dataset_items_fit_the_task(ndim):
+    torch.manual_seed(0)
+    config = VoxelMorphConfig(ndim=ndim, size=(32,), encoder=(8, 8), decoder=(8, 8, 8),
+                              train_items=2)
+    task = VoxelMorphTask()
+    train = task.dataset(config, "train")
+    assert len(train) == 2
+    assert type(train).__name__ == ("SlicePairs" if ndim == 2 else "Crops3D")
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=2)))
+    assert batch["ddf"].shape == (2, ndim, *([32] * ndim))
+    net = task.build(config)
+    loss, _ = task.training_step(net, batch, config)
+    loss.backward()
+    assert bool(torch.isfinite(loss))
+    # The dataset's truth is what the task's metrics score as perfect: the conventions
+    # (warp(moving, ddf) ~ fixed, spacing in mm) agree.
+    val = task.dataset(config, "val")
+    vbatch = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(val, [0, 1]),
+                                                   batch_size=2)))
+    metrics = task.evaluate(_Truth(vbatch["ddf"]), [vbatch], config, torch.device("cpu"))
+    assert metrics["epe_mm"] == 0.0 and metrics["epe_mm_identity"] > 0.5
+    assert metrics["dice_wm"] > metrics["dice_wm_identity"]
+    assert metrics["dice_gm"] > metrics["dice_gm_identity"]
