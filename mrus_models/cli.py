@@ -372,16 +372,13 @@ def cmd_evaluate(args) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from .train import apply_overrides, get_task
+    from .train import get_task
     from .train.trainer import load_checkpoint
 
     task = get_task(args.model)
     device = _auto_device(args.device)
-    _, config, ckpt = load_checkpoint(task, args.checkpoint, "cpu")
-    config = apply_overrides(config, args.set)
-    if args.batch_size is not None:
-        config = apply_overrides(config, [f"batch_size={args.batch_size}"])
-    model, config, _ = load_checkpoint(task, args.checkpoint, device, config=config)
+    overrides = args.set + ([f"batch_size={args.batch_size}"] if args.batch_size else [])
+    model, config, ckpt = load_checkpoint(task, args.checkpoint, device, overrides)
     loader = DataLoader(task.dataset(config, args.split), batch_size=config.batch_size,
                         shuffle=False, num_workers=config.num_workers)
     with torch.no_grad():
@@ -525,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: cuda when available")
 
     def overrides(p, what):
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help=f"{what} (repeatable; keys: the model's configuration fields)")
+        p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help=f"{what}: one or more key=value (keys: the model's "
+                            "configuration fields)")
 
     p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node N -m "
                                      "mrus_models.train MODEL ... for N processes)")

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .config import TrainConfig, architecture_diff
+from .config import TrainConfig, apply_overrides, architecture_diff
 from .task import Task
 
 __all__ = ["RUN_FILES", "Trainer", "load_checkpoint", "lr_factor", "saved_config"]
@@ -64,13 +64,14 @@ RUN_FILES = (CHECKPOINT, CONFIG, LOG)
 # --------------------------------------------------------------------------- RNG state
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors, lists and ints (``weights_only``-loadable)."""
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG's state as tensors, lists and ints (``weights_only``-loadable); of CUDA only
+    the training device's generator (asking for all would open a context on every GPU)."""
     np_state = np.random.get_state(legacy=False)
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                   "gauss": float(np_state["gauss"])},
@@ -78,11 +79,10 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and \
-            len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
@@ -104,13 +104,13 @@ def _derived_seed(*parts: int) -> int:
 
 
 @contextlib.contextmanager
-def _preserved_rng():
+def _preserved_rng(device: torch.device):
     """Runs the block and puts every RNG back as it was (validation must not move them)."""
-    state = _rng_state()
+    state = _rng_state(device)
     try:
         yield
     finally:
-        _set_rng_state(state)
+        _set_rng_state(state, device)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -171,10 +171,13 @@ def lr_factor(config: TrainConfig, step: int) -> float:
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer]
+    # The fused CUDA kernel updates all parameters in a few launches; the CPU keeps the
+    # default (foreach) path.
+    fused = True if device.type == "cuda" else None
     return cls(params, lr=config.lr, betas=config.betas, eps=config.eps,
-               weight_decay=config.weight_decay)
+               weight_decay=config.weight_decay, fused=fused)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -200,31 +203,29 @@ def _check_model(ckpt: dict[str, Any], task: Task, path) -> TrainConfig:
 
 
 def load_checkpoint(task: Task, path: str | os.PathLike, device: torch.device | str = "cpu",
-                    config: TrainConfig | None = None):
+                    overrides: list[str] | tuple[str, ...] = ()):
     """The trained network of ``path``, in eval mode on ``device``.
 
     Args:
         task: the model's task.
         path: a ``checkpoint.pt`` written by the Trainer.
         device: where the network goes.
-        config: a configuration to use instead of the saved one (its architecture fields
-            must match the checkpoint's).
+        overrides: ``key=value`` changes to the saved configuration (the data, the batch
+            size; no architecture field).
 
     Returns:
         (model, config, checkpoint dict).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a checkpoint, a checkpoint of another model, or ``config`` of
-            another architecture.
+        ValueError: not a checkpoint, a checkpoint of another model, a bad override or one
+            that changes the architecture.
     """
     path = Path(path)
     ckpt = _load(path)
     saved = _check_model(ckpt, task, path)
-    if config is None:
-        config = saved
-    else:
-        _check_architecture(saved, config, str(path))
+    config = apply_overrides(saved, list(overrides))
+    _check_architecture(saved, config, str(path))
     model = task.build(config)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), config, ckpt
@@ -325,7 +326,7 @@ class Trainer:
         task, config, device = self.task, self.config, self.device
         _seed_all(config.seed)
         self.net = task.build(config).to(device)
-        self.optimizer = _optimizer(self.net.parameters(), config)
+        self.optimizer = _optimizer(self.net.parameters(), config, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(self.config, step))
         self.step = 0
@@ -393,7 +394,7 @@ class Trainer:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         ranks = ckpt.get("rng", {}).get("ranks", [])
         if len(ranks) == self.world:
-            _set_rng_state(ranks[self.rank])
+            _set_rng_state(ranks[self.rank], self.device)
         else:  # another world size: the stream cannot continue; start a fresh, seeded one
             _seed_all(_derived_seed(c.seed, self.rank, self.step))
 
@@ -451,7 +452,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.rank == 0:
             was_training = self.net.training
-            with _preserved_rng(), torch.no_grad():
+            with _preserved_rng(self.device), torch.no_grad():
                 self.net.eval()
                 try:
                     metrics = {k: float(v) for k, v in self.task.evaluate(
@@ -560,7 +561,7 @@ class Trainer:
     def save(self) -> None:
         """Writes checkpoint.pt (rank 0). Every rank contributes its RNG state and the
         fingerprint of its parameters (``"fingerprints"``: DDP keeps them identical)."""
-        rng = _rng_state()
+        rng = _rng_state(self.device)
         mine = {"rng": rng, "fingerprint": self.fingerprint()}
         gathered = [mine]
         if self.world > 1:

@@ -199,7 +199,7 @@ def test_resume_without_the_rng_states_differs(tmp_path, monkeypatch):
     whole = Trainer(ToyTask(), c, tmp_path / "whole", "cpu", progress=False)
     whole.fit()
     Trainer(ToyTask(), c, tmp_path / "parts", "cpu", progress=False).fit(until=2)
-    monkeypatch.setattr(trainer_mod, "_set_rng_state", lambda state: None)
+    monkeypatch.setattr(trainer_mod, "_set_rng_state", lambda state, device: None)
     second = Trainer(ToyTask(), c, tmp_path / "parts", "cpu", resume=True, progress=False)
     second.fit()
     with pytest.raises(AssertionError):
@@ -340,13 +340,17 @@ def trained(tmp_path_factory):
     """A 2-step toy run (module-wide; tests copy it before touching it)."""
     out = tmp_path_factory.mktemp("run") / "run"
     assert main(["train", "toy", "--out", str(out), "--steps", "2", "--batch-size", "4",
-                 "--device", "cpu", "--quiet", "--set", "items=12"]) == 0
+                 "--device", "cpu", "--quiet", "--set", "items=12", "noise=0.1", "--set",
+                 "lr=0.02"]) == 0
     return out
 
 
 def test_cli_train_evaluate_predict(trained, tmp_path, capsys):
     assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt", "config.json",
                                                         "log.jsonl"]
+    config = ToyConfig.from_json((trained / "config.json").read_text())
+    assert (config.items, config.noise, config.lr, config.steps, config.batch_size) == \
+        (12, 0.1, 0.02, 2, 4)
     code, out, err = _run(capsys, "evaluate", "toy", "--checkpoint",
                           str(trained / "checkpoint.pt"), "--split", "test", "--json")
     assert code == 0, err
