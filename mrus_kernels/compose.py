@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import reference
+from . import _double, reference
 from ._ext import Interp, Padding, WarpFlags
 from ._validation import check_batch, check_choice, check_field, check_optional_bool, check_same
 from .backends import resolve
@@ -141,6 +141,19 @@ def _integrate_backward(ctx, grad_u, grad_trace):
 
 
 _integrate_op.register_autograd(_integrate_backward, setup_context=_integrate_setup)
+
+
+def _integrate_double_spec(grad, v, trace, steps, padding, backend, store, deterministic):
+    """Double backward of mrus::integrate_velocity_backward (mrus_kernels/_double.py): the
+    reference scaling and squaring of v (the trace is v's function, not a primal)."""
+
+    def forward(v):
+        return reference.integrate_velocity(v, steps, _double.PADDING_NAMES[padding])
+
+    return forward, ((v, 1, True),)
+
+
+_double.register(_integrate_backward_op, _integrate_double_spec, unsaved=(2,))
 
 
 def integrate_velocity(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, cpu_threads, cuda_stream
 from ._validation import check_field
 from .backends import resolve
@@ -152,6 +152,20 @@ def _backward(ctx, grad_det):
 
 
 _jacobian_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _double_spec(grad_det, u, inv_h, backend):
+    """Double backward of mrus::jacobian_det_backward (mrus_kernels/_double.py): the
+    reference determinant of u."""
+    spacing = tuple(1.0 / x for x in inv_h)
+
+    def forward(u):
+        return reference.jacobian_det(u, spacing)
+
+    return forward, ((u, 1, True),)
+
+
+_double.register(_jacobian_backward_op, _double_spec)
 
 
 # ---------------------------------------------------------------------------- public API

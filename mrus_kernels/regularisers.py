@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, cpu_threads, cuda_stream
 from ._validation import check_choice, check_float, check_spatial, check_tensor
 from .backends import resolve
@@ -160,6 +160,26 @@ def _backward(ctx, grad):
 
 
 _reg_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _double_spec(scale, u, kind, wt, backend):
+    """Double backward of mrus::regulariser_backward (mrus_kernels/_double.py): the per-item
+    energies [B] in plain PyTorch (grad_l2: Σ_i wt_i Σ (Δ_i u)², wt from _weights)."""
+
+    def forward(u):
+        if kind == HARMONIC:
+            return reference.harmonic_energy(u, "none")
+        total = u.new_zeros(u.shape[0])
+        for i, w in enumerate(wt):
+            n = u.shape[2 + i]
+            d = u.narrow(2 + i, 1, n - 1) - u.narrow(2 + i, 0, n - 1)
+            total = total + w * (d * d).flatten(1).sum(1)
+        return total
+
+    return forward, ((u, 1, True),)
+
+
+_double.register(_reg_backward_op, _double_spec)
 
 
 def _per_item(u: torch.Tensor, kind: int, wt: list[float], name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, Padding, cuda_stream, fake_grads, grads_or_empty, ptr
 from ._validation import check_choice, check_float, check_same, check_spatial, check_tensor
 from .backends import resolve
@@ -246,6 +246,20 @@ def _sobel_backward(ctx, grad_out):
 _sobel_op.register_autograd(_sobel_backward, setup_context=_sobel_setup_context)
 
 
+def _sobel_double_spec(grad_out, x, mode, padding, eps, backend):
+    """Double backward of mrus::sobel_backward (mrus_kernels/_double.py): the reference
+    Sobel. The components' backward is linear and gets an empty placeholder for x: its
+    primal is any input of the right shape (zeros), with no gradient returned."""
+    pad = _PADDING_NAMES[padding]
+    if mode == COMPONENTS:
+        zeros = grad_out.new_zeros(_input_shape(grad_out, x, mode))
+        return (lambda x: reference.sobel(x, "components", pad, eps)), ((zeros, None, True),)
+    return (lambda x: reference.sobel(x, "magnitude", pad, eps)), ((x, 1, True),)
+
+
+_double.register(_sobel_backward_op, _sobel_double_spec)
+
+
 @torch.library.custom_op("mrus::sobel_l1", mutates_args=())
 def _sobel_l1_op(
     f1: torch.Tensor, f0: torch.Tensor, padding: int, eps: float, reduction: int, backend: str
@@ -291,6 +305,20 @@ def _l1_backward(ctx, grad_out):
 
 
 _sobel_l1_op.register_autograd(_l1_backward, setup_context=_l1_setup_context)
+
+
+def _l1_double_spec(grad_out, f1, f0, padding, eps, reduction, backend, need_f1, need_f0):
+    """Double backward of mrus::sobel_l1_backward (mrus_kernels/_double.py): the reference
+    loss of (f1, f0)."""
+    pad, red = _PADDING_NAMES[padding], _REDUCTION_NAMES[reduction]
+
+    def forward(f1, f0):
+        return reference.sobel_l1(f1, f0, pad, eps, red)
+
+    return forward, ((f1, 1, need_f1), (f0, 2, need_f0))
+
+
+_double.register(_sobel_l1_backward_op, _l1_double_spec)
 
 
 # ---------------------------------------------------------------------------- public API

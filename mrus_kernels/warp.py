@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, Interp, Padding, WarpFlags, cuda_stream, fake_grads, grads_or_empty
 from ._validation import (
     check_batch,
@@ -237,6 +237,21 @@ def _backward(ctx, grad_out):
 
 
 _warp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _double_spec(grad_out, image, ddf, mode, padding, flags, backend, deterministic, need_image,
+                 need_ddf):
+    """Double backward of mrus::warp_backward (mrus_kernels/_double.py): the reference
+    warp (plus the ddf for compose's ADD_DDF) of the primals (image, ddf)."""
+
+    def forward(image, ddf):
+        out = reference.warp(image, ddf, _double.MODE_NAMES[mode], _double.PADDING_NAMES[padding])
+        return out + ddf if flags & WarpFlags.ADD_DDF else out
+
+    return forward, ((image, 1, need_image), (ddf, 2, need_ddf))
+
+
+_double.register(_warp_backward_op, _double_spec)
 
 
 # ---------------------------------------------------------------------------- public API
