@@ -57,10 +57,11 @@ PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 #: 2D splits: along each plane's normal, the slice positions that hold at least this
 #: fraction of the plane's largest brain area are cut into blocks, repeating
-#: train 24, gap 3, val 5, gap 3, test 5, gap 3 (template slices, 1 mm): slices of two
-#: different splits are at least 4 mm apart and the held-out blocks sample the whole brain.
+#: train 16, gap 2, val 4, gap 2, test 4, gap 2 (template slices, 1 mm): slices of two
+#: different splits are at least 3 mm apart and the held-out blocks, one every 30 mm,
+#: sample the whole brain.
 MIN_BRAIN_FRACTION = 0.25
-SPLIT_CYCLE = (("train", 24), (None, 3), ("val", 5), (None, 3), ("test", 5), (None, 3))
+SPLIT_CYCLE = (("train", 16), (None, 2), ("val", 4), (None, 2), ("test", 4), (None, 2))
 
 #: Cubic B-spline warp: one control interval per ``BSPLINE_CONTROL_SPACING`` mm of the
 #: item's extent (at least one per axis), control-point displacements uniform in [-1, 1]
@@ -225,6 +226,16 @@ def _random_warp(kind: str, size: tuple[int, ...], spacing: tuple[float, ...],
 # --------------------------------------------------------------------------- augmentation
 
 
+def _most_probable(maps: torch.Tensor) -> torch.Tensor:
+    """Index of the largest of C maps [C, *S] (the first on ties), as [1, *S] int64;
+    written out because torch's argmax across a leading dimension is slow."""
+    best, index = maps[0], torch.zeros_like(maps[0], dtype=torch.int64)
+    for c in range(1, maps.shape[0]):
+        index = torch.where(maps[c] > best, c, index)
+        best = torch.maximum(best, maps[c])
+    return index[None]
+
+
 def _identity_grid(size: Sequence[int]) -> torch.Tensor:
     return torch.stack(torch.meshgrid(
         *[torch.arange(n, dtype=torch.float64) for n in size], indexing="ij"))
@@ -235,8 +246,9 @@ def augment(item: dict, *, flips: Sequence[bool], angles: Sequence[float]) -> di
 
     With ``T(x) = c + L (x - c)`` the combined map in voxel coordinates (``L = H⁻¹ R F H``,
     F the flips, R the rotation, H the voxel sizes, c the grid's centre), each image
-    becomes ``I'(x') = I(T⁻¹ x')`` (linear for ``fixed``/``moving``, nearest for labels
-    and mask, zero outside) and the displacement ``ddf'(x') = L ddf(T⁻¹ x')``: its
+    becomes ``I'(x') = I(T⁻¹ x')`` (linear for ``fixed``/``moving``; labels and mask as
+    linearly resampled indicator maps, then the most probable label and ``>= 0.5``; zero
+    outside) and the displacement ``ddf'(x') = L ddf(T⁻¹ x')``: its
     vectors turn with the images, so ``warp(moving', ddf') ≈ fixed'`` still holds. Flips
     alone are exact (no resampling).
 
@@ -280,10 +292,16 @@ def augment(item: dict, *, flips: Sequence[bool], angles: Sequence[float]) -> di
     # One warp per interpolation mode: the coordinates are computed once for all channels.
     images = warp(torch.cat([out["fixed"], out["moving"]])[None], pull)[0]
     out["fixed"], out["moving"] = images[:1].contiguous(), images[1:].contiguous()
-    discrete = ("fixed_labels", "moving_labels", "mask")
-    maps = warp(torch.cat([out[k].float() for k in discrete])[None], pull, mode="nearest")[0]
-    for c, k in enumerate(discrete):
-        out[k] = maps[c:c + 1].to(item[k].dtype).contiguous()
+    # Labels turn as one-hot maps, linearly, then the most probable label: nearest-neighbour
+    # rounding here and again in the later warp by ddf' moves boundaries independently in
+    # the two frames (about 0.04 of GM/WM Dice lost on 1 mm crops); indicator maps keep
+    # them where the anatomy puts them.
+    n = int(max(out["fixed_labels"].max(), out["moving_labels"].max(), 0)) + 1
+    onehot = [out[k] == c for k in ("fixed_labels", "moving_labels") for c in range(n)]
+    soft = warp(torch.cat(onehot + [out["mask"]]).float()[None], pull)[0]
+    out["fixed_labels"] = _most_probable(soft[:n]).to(item["fixed_labels"].dtype)
+    out["moving_labels"] = _most_probable(soft[n:2 * n]).to(item["moving_labels"].dtype)
+    out["mask"] = soft[2 * n:] >= 0.5
     turned = warp(out["ddf"][None], pull, padding="border")[0]
     out["ddf"] = torch.einsum("ij,j...->i...", lin.float(), turned).contiguous()
     return out
@@ -421,9 +439,9 @@ class SlicePairs(_PairDataset):
     high-index face of the last one (anterior for axial, superior otherwise).
 
     Splits, by slice position: per plane, the positions with at least 25 % of the plane's
-    largest brain area are cut, from the lowest, into repeating blocks of train 24, gap 3,
-    val 5, gap 3, test 5, gap 3 slices (:data:`SPLIT_CYCLE`): no slice is in two splits,
-    slices of two splits are at least 4 mm apart, and the val and test blocks span the
+    largest brain area are cut, from the lowest, into repeating blocks of train 16, gap 2,
+    val 4, gap 2, test 4, gap 2 slices (:data:`SPLIT_CYCLE`): no slice is in two splits,
+    slices of two splits are at least 3 mm apart, and the val and test blocks span the
     brain. All come from one template, so the planes share one anatomy: what the held-out
     splits test is new slice positions and new warps (item seeds differ too), not new
     subjects.
