@@ -70,7 +70,8 @@ class TrainConfig:
         grad_clip: largest global gradient L2 norm; 0 turns clipping off.
         checkpoint_every: steps between checkpoints (one is always written at the end).
         val_every: steps between validations (0: only at the end).
-        val_batches: validation batches (from the start of the ``val`` split, fixed order).
+        val_batches: validation batches (from the start of the ``val`` split, fixed order);
+            0 turns validation off.
         log_every: steps per ``log.jsonl`` training line (the losses averaged over them).
         num_workers: DataLoader worker processes per training process.
         seed: seeds the network's initialisation, the data order and every RNG.
@@ -103,11 +104,11 @@ class TrainConfig:
             if not _matches(value, hints[f.name]):
                 raise TypeError(f"{type(self).__name__}.{f.name}: expected "
                                 f"{_type_name(hints[f.name])}, got {value!r}")
-        positive = ("steps", "batch_size", "checkpoint_every", "val_batches", "log_every")
+        positive = ("steps", "batch_size", "checkpoint_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_every", "num_workers"):
+        for name in ("warmup_steps", "val_every", "val_batches", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -531,7 +531,8 @@ class Trainer:
                     if self.rank == 0:
                         self._log({"split": "train", "step": self.step, **means, "lr": lr,
                                    "time": round(self._time(), 3)})
-                if (c.val_every and self.step % c.val_every == 0) or self.step == c.steps:
+                if c.val_batches and ((c.val_every and self.step % c.val_every == 0)
+                                      or self.step == c.steps):
                     metrics = self.validate()
                     if metrics:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})

@@ -450,3 +450,13 @@ def test_cli_bad_input(case, trained, tmp_path, capsys):
     assert "Traceback" not in err and out == ""
     assert _snapshot(tmp_path) == before  # nothing written, nothing overwritten
     assert not fresh.exists()
+
+
+def test_val_batches_0_turns_validation_off(tmp_path, monkeypatch):
+    def evaluate(*args):
+        raise AssertionError("evaluate ran")
+
+    monkeypatch.setattr(ToyTask, "evaluate", evaluate)
+    c = _config("steps=3", "val_every=1", "val_batches=0")
+    assert Trainer(ToyTask(), c, tmp_path, "cpu", progress=False).fit() == {}
+    assert {r["split"] for r in _read_log(tmp_path / "log.jsonl")} == {"train"}
