@@ -358,7 +358,10 @@ def cmd_train(args) -> int:
         metrics = trainer.fit()
     finally:
         trainer.close()
-    if not args.quiet and trainer.rank == 0:
+    if trainer.step == start and trainer.rank == 0:
+        print(f"{args.model}: the run in {args.out} is at step {start} of {config.steps}; "
+              "nothing to train (give a larger --steps to continue it)")
+    elif not args.quiet and trainer.rank == 0:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         print(f"{args.model}: trained steps {start + 1}-{trainer.step} on {trainer.device}"
               + (f" x {trainer.world} processes" if trainer.world > 1 else "")
