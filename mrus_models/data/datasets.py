@@ -63,13 +63,16 @@ PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 MIN_BRAIN_FRACTION = 0.25
 SPLIT_CYCLE = (("train", 16), (None, 2), ("val", 4), (None, 2), ("test", 4), (None, 2))
 
-#: Cubic B-spline warp: one control interval per ``BSPLINE_CONTROL_SPACING`` mm of the
-#: item's extent (at least one per axis), control-point displacements uniform in [-1, 1]
-#: per component, the dense field scaled so that its largest displacement is
-#: ``max_displacement`` mm. INNReg (§4.1) makes its unaligned T1/T2 pairs "with the B-spline
-#: transformation method used in [8, 21]" and resizes them to 192 × 192, without stating the
-#: control grid or the amplitude: these two values are ours.
+#: Cubic B-spline warp: control points every ``BSPLINE_CONTROL_SPACING`` mm, displacements
+#: uniform in [-1, 1] per component, the dense field scaled so that its largest displacement
+#: is ``max_displacement`` mm. INNReg (§4.1) makes its unaligned T1/T2 pairs "with the
+#: B-spline transformation method used in [8, 21]" and resizes them to 192 × 192, without
+#: stating the control grid or the amplitude: these values are ours. The field's largest
+#: gradient grows with the amplitude (0.31 at 6 mm, the worst of 40 draws), so the
+#: amplitude is capped at ``BSPLINE_MAX_DISPLACEMENT`` mm (about 0.8) to keep the warp
+#: invertible and its inverse's fixed-point iteration contracting.
 BSPLINE_CONTROL_SPACING = 40.0
+BSPLINE_MAX_DISPLACEMENT = 15.0
 #: SVF warp: control points per axis of :func:`mrus_models.data.random_velocity`; the
 #: velocity is integrated with 7 scaling-and-squaring steps both ways.
 SVF_CONTROL = 5
@@ -79,7 +82,7 @@ MAX_DISPLACEMENT = 6.0
 
 #: Augmentation: each spatial axis flipped with probability 1/2, then a rotation about the
 #: item's centre by angles uniform in ±``AUGMENT_ROTATION`` degrees (one angle in 2D, one
-#: per axis plane in 3D). ACMT augments "with flipping and rotation" (§IV-A) without ranges.
+#: per axis plane in 3D). ACMT augments "flipping and rotation" (§III, Dataset) without ranges.
 FLIP_PROBABILITY = 0.5
 AUGMENT_ROTATION = 10.0
 
@@ -132,12 +135,13 @@ def bspline_displacement(size: Sequence[int], *, max_displacement: float,
                          BSPLINE_CONTROL_SPACING, seed: int = 0) -> torch.Tensor:
     """A random cubic B-spline free-form deformation on a grid, voxel units.
 
-    Control points sit every ``δ = (n - 1) / k`` voxels along each axis, from ``-δ`` to
-    ``(k + 1) δ`` (k + 3 points, so every voxel has its 4 × 4 (× 4) supporting points), with
-    ``k = max(1, round((n - 1) · spacing / control_spacing))``. Their displacements are
-    uniform in [-1, 1] per component; the dense field ``Σ_k β³(x/δ - k) c_k`` is evaluated
-    as one matrix product per axis and scaled so that its largest displacement is
-    ``max_displacement`` mm.
+    Control points sit every ``δ = control_spacing`` mm along each axis, from ``-δ`` to
+    ``(k + 1) δ`` with ``k = ceil((n - 1) · spacing / δ)`` (k + 3 points: every voxel has
+    its 4 × 4 (× 4) supporting points; the grid's first point is the first voxel, so the
+    field's smoothness is the same whatever the grid's size). Their displacements are
+    uniform in [-1, 1] per component, in mm; the dense field ``Σ_k β³(x/δ + 1 - k) c_k``
+    is evaluated as one matrix product per axis and scaled so that its largest
+    displacement is ``max_displacement`` mm.
 
     Args:
         size: spatial size S (2D or 3D).
@@ -154,16 +158,18 @@ def bspline_displacement(size: Sequence[int], *, max_displacement: float,
     """
     ndim = len(size)
     h = torch.tensor([float(s) for s in spacing], dtype=torch.float64)
-    intervals = [max(1, round((n - 1) * float(s) / control_spacing))
+    # The float32 rounding of a spacing must not add a control interval.
+    intervals = [max(1, math.ceil((n - 1) * float(s) / control_spacing - 1e-6))
                  for n, s in zip(size, spacing, strict=True)]
     g = torch.Generator().manual_seed(int(seed))
     coeff = torch.rand(ndim, *[k + 3 for k in intervals], generator=g, dtype=torch.float64)
-    dense = coeff * 2 - 1
+    # Drawn in mm, so that the warp is isotropic on anisotropic grids.
+    mm = coeff * 2 - 1
     for axis, (n, k) in enumerate(zip(size, intervals, strict=True)):
-        t = torch.arange(n, dtype=torch.float64)[:, None] * (k / max(n - 1, 1))
+        t = torch.arange(n, dtype=torch.float64)[:, None] * (float(spacing[axis]) /
+                                                             control_spacing)
         basis = _cubic_bspline(t - (torch.arange(k + 3, dtype=torch.float64)[None, :] - 1))
-        dense = torch.tensordot(dense, basis, dims=([1 + axis], [1])).movedim(-1, 1 + axis)
-    mm = dense  # drawn in mm, so that the warp is isotropic on anisotropic grids
+        mm = torch.tensordot(mm, basis, dims=([1 + axis], [1])).movedim(-1, 1 + axis)
     if max_displacement == 0:
         return torch.zeros(1, ndim, *size)
     largest = float(mm.square().sum(0).sqrt().max())
@@ -186,6 +192,9 @@ def invert_displacement(b: torch.Tensor, *, iterations: int = 50,
 
     Returns:
         Tensor [B, ndim, *S]: ``warp(image, b)`` warped by ``u`` gives ``image`` back.
+
+    Raises:
+        ValueError: the iteration did not settle (``b`` folds or is too large).
     """
     u = -b
     for _ in range(iterations):
@@ -193,8 +202,10 @@ def invert_displacement(b: torch.Tensor, *, iterations: int = 50,
         delta = float((nxt - u).abs().max())
         u = nxt
         if delta <= tol:
-            break
-    return u.contiguous()
+            return u.contiguous()
+    raise ValueError(f"b could not be inverted: the fixed-point iteration still moved by "
+                     f"{delta:.3g} voxels after {iterations} iterations (b folds or is too "
+                     "large for its smoothness)")
 
 
 def _random_warp(kind: str, size: tuple[int, ...], spacing: tuple[float, ...],
@@ -345,6 +356,10 @@ def _check_common(modality, split, warp_kind, max_displacement, seed, augment_fl
             or not math.isfinite(max_displacement) or max_displacement < 0:
         raise ValueError(f"max_displacement must be a finite number >= 0 (mm), got "
                          f"{max_displacement!r}")
+    if warp_kind == "bspline" and max_displacement > BSPLINE_MAX_DISPLACEMENT:
+        raise ValueError(f"max_displacement must be <= {BSPLINE_MAX_DISPLACEMENT} mm with "
+                         f"warp='bspline' (an invertible B-spline warp), got "
+                         f"{max_displacement!r}; warp='svf' has no such limit")
     _check_int("seed", seed, minimum=0)
     if augment_flag is not None and not isinstance(augment_flag, bool):
         raise TypeError(f"augment must be None or a bool, got {augment_flag!r}")
@@ -526,7 +541,7 @@ class Crops3D(_PairDataset):
     """3D crops of the MNI152 template pair under random warps: T1 (fixed) vs a simulated
     modality (moving), with labels and the true displacement.
 
-    The crop (128 × 128 × 64 by default, ACMT's size, §IV-A) is cut from the 1 mm template
+    The crop (128 × 128 × 64 by default, ACMT's size, §III, Dataset) is cut from the 1 mm template
     (cropped to the brain: 153 × 189 × 159) at an integer origin drawn uniformly over the
     positions where it fits (centred with zero padding along an axis it exceeds). The
     moving crop samples the whole template at ``origin + y + b(y)``, so anatomy enters it

@@ -97,8 +97,8 @@ def test_crop_larger_than_the_template_is_centred_and_zero_padded():
 
 def test_default_sizes_are_the_papers():
     assert SlicePairs().size == (192, 192)  # INNReg §4.1
-    assert SlicePairs(size=256).size == (256, 256)  # Plasticine §III
-    assert Crops3D().size == (128, 128, 64)  # ACMT §IV-A
+    assert SlicePairs(size=256).size == (256, 256)  # Plasticine §III-C
+    assert Crops3D().size == (128, 128, 64)  # ACMT §III (Dataset)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -236,17 +236,29 @@ def test_crop_ddf_brings_the_moving_anatomy_onto_the_fixed(kind):
         assert after >= 0.8 and after >= before + 0.1, (i, before, after)
 
 
+def test_bspline_smoothness_does_not_depend_on_the_grid_size():
+    # Control points every 40 mm whatever the extent: a small grid is not folded.
+    for size in [(8, 8, 8), (12, 40), (192, 192)]:
+        b = D.bspline_displacement(size, max_displacement=D.BSPLINE_MAX_DISPLACEMENT,
+                                   spacing=(1.0,) * len(size), seed=1)[0].double()
+        grads = torch.stack([torch.stack(torch.gradient(c)) for c in b])
+        worst = torch.linalg.matrix_norm(grads.movedim((0, 1), (-2, -1)), ord=2).max()
+        assert float(worst) <= 0.9, (size, float(worst))
+        D.invert_displacement(b[None].float())  # converges
+
+
 def test_bspline_field_matches_scipy_basis():
     size, spacing = (33, 50), (2.0, 1.0)
     b = D.bspline_displacement(size, max_displacement=5.0, spacing=spacing,
                                control_spacing=20.0, seed=4)
     # The same field from SciPy's cubic B-spline basis elements and the same draws.
-    k = [max(1, round((n - 1) * h / 20.0)) for n, h in zip(size, spacing, strict=True)]
+    k = [math.ceil((n - 1) * h / 20.0) for n, h in zip(size, spacing, strict=True)]
+    assert k == [4, 3]
     g = torch.Generator().manual_seed(4)
     coeff = (torch.rand(2, k[0] + 3, k[1] + 3, generator=g, dtype=torch.float64) * 2 - 1).numpy()
     basis = []
-    for n, kk in zip(size, k, strict=True):
-        t = np.arange(n) * kk / (n - 1)
+    for n, kk, h in zip(size, k, spacing, strict=True):
+        t = np.arange(n) * h / 20.0  # control points every 20 mm from the first voxel
         cols = [interpolate.BSpline.basis_element(np.arange(j - 1, j + 4) - 2.0,
                                                   extrapolate=False)(t) for j in range(kk + 3)]
         basis.append(np.nan_to_num(np.stack(cols, 1)))
@@ -379,6 +391,7 @@ def test_flipping_twice_gives_the_item_back():
     ({"planes": ("axial", "axial")}, ValueError, "planes"),
     ({"max_displacement": -1.0}, ValueError, "max_displacement"),
     ({"max_displacement": float("nan")}, ValueError, "max_displacement"),
+    ({"max_displacement": 16.0}, ValueError, "max_displacement must be <= 15"),
     ({"seed": -1}, ValueError, "seed"),
     ({"seed": 1.5}, TypeError, "seed"),
     ({"augment": "yes"}, TypeError, "augment"),
@@ -401,6 +414,12 @@ def test_slice_pairs_bad_arguments(kwargs, exc, words):
 def test_crops_bad_arguments(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         Crops3D(**kwargs)
+
+
+def test_inverting_a_folding_field_fails_loudly():
+    b = D.bspline_displacement((32, 32), max_displacement=40.0, spacing=(1.0, 1.0), seed=0)
+    with pytest.raises(ValueError, match="could not be inverted"):
+        D.invert_displacement(b)
 
 
 def test_bad_index_and_augment_arguments():
