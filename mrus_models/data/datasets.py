@@ -379,7 +379,9 @@ def _sample(channels: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         if all(0 <= a and a + n <= d for a, n, d in zip(lo, size, channels.shape[2:],
                                                            strict=True)):
             sl = tuple(slice(a, a + n) for a, n in zip(lo, size, strict=True))
-            return channels[(slice(None), slice(None)) + sl].contiguous()
+            # A copy, never a view: an item changed in place must not change the template.
+            return channels[(slice(None), slice(None)) + sl].clone(
+                memory_format=torch.contiguous_format)
     return warp(channels, offset)
 
 
@@ -449,9 +451,9 @@ class SlicePairs(_PairDataset):
     under a random smooth warp, with labels and the true displacement.
 
     Each slice is a template slice (1 mm, cropped to the brain) at an integer position
-    along the plane's normal, centred in a square field of view of 189 mm (the template's
-    largest extent, the same for every plane) and resampled to ``size`` (Gaussian
-    anti-aliasing when the pixels are larger than 1 mm): pixel spacing
+    along the plane's normal, centred in a square field of view of 189 template voxels
+    (the template's largest extent, the same for every plane) and resampled to ``size``
+    (Gaussian anti-aliasing when the pixels are larger than 1 mm): pixel spacing
     ``188 / (max(size) - 1)`` mm, isotropic (0.98 mm at 192², INNReg's size; 0.74 mm at
     256², Plasticine's). Array axes are the template's remaining axes in increasing order:
     axial (x, y), coronal (x, z), sagittal (y, z); the ultrasound probe sits on the

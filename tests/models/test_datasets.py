@@ -82,6 +82,8 @@ def test_crop_item_shapes_dtypes_and_values(modality):
     expect = vol[0, 0, origin[0]:origin[0] + 24, origin[1]:origin[1] + 20,
                  origin[2]:origin[2] + 16]
     assert torch.equal(item["fixed"][0], expect)  # an exact crop (no augmentation in test)
+    item["fixed"].zero_()  # a copy: the cached template is untouched
+    assert torch.equal(ds[1]["fixed"][0], expect)
     assert bool(torch.isfinite(item["moving"]).all())
 
 
