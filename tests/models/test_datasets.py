@@ -87,6 +87,15 @@ def test_crop_item_shapes_dtypes_and_values(modality):
     assert bool(torch.isfinite(item["moving"]).all())
 
 
+def test_an_in_bounds_crop_is_a_copy():
+    channels = torch.rand(1, 4, 6, 5, 4)
+    keep = channels.clone()
+    out = D._sample(channels, torch.zeros(1, 3, 6, 5, 4))  # the whole volume: a view before
+    assert torch.equal(out, keep)
+    out.zero_()
+    assert torch.equal(channels, keep)
+
+
 def test_crop_larger_than_the_template_is_centred_and_zero_padded():
     depth = D.template_volume().shape[-1]
     ds = Crops3D(size=(8, 8, depth + 12), split="val", length=1)
