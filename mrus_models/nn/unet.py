@@ -64,7 +64,7 @@ class UNet(nn.Module):
     Attributes:
         out_channels: ``decoder[-1]``.
         stride: ``2 ** len(encoder)``.
-        decoder_sizes: the downsampling factor of each decoder block's output (its
+        decoder_strides: the downsampling factor of each decoder block's output (its
             feature map is ``S / factor``), coarse to fine.
 
     Example:
@@ -97,7 +97,7 @@ class UNet(nn.Module):
         self.time_channels = time_channels
         self.out_channels = decoder[-1]
         self.stride = 2 ** levels
-        self.decoder_sizes = tuple(2 ** max(levels - j, 0) for j in range(len(decoder)))
+        self.decoder_strides = tuple(2 ** max(levels - j, 0) for j in range(len(decoder)))
 
         self.encoder = nn.ModuleList()
         prev = in_channels
@@ -186,7 +186,7 @@ class UNet(nn.Module):
             where ``features["encoder"]`` holds each encoder level's output (fine to
             coarse, S / 2 … S / stride) and ``features["decoder"]`` each decoder block's
             output after its attention, before upsampling (coarse to fine, sizes
-            S / :attr:`decoder_sizes`); the last one is ``out``.
+            S / :attr:`decoder_strides`); the last one is ``out``.
         """
         self._check(x, t_emb, context)
         levels = len(self.encoder)

@@ -43,7 +43,7 @@ def test_unet_shapes(ndim):
         (2, w, *(s // 2 ** (i + 1) for s in size)) for i, w in enumerate((16, 32, 32, 32))
     ]
     factors = (16, 8, 4, 2, 1, 1, 1)
-    assert net.decoder_sizes == factors
+    assert net.decoder_strides == factors
     assert [f.shape for f in features["decoder"]] == [
         (2, w, *(s // f for s in size)) for w, f in zip((32, 32, 32, 32, 32, 16, 16), factors)
     ]
