@@ -111,13 +111,18 @@ def _labels(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels int64, brain mask bool), each [1, 1, *S], from sampled [1, 4, *S] maps by the
     template's rule: the most probable tissue inside ``T1 > MASK_THRESHOLD``."""
     mask = channels[:, :1] > MASK_THRESHOLD
-    csf, gm, wm = channels[:, 1:2], channels[:, 2:3], channels[:, 3:4]
-    # argmax over the three channels (first maximum wins, as Template.labels), written out:
-    # torch's argmax across a channel dimension is ten times slower than these comparisons.
-    best = torch.maximum(csf, gm)
-    labels = torch.where(gm > csf, 2, 1)
-    labels = torch.where(wm > best, 3, labels)
-    return torch.where(mask, labels, 0).long(), mask
+    labels = _most_probable(channels[0, 1:])[None] + 1  # first maximum wins, as Template's
+    return torch.where(mask, labels, 0), mask
+
+
+def _most_probable(maps: torch.Tensor) -> torch.Tensor:
+    """Index of the largest of C maps [C, *S] (the first on ties), as [1, *S] int64;
+    written out because torch's argmax across a leading dimension is ten times slower."""
+    best, index = maps[0], torch.zeros_like(maps[0], dtype=torch.int64)
+    for c in range(1, maps.shape[0]):
+        index = torch.where(maps[c] > best, c, index)
+        best = torch.maximum(best, maps[c])
+    return index[None]
 
 
 # --------------------------------------------------------------------------- warps
@@ -235,16 +240,6 @@ def _random_warp(kind: str, size: tuple[int, ...], spacing: tuple[float, ...],
 
 
 # --------------------------------------------------------------------------- augmentation
-
-
-def _most_probable(maps: torch.Tensor) -> torch.Tensor:
-    """Index of the largest of C maps [C, *S] (the first on ties), as [1, *S] int64;
-    written out because torch's argmax across a leading dimension is slow."""
-    best, index = maps[0], torch.zeros_like(maps[0], dtype=torch.int64)
-    for c in range(1, maps.shape[0]):
-        index = torch.where(maps[c] > best, c, index)
-        best = torch.maximum(best, maps[c])
-    return index[None]
 
 
 def _identity_grid(size: Sequence[int]) -> torch.Tensor:

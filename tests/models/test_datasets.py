@@ -87,6 +87,12 @@ def test_crop_item_shapes_dtypes_and_values(modality):
     assert bool(torch.isfinite(item["moving"]).all())
 
 
+def test_label_rule_is_the_templates():
+    labels, mask = D._labels(D.template_volume())
+    tpl = D.mni152(1)
+    assert torch.equal(labels, tpl.labels) and torch.equal(mask, tpl.mask)
+
+
 def test_an_in_bounds_crop_is_a_copy():
     channels = torch.rand(1, 4, 6, 5, 4)
     keep = channels.clone()
