@@ -301,7 +301,7 @@ def augment(item: dict, *, flips: Sequence[bool], angles: Sequence[float]) -> di
     # by ddf' would move boundaries independently in the two frames (about 0.04 of GM/WM
     # Dice lost on 1 mm crops). The background's map is 1 - the others' sum.
     keys = ("fixed_labels", "moving_labels")
-    n = int(max(int(out[k].max()) for k in keys)) + 1
+    n = max(int(out[k].max()) for k in keys) + 1
     dt = out["fixed"].dtype
     maps = [out["fixed"], out["moving"].to(dt), out["mask"].to(dt)]
     maps += [(out[k] == c).to(dt) for k in keys for c in range(1, n)]
