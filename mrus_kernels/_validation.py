@@ -118,3 +118,25 @@ def check_mask_nonnegative(op: str, mask: torch.Tensor | None) -> None:
         raise ValueError(
             f"{op}: mask weights must be >= 0, got min {m[m < 0].min().item()!r}"
         )
+
+
+def check_mask_weights(op: str, mask: torch.Tensor, *, nonempty: bool = False) -> None:
+    """Eager-mode checks of a mask's values with one host sync for all of them (callers
+    skip it while :func:`capturing`; :func:`check_mask_nonnegative` is the compile-time
+    form): no negative or infinite weight (a NaN weight is data: NaN in, NaN out) and, with
+    `nonempty`, a weight > 0 in every batch item. ValueError naming `mask` and the items."""
+    m = mask.detach().flatten(1)
+    checks = []  # (per-item flags, message), all fetched by one device-to-host copy
+    if m.is_signed():  # float or signed integer: bool and uint8 cannot be negative
+        bad = (m < 0) | (m == float("inf")) if m.is_floating_point() else m < 0
+        checks.append((bad.any(1), "mask weights must be finite and >= 0, got a negative or "
+                                   "infinite weight in batch item(s)"))
+    if nonempty:
+        checks.append((~(m > 0).any(1), "mask selects no voxel (no value > 0) in batch item(s)"))
+    if not checks:
+        return
+    rows = torch.stack([flags for flags, _ in checks]).tolist()
+    for row, (_, message) in zip(rows, checks, strict=True):
+        items = [i for i, flag in enumerate(row) if flag]
+        if items:
+            raise ValueError(f"{op}: {message} {items}")

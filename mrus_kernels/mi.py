@@ -21,6 +21,8 @@ dL/df_v = m_v sum_ab G_ab W'_a(f_v) W_b(g_v) (and symmetrically for g).
 Non-finite input, the same on every backend: a voxel that counts (mask != 0) and has a NaN
 value, a NaN mask weight, or an item range that is NaN or infinite, makes every entry of
 its item's joint histogram NaN, hence that item's MI and NMI; other items are unaffected.
+So does an item's own range whose width hi - lo overflows the working dtype (values
+spread over more than float32's +-3.4e38): its bin width is infinite.
 An infinite value under a finite range is clamped to the range end and counts there. This
 is the definition's own arithmetic (a NaN value has NaN weights in every bin, so every
 P[a, b] = sum_v W_a W_b is NaN, as the torch backend computes literally); the kernels apply
@@ -47,14 +49,34 @@ import os
 import torch
 from torch import nn
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, cuda_stream, fake_grads, grads_or_empty, ptr
-from ._validation import check_choice, check_float, check_optional_bool, check_same, check_tensor
+from ._validation import (
+    capturing,
+    check_choice,
+    check_float,
+    check_mask_nonnegative,
+    check_mask_weights,
+    check_optional_bool,
+    check_same,
+    check_tensor,
+)
 from .backends import BackendUnavailableError, call_reason, resolve
 
 KERNELS = ("gaussian", "bspline")
 _KERNEL_CODES = {"gaussian": 0, "bspline": 1}
 _HALF = (torch.float16, torch.bfloat16)
+# Accepted Gaussian widths, in bin widths (validated for either kernel). Below SIGMA_MIN the
+# window is hard binning already: a bin other than the nearest weighs exp(-delta / sigma^2)
+# of it for a value delta bin widths inside the bin edge, below 2**-60 (float64) for every
+# value further than 4.2e-11 bin widths from an edge, and below float32's resolution of the
+# bin coordinate (~1e-7 K) a smaller sigma changes nothing; meanwhile the 1 / sigma^2
+# factors of the weights and of their derivatives stay far from float32 overflow (they
+# overflow near sigma = 1e-19, and below it float32 results and gradients were NaN).
+# Above SIGMA_MAX every weight is 1/K to within K^2 / (2 sigma^2) = K^2 * 5e-13 (MI ~ 0),
+# and sigma^2 stays far from float64 overflow.
+SIGMA_MIN = 1e-6
+SIGMA_MAX = 1e6
 # Truncation level of the Gaussian window, as a power of two, per working dtype.
 _TRUNCATION_BITS = {torch.float32: 24, torch.float64: 60}
 # Limits of the GPU kernels (csrc/include/mi.h kMaxWindowGpu; triton/mi.py register tiles).
@@ -70,20 +92,45 @@ GPU_MAX_BLOCKS = 2048
 # ---------------------------------------------------------------------------- validation
 
 
-def _check_number(op: str, name: str, value: object, *, positive: bool = True) -> float:
+def _check_real(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0):
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def _finite(v: float) -> bool:
+    # Comparisons, not math.isfinite: they also trace under torch.compile(dynamic=True),
+    # where a float argument may be symbolic.
+    return -math.inf < v < math.inf
+
+
+def _check_sigma(op: str, sigma: object) -> float:
+    """sigma in [SIGMA_MIN, SIGMA_MAX] bin widths, whatever the kernel (see SIGMA_MIN)."""
+    v = _check_real(op, "sigma", sigma)
+    if not SIGMA_MIN <= v <= SIGMA_MAX:
+        raise ValueError(
+            f"{op}: sigma must be in [{SIGMA_MIN:g}, {SIGMA_MAX:g}] bin widths, got {sigma!r}"
+        )
+    return v
+
+
+def _check_eps(op: str, eps: object, work: torch.dtype | None = None) -> float:
+    """eps in (0, 1] and, with `work` (the working dtype), >= its smallest normal number
+    (a smaller eps rounds towards 0 there: log 0). Above 1 it would clamp every probability."""
+    v = _check_real(op, "eps", eps)
+    lo = torch.finfo(work).tiny if work is not None else 0.0
+    if not (0.0 < v <= 1.0 and v >= lo):
+        accepted = f"[{lo:.4g}, 1] for {work} work" if work is not None else "(0, 1]"
+        raise ValueError(f"{op}: eps must be in {accepted}, got {eps!r}")
     return v
 
 
 def _check_range(
-    op: str, value_range: object
+    op: str, value_range: object, work: torch.dtype | None = None
 ) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """None, (lo, hi) for both images, or ((lo_f, hi_f), (lo_g, hi_g)); hi > lo, finite."""
+    """None, (lo, hi) for both images, or ((lo_f, hi_f), (lo_g, hi_g)); hi > lo, finite,
+    and with `work` (the working dtype) representable there: |lo|, |hi| <= max / 2 (so
+    hi - lo is finite) and hi - lo > eps * max(|lo|, |hi|) (lo and hi stay distinct)."""
     if value_range is None:
         return None
     expected = "None, (lo, hi) or ((lo_f, hi_f), (lo_g, hi_g)) with real numbers lo < hi"
@@ -97,18 +144,24 @@ def _check_range(
         ):
             raise ValueError(f"{op}: value_range must be {expected}, got {value_range!r}")
         lo, hi = float(pair[0]), float(pair[1])
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        if not (_finite(lo) and _finite(hi) and hi > lo):
             raise ValueError(
                 f"{op}: value_range must have finite bounds with lo < hi, got {value_range!r}"
             )
+        if work is not None:
+            info = torch.finfo(work)
+            if max(abs(lo), abs(hi)) > info.max / 2:
+                raise ValueError(
+                    f"{op}: value_range bounds must be within +-{info.max / 2:.3g} for {work} "
+                    f"work (hi - lo must be finite there), got {value_range!r}"
+                )
+            if hi - lo <= info.eps * max(abs(lo), abs(hi)):
+                raise ValueError(
+                    f"{op}: value_range bounds must stay distinct in {work} (hi - lo > "
+                    f"{info.eps:.3g} * max(|lo|, |hi|)), got {value_range!r}"
+                )
         out.append((lo, hi))
     return out[0], out[1]
-
-
-def _capturing() -> bool:
-    return torch.compiler.is_compiling() or (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    )
 
 
 def _validate(
@@ -144,9 +197,10 @@ def _validate(
     if bins < 2:
         raise ValueError(f"{op}: bins must be >= 2, got {bins}")
     check_choice(op, "kernel", kernel, KERNELS)
-    _check_number(op, "sigma", sigma)
-    _check_number(op, "eps", eps)
-    ranges = _check_range(op, value_range)
+    work = _work_dtype(fixed.dtype)
+    _check_sigma(op, sigma)
+    _check_eps(op, eps, work)
+    ranges = _check_range(op, value_range, work)
     check_optional_bool(op, "deterministic", deterministic)
     if mask is not None:
         check_tensor(op, "mask", mask)
@@ -166,16 +220,21 @@ def _validate(
             raise ValueError(
                 f"{op}: mask must be on the device of fixed ({fixed.device}), got {mask.device}"
             )
-        # The one host sync of the operator, eager mode only: a batch item whose mask selects
-        # no voxel has no histogram. Under torch.compile or CUDA-graph capture the check is
-        # skipped and such an item gets P = 0 (finite MI / NMI, zero gradients).
-        if not _capturing():
-            empty = ~(mask.detach() > 0).flatten(1).any(1)
-            if bool(empty.any()):
-                items = empty.nonzero().flatten().tolist()
-                raise ValueError(
-                    f"{op}: mask selects no voxel (no value > 0) in batch item(s) {items}"
-                )
+        if mask.requires_grad:
+            raise ValueError(
+                f"{op}: mask must not require grad ({op} is not differentiable in it); pass "
+                "mask.detach()"
+            )
+        # The one host sync of the operator, eager mode only: no negative or infinite weight
+        # (the definition takes weights >= 0; the backends would disagree on them) and a
+        # voxel with weight > 0 in every batch item (else it has no histogram). Under
+        # torch.compile negative weights fail an asynchronous assert in the graph; under
+        # CUDA-graph capture nothing is checked, and an item with an empty mask gets P = 0
+        # (finite MI / NMI, zero gradients) in both.
+        if capturing():
+            check_mask_nonnegative(op, mask)
+        else:
+            check_mask_weights(op, mask, nonempty=True)
     return ranges
 
 
@@ -356,6 +415,33 @@ def _backward(ctx, grad_hist):
 _histogram_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _double_spec(grad_hist, f, g, m, ranges, bins, kernel, sigma, radius, backend, need_f,
+                 need_g):
+    """Double backward of mrus::mi_histogram_backward (mrus_kernels/_double.py): the
+    un-normalised joint histogram sum_v m_v W_a(f_v) W_b(g_v) by the reference's Parzen
+    weights (untruncated: they differ from the kernels' by < 2**-bits of the largest), with
+    the mask and the ranges constants. Memory O(voxels x bins), as backend="torch"."""
+    name = "gaussian" if kernel == _KERNEL_CODES["gaussian"] else "bspline"
+    r = ranges.detach()
+    lo_f, hi_f, lo_g, hi_g = r[:, 0:1], r[:, 1:2], r[:, 2:3], r[:, 3:4]
+
+    def forward(f, g):
+        if m is not None:
+            # Voxels with mask 0 do not count, whatever their values (as the reference).
+            inside = m > 0
+            f, g = torch.where(inside, f, lo_f), torch.where(inside, g, lo_g)
+        wf = reference.parzen_weights(f, lo_f, hi_f, bins, name, sigma)
+        wg = reference.parzen_weights(g, lo_g, hi_g, bins, name, sigma)
+        if m is not None:
+            wf = wf * m[..., None]
+        return torch.einsum("bna,bnc->bac", wf, wg)
+
+    return forward, ((f, 1, need_f), (g, 2, need_g))
+
+
+_double.register(_histogram_backward_op, _double_spec)
+
+
 # ---------------------------------------------------------------------------- shared path
 
 
@@ -393,7 +479,8 @@ def _joint(
     )
     dtype = fixed.dtype
     work = _work_dtype(dtype)
-    radius = min(gaussian_radius(float(sigma), dtype), float(bins))
+    # The B-spline ignores sigma; its support is 2 bin widths either side.
+    radius = 2.0 if kernel == "bspline" else min(gaussian_radius(float(sigma), dtype), float(bins))
     name = _resolve(op, backend, fixed, bins, kernel, radius)
     if name == "torch":
         cast = (lambda t: t.to(work)) if dtype in _HALF else (lambda t: t)
@@ -405,7 +492,7 @@ def _joint(
     g = moving.to(work).expand(batch, *moving.shape[1:]).reshape(batch, -1).contiguous()
     m = None
     if mask is not None:
-        m = mask.detach().to(work).expand(batch, *mask.shape[1:]).reshape(batch, -1).contiguous()
+        m = reference._mask_weights(mask.detach().flatten(1), work).expand(batch, -1).contiguous()
     item_ranges = _item_ranges(f, g, m, ranges)
     hist = _histogram_op(
         f, g, m, item_ranges, bins, _KERNEL_CODES[kernel], float(sigma), radius, name
@@ -426,16 +513,24 @@ _ARGS_DOC = """
             Both images are differentiable (either may play the fixed role).
         bins: number of bins K >= 2 per image.
         kernel: "gaussian" (Parzen window exp(-t^2 / (2 sigma^2))) or "bspline" (cubic).
-        sigma: Gaussian width in bin widths (> 0; ignored by "bspline").
+        sigma: Gaussian width in bin widths, in [1e-6, 1e6] (``SIGMA_MIN``, ``SIGMA_MAX``:
+            at 1e-6 the window is hard binning to the working precision and smaller values
+            change nothing but float32 overflow; above 1e6 the weights are uniform). Checked
+            for "bspline" too, which ignores it.
         value_range: None (each item's own min and max over the voxels with mask > 0, per
             image, computed on the device), (lo, hi) for both images, or
-            ((lo_f, hi_f), (lo_g, hi_g)); intensity units, lo < hi. A constant for gradients.
-        mask: optional Tensor [B or 1, 1, *S] of non-negative voxel weights (bool, integer or
-            float; not differentiable). Voxels with mask 0 do not count, whatever their
-            values. In eager mode a batch item whose mask selects no voxel raises ValueError
-            (one host sync; skipped under torch.compile and CUDA-graph capture, where such an
-            item gets P = 0).
-        eps: clamp of P and the marginals before the logarithms (> 0).
+            ((lo_f, hi_f), (lo_g, hi_g)); intensity units, lo < hi, both within half the
+            working dtype's largest value and distinct in it. A constant for gradients.
+        mask: optional Tensor [B or 1, 1, *S] of voxel weights >= 0 (bool, integer or float;
+            not differentiable: a mask that requires grad raises ValueError). Voxels with
+            mask 0 do not count, whatever their values; only ratios of weights matter (each
+            item's weights are scaled by a power of two near their largest, so 1e38 or
+            1e-300 weights work). In eager mode a negative or infinite weight, or a batch
+            item whose mask selects no voxel, raises ValueError (one host sync for both).
+            Under torch.compile a negative weight fails an assert in the graph and an empty
+            item gets P = 0; under CUDA-graph capture nothing is checked.
+        eps: clamp of P and the marginals before the logarithms, in [tiny, 1] with tiny
+            the working dtype's smallest normal number (1.2e-38 for float32 and half inputs).
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".
         deterministic: accepted for symmetry with the other operators; every backend's
@@ -518,8 +613,8 @@ class _MIModule(nn.Module):
         if bins < 2:
             raise ValueError(f"{op}: bins must be >= 2, got {bins}")
         check_choice(op, "kernel", kernel, KERNELS)
-        _check_number(op, "sigma", sigma)
-        _check_number(op, "eps", eps)
+        _check_sigma(op, sigma)
+        _check_eps(op, eps)
         _check_range(op, value_range)
         check_optional_bool(op, "deterministic", deterministic)
         self.kwargs = dict(bins=bins, kernel=kernel, sigma=sigma, value_range=value_range,
@@ -565,7 +660,9 @@ class NMILoss(_MIModule):
     ) -> None:
         super().__init__("NMILoss", bins, kernel, sigma, value_range, eps, backend, deterministic)
         if barrier is not None:
-            barrier = _check_number("NMILoss", "barrier", barrier, positive=False)
+            barrier = _check_real("NMILoss", "barrier", barrier)
+            if not _finite(barrier):
+                raise ValueError(f"NMILoss: barrier must be a finite number, got {barrier!r}")
         self.barrier = barrier
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor,

@@ -171,6 +171,24 @@ def _item_range(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tenso
     return lo, hi
 
 
+def _mask_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask weights [B, N] as `dtype`, a floating mask scaled per item by a power of two
+    that brings its largest weight into [1, 2): P does not depend on the scale, and the
+    weights and their sums then neither overflow (1e38 in float32) nor flush to 0 (1e-300
+    in float64 cast to float32). A bool or integer mask is cast as it is; an item whose
+    largest weight is 0, NaN or infinite keeps its weights (P = 0 or NaN, as the
+    definition gives). Scaling by a power of two is exact, so 0/1 masks are unchanged."""
+    if not mask.is_floating_point():
+        return mask.to(dtype)
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    top = m.amax(1, keepdim=True)
+    limit = 1000 if m.dtype == torch.float64 else 120  # 2**+-limit: normal in m's dtype
+    exponent = torch.floor(torch.log2(top)).clamp(-limit, limit)
+    usable = (top > 0) & (top < float("inf"))
+    scale = torch.where(usable, torch.exp2(-exponent), torch.ones_like(top))
+    return (m * scale).to(dtype)
+
+
 def _bspline3(t: torch.Tensor) -> torch.Tensor:
     """Cubic B-spline on [-2, 2]."""
     a = t.abs()
@@ -222,7 +240,7 @@ def joint_histogram(
     b = max(fixed.shape[0], moving.shape[0])
     f = fixed.expand(b, *fixed.shape[1:]).flatten(1)
     g = moving.expand(b, *moving.shape[1:]).flatten(1)
-    m = None if mask is None else mask.expand(b, *mask.shape[1:]).flatten(1).to(f.dtype)
+    m = None if mask is None else _mask_weights(mask.flatten(1), f.dtype).expand(b, -1)
     ranges = []
     for x, i in ((f, 0), (g, 1)):
         if value_range is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 from unittest import mock
 
 import numpy as np
@@ -558,7 +559,7 @@ def test_empty_mask(backend, gen):
     if backend == "torch":
         return  # the oracle follows the definition literally (0 / 0)
     fr, gr = f.clone().requires_grad_(), g.clone().requires_grad_()
-    with mock.patch.object(mi_module, "_capturing", return_value=True):
+    with mock.patch.object(mi_module, "capturing", return_value=True):
         value = mutual_information(fr, gr, mask=mask, backend=backend)
         value2 = nmi(f, g, mask=mask, backend=backend)
     assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(value2).all())
@@ -617,6 +618,10 @@ def _backend_row(backend, device):
         _ext.C.set_cpu_simd(True)
 
 
+NUMPY_INF_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning",
+)
 # Where the non-finite value sits; (f, g) of _pair lie inside these fixed ranges.
 NAN_CASES = {
     "fixed": (("f", (0, 0, 2, 3)), FIXED_RANGES),
@@ -675,6 +680,42 @@ def test_non_finite_values_that_do_not_count(backend, device, gen):
         assert_close_verbose(p, ref, torch.float32, name="P")
 
 
+# NumPy's warnings on inf - inf and inf / inf in the Triton interpreter (not on a GPU).
+@NUMPY_INF_WARNINGS
+@pytest.mark.parametrize(("backend", "device"), ALL_BACKEND_ROWS)
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["+inf", "-inf"])
+def test_infinite_value_poisons_its_item_under_its_own_range(backend, device, sign, gen):
+    """An infinite value that counts, with the item's own range (so the range is infinite),
+    makes every entry of that item's joint_histogram NaN on every backend (the reference's
+    arithmetic); the other item is as it would be alone."""
+    with _backend_row(backend, device) as name:
+        f, g = _pair(gen, (2, 1, 6, 9), torch.float32, device)
+        f[0, 0, 3, 4] = sign * float("inf")
+        p = joint_histogram(f, g, bins=8, backend=name)
+        assert bool(p[0].isnan().all()), p[0]
+        expected = reference.joint_histogram(f[1:].double().cpu(), g[1:].double().cpu(), 8)
+        assert_close_verbose(p[1:], expected, torch.float32, name="item 1 P")
+        assert bool(reference.joint_histogram(f.double().cpu(), g.double().cpu(), 8)[0]
+                    .isnan().all()), "the reference's own rule"
+
+
+# NumPy's warnings on inf - inf and inf / inf in the Triton interpreter (not on a GPU).
+@NUMPY_INF_WARNINGS
+@pytest.mark.parametrize(("backend", "device"), ALL_BACKEND_ROWS)
+def test_range_wider_than_the_dtype_poisons_its_item(backend, device, gen):
+    """Values so spread that hi - lo overflows the working dtype (float32: +-3e38) give an
+    infinite bin width: that item is NaN on every backend (documented in mrus_kernels/mi.py),
+    the other item is unaffected."""
+    with _backend_row(backend, device) as name:
+        f, g = _pair(gen, (2, 1, 6, 9), torch.float32, device)
+        f[0, 0, 0, 0], f[0, 0, 5, 8] = 3e38, -3e38
+        p = joint_histogram(f, g, bins=8, backend=name)
+        value = mutual_information(f, g, bins=8, backend=name)
+        assert bool(p[0].isnan().all()) and bool(value[0].isnan()), (p[0], value)
+        expected = reference.joint_histogram(f[1:].double().cpu(), g[1:].double().cpu(), 8)
+        assert_close_verbose(p[1:], expected, torch.float32, name="item 1 P")
+
+
 def test_constant_image_is_finite(gen):
     """A constant image (zero-width per-item range) has entropy 0 and MI 0, finite."""
     f = torch.full((1, 1, 6, 7), 3.0)
@@ -682,6 +723,150 @@ def test_constant_image_is_finite(gen):
     for backend in ("torch", "cpu"):
         value = mutual_information(f, g, backend=backend)
         assert bool(torch.isfinite(value).all()) and abs(float(value)) < 1e-6
+
+
+# =========================================================================== masks, parameters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", [mutual_information, nmi, joint_histogram],
+                         ids=lambda fn: fn.__name__)
+def test_mask_requiring_grad_is_refused(backend, fn, gen):
+    """The mask is not differentiable: a mask that requires grad raises at the call, on every
+    backend, before any kernel runs (the torch backend used to give it a gradient and the
+    kernel backends failed at backward)."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (2, 1, 6, 7))
+    mask = _mask(gen, (2, 1, 6, 7)).float().requires_grad_()
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: mask must not require grad .*"
+                                         r"pass mask.detach\(\)"):
+        fn(f.requires_grad_(), g, mask=mask, backend=backend)
+    fn(f, g, mask=mask.detach(), backend=backend)  # the advertised way out works
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), -float("inf")])
+def test_negative_or_infinite_mask_weight_is_refused(backend, bad, gen):
+    """One weight < 0 or infinite: ValueError naming mask and the item, on every backend
+    (before, torch and the kernels returned different numbers or NaN)."""
+    require_backend(backend, "cpu", torch.float32)
+    f, g = _pair(gen, (3, 1, 6, 7))
+    mask = rand(gen, 3, 1, 6, 7, lo=0.1, hi=2.0)
+    mask[2, 0, 4, 5] = bad
+    with pytest.raises(ValueError, match=r"mutual_information: mask weights must be finite and "
+                                         r">= 0, .* batch item\(s\) \[2\]"):
+        mutual_information(f, g, mask=mask, backend=backend)
+
+
+def test_mask_checks_take_one_host_sync(gen):
+    """Eager validation of a mask (weights >= 0 and finite, no empty item) reads the device
+    once for all its checks: one tolist(), no item() / bool() of a tensor."""
+    f, g = _pair(gen, (2, 1, 6, 7))
+    mask = rand(gen, 2, 1, 6, 7, lo=0.0, hi=1.0)
+    reads = []
+    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__bool__")}
+
+    def spy(name):
+        def read(self, *args):
+            reads.append(name)
+            return real[name](self, *args)
+        return read
+
+    with contextlib.ExitStack() as stack:
+        for name in real:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, spy(name)))
+        mi_module._validate("mi", f, g, 8, "gaussian", 0.5, None, mask, 1e-10, None)
+    assert reads == ["tolist"], reads
+
+
+# Mask scales that overflow (float32: 1e38 x N) or flush to 0 (a float64 mask cast to
+# float32) unless each item's weights are brought near 1 first.
+MASK_SCALES = [
+    pytest.param(1e38, torch.float32, id="1e38-f32"),
+    pytest.param(1e300, torch.float64, id="1e300-f64"),
+    pytest.param(1e-300, torch.float64, id="1e-300-f64"),
+    pytest.param(1e-40, torch.float32, id="denormal-f32"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("scale", "mask_dtype"), MASK_SCALES)
+def test_mask_weight_scale_does_not_matter(backend, scale, mask_dtype, gen):
+    """P only depends on the mask up to a factor: huge or tiny weights give the float64
+    reference's result for the unscaled mask, values and gradients, on every backend (they
+    used to give P = 0, MI ~ 0, or NaN)."""
+    require_backend(backend, "cpu", torch.float32)
+    shape = (2, 1, 7, 8)
+    f, g = _pair(gen, shape)
+    weights = rand(gen, *shape, lo=0.0, hi=1.0, dtype=torch.float64)
+    weights[weights < 0.3] = 0.0
+    ref = _ref_all(f, g, 12, "gaussian", mask=weights)
+    ours = _ours_all(f, g, 12, "gaussian", backend, mask=(weights * scale).to(mask_dtype))
+    _compare(ours, ref, torch.float32, f"{backend} mask x {scale:g}")
+
+
+def _edge_pair(gen, shape):
+    """Values on a 1/4 grid in [0, 8] (a quarter of them exactly on a bin edge of
+    value_range (0, 8) with 8 bins, where the hard-binning limit splits 1/2 : 1/2 and the
+    gradient peaks at ~1/sigma^2) mixed with random values."""
+    grid = torch.randint(0, 33, shape, generator=gen).double() / 4
+    f = torch.where(rand(gen, *shape, lo=0.0, hi=1.0, dtype=torch.float64) < 0.5, grid,
+                    rand(gen, *shape, lo=0.0, hi=8.0, dtype=torch.float64))
+    g = (f + 2 * torch.sin(f)).clamp(0, 8)
+    return f, g
+
+
+SIGMA_ROWS = [
+    pytest.param("torch", torch.float32, id="torch-f32"),
+    pytest.param("torch", torch.float64, id="torch-f64"),
+    pytest.param("cpu", torch.float32, id="cpu-f32"),
+    pytest.param("cpu", torch.float64, id="cpu-f64"),
+    pytest.param("triton", torch.float32, id="triton-f32"),
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype"), SIGMA_ROWS)
+@pytest.mark.parametrize("bound", ["min", "max"])
+def test_sigma_bounds(backend, dtype, bound, gen):
+    """sigma is accepted in [SIGMA_MIN, SIGMA_MAX] bin widths. At either bound every backend
+    and dtype is finite and equals the float64 reference, values and gradients, with values
+    exactly on bin edges; just outside, ValueError naming sigma and the range. (Below, float32
+    results or gradients used to turn NaN from sigma ~ 1e-19 and float64 from ~1e-170; the
+    Triton launcher raised ZeroDivisionError.)"""
+    require_backend(backend, "cpu", dtype)
+    sigma = mi_module.SIGMA_MIN if bound == "min" else mi_module.SIGMA_MAX
+    f, g = _edge_pair(gen, (2, 1, 9, 10))
+    f, g = f.to(dtype), g.to(dtype)
+    vr = (0.0, 8.0)
+    ref = _ref_all(f, g, 8, "gaussian", sigma=sigma, value_range=vr)
+    ours = _ours_all(f, g, 8, "gaussian", backend, sigma=sigma, value_range=vr)
+    for what, a in zip(("P", "MI", "NMI", "d fixed", "d moving"), ours, strict=True):
+        assert bool(torch.isfinite(a).all()), what
+    if bound == "min":
+        assert float(ref[3].abs().max()) > 1e9, "the edge voxels' gradient peaks"
+    _compare(ours, ref, dtype, f"{backend} sigma={sigma:g}")
+    # Just outside, and the values that used to give NaN or raise ZeroDivisionError /
+    # OverflowError (the latter even for the B-spline, which ignores sigma).
+    outside = (sigma * 0.99, 1e-20, 1e-170) if bound == "min" else (sigma * 1.01, 1e200)
+    for kernel, value in itertools.product(KERNELS, outside):
+        with pytest.raises(ValueError, match=r"nmi: sigma must be in \[1e-06, 1e\+06\] bin "
+                                             r"widths, got"):
+            nmi(f, g, sigma=value, kernel=kernel, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_float64_accepts_what_float32_cannot_hold(backend, gen):
+    """eps and value_range are checked against the working dtype: float64 takes an eps of
+    1e-300 and a range of (0, 1e39) that float32 refuses, and computes them correctly."""
+    require_backend(backend, "cpu", torch.float64)
+    f, g = _pair(gen, (2, 1, 6, 7), torch.float64)
+    value = mutual_information(f * 1e38, g * 1e38, value_range=(-1e39, 1e39), eps=1e-300,
+                               backend=backend)
+    expected = reference.mutual_information(f * 1e38, g * 1e38, value_range=(-1e39, 1e39),
+                                            eps=1e-300)
+    assert_close_verbose(value, expected, torch.float64, name="MI")
+    with pytest.raises(ValueError, match="eps must be in"):
+        mutual_information(f.float(), g.float(), eps=1e-300, backend=backend)
 
 
 # =========================================================================== determinism
@@ -755,6 +940,55 @@ def test_torch_compile_fullgraph(gen):
         assert_close_verbose(comp, eager, torch.float32, name=name)
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+# Dynamo's note on backends.py's cached Triton import check (a constant per process).
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_dynamic_shapes(backend, gen):
+    """mutual_information, nmi, joint_histogram and both loss modules under
+    torch.compile(fullgraph=True, dynamic=True) (training on varying crop sizes): two sizes
+    in a row through one graph, values and gradients as in eager mode. Validation used to
+    call math.isfinite, which dynamo cannot trace."""
+    require_backend(backend, "cpu", torch.float32)
+
+    def all_ops(a, b, m):
+        kw = dict(bins=12, backend=backend)
+        return (
+            mutual_information(a, b, mask=m, sigma=0.4, **kw),
+            nmi(a, b, mask=m, value_range=FIXED_RANGES, **kw),
+            joint_histogram(a, b, mask=m, kernel="bspline", **kw),
+            MutualInformationLoss(**kw)(a, b, m),
+            NMILoss(barrier=2.5, **kw)(a, b, m),
+        )
+
+    def run(fn, f, g, m):
+        a, b = f.clone().requires_grad_(), g.clone().requires_grad_()
+        outs = fn(a, b, m)
+        sum(o.sum() for o in outs).backward()
+        return [o.detach() for o in outs] + [a.grad, b.grad]
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(all_ops, fullgraph=True, dynamic=True)
+        for i, shape in enumerate([(2, 1, 6, 7, 8), (2, 1, 9, 5, 7)]):
+            f, g = _pair(gen, shape)
+            m = _mask(gen, shape).float()
+            # The second size must reuse the first graph (dynamic shapes, no recompile).
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got = run(compiled, f, g, m)
+            want = run(all_ops, f, g, m)
+            names = ("MI", "NMI", "P", "MI loss", "NMI loss", "d fixed", "d moving")
+            for name, a, e in zip(names, got, want, strict=True):
+                assert_close_verbose(a, e, torch.float32, name=f"{shape} {name}")
+        # Negative weights, where eager raises ValueError: an assert in the graph.
+        m[0, 0, 1, 1, 1] = -1.0
+        with pytest.raises(RuntimeError, match="mask weights must be >= 0"):
+            compiled(f, g, m)
+    finally:
+        torch._dynamo.reset()
+
+
 # =========================================================================== dispatch
 
 
@@ -800,9 +1034,18 @@ def _bad_calls():
         (dict(bins=1), ValueError, "bins must be >= 2, got 1"),
         (dict(bins=8.0), TypeError, "bins must be an int, got float"),
         (dict(kernel="box"), ValueError, "kernel must be 'gaussian' or 'bspline', got 'box'"),
-        (dict(sigma=0.0), ValueError, "sigma must be a finite number > 0, got 0.0"),
+        (dict(sigma=0.0), ValueError, r"sigma must be in \[1e-06, 1e\+06\] bin widths, got 0.0"),
+        (dict(sigma=float("nan")), ValueError, r"sigma must be in \[1e-06, 1e\+06\]"),
+        (dict(sigma=1e200, kernel="bspline"), ValueError,
+         r"sigma must be in \[1e-06, 1e\+06\] bin widths, got 1e\+200"),
         (dict(sigma="wide"), TypeError, "sigma must be a real number, got str"),
-        (dict(eps=-1.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=-1.0), ValueError, r"eps must be in \[1.175e-38, 1\] for torch.float32 work"),
+        (dict(eps=1e300), ValueError, r"eps must be in \[1.175e-38, 1\] .*, got 1e\+300"),
+        (dict(eps=1e-39), ValueError, r"eps must be in \[1.175e-38, 1\] .*, got 1e-39"),
+        (dict(value_range=(0.0, 1e39)), ValueError,
+         r"value_range bounds must be within \+-1.7e\+38 for torch.float32 work"),
+        (dict(value_range=(1e8, 1e8 + 1)), ValueError,
+         r"value_range bounds must stay distinct in torch.float32"),
         (dict(value_range=(1.0, 1.0)), ValueError,
          "value_range must have finite bounds with lo < hi"),
         (dict(value_range=(0.0, float("inf"))), ValueError,
@@ -817,6 +1060,14 @@ def _bad_calls():
          "mask must be a bool"),
         (dict(mask="all"), TypeError, "mask must be a torch.Tensor"),
         (dict(mask=torch.zeros(2, 1, 5, 6)), ValueError, r"mask selects no voxel .* \[0, 1\]"),
+        (dict(mask=torch.ones(2, 1, 5, 6).index_put_((torch.tensor([1]),), torch.tensor(-1.0))),
+         ValueError, r"mask weights must be finite and >= 0, .* batch item\(s\) \[1\]"),
+        (dict(mask=torch.full((1, 1, 5, 6), float("inf"))), ValueError,
+         r"mask weights must be finite and >= 0, .* \[0\]"),
+        (dict(mask=-torch.ones(2, 1, 5, 6, dtype=torch.int32)), ValueError,
+         r"mask weights must be finite and >= 0, .* \[0, 1\]"),
+        (dict(mask=torch.ones(2, 1, 5, 6, requires_grad=True)), ValueError,
+         r"mask must not require grad \(\w+ is not differentiable in it\); pass mask.detach\(\)"),
         (dict(deterministic="yes"), TypeError, "deterministic must be None, True or False"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ]
@@ -855,6 +1106,14 @@ def test_bad_module_arguments():
         MutualInformationLoss(value_range=(2.0, 1.0))
     with pytest.raises(TypeError, match="NMILoss: deterministic must be"):
         NMILoss(deterministic=1)
+    with pytest.raises(ValueError, match=r"MutualInformationLoss: sigma must be in \[1e-06"):
+        MutualInformationLoss(sigma=1e-9)
+    with pytest.raises(ValueError, match=r"NMILoss: sigma must be in .*, got 1e\+200"):
+        NMILoss(kernel="bspline", sigma=1e200)
+    with pytest.raises(ValueError, match=r"NMILoss: eps must be in \(0, 1\], got 2.0"):
+        NMILoss(eps=2.0)
+    with pytest.raises(ValueError, match="NMILoss: barrier must be a finite number, got inf"):
+        NMILoss(barrier=float("inf"))
 
 
 # =========================================================================== GPU
