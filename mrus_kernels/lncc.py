@@ -23,16 +23,25 @@ windows next to bright tissue or on a non-zero background turn into variances fa
 (cc ≈ 0.2 where it is 0). The per-item reduction is deterministic (per-block partials added
 in fixed order, no float atomics).
 
-The kernel backends (cpu, cuda, triton) see each item of `fixed` and `moving` centred on
-its own mean (a constant per item; lncc and its gradients are invariant to adding a
-constant to either image): the window sums of I² then scale with the contrast, not with
-the absolute intensity, and even float64 sums keep flat windows at cc = 0 on backgrounds
-of 3.7e5 and above (raw ΣI² − (ΣI)²/n in float64 leaves variances of ~1e-2 there, far
-above eps). The mean of an item holding NaN or Inf is not finite, so that item's value and
-gradients are NaN (its running sums spread the NaN along whole lines anyway). The torch
-backend is the reference as it stands (box sums by convolutions in the inputs' dtype): in
-float32 it gives flat windows on a non-zero background cc of 0.01-1, centred or not; use
-the kernels (or float64 inputs) on raw intensities.
+Every backend sees each item of `fixed` and `moving` centred on its own mean (a constant
+per item; lncc and its gradients are invariant to adding a constant to either image), so
+the result does not depend on an intensity offset (MR tissue at ~1e3, CT at −1024): the
+window sums of I² scale with the contrast, not with the absolute intensity, and even
+float64 sums keep flat windows at cc = 0 on backgrounds of 3.7e5 and above (raw
+ΣI² − (ΣI)²/n in float64 leaves variances of ~1e-2 there, far above eps). The kernels
+(cpu, cuda, triton) subtract a bf16-rounded mean (:func:`_centred`); the torch backend is
+the reference (:func:`mrus_kernels.reference.lncc`), which subtracts the float64 mean and
+computes the box sums and cc in float64 for every input dtype. Measured on two 32³ images
+(offset + 50·pattern + uniform noise, window 9, lncc 0.963) at offsets 0, 1e3, 1e4 and
+−1024: float32 within 3e-8 of float64 in value and 5e-8 (relative to their largest) in
+gradients on torch, cpu and triton; float32 box sums of the raw images were 2.2e-3 off at
+1e4. The mean of an item holding NaN or Inf is not finite, so that item's value and
+gradients are NaN (its running sums spread the NaN along whole lines anyway).
+
+Mask weights must be >= 0 (checked in eager mode, a host sync; under torch.compile an
+in-graph assert, see :func:`mrus_kernels._validation.check_mask_nonnegative`). eps must lie
+in float32's normal range [1.2e-38, 3.4e38] for every dtype: Triton takes it as a float32
+scalar.
 """
 
 from __future__ import annotations
@@ -42,14 +51,26 @@ import math
 import torch
 from torch import nn
 
-from . import _ext, reference
+from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, cpu_threads, cuda_stream, fake_grads, grads_or_empty, ptr
-from ._validation import check_batch, check_float, check_same, check_spatial, check_tensor
+from ._validation import (
+    check_batch,
+    check_float,
+    check_mask_nonnegative,
+    check_same,
+    check_spatial,
+    check_tensor,
+)
 from .backends import resolve
 
 _HALF = (torch.float16, torch.bfloat16)
 NSUM = 5
 CUDA_COLS = 256  # LNCC_CUDA_COLS of csrc/include/lncc.h
+# Accepted eps: float32's normal range, for every input dtype. The Triton kernels take eps as
+# a float32 scalar (a Python float argument is fp32 there): below the smallest normal it is
+# flushed to 0 on the GPU (0/0 in constant windows), above the largest it is inf.
+EPS_MIN = float(torch.finfo(torch.float32).tiny)
+EPS_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _validate(fixed: object, moving: object, window: object, eps: object, mask: object) -> int:
@@ -78,15 +99,22 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
     if window < 1 or window % 2 == 0:
         raise ValueError(f"lncc: window must be an odd integer >= 1, got {window}")
     spatial = tuple(fixed.shape[2:])
-    if window > min(spatial):
+    # Per axis, not min(spatial): under torch.compile(dynamic=True) min() guards on the
+    # order of the sizes, so a crop of another aspect would recompile.
+    if any(window > s for s in spatial):
         raise ValueError(
             f"lncc: window ({window}) must not exceed any spatial size of the images, got "
             f"spatial shape {spatial}"
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"lncc: eps must be a float, got {type(eps).__name__} {eps!r}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"lncc: eps must be a finite float > 0, got {eps!r}")
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) may pass eps as a symbolic
+    # float, which comparisons guard on and math.isfinite cannot trace. NaN fails both.
+    if not (EPS_MIN <= eps <= EPS_MAX):
+        raise ValueError(
+            f"lncc: eps must be a finite float > 0 within float32's normal range "
+            f"[{EPS_MIN:g}, {EPS_MAX:g}], got {eps!r}"
+        )
     if mask is not None:
         check_tensor(op, "mask", mask)
         assert isinstance(mask, torch.Tensor)
@@ -104,6 +132,7 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
             raise TypeError(f"lncc: mask must be bool or floating point, got {mask.dtype}")
         if mask.requires_grad:
             raise ValueError("lncc: mask must not require grad (lncc is not differentiable in it)")
+        check_mask_nonnegative(op, mask)
     return ndim
 
 
@@ -260,6 +289,19 @@ def _backward(ctx, grad):
 _lncc_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _double_spec(grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving):
+    """Double backward of mrus::lncc_backward (mrus_kernels/_double.py): the reference lncc
+    of the (centred) primals; the mask is a constant."""
+
+    def forward(fixed, moving):
+        return reference.lncc(fixed, moving, window, eps, mask)
+
+    return forward, ((fixed, 1, need_fixed), (moving, 2, need_moving))
+
+
+_double.register(_lncc_backward_op, _double_spec)
+
+
 # ---------------------------------------------------------------------------- public API
 
 
@@ -282,10 +324,12 @@ def lncc(
         fixed: Tensor [B or 1, 1, *S] (2D: S = (H, W); 3D: S = (D, H, W)), intensities.
         moving: Tensor [B or 1, 1, *S], same dtype, device and S. Batch sizes broadcast.
         window: odd side of the window in voxels, 1 <= window <= every spatial size.
-        eps: > 0, added to var_I var_J (units: intensity⁴).
-        mask: optional [B or 1, 1, *S] weights (bool or float, >= 0): lncc becomes the
-            weighted mean Σ m cc / Σ m; an all-zero mask gives 0. Statistics still use
-            every voxel of each window.
+        eps: added to var_I var_J (units: intensity⁴); finite, in float32's normal range
+            [1.17549e-38, 3.40282e38] (``EPS_MIN``, ``EPS_MAX``) for every dtype.
+        mask: optional [B or 1, 1, *S] weights (bool or float, >= 0; a negative weight
+            raises ValueError): lncc becomes the weighted mean Σ m cc / Σ m; an all-zero
+            mask gives 0. Statistics still use every voxel of each window. Not
+            differentiable: a mask that requires grad raises ValueError.
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".
 

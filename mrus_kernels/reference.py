@@ -38,7 +38,7 @@ def warp(
     """
     if image.dtype in _HALF:
         return warp(image.float(), ddf.float(), mode, padding).to(image.dtype)
-    ndim = ddf.shape[1]
+    ndim = ddf.dim() - 2  # the rank, static under torch.compile(dynamic=True); not a SymInt
     batch = max(image.shape[0], ddf.shape[0])
     channels = image.shape[1]
     size_in = image.shape[2:]
@@ -364,12 +364,35 @@ def sobel_l1(
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over the in-bounds voxels of a cubic (square in 2D) window centred on each voxel."""
+    """Sum over the in-bounds voxels of a cubic (square in 2D) window centred on each voxel,
+    one axis at a time (zero padding): each output adds only its window's values.
+
+    Eager: a convolution with a line of ones per axis (the fastest). Under torch.compile: the
+    sum of each `window`-long run of an unfold view, because inductor specialises the sizes
+    of a convolution's backward, which recompiled torch.compile(dynamic=True) for every new
+    image size."""
     ndim = x.dim() - 2
+    r = window // 2
+    if torch.compiler.is_compiling():
+        for axis in range(2, x.dim()):
+            pad = [0, 0] * ndim  # F.pad lists the last axis first
+            pad[2 * (x.dim() - 1 - axis)] = pad[2 * (x.dim() - 1 - axis) + 1] = r
+            x = F.pad(x, pad).unfold(axis, window, 1).sum(-1)
+        return x
     conv = F.conv3d if ndim == 3 else F.conv2d
     c = x.shape[1]
-    weight = torch.ones((c, 1) + (window,) * ndim, dtype=x.dtype, device=x.device)
-    return conv(x, weight, padding=window // 2, groups=c)
+    for axis in range(ndim):
+        size, padding = [1] * ndim, [0] * ndim
+        size[axis], padding[axis] = window, r
+        weight = torch.ones((c, 1, *size), dtype=x.dtype, device=x.device)
+        x = conv(x, weight, padding=tuple(padding), groups=c)
+    return x
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """x minus the mean of each item (a detached constant: lncc and its gradients do not
+    change when a constant is added to an image)."""
+    return x - x.detach().mean(dim=tuple(range(1, x.dim())), keepdim=True)
 
 
 def lncc(
@@ -378,6 +401,8 @@ def lncc(
     window: int = 9,
     eps: float = 1e-5,
     mask: torch.Tensor | None = None,
+    *,
+    sum_dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
     """Local NCC in squared-correlation form, averaged over the voxels (or the mask): [B].
 
@@ -386,7 +411,19 @@ def lncc(
     variances clamped at 0 so that constant patches give cc = 0, never NaN, and cross² clamped
     to var_I var_J so that cc stays in [0, 1] under rounding. fixed, moving: [B or 1, C, *S];
     mask: [B or 1, 1, *S] weights (an all-zero mask gives 0).
+
+    Each item of `fixed` and `moving` is cast to `sum_dtype` (None: kept in its dtype) and
+    centred on its own mean before the sums, and the result is cast back to the inputs'
+    dtype. Raw intensities (MR tissue at ~1e3, CT at -1024) would otherwise cancel in
+    Σ I² - (Σ I)² / n: float32 box sums of uncentred images at a mean of 1e4 are ~3e-3 off,
+    and flat windows on a non-zero background get cc of 0.01-1 in float32, centred or not.
+    In float64 the result matches float64 to the rounding of the inputs at any offset. An
+    item holding NaN or Inf has a non-finite mean: its value (and gradients) are NaN.
     """
+    dtype = fixed.dtype
+    if sum_dtype is not None:
+        fixed, moving = fixed.to(sum_dtype), moving.to(sum_dtype)
+    fixed, moving = _centre(fixed), _centre(moving)
     b = max(fixed.shape[0], moving.shape[0])
     i = fixed.expand(b, *fixed.shape[1:])
     j = moving.expand(b, *moving.shape[1:])
@@ -405,11 +442,12 @@ def lncc(
     c2 = torch.where(c2 > vv, vv, c2)
     cc = (c2 / (vv + eps)).flatten(1)
     if mask is None:
-        return cc.mean(1)
+        return cc.mean(1).to(dtype)
     m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
     msum = m.sum(1)
     # An empty mask gives 0 (no voxel to score), not 0/0.
-    return torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
+    out = torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
+    return out.to(dtype)
 
 
 def grad_l2(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
