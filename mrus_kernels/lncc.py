@@ -38,8 +38,9 @@ gradients on torch, cpu and triton; float32 box sums of the raw images were 2.2e
 1e4. The mean of an item holding NaN or Inf is not finite, so that item's value and
 gradients are NaN (its running sums spread the NaN along whole lines anyway).
 
-Mask weights must be >= 0 (checked in eager mode, a host sync; under torch.compile an
-in-graph assert, see :func:`mrus_kernels._validation.check_mask_nonnegative`). eps must lie
+Mask weights must be finite and >= 0 (eager mode: a host sync and ValueError; under
+torch.compile an in-graph assert on negative weights, see
+:func:`mrus_kernels._validation.check_mask_nonnegative`). eps must lie
 in float32's normal range [1.2e-38, 3.4e38] for every dtype: Triton takes it as a float32
 scalar.
 """
@@ -54,9 +55,11 @@ from torch import nn
 from . import _double, _ext, reference
 from ._ext import DTYPE_CODES, cpu_threads, cuda_stream, fake_grads, grads_or_empty, ptr
 from ._validation import (
+    capturing,
     check_batch,
     check_float,
     check_mask_nonnegative,
+    check_mask_weights,
     check_same,
     check_spatial,
     check_tensor,
@@ -132,7 +135,13 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
             raise TypeError(f"lncc: mask must be bool or floating point, got {mask.dtype}")
         if mask.requires_grad:
             raise ValueError("lncc: mask must not require grad (lncc is not differentiable in it)")
-        check_mask_nonnegative(op, mask)
+        # Eager: one host sync (negative or infinite weights, as the MI functions); under
+        # torch.compile an in-graph assert (negative weights), unchecked under a CUDA graph
+        # capture (mrus_kernels/_validation.py).
+        if capturing():
+            check_mask_nonnegative(op, mask)
+        else:
+            check_mask_weights(op, mask)
     return ndim
 
 
@@ -326,10 +335,10 @@ def lncc(
         window: odd side of the window in voxels, 1 <= window <= every spatial size.
         eps: added to var_I var_J (units: intensity⁴); finite, in float32's normal range
             [1.17549e-38, 3.40282e38] (``EPS_MIN``, ``EPS_MAX``) for every dtype.
-        mask: optional [B or 1, 1, *S] weights (bool or float, >= 0; a negative weight
-            raises ValueError): lncc becomes the weighted mean Σ m cc / Σ m; an all-zero
-            mask gives 0. Statistics still use every voxel of each window. Not
-            differentiable: a mask that requires grad raises ValueError.
+        mask: optional [B or 1, 1, *S] weights (bool or float, finite and >= 0; a negative
+            or infinite weight raises ValueError): lncc becomes the weighted mean
+            Σ m cc / Σ m; an all-zero mask gives 0. Statistics still use every voxel of each
+            window. Not differentiable: a mask that requires grad raises ValueError.
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".
 

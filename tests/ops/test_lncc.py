@@ -668,8 +668,13 @@ def test_negative_mask_weights_raise(backend, gen):
     f, m = rand(gen, 2, 1, 5, 6, 7), rand(gen, 2, 1, 5, 6, 7)
     mask = rand(gen, 2, 1, 5, 6, 7, lo=0.0, hi=1.0)
     mask[1, 0, 2, 3, 4] = -0.25
-    with pytest.raises(ValueError, match=r"lncc: mask weights must be >= 0, got min -0\.25"):
+    msg = r"lncc: mask weights must be finite and >= 0, got a negative or infinite weight in"
+    with pytest.raises(ValueError, match=msg + r" batch item\(s\) \[1\]"):
         lncc(f, m, window=3, mask=mask, backend=backend)
+    inf = mask.abs()
+    inf[0, 0, 1, 1, 1] = float("inf")  # lncc would be inf / inf
+    with pytest.raises(ValueError, match=msg + r" batch item\(s\) \[0\]"):
+        lncc(f, m, window=3, mask=inf, backend=backend)
     # Under torch.compile the check cannot sync with the host: an assert in the graph fails
     # when it runs (a RuntimeError on CPU tensors) instead of returning a value.
     torch._dynamo.reset()
@@ -739,7 +744,7 @@ X = torch.rand(1, 1, 7, 8, 9)
          r"3.40282e\+38\], got 1e\+300"),
         (dict(eps=1e-40), ValueError, r"eps .* within float32's normal range .* got 1e-40"),
         (dict(mask=torch.full((1, 1, 7, 8, 9), -1.0)), ValueError,
-         r"mask weights must be >= 0, got min -1\.0"),
+         r"mask weights must be finite and >= 0"),
         (dict(eps="x"), TypeError, "eps must be a float, got str"),
         (dict(moving=torch.rand(1, 1, 7, 8, 10)), ValueError,
          "same channel count and spatial shape"),
