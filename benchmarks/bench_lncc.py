@@ -1,7 +1,8 @@
 """``lncc`` against what users run today: ``pytest benchmarks/bench_lncc.py``.
 
 Rows: ``mrus_<backend>`` (cpu on CPU sizes; cuda, triton on GPU sizes), ``reference``
-(grouped conv box sums, :func:`mrus_kernels.reference.lncc`; the baseline), ``compiled``
+(box sums by convolutions in the inputs' float32, :func:`mrus_kernels.reference.lncc` with
+``sum_dtype=None``: what users write; the baseline), ``compiled``
 (``torch.compile`` of it) and ``monai`` (``LocalNormalizedCrossCorrelationLoss``, rectangular
 kernel, when importable; it zero-pads its windows, so it is checked only for finiteness).
 Groups: ``lncc-fwd-<device>-<size>`` and ``lncc-fwdbwd-<device>-<size>`` (gradient of the
@@ -41,10 +42,10 @@ def _impl(name, device, ndim):
         skip_unless_backend(backend, device)
         return lambda f, m: lncc(f, m, window=WINDOW, backend=backend)
     if name == "reference":
-        return lambda f, m: reference.lncc(f, m, WINDOW)
+        return lambda f, m: reference.lncc(f, m, WINDOW, sum_dtype=None)
     if name == "compiled":
         fn = torch.compile(reference.lncc, dynamic=False)
-        return lambda f, m: fn(f, m, WINDOW)
+        return lambda f, m: fn(f, m, WINDOW, sum_dtype=None)
     monai_losses = pytest.importorskip("monai.losses")
     loss = monai_losses.LocalNormalizedCrossCorrelationLoss(
         spatial_dims=ndim, kernel_size=WINDOW, kernel_type="rectangular", reduction="none")

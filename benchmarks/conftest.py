@@ -55,16 +55,48 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the process's peak resident set (``VmHWM``) to its current one (Linux:
+    ``echo 5 > /proc/self/clear_refs``). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_extra_memory(fn: Callable[[], object], device: torch.device | str) -> float | None:
     """Peak memory, in MiB, that ``fn()`` allocates beyond what was allocated before.
 
     Counts what the call leaves behind too (its output, gradients it writes), since a
-    caller pays for that memory. CUDA only (torch's caching allocator statistics); None
-    for CPU tensors, where there is no comparable allocator counter.
+    caller pays for that memory. CUDA: torch's caching allocator statistics. CPU: the
+    growth of the process's peak resident set over its resident set before the call
+    (Linux, where the peak can be reset; None elsewhere). The CPU figure counts pages the
+    allocator had to take from the system, so memory freed earlier and reused is not
+    counted: it is the extra memory a training process needs for the call.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return None
+        before = _proc_status_mib("VmRSS")
+        if before is None or not _reset_peak_rss():
+            return None
+        result = fn()
+        peak = _proc_status_mib("VmHWM")
+        del result
+        return None if peak is None else max(0.0, peak - before)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -341,6 +373,7 @@ def run_benchmark(
     device: torch.device | str,
     ideal_bytes: int | None = None,
     baseline: bool = False,
+    second_baseline: bool = False,
     extra_info: dict[str, Any],
 ) -> object:
     """Times ``fn()`` with ``benchmark.pedantic`` and records what the suite reports.
@@ -358,6 +391,8 @@ def run_benchmark(
         ideal_bytes: the least traffic the operation can do (inputs read once, outputs
             written once); gives GB/s and the fraction of the copy bandwidth.
         baseline: this row is what the group's speed-ups are relative to.
+        second_baseline: this row is what the summary's ``vs 2nd`` column is relative to
+            (e.g. ``torch.compile`` of the baseline).
         extra_info: what the row is (backend or implementation, size, dtype, ...); the
             measurements are added to it: ``device``, ``peak_extra_mib``,
             ``ideal_bytes``, ``gbs``, ``copy_gbs``, ``fraction_of_copy``.
@@ -395,7 +430,8 @@ def run_benchmark(
         info["gbs"] = ideal_bytes / median / 1e9
         info["copy_gbs"] = copy
         info["fraction_of_copy"] = info["gbs"] / copy
-    _ROWS.append({"group": benchmark.group, "name": benchmark.name, "baseline": baseline, **info})
+    _ROWS.append({"group": benchmark.group, "name": benchmark.name, "baseline": baseline,
+                  "second_baseline": second_baseline, **info})
     return result
 
 
@@ -405,24 +441,28 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     terminalreporter.section("mrus benchmarks: median, memory and bandwidth")
     write(
-        "speed-up: baseline median / row median; GB/s: ideal bytes / median; "
-        "% copy: of the device's measured copy bandwidth"
+        "speed-up: baseline median / row median; vs 2nd: the same over the group's second "
+        "baseline (e.g. torch.compile); GB/s: ideal bytes / median; % copy: of the device's "
+        "measured copy bandwidth; peak MiB: CUDA allocator peak, CPU peak resident set growth"
     )
     for device in sorted({row["device"] for row in _ROWS}):
         copy = next((r.get("copy_gbs") for r in _ROWS if r["device"] == device), None)
         if copy is not None:
             write(f"copy bandwidth of {device}: {copy:.1f} GB/s")
     header = (
-        f"{'name':<58} {'median ms':>10} {'speed-up':>9} {'peak MiB':>9} {'GB/s':>8} {'% copy':>7}"
+        f"{'name':<58} {'median ms':>10} {'speed-up':>9} {'vs 2nd':>7} {'peak MiB':>9} "
+        f"{'GB/s':>8} {'% copy':>7}"
     )
     for group in sorted({row["group"] or "" for row in _ROWS}):
         rows = [r for r in _ROWS if (r["group"] or "") == group]
         base = next((r["median_ms"] for r in rows if r["baseline"]), None)
+        base2 = next((r["median_ms"] for r in rows if r.get("second_baseline")), None)
         write("")
         write(f"group {group}")
         write(header)
         for r in sorted(rows, key=lambda r: r["median_ms"]):
             speed = f"{base / r['median_ms']:.2f}x" if base else "-"
+            speed2 = f"{base2 / r['median_ms']:.2f}x" if base2 else "-"
             peak = f"{r['peak_extra_mib']:.1f}" if r["peak_extra_mib"] is not None else "-"
             gbs = f"{r['gbs']:.1f}" if r.get("gbs") is not None else "-"
             frac = (
@@ -431,5 +471,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 else "-"
             )
             write(
-                f"{r['name']:<58} {r['median_ms']:>10.3f} {speed:>9} {peak:>9} {gbs:>8} {frac:>7}"
+                f"{r['name']:<58} {r['median_ms']:>10.3f} {speed:>9} {speed2:>7} {peak:>9} "
+                f"{gbs:>8} {frac:>7}"
             )

@@ -432,6 +432,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.quick and args.train:
+        raise CLIError("--quick and --train are alternatives: pick one")
     if args.quick:
         from mrus_kernels import quickbench
 
@@ -451,6 +453,9 @@ def cmd_bench(args) -> int:
     import pytest
 
     extra = ["-q", "-p", "no:cacheprovider", "--benchmark-columns=min,median,max,rounds"]
+    if args.train:
+        # The end-to-end training step only: mrus ops vs plain PyTorch vs torch.compile.
+        root = root / "bench_train_step.py"
     if args.quiet:
         extra.append("--benchmark-disable")
     return int(pytest.main([str(root), *extra, *args.pytest_args]))
@@ -569,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     quiet(p)
     p.add_argument("--quick", action="store_true",
                    help="a one-minute warp benchmark instead (python -m mrus_kernels.quickbench)")
+    p.add_argument("--train", action="store_true",
+                   help="only the training-step benchmark (benchmarks/bench_train_step.py): "
+                        "one VoxelMorph step with mrus ops, plain PyTorch and torch.compile")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="more pytest arguments, e.g. -k warp")
     p.set_defaults(func=cmd_bench)
@@ -578,7 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mrus`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Only `mrus bench` passes arguments through (to pytest: `-k warp`, `-x`, ...);
+        # argparse's REMAINDER does not take them when the first one is an option.
+        if getattr(args, "func", None) is not cmd_bench:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.pytest_args = [*unknown, *args.pytest_args]
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
     if getattr(args, "threads", None):

@@ -153,3 +153,23 @@ def test_bad_option_values(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--modality", "ct"])
     assert exc.value.code == 2 and "invalid choice: 'ct'" in capsys.readouterr().err
+
+
+def test_bench_train_runs_only_the_training_step_suite():
+    """`mrus bench --train` runs benchmarks/bench_train_step.py and nothing else (here in
+    correctness mode on its quickest check, in a fresh process: pytest inside pytest)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from mrus_models.cli import main; sys.exit(main())",
+         "bench", "--train", "--quiet", "-k", "plain_rows", "--collect-only"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = re.findall(r"(\w+\.py)::(\w+)", proc.stdout)
+    assert collected, proc.stdout[-2000:]
+    assert {f for f, _ in collected} == {"bench_train_step.py"}, collected
+    assert [t for _, t in collected] == ["test_plain_rows_match_the_definitions"]
+
+
+def test_bench_quick_and_train_are_alternatives(capsys):
+    code, _, err = _run(capsys, "bench", "--quick", "--train")
+    assert code == 2 and err.startswith("mrus: error: --quick and --train")
