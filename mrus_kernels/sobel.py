@@ -38,14 +38,21 @@ _REDUCTION_NAMES = {code: name for name, code in _REDUCTION_CODES.items()}
 # ---------------------------------------------------------------------------- validation
 
 
+# Accepted eps: normal float32 numbers, as the GPU backends and half inputs compute in
+# float32; a smaller eps is 0 there (1e-300: the magnitude's gradient NaN where every
+# component vanishes), a larger one swamps any edge (1e300: an infinite magnitude).
+EPS_MIN, EPS_MAX = 1e-30, 1e30
+
+
 def _check_eps(op: str, eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__} {eps!r}")
     value = float(eps)
-    if not value > 0 or value == float("inf"):
+    # Comparisons only (NaN fails both): under torch.compile eps may be symbolic.
+    if not EPS_MIN <= value <= EPS_MAX:
         raise ValueError(
-            f"{op}: eps must be positive and finite (it keeps the magnitude's gradient "
-            f"finite where all components vanish), got {eps!r}"
+            f"{op}: eps must be positive and finite (in [{EPS_MIN:g}, {EPS_MAX:g}]: it keeps "
+            f"the magnitude's gradient finite where all components vanish), got {eps!r}"
         )
     return value
 
@@ -343,8 +350,8 @@ def sobel(
         output: "magnitude" (sqrt(sum_i g_i² + eps)) or "components" (every g_i).
         padding: "replicate" (edge voxels repeated, SciPy mode "nearest") or "zeros"
             (SciPy mode "constant").
-        eps: added under the square root of the magnitude (> 0, keeps its gradient finite
-            where every component is 0); unused for "components".
+        eps: added under the square root of the magnitude, in [1e-30, 1e30] (keeps its
+            gradient finite where every component is 0); unused for "components".
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".
 
@@ -387,7 +394,7 @@ def sobel_l1(
         f1: Tensor [B, C, *S], e.g. deep features of the translated image.
         f0: Tensor [B, C, *S], same shape, dtype and device, e.g. features of the source.
         padding: "replicate" (default) or "zeros", as in :func:`sobel`.
-        eps: added under the square root of each magnitude (> 0).
+        eps: added under the square root of each magnitude, in [1e-30, 1e30].
         reduction: "mean" (over all B·C·prod(S) elements), "sum" or "none".
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".

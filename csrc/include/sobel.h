@@ -8,6 +8,13 @@
 // outside (SciPy "constant"). Both are separable: the 3^ndim stencil equals the product of
 // 1D passes, each with its own padding, which is what every kernel computes.
 //
+// Large intensities: no kernel adds the weighted inputs in one running sum (that rounds at
+// the scale of the inputs: |g| ~ 1e9 on a constant image at 1e15). The CPU's 1D passes
+// treat every voxel alike; the CUDA and Triton kernels form each derivative difference
+// x(+1) - x(-1) before a smoothing weight multiplies it, and their adjoints combine the
+// derivative taps first in the same way. A constant input thus gives exactly 0 at any
+// magnitude, and the error scales with the differences, not with the inputs.
+//
 // Every 1D pass, forward or adjoint, is a 3-tap operator Tap3 applied at index m of an axis
 // of length n:
 //   out[m] = c0 in[m] + (m > 0 ? cm in[m-1] : elo in[m]) + (m < n-1 ? cp in[m+1] : ehi in[m]).

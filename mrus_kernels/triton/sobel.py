@@ -51,8 +51,11 @@ NUM_WARPS = 8
 # Register cap of the forward and first backward pass. Without one, ptxas picked 64
 # registers and spilled 4-12 B in the 3D IDX64 L1 variants (sm_90); with 96 they take
 # ~80 and spill nothing. (A cap of 128 made the IDX64 gather spill on sm_80: it runs
-# without one.)
+# without one.) The 3D IDX64 forward takes 128: its "replicate" L1 variants (both
+# neighbourhoods read before the differences are formed) spilled 12-40 B at 96 and use
+# 127-128 registers; every other forward variant keeps 96.
 MAXNREG = 96
+FWD_IDX64_MAXNREG = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "sobel (triton)"
 
@@ -75,15 +78,6 @@ def _fwd_weight(o, deriv):
     if deriv:
         return o - 1
     return 2 if o == 1 else 1
-
-
-@triton.constexpr_function
-def _comp_weight(i, o0, o1, o2, ndim):
-    """Weight of the neighbour at offsets (o0, o1, o2) - 1 in component i."""
-    w = _fwd_weight(o0, i == 0) * _fwd_weight(o1, i == 1)
-    if ndim == 3:
-        w = w * _fwd_weight(o2, i == 2)
-    return w
 
 
 @triton.jit
@@ -136,41 +130,89 @@ def _axis(c, n, PADDING: tl.constexpr):
 
 
 @triton.jit
+def _line(row, inside, j, n, mask, SKIP_MID: tl.constexpr, PADDING: tl.constexpr):
+    """The inputs at j - 1, j, j + 1 along the contiguous axis (length n) of the rows at
+    `row`, float32: clamped indices ("replicate") or 0 outside ("zeros"; `inside`: whether
+    the row itself is inside the volume). SKIP_MID: the middle input has weight 0 in every
+    component (the voxel itself) and is not read (0)."""
+    m = mask
+    if PADDING == _ZEROS:
+        m = m & inside
+    cl, il = _axis(j - 1, n, PADDING)
+    ch, ih = _axis(j + 1, n, PADDING)
+    if PADDING == _ZEROS:
+        lo = tl.load(row + cl, mask=m & il, other=0.0).to(tl.float32)
+        hi = tl.load(row + ch, mask=m & ih, other=0.0).to(tl.float32)
+    else:
+        lo = tl.load(row + cl, mask=m, other=0.0).to(tl.float32)
+        hi = tl.load(row + ch, mask=m, other=0.0).to(tl.float32)
+    if SKIP_MID:
+        mid = tl.zeros(lo.shape, tl.float32)
+    else:
+        mid = tl.load(row + j, mask=m, other=0.0).to(tl.float32)
+    return lo, mid, hi
+
+
+@triton.jit
+def _plane(base, c0, in0, i1, i2, S1, S2, mask, CENTRE: tl.constexpr, PADDING: tl.constexpr):
+    """The 3 x 3 inputs of plane c0 (3D) around (i1, i2), row-major (rows i1 - 1, i1,
+    i1 + 1); CENTRE: the voxel's own plane (its own input is not read)."""
+    c1, in1 = _axis(i1 - 1, S1, PADDING)
+    r00, r01, r02 = _line(base + (c0 * S1 + c1) * S2, in0 & in1, i2, S2, mask, False, PADDING)
+    c1, in1 = _axis(i1, S1, PADDING)
+    r10, r11, r12 = _line(base + (c0 * S1 + c1) * S2, in0 & in1, i2, S2, mask, CENTRE,
+                          PADDING)
+    c1, in1 = _axis(i1 + 1, S1, PADDING)
+    r20, r21, r22 = _line(base + (c0 * S1 + c1) * S2, in0 & in1, i2, S2, mask, False, PADDING)
+    return r00, r01, r02, r10, r11, r12, r20, r21, r22
+
+
+@triton.jit
+def _smooth(a, b, c):
+    """The smoothing [1, 2, 1] of three values."""
+    return a + 2.0 * b + c
+
+
+@triton.jit
 def _components(base, i0, i1, i2, S0, S1, S2, mask, NDIM: tl.constexpr, PADDING: tl.constexpr):
     """Sobel components (g0, g1, g2) at voxels (i0, i1, i2) of the volume at `base` (g2 = 0
-    in 2D), float32."""
-    g0 = tl.zeros(i0.shape, tl.float32)
-    g1 = tl.zeros(i0.shape, tl.float32)
-    g2 = tl.zeros(i0.shape, tl.float32)
-    for o0 in tl.static_range(3):
-        c0, in0 = _axis(i0 + (o0 - 1), S0, PADDING)
-        for o1 in tl.static_range(3):
-            c1, in1 = _axis(i1 + (o1 - 1), S1, PADDING)
-            if NDIM == 3:
-                for o2 in tl.static_range(3):
-                    if (o0 != 1) | (o1 != 1) | (o2 != 1):  # the centre has weight 0
-                        c2, in2 = _axis(i2 + (o2 - 1), S2, PADDING)
-                        m = mask
-                        if PADDING == _ZEROS:
-                            m = m & in0 & in1 & in2
-                        val = tl.load(base + (c0 * S1 + c1) * S2 + c2, mask=m, other=0.0)
-                        val = val.to(tl.float32)
-                        if _comp_weight(0, o0, o1, o2, 3) != 0:
-                            g0 += _comp_weight(0, o0, o1, o2, 3) * val
-                        if _comp_weight(1, o0, o1, o2, 3) != 0:
-                            g1 += _comp_weight(1, o0, o1, o2, 3) * val
-                        if _comp_weight(2, o0, o1, o2, 3) != 0:
-                            g2 += _comp_weight(2, o0, o1, o2, 3) * val
-            else:
-                if (o0 != 1) | (o1 != 1):
-                    m = mask
-                    if PADDING == _ZEROS:
-                        m = m & in0 & in1
-                    val = tl.load(base + c0 * S1 + c1, mask=m, other=0.0).to(tl.float32)
-                    if _comp_weight(0, o0, o1, 0, 2) != 0:
-                        g0 += _comp_weight(0, o0, o1, 0, 2) * val
-                    if _comp_weight(1, o0, o1, 0, 2) != 0:
-                        g1 += _comp_weight(1, o0, o1, 0, 2) * val
+    in 2D), float32.
+
+    Differences first: every derivative pair x(+1) - x(-1) is formed from the two inputs
+    before a smoothing weight multiplies it, so a constant image gives exactly 0 at any
+    magnitude and the rounding error scales with the differences, not with the inputs (a
+    running sum of the weighted inputs gave |g| ~ 1e9 on a constant image at 1e15)."""
+    if NDIM == 3:
+        # Planes a (axis 0 offset -1), b (0), c (+1); p_rc: row r, column c (offsets - 1).
+        c0, in0 = _axis(i0 - 1, S0, PADDING)
+        a00, a01, a02, a10, a11, a12, a20, a21, a22 = _plane(
+            base, c0, in0, i1, i2, S1, S2, mask, False, PADDING)
+        c0, in0 = _axis(i0 + 1, S0, PADDING)
+        c00, c01, c02, c10, c11, c12, c20, c21, c22 = _plane(
+            base, c0, in0, i1, i2, S1, S2, mask, False, PADDING)
+        g0 = _smooth(_smooth(c00 - a00, c01 - a01, c02 - a02),
+                     _smooth(c10 - a10, c11 - a11, c12 - a12),
+                     _smooth(c20 - a20, c21 - a21, c22 - a22))
+        c0, in0 = _axis(i0, S0, PADDING)
+        b00, b01, b02, b10, _b11, b12, b20, b21, b22 = _plane(
+            base, c0, in0, i1, i2, S1, S2, mask, True, PADDING)
+        g1 = _smooth(_smooth(a20 - a00, a21 - a01, a22 - a02),
+                     _smooth(b20 - b00, b21 - b01, b22 - b02),
+                     _smooth(c20 - c00, c21 - c01, c22 - c02))
+        g2 = _smooth(_smooth(a02 - a00, a12 - a10, a22 - a20),
+                     _smooth(b02 - b00, b12 - b10, b22 - b20),
+                     _smooth(c02 - c00, c12 - c10, c22 - c20))
+    else:
+        # Rows a (axis 0 offset -1), b (0), c (+1), each with columns -1, 0, +1.
+        c0, in0 = _axis(i0 - 1, S0, PADDING)
+        a0, a1, a2 = _line(base + c0 * S1, in0, i1, S1, mask, False, PADDING)
+        c0, in0 = _axis(i0, S0, PADDING)
+        b0, _b1, b2 = _line(base + c0 * S1, in0, i1, S1, mask, True, PADDING)
+        c0, in0 = _axis(i0 + 1, S0, PADDING)
+        e0, e1, e2 = _line(base + c0 * S1, in0, i1, S1, mask, False, PADDING)
+        g0 = _smooth(e0 - a0, e1 - a1, e2 - a2)
+        g1 = _smooth(a2 - a0, b2 - b0, e2 - e0)
+        g2 = tl.zeros(g0.shape, tl.float32)
     return g0, g1, g2
 
 
@@ -206,10 +248,34 @@ def _sign(d):
 
 
 @triton.constexpr_function
-def _zero_centre(i, axis, d, padding):
-    """Whether the neighbour at offset d - 1 along `axis` has adjoint weight 0 in component
-    i everywhere: the derivative's centre tap under "zeros" padding (no edge folding)."""
-    return i == axis and d == 1 and padding == ZEROS
+def _zero_centre(i, d, padding):
+    """Whether the derivative tap at offset d - 1 along axis i has adjoint weight 0
+    everywhere: its centre under "zeros" padding (no edge folding)."""
+    return d == 1 and padding == ZEROS
+
+
+@triton.constexpr_function
+def _other_axis(i, k):
+    """The k-th (0, 1) spatial axis other than i, in increasing order."""
+    return [ax for ax in range(3) if ax != i][k]
+
+
+@triton.constexpr_function
+def _other_taps(ndim):
+    """Taps along the second smoothing axis: 3 in 3D, 1 (no such axis) in 2D."""
+    return 3 if ndim == 3 else 1
+
+
+@triton.jit
+def _pick(AXIS: tl.constexpr, x0, x1, x2):
+    """x0, x1 or x2: the value of spatial axis AXIS."""
+    if AXIS == 0:
+        r = x0
+    elif AXIS == 1:
+        r = x1
+    else:
+        r = x2
+    return r
 
 
 @triton.jit
@@ -217,24 +283,39 @@ def _adjoint_component(acc, hp, offs, mask, i0, i1, i2, S0, S1, S2, st0, st1,
                        I: tl.constexpr, NDIM: tl.constexpr, PADDING: tl.constexpr):
     """acc + the adjoint of component I applied to its gradient inputs at `hp` (the
     component's volume, any float dtype): sum over the neighbours p of w_I(q, p) h_I(p),
-    terms of weight 0 not read. st0, st1: strides of the first two spatial axes."""
-    for d0 in tl.static_range(3):
-        if not _zero_centre(I, 0, d0, PADDING):
-            w0 = _adj_coef(d0, i0, S0, I == 0, PADDING)
-            for d1 in tl.static_range(3):
-                if not _zero_centre(I, 1, d1, PADDING):
-                    w01 = w0 * _adj_coef(d1, i1, S1, I == 1, PADDING)
-                    if NDIM == 3:
-                        for d2 in tl.static_range(3):
-                            if not _zero_centre(I, 2, d2, PADDING):
-                                w = w01 * _adj_coef(d2, i2, S2, I == 2, PADDING)
-                                nb = offs + ((d0 - 1) * st0 + (d1 - 1) * st1 + (d2 - 1))
-                                h = tl.load(hp + nb, mask=mask & (w != 0.0), other=0.0)
-                                acc += w * h.to(tl.float32)
-                    else:
-                        nb = offs + ((d0 - 1) * st0 + (d1 - 1))
-                        h = tl.load(hp + nb, mask=mask & (w01 != 0.0), other=0.0)
-                        acc += w01 * h.to(tl.float32)
+    terms of weight 0 not read. st0, st1: strides of the first two spatial axes.
+
+    Differences first, as in the forward: for each offset along the smoothing axes the
+    derivative taps along axis I are combined (h(-1) - h(+1) inside the volume) before the
+    smoothing weights multiply them, so a constant h gives exactly 0 inside."""
+    A: tl.constexpr = _other_axis(I, 0)
+    B: tl.constexpr = _other_axis(I, 1)
+    qi = _pick(I, i0, i1, i2)
+    ni = _pick(I, S0, S1, S2)
+    sti = _pick(I, st0, st1, 1)
+    qa = _pick(A, i0, i1, i2)
+    na = _pick(A, S0, S1, S2)
+    sta = _pick(A, st0, st1, 1)
+    qb = _pick(B, i0, i1, i2)
+    nb = _pick(B, S0, S1, S2)
+    stb = _pick(B, st0, st1, 1)
+    for da in tl.static_range(3):
+        wa = _adj_coef(da, qa, na, False, PADDING)
+        for db in tl.static_range(_other_taps(NDIM)):
+            if NDIM == 3:
+                wo = wa * _adj_coef(db, qb, nb, False, PADDING)
+                shift = offs + ((da - 1) * sta + (db - 1) * stb)
+            else:
+                wo = wa
+                shift = offs + (da - 1) * sta
+            inner = tl.zeros(wo.shape, tl.float32)
+            for d in tl.static_range(3):
+                if not _zero_centre(I, d, PADDING):
+                    wd = _adj_coef(d, qi, ni, True, PADDING)
+                    ok = mask & (wo != 0.0) & (wd != 0.0)
+                    h = tl.load(hp + (shift + (d - 1) * sti), mask=ok, other=0.0)
+                    inner += wd * h.to(tl.float32)
+            acc += wo * inner
     return acc
 
 
@@ -391,7 +472,8 @@ def sobel_forward(x: torch.Tensor, x0: torch.Tensor | None, out: torch.Tensor, *
         x, x0 if x0 is not None else x, out, partials if partials is not None else out, vox,
         nblk, *sizes, float(eps),
         NDIM=ndim, PADDING=int(padding), MODE=int(mode), REDUCE=reduce, IDX64=idx64,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        maxnreg=FWD_IDX64_MAXNREG if (idx64 and ndim == 3) else MAXNREG,
     )
     if partials is not None:
         total = partials.double().sum()  # fixed order: deterministic

@@ -429,6 +429,111 @@ def test_backward_nan_on_a_size_one_axis(ndim, padding, gen):
         _assert_same_nan_reach(name, got, want)
 
 
+# =========================================================================== large intensities
+
+# Every backend in float32 (the cpu and torch backends also in float64 below): a constant
+# image has no edges at any magnitude. A kernel that sums the 26 weighted inputs in one
+# running sum rounds at the scale of the inputs (|g| ~ 1e9 at 1e15, ~1e24 at 1e30); one that
+# forms each derivative pair x(+1) - x(-1) first gives exactly 0.
+LARGE = (1e15, 1e30, -1e30)
+LARGE_SHAPES = {2: (1, 2, 7, 6), 3: (1, 2, 7, 6, 5)}
+
+
+def _interior(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """The voxels at least one voxel away from every edge (the last ndim axes)."""
+    return t[(..., *[slice(1, -1)] * ndim)]
+
+
+@pytest.mark.parametrize("value", LARGE)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_image_has_no_edges(backend, ndim, value, poison):
+    """A constant image at 1e15 / ±1e30: components exactly 0 ("replicate" everywhere,
+    "zeros" inside), magnitude sqrt(eps), its gradient 0; the components' gradient for a
+    constant upstream exactly 0 inside and the float64 truth at the edges; sobel_l1 of two
+    constant images exactly 0 with zero gradients."""
+    shape = LARGE_SHAPES[ndim]
+    x = torch.full(shape, value)
+    for padding in PADDINGS:
+        g = sobel(x, output="components", padding=padding, backend=backend)
+        got = g if padding == "replicate" else _interior(g, ndim)
+        assert got.abs().max().item() == 0.0, (padding, got.abs().max().item())
+    xg = x.clone().requires_grad_()
+    m = sobel(xg, backend=backend)
+    assert torch.equal(m, torch.full_like(m, torch.tensor(1e-6).sqrt().item()))
+    m.sum().backward()
+    assert xg.grad.abs().max().item() == 0.0
+    # Components backward: the adjoint filter of a constant upstream gradient.
+    up = torch.full((*shape[:2], ndim, *shape[2:]), value / 1e2)
+    xg = x.clone().requires_grad_()
+    (grad,) = autograd_grads(sobel(xg, output="components", backend=backend), (xg,), up)
+    truth = sum(_np_apply(up[:, :, i].double().numpy(), i, "replicate", transpose=True)
+                for i in range(ndim))
+    assert _interior(grad, ndim).abs().max().item() == 0.0
+    err = (grad.double() - torch.from_numpy(truth)).abs().max().item()
+    assert err <= 1e-6 * abs(truth).max(), err
+    f1, f0 = x.clone().requires_grad_(), torch.full(shape, -value / 3).requires_grad_()
+    for reduction in REDUCTIONS:
+        loss = sobel_l1(f1, f0, reduction=reduction, backend=backend)
+        assert loss.abs().max().item() == 0.0, (reduction, loss.abs().max().item())
+        g1, g0 = torch.autograd.grad(loss.sum(), (f1, f0))
+        assert g1.abs().max().item() == 0.0 and g0.abs().max().item() == 0.0
+
+
+# float32(1e15) = 999999986991104 (24 significant bits) and its float32 spacing there.
+OFFSET, STEP = float(np.float32(1e15)), 2.0**26
+
+
+def _offset_ramp(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    """OFFSET + STEP (i + 2 j [+ 3 k] + c) per volume (c: the channel), and the slope of
+    each axis. Every value is a float32 of one binade, so every difference of two of them is
+    exact, and so is every [1, 2, 1]-weighted sum of differences: a Sobel that forms the
+    differences first gets exactly 32 * slope (3D) / 8 * slope (2D) inside, one that sums
+    the weighted inputs rounds at 16 * OFFSET (spacing 2**30 > STEP)."""
+    ndim = len(shape) - 2
+    slopes = [STEP * (i + 1) for i in range(ndim)]
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape[2:]],
+                           indexing="ij")
+    ramp = sum(s * g for s, g in zip(slopes, grids))
+    chan = torch.arange(shape[1], dtype=torch.float64).view(1, -1, *[1] * ndim) * STEP
+    x = OFFSET + ramp + chan + torch.zeros(shape, dtype=torch.float64)
+    assert torch.equal(x.float().double(), x)
+    return x.to(dtype), slopes
+
+
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_plus_ramp_is_exact(backend, ndim, poison):
+    """A ramp on an offset of ~1e15 (_offset_ramp), in the backend's most precise dtype
+    (float64 on torch/cpu, float32 on triton): the components are the float64 truth,
+    exactly inside (the known slope times the weights' sum), and the components' gradient
+    for the same ramp as upstream is the truth (exactly two voxels away from the edges,
+    to 1e-6 of its largest value everywhere)."""
+    dtype = _dtype_for(backend)
+    x, slopes = _offset_ramp(LARGE_SHAPES[ndim], dtype)
+    weight = 32.0 if ndim == 3 else 8.0
+    for padding in PADDINGS:
+        g = sobel(x, output="components", padding=padding, backend=backend)
+        truth = torch.from_numpy(_np_components(x, padding))
+        for i, s in enumerate(slopes):
+            inside = _interior(g[:, :, i], ndim).double()
+            assert torch.equal(inside, torch.full_like(inside, weight * s)), (padding, i)
+        err = (g.double() - truth).abs().max().item()
+        assert err <= 1e-6 * truth.abs().max().item(), (padding, err)
+    # The adjoint of an upstream gradient that is itself a large offset plus a ramp.
+    up = torch.stack([x] * ndim, 2)
+    xg = x.clone().requires_grad_()
+    (grad,) = autograd_grads(sobel(xg, output="components", backend=backend), (xg,), up)
+    truth = torch.from_numpy(sum(_np_apply(up[:, :, i].double().numpy(), i, "replicate",
+                                           transpose=True) for i in range(ndim)))
+    # At the edges the components' shares are ~3e16 and cancel: a float32 rounding of
+    # each (~2**31) is the error to expect there, not one relative to their sum.
+    err = (grad.double() - truth).abs().max().item()
+    assert err <= 1e-6 * truth.abs().max().item(), err
+    inner = [slice(None), slice(None)] + [slice(2, -2)] * ndim
+    assert torch.equal(grad.double()[tuple(inner)], truth[tuple(inner)])
+
+
 # =========================================================================== Triton launcher
 
 
@@ -646,6 +751,42 @@ def test_torch_compile_fullgraph(gen):
         assert_close_verbose(comp, eager, torch.float32, name=name)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_dynamic(backend, gen):
+    """sobel and sobel_l1 under torch.compile(fullgraph=True, dynamic=True): two input sizes
+    in a row, two values of eps each, values and gradients as in eager mode."""
+
+    def fn(f1, f0, eps):
+        edges = sobel(f1, output="components", backend=backend)
+        mag = sobel(f0, eps=eps, backend=backend)
+        loss = sobel_l1(f1, f0, eps=eps, backend=backend) + (edges * edges).mean()
+        return edges, mag, loss + mag.mean()
+
+    torch._dynamo.reset()
+    try:
+        # Inductor for the kernel backends; aot_eager (the same dynamo and AOTAutograd
+        # tracing, no C++ code generation) for the torch backend's many ops, to keep
+        # the test short.
+        compiler = "aot_eager" if backend == "torch" else "inductor"
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=compiler)
+        for shape in ((2, 2, 4, 5, 3), (3, 2, 5, 3, 4)):
+            x, y = rand(gen, *shape), rand(gen, *shape)
+            for eps in (1e-6, 1e-3):
+                results = []
+                for f in (fn, compiled):
+                    a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+                    edges, mag, total = f(a, b, eps)
+                    results.append((edges.detach(), mag.detach(), total.detach(),
+                                    *torch.autograd.grad(total, (a, b))))
+                for name, eager, comp in zip(("edges", "magnitude", "loss", "d f1", "d f0"),
+                                             *results):
+                    assert_close_verbose(comp, eager, torch.float32,
+                                         name=f"{shape} {eps} {name}")
+    finally:
+        torch._dynamo.reset()
+
+
 # =========================================================================== bad input
 
 X2 = torch.ones(1, 2, 4, 5)
@@ -683,6 +824,14 @@ BAD_INPUTS = {
                 r"sobel: eps must be positive and finite .*got nan"),
     "eps-inf": (lambda: sobel(X2, eps=float("inf")), ValueError,
                 r"sobel: eps must be positive and finite .*got inf"),
+    # eps must be a normal float32 (the GPU backends compute in float32): 1e-300 is 0 there
+    # (a NaN gradient where every component vanishes), 1e300 is inf.
+    "eps-tiny": (lambda: sobel(X2, eps=1e-300), ValueError,
+                 r"sobel: eps must be positive and finite \(in \[1e-30, 1e\+30\].*got 1e-300"),
+    "eps-huge": (lambda: sobel(X2, eps=1e300, backend="torch"), ValueError,
+                 r"sobel: eps must be .*got 1e\+300"),
+    "l1-eps-tiny": (lambda: sobel_l1(X2, X2, eps=1e-31, backend="cpu"), ValueError,
+                    r"sobel_l1: eps must be .*got 1e-31"),
     "backend": (lambda: sobel(X2, backend="numpy"), ValueError,
                 r"sobel: backend must be one of torch, cpu, triton, cuda, auto, got 'numpy'"),
     # sobel_l1
@@ -960,6 +1109,54 @@ def test_cuda_kernel_bodies_on_the_host(cuda_host_lib, dtype, gen):
                         if a is not None:
                             assert_close_verbose(a, b, dtype,
                                                  name=f"{shape} {padding} {reduction} d {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_cuda_kernel_bodies_large_intensities(cuda_host_lib, ndim):
+    """The CUDA kernels' per-voxel math on a constant image at 1e15 / ±1e30 (components
+    exactly 0, magnitude sqrt(eps) with zero gradient, sobel_l1 0, the components'
+    gradient of a constant upstream 0 inside) and on the offset ramp (components exact
+    inside, the gradient of the ramp as upstream exact two voxels from the edges)."""
+    lib = cuda_host_lib
+    shape = LARGE_SHAPES[ndim]
+    nan = float("nan")
+    for value in LARGE:
+        x = torch.full(shape, value)
+        out = torch.full((*shape[:2], ndim, *shape[2:]), nan)
+        lib.host_sobel_forward(*_host_args(x, "replicate", 0, "none"), _p(x), _p(None), _p(out))
+        assert out.abs().max().item() == 0.0, value
+        mag = torch.full(shape, nan)
+        lib.host_sobel_forward(*_host_args(x, "replicate", 1, "none"), _p(x), _p(None), _p(mag))
+        assert torch.equal(mag, torch.full_like(mag, torch.tensor(1e-6).sqrt().item()))
+        g = torch.full(shape, nan)
+        lib.host_sobel_backward(*_host_args(x, "replicate", 1, "none"), _p(torch.ones(shape)),
+                                _p(x), _p(None), _p(g), _p(None))
+        assert g.abs().max().item() == 0.0, value
+        y = torch.full(shape, -value / 3)
+        d = torch.full(shape, nan)
+        lib.host_sobel_forward(*_host_args(x, "replicate", 2, "none"), _p(x), _p(y), _p(d))
+        assert d.abs().max().item() == 0.0, value
+        up = torch.full(out.shape, value / 1e2)
+        lib.host_sobel_backward(*_host_args(x, "replicate", 0, "none"), _p(up), _p(x),
+                                _p(None), _p(g), _p(None))
+        assert _interior(g, ndim).abs().max().item() == 0.0, value
+    x, slopes = _offset_ramp(shape, torch.float32)
+    weight = 32.0 if ndim == 3 else 8.0
+    out = torch.full((*shape[:2], ndim, *shape[2:]), nan)
+    lib.host_sobel_forward(*_host_args(x, "replicate", 0, "none"), _p(x), _p(None), _p(out))
+    for i, s in enumerate(slopes):
+        inside = _interior(out[:, :, i], ndim)
+        assert torch.equal(inside, torch.full_like(inside, weight * s)), i
+    up = torch.stack([x] * ndim, 2).contiguous()
+    g = torch.full(shape, nan)
+    lib.host_sobel_backward(*_host_args(x, "replicate", 0, "none"), _p(up), _p(x), _p(None),
+                            _p(g), _p(None))
+    truth = torch.from_numpy(sum(_np_apply(up[:, :, i].double().numpy(), i, "replicate",
+                                           transpose=True) for i in range(ndim)))
+    inner = [slice(None), slice(None)] + [slice(2, -2)] * ndim
+    assert torch.equal(g.double()[tuple(inner)], truth[tuple(inner)])
+    assert (g.double() - truth).abs().max().item() <= 1e-6 * truth.abs().max().item()
 
 
 # =========================================================================== GPU
