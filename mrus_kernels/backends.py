@@ -10,7 +10,6 @@ raises :class:`BackendUnavailableError` with the reason; there is no silent fall
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,13 +34,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT_ERROR: dict[str, str | None] = {}  # computed once, on first use
+
+
+# A constant to torch.compile: dynamo calls it rather than tracing it (an lru_cache here
+# made dynamo warn, an error under pytest, in every compiled call that asks for triton).
+@torch.compiler.assume_constant_result
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc}); `pip install triton`"
-    return None
+    if "reason" not in _TRITON_IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            _TRITON_IMPORT_ERROR["reason"] = (
+                f"triton is not installed ({exc}); `pip install triton`"
+            )
+        else:
+            _TRITON_IMPORT_ERROR["reason"] = None
+    return _TRITON_IMPORT_ERROR["reason"]
 
 
 def install_reason(name: str) -> str | None:

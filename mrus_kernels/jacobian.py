@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,22 +16,38 @@ _HALF = (torch.float16, torch.bfloat16)
 _VOXELS_PER_THREAD = 16384  # field elements (voxels x ndim) worth a thread of their own
 
 
+# Accepted voxel sizes: the kernels take 1/h per axis in the arithmetic dtype (float32 for
+# float32 and half inputs), a finite normal float32 for h in this range (1e-200 gave an
+# infinite 1/h in float32 and a NaN determinant, 1e200 a 1/h flushed to 0).
+SPACING_MIN, SPACING_MAX = 1e-12, 1e12
+
+
+def _expected(ndim: int) -> str:
+    # Built only for an error message: torch.compile does not trace string formatting.
+    return (f"None, a number or {ndim} numbers (one per spatial axis) in "
+            f"[{SPACING_MIN:g}, {SPACING_MAX:g}]")
+
+
 def _check_spacing(op: str, spacing: object, ndim: int) -> tuple[float, ...]:
     """None, one positive number (every axis) or ndim positive numbers -> ndim floats."""
     if spacing is None:
         return (1.0,) * ndim
-    expected = f"None, a positive number or {ndim} positive numbers (one per spatial axis)"
     if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
         values: tuple[object, ...] = (spacing,) * ndim
     elif isinstance(spacing, Sequence) and not isinstance(spacing, str):
         values = tuple(spacing)
     else:
-        raise TypeError(f"{op}: spacing must be {expected}, got {type(spacing).__name__}")
+        raise TypeError(
+            f"{op}: spacing must be {_expected(ndim)}, got {type(spacing).__name__}"
+        )
+    # Comparisons only (NaN fails both): under torch.compile a spacing may be symbolic,
+    # which math.isfinite does not take.
     if len(values) != ndim or not all(
-        isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0
+        isinstance(h, (int, float)) and not isinstance(h, bool)
+        and SPACING_MIN <= h <= SPACING_MAX  # type: ignore[operator]
         for h in values
     ):
-        raise ValueError(f"{op}: spacing must be {expected}, got {spacing!r}")
+        raise ValueError(f"{op}: spacing must be {_expected(ndim)}, got {spacing!r}")
     return tuple(float(h) for h in values)  # type: ignore[arg-type]
 
 
@@ -186,8 +201,9 @@ def jacobian_det(
     Args:
         u: Tensor [B, ndim, *S] (2D: S = (H, W); 3D: S = (D, H, W)), component i along
             spatial axis i, in voxel units, or in the units of ``spacing`` when given.
-        spacing: voxel size per spatial axis (one number for all axes, or ndim numbers),
-            in the units of ``u`` (e.g. mm for a displacement in mm). None: voxel units.
+        spacing: voxel size per spatial axis (one number for all axes, or ndim numbers,
+            each in [1e-12, 1e12]), in the units of ``u`` (e.g. mm for a displacement in
+            mm). None: voxel units.
             (A displacement in voxel units has the same determinant at any spacing.)
         backend: "auto", "torch", "cpu", "triton" or "cuda"; default ``MRUS_BACKEND`` or
             "auto".

@@ -37,6 +37,14 @@ def _validate(op: str, u: object, min_size: int) -> int:
     return ndim
 
 
+# Accepted voxel sizes. The kernels take the axis weights 1 / (h² ndim count) in the
+# arithmetic dtype (float32 for float32 and half inputs): for h in this range 1/h² lies in
+# [1e-24, 1e24], so every weight is a finite normal float32 for any volume below 10**13
+# differences per axis (outside it a weight overflows to inf or flushes to 0, and Python
+# raised ZeroDivisionError / OverflowError computing it).
+SPACING_MIN, SPACING_MAX = 1e-12, 1e12
+
+
 def _spacing(spacing: object, ndim: int) -> tuple[float, ...]:
     if spacing is None:
         return (1.0,) * ndim
@@ -49,8 +57,13 @@ def _spacing(spacing: object, ndim: int) -> tuple[float, ...]:
             f"grad_l2: spacing must be None, a number or {ndim} numbers (one per spatial "
             f"axis), got {spacing!r}"
         )
-    if not all([h > 0 and math.isfinite(h) for h in spacing]):
-        raise ValueError(f"grad_l2: spacing must be finite and > 0, got {tuple(spacing)}")
+    # Comparisons only (NaN fails both): under torch.compile a spacing may be symbolic,
+    # which math.isfinite does not take.
+    if not all([SPACING_MIN <= h <= SPACING_MAX for h in spacing]):
+        raise ValueError(
+            f"grad_l2: spacing must be in [{SPACING_MIN:g}, {SPACING_MAX:g}] per axis (voxel "
+            f"sizes whose weights 1/h² are normal float32 numbers), got {tuple(spacing)}"
+        )
     return tuple([float(h) for h in spacing])
 
 
@@ -201,7 +214,7 @@ def grad_l2(
         u: Tensor [B, C, *S] (a displacement field has C = ndim), any units; every spatial
             size >= 2.
         spacing: voxel size per spatial axis (h_i, in the units of u per voxel), a single
-            number for all axes, or None (1).
+            number for all axes, or None (1); each in [1e-12, 1e12] (ValueError otherwise).
         backend: "auto", "torch", "cpu", "triton" or "cuda".
 
     Returns:

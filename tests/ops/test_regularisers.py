@@ -188,6 +188,40 @@ def test_noncontiguous_half_and_compile(gen):
     assert_close_verbose(g, ge)
 
 
+# Inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_dynamic(backend, gen):
+    """grad_l2 with a variable spacing and harmonic_energy under torch.compile(fullgraph=True,
+    dynamic=True), as training with varying crop sizes compiles them: two input sizes in a
+    row, two spacings each (a number, then a tuple), value and gradient as in eager mode.
+    The spacing check called math.isfinite, which dynamo cannot trace."""
+
+    def fn(u, h):
+        return (grad_l2(u, spacing=h, backend=backend)
+                + harmonic_energy(u, reduction="mean", backend=backend))
+
+    torch._dynamo.reset()
+    try:
+        # Inductor for the kernel backends; aot_eager (the same dynamo and AOTAutograd
+        # tracing, no C++ code generation) for the torch backend's many ops, to keep
+        # the test short.
+        compiler = "aot_eager" if backend == "torch" else "inductor"
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=compiler)
+        for shape in ((2, 3, 5, 6, 7), (3, 3, 6, 4, 5)):
+            u = randn(gen, *shape)
+            for h in (0.7, (1.9, 0.5, 1.2)):
+                results = []
+                for f in (fn, compiled):
+                    x = u.clone().requires_grad_()
+                    out = f(x, h)
+                    results.append((out.detach(), *torch.autograd.grad(out, x)))
+                for name, eager, comp in zip(("value", "d u"), *results):
+                    assert_close_verbose(comp, eager, torch.float32, name=f"{shape} {h} {name}")
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gpu_backends(gpu_backend, shape, gen):
@@ -281,7 +315,19 @@ U = torch.rand(1, 3, 4, 5, 6)
         (lambda: grad_l2(U, spacing=(1.0, 2.0)), ValueError,
          "spacing must be None, a number or 3"),
         (lambda: grad_l2(U, spacing=(1.0, -2.0, 1.0)), ValueError,
-         "spacing must be finite and > 0"),
+         r"grad_l2: spacing must be in \[1e-12, 1e\+12\] per axis .*got \(1\.0, -2\.0, 1\.0\)"),
+        # The weights 1/h² must be finite normal float32 numbers: 1e-200 raised
+        # ZeroDivisionError, 1e200 OverflowError (the torch backend returned inf / 0).
+        (lambda: grad_l2(U, spacing=1e-200), ValueError,
+         r"grad_l2: spacing must be in \[1e-12, 1e\+12\] .*got \(1e-200, 1e-200, 1e-200\)"),
+        (lambda: grad_l2(U, spacing=(1.0, 1e200, 1.0), backend="torch"), ValueError,
+         r"grad_l2: spacing must be in .*got \(1\.0, 1e\+200, 1\.0\)"),
+        (lambda: grad_l2(U, spacing=(1.0, 2e12, 1.0), backend="cpu"), ValueError,
+         r"grad_l2: spacing must be in .*got \(1\.0, 2000000000000\.0, 1\.0\)"),
+        (lambda: grad_l2(U, spacing=(float("nan"), 1.0, 1.0)), ValueError,
+         r"grad_l2: spacing must be in .*got \(nan, 1\.0, 1\.0\)"),
+        (lambda: grad_l2(U, spacing=math.inf), ValueError,
+         r"grad_l2: spacing must be in .*got \(inf, inf, inf\)"),
         (lambda: grad_l2(torch.rand(1, 3, 4, 1, 6)), ValueError,
          "every spatial size of u must be >= 2"),
         (lambda: grad_l2(U.numpy()), TypeError, "u must be a torch.Tensor"),
