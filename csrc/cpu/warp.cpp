@@ -107,19 +107,29 @@ MRUS_ROW_CLONES void forward_rows(const WarpArgs& a, const T* image, const T* dd
         for (int64_t c = 0; c < a.C; ++c) {
           const T* ic = img + c * n_in;
           T* oc = o + c * n_out;
+          const T* uc = add ? u + c * n_out + n0 + x0 : nullptr;
+          int redo = 0;  // some lerp is not finite
           if (add) {
-            const T* uc = u + c * n_out + n0 + x0;
-#pragma omp simd
-            for (int j = 0; j < len; ++j) {
-              const T s = warp::row_sample<NDIM, T, I>(R, j, ic) + uc[j];
-              oc[j] = R.nan[j] ? T(NAN) : s;
-            }
-          } else {
-#pragma omp simd
+#pragma omp simd reduction(| : redo)
             for (int j = 0; j < len; ++j) {
               const T s = warp::row_sample<NDIM, T, I>(R, j, ic);
+              redo |= !warp::is_finite(s) && !R.nan[j];
+              oc[j] = R.nan[j] ? T(NAN) : s + uc[j];
+            }
+          } else {
+#pragma omp simd reduction(| : redo)
+            for (int j = 0; j < len; ++j) {
+              const T s = warp::row_sample<NDIM, T, I>(R, j, ic);
+              redo |= !warp::is_finite(s) && !R.nan[j];
               oc[j] = R.nan[j] ? T(NAN) : s;
             }
+          }
+          // Rare (inf or NaN in the image, or overflow): those voxels term by term, as the
+          // reference (warp.h).
+          for (int j = 0; redo && j < len; ++j) {
+            if (R.nan[j] || warp::is_finite(warp::row_sample<NDIM, T, I>(R, j, ic))) continue;
+            const T s = warp::row_sample_terms<NDIM, T, I>(R, j, ic);
+            oc[j] = add ? s + uc[j] : s;
           }
         }
       }
@@ -147,6 +157,7 @@ MRUS_ROW_CLONES void backward_rows(const WarpArgs& a, const T* grad_out, const T
   T wg[K][BLK];      // weight x grad_out of one channel
   T corner[K][BLK];  // sum over channels of grad_out x image at each corner
   T gu[NDIM][BLK];   // ddf gradient, summed over the batch items sharing the ddf
+  T dp[NDIM][BLK];   // d out / d p of one batch item
   int64_t xo[NDIM];
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t n0 = row * W;
@@ -204,12 +215,30 @@ MRUS_ROW_CLONES void backward_rows(const WarpArgs& a, const T* grad_out, const T
           }
         }
         if (need_ddf) {
-#pragma omp simd
+          int redo = 0;  // some lerp is not finite
+#pragma omp simd reduction(| : redo)
           for (int j = 0; j < len; ++j) {
             T v[K], d[NDIM];
             for (int k = 0; k < K; ++k) v[k] = corner[k][j];
             warp::lerp_gradient<NDIM, T, I>(R, j, v, d);
-            for (int i = 0; i < NDIM; ++i) gu[i][j] += R.nan[j] ? T(0) : d[i];
+            for (int i = 0; i < NDIM; ++i) {
+              redo |= !warp::is_finite(d[i]) && !R.nan[j];
+              dp[i][j] = R.nan[j] ? T(0) : d[i];
+            }
+          }
+          // Rare (inf or NaN reached a corner sum, or overflow): term by term (warp.h).
+          for (int j = 0; redo && j < len; ++j) {
+            bool finite = true;
+            for (int i = 0; i < NDIM; ++i) finite = finite && warp::is_finite(dp[i][j]);
+            if (finite) continue;
+            T v[K], d[NDIM];
+            for (int k = 0; k < K; ++k) v[k] = corner[k][j];
+            warp::corner_gradient_terms<NDIM, T, I>(R, j, v, d);
+            for (int i = 0; i < NDIM; ++i) dp[i][j] = d[i];
+          }
+          for (int i = 0; i < NDIM; ++i) {
+#pragma omp simd
+            for (int j = 0; j < len; ++j) gu[i][j] += dp[i][j];
           }
         }
         if (add) {  // d out[c] / d ddf[c] = 1, NaN sample or not

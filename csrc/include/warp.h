@@ -5,6 +5,16 @@
 // interpolates against zero-valued voxels outside the image (grid_sample's zeros); "border"
 // clamps the coordinate into [0, n - 1] first (gradient 0 where it was clamped).
 // A NaN coordinate gives NaN in every channel and no gradient contribution.
+//
+// Non-finite values follow the reference (mrus_kernels/reference.py, plain PyTorch) term by
+// term: the output is sum_k w_k * v_k over the corners inside the image, so an infinite
+// corner value gives inf where its weight is positive and NaN (inf * 0) where it is exactly
+// 0; the displacement gradient along axis i is sum_k c_k * d w_k / d p_i, with c_k the sum
+// over channels of grad_out * v_k (a padding corner counts as v_k = 0, so a non-finite
+// grad_out reaches c_k as 0 * inf = NaN), and is exactly 0 where the coordinate was clamped
+// (the reference's clamp passes no gradient there, not even NaN). "zeros" padding bounds the
+// coordinate to [-2, n + 1], a clamp too. The CPU row loops interpolate by successive lerps
+// (fast) and redo in this term-by-term form only the voxels whose lerp is not finite.
 #pragma once
 
 #include "common.h"
@@ -50,33 +60,31 @@ struct WarpArgs {
 };
 
 // Linear sampling along one axis.
+// x - x is 0 for a finite x and NaN for inf or NaN (no <cmath> classification: the same
+// code on the host, the device and in vector loops).
+template <typename T>
+MRUS_HD bool is_finite(T x) {
+  return x - x == T(0);
+}
+
 template <typename T>
 struct AxisLinear {
-  int64_t i0;  // lower corner index (may be outside [0, n))
-  T t;         // fractional part: weight of the upper corner
-  T gate;      // d(clamped p)/dp: 0 where border padding clamped the coordinate
-  bool v0, v1; // corners inside the image
+  int64_t i0;   // lower corner index (may be outside [0, n))
+  T t;          // fractional part: weight of the upper corner
+  bool inside;  // the coordinate was not clamped: the gradient along this axis passes
+  bool v0, v1;  // corners inside the image
 };
 
 template <typename T>
 MRUS_HD AxisLinear<T> axis_linear(T p, int64_t n, int padding) {
   AxisLinear<T> a;
-  a.gate = T(1);
-  const T hi = T(n - 1);
-  if (padding == int(Padding::BORDER)) {
-    if (p < T(0)) {
-      p = T(0);
-      a.gate = T(0);
-    } else if (p > hi) {
-      p = hi;
-      a.gate = T(0);
-    }
-  } else {
-    // Beyond one voxel outside, both corners are padding: bounding p keeps the integer
-    // conversion defined (p may be huge or infinite) without changing value or gradient.
-    if (p < T(-2)) p = T(-2);
-    if (p > hi + T(2)) p = hi + T(2);
-  }
+  // Border: clamp into [0, n - 1]. Zeros: beyond one voxel outside both corners are
+  // padding; bounding p to [-2, n + 1] keeps the integer conversion defined (p may be huge
+  // or infinite) without changing the value.
+  const T lo = padding == int(Padding::BORDER) ? T(0) : T(-2);
+  const T hi = padding == int(Padding::BORDER) ? T(n - 1) : T(n + 1);
+  a.inside = p >= lo && p <= hi;
+  p = p < lo ? lo : (p > hi ? hi : p);
   const T f = floor(p);
   a.t = p - f;
   a.i0 = static_cast<int64_t>(f);
@@ -124,20 +132,34 @@ MRUS_UNROLL
   }
 }
 
-// d w_k / d p_i (through the border clamp).
+// d w_k / d p_i of the interpolation weight of corner k, t[j] the upper weight along axis j
+// (the clamp is the caller's: the gradient is 0 along a clamped axis).
 template <int NDIM, typename T>
-MRUS_HD T linear_dweight(const LinearStencil<NDIM, T>& s, int k, int i) {
-  T d = s.ax[i].gate;
+MRUS_HD T corner_dweight(const T* t, int k, int i) {
+  T d = corner_bit<NDIM>(k, i) ? T(1) : T(-1);
 MRUS_UNROLL
   for (int j = 0; j < NDIM; ++j) {
-    const int bit = corner_bit<NDIM>(k, j);
-    if (j == i) {
-      d *= bit ? T(1) : T(-1);
-    } else {
-      d *= bit ? s.ax[j].t : T(1) - s.ax[j].t;
-    }
+    if (j != i) d *= corner_bit<NDIM>(k, j) ? t[j] : T(1) - t[j];
   }
   return d;
+}
+
+// sum_k c[k] * d w_k / d p_i term by term (the reference's form: an infinite c[k] gives NaN
+// where the rest of its weight is 0), and exactly 0 where axis i was clamped.
+template <int NDIM, typename T>
+MRUS_HD T corner_gradient(const T* t, const T* c, bool inside, int i) {
+  T d = T(0);
+MRUS_UNROLL
+  for (int k = 0; k < (1 << NDIM); ++k) d += c[k] * corner_dweight<NDIM, T>(t, k, i);
+  return inside ? d : T(0);
+}
+
+// Whether coordinate p lies inside the clamp range of nearest sampling (as axis_linear).
+template <typename T>
+MRUS_HD bool nearest_inside(T p, int64_t n, int padding) {
+  const T lo = padding == int(Padding::BORDER) ? T(0) : T(-2);
+  const T hi = padding == int(Padding::BORDER) ? T(n - 1) : T(n + 1);
+  return p >= lo && p <= hi;
 }
 
 // Nearest voxel; returns false when it lies outside the image (zeros padding).
@@ -268,15 +290,30 @@ MRUS_UNROLL
     const bool nan = sample_point<NDIM, scalar_t, T>(a, ddf, b, n, x, p);
     if (!nan && a.mode == int(Interp::NEAREST)) {
       int64_t off;
-      if (need_image && nearest_offset<NDIM, T>(p, a.in_size, a.padding, off)) {
+      const bool hit = need_image && nearest_offset<NDIM, T>(p, a.in_size, a.padding, off);
+      // Rounding has derivative 0: the reference's displacement gradient is
+      // (sum_c grad_out) * 0 along every axis it did not clamp, 0 unless grad_out is inf or
+      // NaN there.
+      T zero = T(0);
+      if (hit || need_ddf) {
         for (int64_t c = 0; c < a.C; ++c) {
-          scatter(bi * a.C * n_in + c * n_in + off, static_cast<T>(g[c * n_out]));
+          const T gc = static_cast<T>(g[c * n_out]);
+          if (hit) scatter(bi * a.C * n_in + c * n_in + off, gc);
+          zero += gc * T(0);
+        }
+      }
+      if (need_ddf) {
+MRUS_UNROLL
+        for (int i = 0; i < NDIM; ++i) {
+          gu[i] += nearest_inside<T>(p[i], a.in_size[i], a.padding) ? zero : T(0);
         }
       }
     } else if (!nan) {
       LinearStencil<NDIM, T> s;
       make_linear<NDIM, T>(p, a.in_size, a.padding, s);
-      T corner[K];  // sum over channels of grad_out * image at each corner
+      // Sum over channels of grad_out * image at each corner; a padding corner reads as 0
+      // (never loaded), so that an inf or NaN grad_out reaches it as the reference's 0 * g.
+      T corner[K];
 MRUS_UNROLL
       for (int k = 0; k < K; ++k) corner[k] = T(0);
       for (int64_t c = 0; c < a.C; ++c) {
@@ -285,18 +322,17 @@ MRUS_UNROLL
         const int64_t base = bi * a.C * n_in + c * n_in;
 MRUS_UNROLL
         for (int k = 0; k < K; ++k) {
-          if (!s.valid[k]) continue;
-          if (need_ddf) corner[k] += gc * static_cast<T>(ic[s.off[k]]);
-          if (need_image) scatter(base + s.off[k], s.w[k] * gc);
+          if (need_ddf) corner[k] += gc * (s.valid[k] ? static_cast<T>(ic[s.off[k]]) : T(0));
+          if (need_image && s.valid[k]) scatter(base + s.off[k], s.w[k] * gc);
         }
       }
       if (need_ddf) {
+        T t[NDIM];
+MRUS_UNROLL
+        for (int i = 0; i < NDIM; ++i) t[i] = s.ax[i].t;
 MRUS_UNROLL
         for (int i = 0; i < NDIM; ++i) {
-          T d = T(0);
-MRUS_UNROLL
-          for (int k = 0; k < K; ++k) d += corner[k] * linear_dweight<NDIM, T>(s, k, i);
-          gu[i] += d;
+          gu[i] += corner_gradient<NDIM, T>(t, corner, s.ax[i].inside, i);
         }
       }
     }
@@ -336,7 +372,7 @@ struct RowLattice {
   static constexpr int K = 1 << NDIM;
   I off[K][kRowBlock];     // flat corner offsets, clamped into the volume
   T t[NDIM][kRowBlock];    // weight of the upper corner per axis
-  T gate[NDIM][kRowBlock]; // d(clamped p)/dp per axis
+  T gate[NDIM][kRowBlock]; // 1: the coordinate was not clamped (gradient passes), else 0
   int mask[kRowBlock];     // bit k: corner k inside the image; 0 for a NaN sample
   int nan[kRowBlock];      // the sampling point has a NaN coordinate
 };
@@ -355,11 +391,11 @@ inline void row_lattice_voxel(RowLattice<NDIM, T, I>& R, int j, const T* p, cons
     q = is_nan(q) ? T(0) : q;
     const I n = size[i];
     const T top = T(n - 1);
-    // Border: clamp into [0, n - 1] (gradient 0 where clamped). Zeros: beyond one voxel
-    // outside both corners are padding; bounding keeps the conversion defined.
+    // Border: clamp into [0, n - 1]. Zeros: beyond one voxel outside both corners are
+    // padding; bounding keeps the conversion defined. Either way a clamp: gradient 0.
     const T lo_b = border ? T(0) : T(-2);
     const T hi_b = border ? top : top + T(2);
-    R.gate[i][j] = (border && (q < lo_b || q > hi_b)) ? T(0) : T(1);
+    R.gate[i][j] = (q < lo_b || q > hi_b) ? T(0) : T(1);
     q = q < lo_b ? lo_b : (q > hi_b ? hi_b : q);
     // floor through truncation (q is bounded; SSE2 has no vector floor).
     I i0 = static_cast<I>(q);
@@ -422,8 +458,9 @@ inline T row_sample(const RowLattice<NDIM, T, I>& R, int j, const T* img) {
   return lerp_corners<NDIM, T>(v, t);
 }
 
-// d/dp_i of the multilinear interpolant of corner values v at voxel j, for every axis i
-// (through the border clamp): the lerp over the other axes of the differences along i.
+// d/dp_i of the multilinear interpolant of corner values v at voxel j, for every axis i:
+// the lerp over the other axes of the differences along i, 0 along a clamped axis (a
+// select, not a product: the reference passes no gradient there, not even NaN).
 template <int NDIM, typename T, typename I>
 inline void lerp_gradient(const RowLattice<NDIM, T, I>& R, int j, const T* v, T* grad) {
   constexpr int H = (1 << NDIM) / 2;
@@ -440,7 +477,8 @@ inline void lerp_gradient(const RowLattice<NDIM, T, I>& R, int j, const T* v, T*
     for (int a = 0; a < NDIM; ++a) {
       if (a != i) t[m++] = R.t[a][j];
     }
-    grad[i] = R.gate[i][j] * lerp_corners<NDIM - 1, T>(d, t);
+    const T gi = lerp_corners<NDIM - 1, T>(d, t);
+    grad[i] = R.gate[i][j] != T(0) ? gi : T(0);
   }
 }
 
@@ -456,6 +494,29 @@ inline void corner_weights(const RowLattice<NDIM, T, I>& R, int j, T* w) {
     }
     w[k] = (mask >> k) & 1 ? wk : T(0);
   }
+}
+
+// The term-by-term forms of row_sample and lerp_gradient (those of forward_voxel and
+// backward_voxel, file comment), for the voxels whose lerp is not finite: an infinite
+// corner makes the lerp's differences NaN where the reference has inf (and finite corners
+// far apart can overflow them).
+template <int NDIM, typename T, typename I>
+inline T row_sample_terms(const RowLattice<NDIM, T, I>& R, int j, const T* img) {
+  constexpr int K = RowLattice<NDIM, T, I>::K;
+  T w[K];
+  corner_weights<NDIM, T, I>(R, j, w);
+  T acc = T(0);
+  for (int k = 0; k < K; ++k) {
+    if ((R.mask[j] >> k) & 1) acc += w[k] * img[R.off[k][j]];
+  }
+  return acc;
+}
+
+template <int NDIM, typename T, typename I>
+inline void corner_gradient_terms(const RowLattice<NDIM, T, I>& R, int j, const T* c, T* grad) {
+  T t[NDIM];
+  for (int i = 0; i < NDIM; ++i) t[i] = R.t[i][j];
+  for (int i = 0; i < NDIM; ++i) grad[i] = corner_gradient<NDIM, T>(t, c, R.gate[i][j] != T(0), i);
 }
 #endif  // !__CUDACC__
 

@@ -6,7 +6,8 @@
 // vector code, and the corner values come from masked gathers (a padding corner is never
 // read and reads as 0). Semantics are those of csrc/include/warp.h: zeros padding
 // interpolates against zero-valued voxels, border padding clamps the coordinate first
-// (gradient 0 where clamped), a NaN coordinate gives NaN and no gradient.
+// (gradient 0 where clamped), a NaN coordinate gives NaN and no gradient; a lane whose lerp
+// is not finite is redone term by term, as the reference (warp.h file comment).
 #pragma once
 
 #include "simd_avx2.h"
@@ -38,29 +39,24 @@ struct Lanes {
   __m256i off[K];    // flat corner offsets (valid lanes only are ever dereferenced)
   __m256 valid[K];   // all ones: corner inside the image, sample not NaN, lane inside the row
   __m256 t[NDIM];    // weight of the upper corner per axis
-  __m256 gate[NDIM]; // d(clamped p)/dp per axis (border padding)
+  __m256 gate[NDIM]; // all ones: the coordinate was not clamped (the gradient passes)
   __m256 nan;        // all ones: NaN sample
 };
 
 // Fills g from the sampling points p (one vector per axis); lanes outside tail are invalid.
 template <int NDIM>
-MRUS_AVX2 inline void geometry(const __m256* p, const AxisConst* ax, bool border, __m256i tail,
+MRUS_AVX2 inline void geometry(const __m256* p, const AxisConst* ax, __m256i tail,
                                Lanes<NDIM>& g) {
   __m256 nan = _mm256_setzero_ps();
   for (int i = 0; i < NDIM; ++i) nan = _mm256_or_ps(nan, _mm256_cmp_ps(p[i], p[i], _CMP_UNORD_Q));
   g.nan = nan;
-  const __m256 one = _mm256_set1_ps(1.0f);
   __m256i lo_off[NDIM], hi_off[NDIM];
   __m256 lo_ok[NDIM], hi_ok[NDIM];
   for (int i = 0; i < NDIM; ++i) {
     __m256 q = _mm256_andnot_ps(nan, p[i]);  // NaN -> 0: defined conversions below
-    if (border) {
-      const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(q, ax[i].lo, _CMP_GE_OQ),
-                                          _mm256_cmp_ps(q, ax[i].hi, _CMP_LE_OQ));
-      g.gate[i] = _mm256_and_ps(inside, one);
-    } else {
-      g.gate[i] = one;
-    }
+    // Border clamps into [0, n - 1], zeros bounds to [-2, n + 1]: a clamp either way.
+    g.gate[i] = _mm256_and_ps(_mm256_cmp_ps(q, ax[i].lo, _CMP_GE_OQ),
+                              _mm256_cmp_ps(q, ax[i].hi, _CMP_LE_OQ));
     q = _mm256_min_ps(_mm256_max_ps(q, ax[i].lo), ax[i].hi);
     const __m256 f = _mm256_floor_ps(q);
     g.t[i] = _mm256_sub_ps(q, f);
@@ -123,7 +119,7 @@ MRUS_AVX2 inline void corner_weights(const Lanes<NDIM>& g, __m256* w) {
   }
 }
 
-// d/dp_i of the interpolant of corner values v, for every axis i (through the border clamp).
+// d/dp_i of the interpolant of corner values v, for every axis i (0 along a clamped axis).
 template <int NDIM>
 MRUS_AVX2 inline void lerp_gradient(const Lanes<NDIM>& g, const __m256* v, __m256* grad) {
   constexpr int H = (1 << NDIM) / 2;
@@ -140,7 +136,48 @@ MRUS_AVX2 inline void lerp_gradient(const Lanes<NDIM>& g, const __m256* v, __m25
     for (int a = 0; a < NDIM; ++a) {
       if (a != i) t[m++] = g.t[a];
     }
-    grad[i] = _mm256_mul_ps(g.gate[i], lerp<NDIM - 1>(d, t));
+    grad[i] = _mm256_and_ps(g.gate[i], lerp<NDIM - 1>(d, t));
+  }
+}
+
+// All ones in the lanes whose bit is set in bits.
+MRUS_AVX2 inline __m256i lane_bits(int bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel);
+}
+
+// Lanes (bits) where x is inf or NaN: x - x is NaN there.
+MRUS_AVX2 inline int non_finite_lanes(__m256 x) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+}
+
+// warp.h forward_voxel's sum_k w_k * v_k over the valid corners, term by term.
+template <int NDIM>
+MRUS_AVX2 inline __m256 sample_terms(const Lanes<NDIM>& g, const float* img) {
+  __m256 w[Lanes<NDIM>::K], v[Lanes<NDIM>::K];
+  corner_weights<NDIM>(g, w);
+  gather_corners<NDIM>(g, img, v);
+  __m256 acc = _mm256_setzero_ps();
+  for (int k = 0; k < Lanes<NDIM>::K; ++k) acc = _mm256_add_ps(acc, _mm256_mul_ps(w[k], v[k]));
+  return acc;
+}
+
+// warp.h corner_gradient for every axis: sum_k c_k * d w_k / d p_i term by term, 0 along a
+// clamped axis.
+template <int NDIM>
+MRUS_AVX2 inline void gradient_terms(const Lanes<NDIM>& g, const __m256* c, __m256* grad) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int i = 0; i < NDIM; ++i) {
+    __m256 d = _mm256_setzero_ps();
+    for (int k = 0; k < Lanes<NDIM>::K; ++k) {
+      __m256 dw = warp::corner_bit<NDIM>(k, i) ? one : _mm256_set1_ps(-1.0f);
+      for (int j = 0; j < NDIM; ++j) {
+        if (j == i) continue;
+        dw = _mm256_mul_ps(dw, warp::corner_bit<NDIM>(k, j) ? g.t[j] : _mm256_sub_ps(one, g.t[j]));
+      }
+      d = _mm256_add_ps(d, _mm256_mul_ps(c[k], dw));
+    }
+    grad[i] = _mm256_and_ps(g.gate[i], d);
   }
 }
 
@@ -152,11 +189,10 @@ struct RowKernels {
 
   const warp::WarpArgs& a;
   AxisConst ax[NDIM];
-  bool border;
   int64_t W, n_out, n_in;
 
   MRUS_AVX2 explicit RowKernels(const warp::WarpArgs& args) : a(args) {
-    border = a.padding == int(Padding::BORDER);
+    const bool border = a.padding == int(Padding::BORDER);
     int32_t s = 1;
     for (int i = NDIM - 1; i >= 0; --i) {
       const int32_t n = static_cast<int32_t>(a.in_size[i]);
@@ -213,7 +249,7 @@ struct RowKernels {
         if (b == 0 || a.Bd > 1) {
           __m256 p[NDIM];
           points(u, xo, n0, x0, len, tail, p);
-          geometry<NDIM>(p, ax, border, tail, g);
+          geometry<NDIM>(p, ax, tail, g);
         }
         const float* img = image + (a.Bi > 1 ? b : 0) * a.C * n_in;
         float* o = out + b * a.C * n_out + n0 + x0;
@@ -221,6 +257,12 @@ struct RowKernels {
           __m256 v[K];
           gather_corners<NDIM>(g, img + c * n_in, v);
           __m256 s = lerp<NDIM>(v, g.t);
+          // Rare (inf or NaN in the image, or overflow): those lanes term by term.
+          const int redo = non_finite_lanes(s) & ~_mm256_movemask_ps(g.nan);
+          if (redo) {
+            const __m256 lanes = _mm256_castsi256_ps(lane_bits(redo));
+            s = _mm256_blendv_ps(s, sample_terms<NDIM>(g, img + c * n_in), lanes);
+          }
           if (add) s = _mm256_add_ps(s, load(u + c * n_out + n0 + x0, len, tail));
           store(o + c * n_out, _mm256_blendv_ps(s, qnan, g.nan), len, tail);
         }
@@ -255,7 +297,7 @@ struct RowKernels {
         if (b == 0 || a.Bd > 1) {
           __m256 p[NDIM];
           points(u, xo, n0, x0, len, tail, p);
-          geometry<NDIM>(p, ax, border, tail, g);
+          geometry<NDIM>(p, ax, tail, g);
           if (need_image) {
             corner_weights<NDIM>(g, w);
             for (int k = 0; k < K; ++k) {
@@ -297,6 +339,15 @@ struct RowKernels {
         if (need_ddf) {
           __m256 d[NDIM];
           lerp_gradient<NDIM>(g, corner, d);
+          int redo = 0;  // rare: inf or NaN reached a corner sum, or overflow
+          for (int i = 0; i < NDIM; ++i) redo |= non_finite_lanes(d[i]);
+          redo &= ~_mm256_movemask_ps(g.nan);
+          if (redo) {
+            __m256 e[NDIM];
+            gradient_terms<NDIM>(g, corner, e);
+            const __m256 lanes = _mm256_castsi256_ps(lane_bits(redo));
+            for (int i = 0; i < NDIM; ++i) d[i] = _mm256_blendv_ps(d[i], e[i], lanes);
+          }
           for (int i = 0; i < NDIM; ++i) gu[i] = _mm256_add_ps(gu[i], _mm256_andnot_ps(g.nan, d[i]));
         }
         if (add) {  // d out[c] / d ddf[c] = 1, NaN sample or not

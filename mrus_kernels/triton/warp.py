@@ -157,12 +157,14 @@ def _axis_linear(p, n, PADDING: tl.constexpr, IDX64: tl.constexpr):
     """warp.h axis_linear: lower corner, upper weight t, corner validity, clamp gate."""
     hi = (n - 1) * 1.0  # float32 (n may arrive as a specialised constexpr 1)
     if PADDING == 1:
-        gate = tl.where((p < 0.0) | (p > hi), 0.0, 1.0)
-        p = tl.minimum(tl.maximum(p, 0.0), hi)
+        lo = 0.0
     else:
-        # Bounding p keeps the integer conversion defined without changing the result.
-        gate = 1.0
-        p = tl.minimum(tl.maximum(p, -2.0), hi + 2.0)
+        # Bounding p keeps the integer conversion defined without changing the value; as a
+        # clamp it passes no gradient outside (the reference's clamp), as border's does.
+        lo = -2.0
+        hi = hi + 2.0
+    gate = (p >= lo) & (p <= hi)
+    p = tl.minimum(tl.maximum(p, lo), hi)
     f = tl.floor(p)
     t = p - f
     if IDX64:
@@ -301,8 +303,10 @@ def _takes_upper(k, j, ndim):
 
 @triton.jit
 def _linear_dweights(cs, ts, ss, gates, PADDING: tl.constexpr, NDIM: tl.constexpr):
-    """sum_k cs[k] * d w_k / d p_i for each axis i (warp.h linear_dweight), pairing the
-    corners that differ only along axis i."""
+    """sum_k cs[k] * d w_k / d p_i for each axis i (warp.h corner_gradient), pairing the
+    corners that differ only along axis i; each term multiplied out as the reference does
+    (an inf cs[k] gives NaN where the rest of its weight is 0, and no difference of two
+    corners can overflow), and exactly 0 along a clamped axis (gate False)."""
     gu = ()
     for i in tl.static_range(NDIM):
         d = 0.0
@@ -314,10 +318,8 @@ def _linear_dweights(cs, ts, ss, gates, PADDING: tl.constexpr, NDIM: tl.constexp
                         w = w * ts[j]
                     else:
                         w = w * ss[j]
-            d = d + (cs[_upper_corner(m, i, NDIM)] - cs[_lower_corner(m, i, NDIM)]) * w
-        if PADDING == 1:
-            d = d * gates[i]
-        gu = gu + (d,)
+            d = d + cs[_upper_corner(m, i, NDIM)] * w - cs[_lower_corner(m, i, NDIM)] * w
+        gu = gu + (tl.where(gates[i], d, 0.0),)
     return gu
 
 
@@ -481,9 +483,11 @@ def _warp_bwd_kernel(
                 flag_c = flag_ptr + b * img_bstride + off
                 g_c = gout_ptr + b * out_bstride + offs
                 for c in range(C):
-                    # An invalid corner is skipped as in warp.h, not multiplied by 0 (g may
-                    # be inf): masked, g is 0 there and nothing is read or added.
-                    g = tl.load(g_c, mask=valid, other=0.0).to(tl.float32)
+                    # The image gradient skips an invalid corner as warp.h does (masked:
+                    # nothing is added, g may be inf). The corner sum of the displacement
+                    # gradient counts it as the value 0, as the reference: an inf or NaN g
+                    # reaches it as 0 * g = NaN.
+                    g = tl.load(g_c, mask=ok, other=0.0).to(tl.float32)
                     if NEED_DDF:
                         v = tl.load(img_c, mask=valid, other=0.0).to(tl.float32)
                         acc += g * v
@@ -506,7 +510,18 @@ def _warp_bwd_kernel(
         ga = ga + (acc,)
     if NEED_DDF:
         if MODE == 1:
-            gu = ga
+            # Rounding has derivative 0: the reference's gradient is (sum of grad_out) * 0
+            # along every axis it did not clamp, 0 unless grad_out is inf or NaN (warp.h).
+            gsum = tl.zeros([BLOCK], dtype=tl.float32)
+            for j in range(NB):
+                g_c = gout_ptr + (bd + j).to(tl.int64) * out_bstride + offs
+                for c in range(C):
+                    gsum += tl.load(g_c, mask=ok, other=0.0).to(tl.float32)
+                    g_c += n_out
+            gu = ()
+            for i in tl.static_range(NDIM):
+                _, _, _, _, inside = _axis_linear(ps[i], in_sizes[i], PADDING, IDX64)
+                gu = gu + (ga[i] + tl.where(inside, gsum * 0.0, 0.0),)
         else:
             gu = _linear_dweights(cs, ts, ss, gates, PADDING, NDIM)
             if ADD_DDF:

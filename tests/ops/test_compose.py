@@ -643,6 +643,41 @@ def test_integrate_non_finite_gradient_poisons_the_same_elements(backend, gen):
     assert_close_verbose(det[live], fast[live], torch.float32)
 
 
+# NumPy (the Triton interpreter) warns on inf * 0 and inf - inf, computed here on purpose.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", ("inf", "-inf", "nan"))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize(("backend", "dtype"), [
+    pytest.param("cpu", torch.float64, id="cpu-f64"), pytest.param("cpu", torch.float32, id="cpu-f32"),
+    pytest.param("triton", torch.float32, id="triton-f32")])
+def test_integrate_non_finite_velocity_follows_the_reference(backend, dtype, ndim, padding,
+                                                             kind, gen):
+    """One inf or NaN in v: u and d v NaN, +inf and -inf exactly where the float64
+    reference has them (warp.h: each squaring step sums w_k * u_k term by term, so an
+    infinite u spreads as inf, and as NaN only where a weight is exactly 0 or infinities of
+    both signs meet), finite elements within tolerance. Dyadic v (multiples of 1/4) keep
+    float32 and float64 on the same pattern."""
+    require_backend(backend, "cpu", dtype)
+    spatial = (4, 5, 6)[:ndim]
+    v = torch.randint(-8, 9, (1, ndim, *spatial), generator=gen).double() / 4
+    v[(0, 0) + (2,) * ndim] = float(kind)
+    grad = torch.randint(-8, 9, (1, ndim, *spatial), generator=gen).double() / 8
+
+    def run(name, dt):
+        x = v.to(dt).requires_grad_()
+        u = integrate_velocity(x, 3, padding=padding, backend=name)
+        (gx,) = torch.autograd.grad(u, x, grad.to(dt))
+        return u.detach(), gx
+
+    eu, ev = run("torch", torch.float64)
+    assert bool((~eu.isfinite()).any()) and bool(eu.isfinite().any())
+    u, gv = run(backend, dtype)
+    assert_close_verbose(u, eu, dtype, name=f"u ({kind})")
+    assert_close_verbose(gv, ev, dtype, name=f"d v ({kind})")
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("ndim", (2, 3))

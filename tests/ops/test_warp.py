@@ -679,6 +679,98 @@ def test_infinite_displacement(backend, mode, padding, gen):
         assert gd[0, axes, 1, 2, 3].eq(0).all() and gd[0, axes, 3, 0, 1].eq(0).all()
 
 
+# Non-finite values follow the reference term by term (csrc/include/warp.h file comment):
+# out = sum_k w_k * v_k over the corners inside, so an infinite corner gives inf where its
+# weight is positive and NaN (inf * 0) where it is exactly 0; the displacement gradient is
+# sum_k c_k * dw_k/dp_i (c_k the sum over channels of grad_out * v_k, a padding corner
+# counting as 0) and exactly 0 along a clamped axis; nearest's displacement gradient is
+# (sum_c grad_out) * 0 along each unclamped axis. Dyadic inputs (multiples of 1/4, some
+# points on the lattice: weights exactly 0) make float32 and float64 agree on every pattern.
+NON_FINITE = ("inf_image", "nan_image", "inf_ddf", "nan_ddf", "non_finite_grad_out",
+              "huge_image")
+
+
+def _non_finite_case(gen, kind, ndim, batch_image=2):
+    spatial = (5, 6, 7)[:ndim]
+    image = rand(gen, batch_image, 2, *spatial, dtype=torch.float64)
+    ddf = torch.randint(-6, 7, (1, ndim, *spatial), generator=gen).double() / 4
+    grad_out = torch.randint(-8, 9, (2, 2, *spatial), generator=gen).double() / 8
+    centre, low, high = (2,) * ndim, (1,) * ndim, (3,) * ndim
+    if kind == "inf_image":
+        image[(0, 1) + centre] = float("inf")
+        image[(1, 0) + high] = float("-inf")
+        image[(1, 0) + low] = float("inf")
+    elif kind == "nan_image":
+        image[(0, 1) + centre] = float("nan")
+    elif kind == "inf_ddf":
+        ddf[(0, 0) + centre] = float("inf")
+        ddf[(0, ndim - 1) + high] = float("-inf")
+    elif kind == "nan_ddf":
+        ddf[(0, 0) + centre] = float("nan")
+    elif kind == "non_finite_grad_out":
+        grad_out[(0, 1) + centre] = float("nan")
+        grad_out[(1, 0) + high] = float("inf")
+        grad_out[(1, 1) + low] = float("-inf")
+        grad_out[(1, 1, 0) + (4,) * (ndim - 1)] = float("inf")  # samples partly outside
+    else:  # huge_image: neighbours along the last axis at ±3e38 (their lerp difference
+        # overflows float32; the weighted sum does not)
+        image[(0, 1) + centre] = 3e38
+        image[(0, 1) + centre[:-1] + (3,)] = -3e38
+        grad_out /= 8  # keeps the exact ddf gradient below the float32 maximum
+    return image, ddf, grad_out
+
+
+def _warp_and_grads(image, ddf, grad_out, backend, dtype, mode, padding, deterministic=None):
+    i = image.to(dtype).requires_grad_()
+    d = ddf.to(dtype).requires_grad_()
+    out = warp(i, d, mode=mode, padding=padding, backend=backend, deterministic=deterministic)
+    gi, gd = torch.autograd.grad(out, (i, d), grad_out.to(dtype))
+    return out.detach(), gi, gd
+
+
+# NumPy (the Triton interpreter) warns on inf * 0 and inf - inf, computed here on purpose.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", NON_FINITE)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ndim", (2, 3))
+@pytest.mark.parametrize(("backend", "dtype"), [
+    pytest.param("cpu", torch.float64, id="cpu-f64"), pytest.param("cpu", torch.float32, id="cpu-f32"),
+    pytest.param("triton", torch.float32, id="triton-f32"),
+    pytest.param("torch", torch.float32, id="torch-f32")])
+def test_non_finite_values_follow_the_reference(backend, dtype, ndim, mode, padding, kind, gen):
+    """inf / NaN in the image, the ddf or grad_out (and image values whose lerp differences
+    overflow): output, image gradient and ddf gradient NaN, +inf and -inf exactly where the
+    float64 reference has them, every finite element within tolerance."""
+    require_backend(backend, "cpu", dtype)
+    if kind == "huge_image" and dtype == torch.float64:
+        pytest.skip("±3e38 does not overflow float64")
+    image, ddf, grad_out = _non_finite_case(gen, kind, ndim)
+    expected = _warp_and_grads(image, ddf, grad_out, "torch", torch.float64, mode, padding)
+    # The case must exercise something (inf_ddf and huge_image give finite results; a
+    # nearest sample may miss the one non-finite image voxel).
+    if kind in ("nan_ddf", "non_finite_grad_out") or (mode, kind) == ("linear", "inf_image"):
+        assert any(bool((~e.isfinite()).any()) for e in expected)
+    got = _warp_and_grads(image, ddf, grad_out, backend, dtype, mode, padding)
+    for name, a, e in zip(("out", "d image", "d ddf"), got, expected, strict=True):
+        assert_close_verbose(a, e, dtype, name=f"{kind} {name}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", ("inf_image", "non_finite_grad_out", "huge_image"))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_cpu_row_loops_non_finite(cpu_loops, ndim, padding, kind, gen):
+    """The AVX2 and the portable row loops both redo a non-finite lerp term by term: the
+    reference's NaN / inf pattern and values, in float32, forward and backward."""
+    image, ddf, grad_out = _non_finite_case(gen, kind, ndim)
+    expected = _warp_and_grads(image, ddf, grad_out, "torch", torch.float64, "linear", padding)
+    got = _warp_and_grads(image, ddf, grad_out, "cpu", torch.float32, "linear", padding)
+    for name, a, e in zip(("out", "d image", "d ddf"), got, expected, strict=True):
+        assert_close_verbose(a, e, torch.float32, name=f"{cpu_loops} {kind} {name}")
+
+
 # =========================================================================== determinism
 
 
