@@ -118,7 +118,8 @@ def _apply_time(owner: str, shift: TimeShift | None, x: torch.Tensor,
             raise ValueError(f"{owner}: got t_emb but the block was built without time_channels")
         return x
     if t_emb is None:
-        raise ValueError(f"{owner}: t_emb [B, time_channels] is required (built with time_channels)")
+        raise ValueError(
+            f"{owner}: t_emb [B, time_channels] is required (built with time_channels)")
     return shift(x, t_emb)
 
 
@@ -156,7 +157,8 @@ class ConvBlock(nn.Module):
         check_channels("ConvBlock", "stride", stride)
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) \
                 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ConvBlock: kernel_size must be an odd positive int, got {kernel_size!r}")
+            raise ValueError(
+                f"ConvBlock: kernel_size must be an odd positive int, got {kernel_size!r}")
         self.conv = conv(ndim, in_channels, out_channels, kernel_size, stride=stride,
                          bias=norm is None)
         self.norm = norm_layer(ndim, norm, out_channels)

@@ -29,7 +29,8 @@ def _widths(name: str, value) -> tuple[int, ...]:
     try:
         widths = tuple(value)
     except TypeError:
-        raise ValueError(f"UNet: {name} must be a sequence of positive ints, got {value!r}") from None
+        raise ValueError(
+            f"UNet: {name} must be a sequence of positive ints, got {value!r}") from None
     for w in widths:
         check_channels("UNet", name, w)
     return widths
@@ -117,7 +118,8 @@ class UNet(nn.Module):
         skip_channels = (in_channels, *encoder[:-1])
         self.decoder = nn.ModuleList()
         for j, width in enumerate(decoder):
-            self.decoder.append(ConvBlock(ndim, prev, width, norm=norm, time_channels=time_channels))
+            self.decoder.append(
+                ConvBlock(ndim, prev, width, norm=norm, time_channels=time_channels))
             prev = width + skip_channels[levels - 1 - j] if j < levels else width
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
 
@@ -165,7 +167,8 @@ class UNet(nn.Module):
             for key in self.attention:
                 if not isinstance(context[int(key)], torch.Tensor):
                     raise TypeError(f"UNet: context[{key}] must be a tensor (attention at "
-                                     f"decoder block {key}), got {type(context[int(key)]).__name__}")
+                                     f"decoder block {key}), got "
+                                     f"{type(context[int(key)]).__name__}")
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None,
                 context: Sequence[torch.Tensor | None] | None = None,

@@ -128,7 +128,8 @@ class VoxelMorphConfig(TrainConfig):
         if not self.mi_sigma > 0:
             raise ValueError(f"mi_sigma: expected a positive number, got {self.mi_sigma}")
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
-            raise ValueError(f"lncc_window: expected an odd positive integer, got {self.lncc_window}")
+            raise ValueError(
+                f"lncc_window: expected an odd positive integer, got {self.lncc_window}")
         if not self.max_displacement >= 0:
             raise ValueError(f"max_displacement: expected a number >= 0 (mm), got "
                              f"{self.max_displacement}")

@@ -108,7 +108,8 @@ def test_blocks_shapes_with_every_norm(ndim, norm):
     same = ResidualBlock(ndim, 4, 4, norm=norm)
     assert isinstance(same.skip, torch.nn.Identity)
     assert same(x).shape == x.shape
-    assert UNet(ndim, 4, encoder=(8, 8), decoder=(8, 8, 8), norm=norm)(x).shape == (2, 8, *x.shape[2:])
+    net = UNet(ndim, 4, encoder=(8, 8), decoder=(8, 8, 8), norm=norm)
+    assert net(x).shape == (2, 8, *x.shape[2:])
 
 
 # --------------------------------------------------------------------------- flow head
@@ -240,7 +241,8 @@ test_bad_input = bad_input_test({
     "empty encoder": (lambda: UNet(2, 2, encoder=()), ValueError, r"at least one level"),
     "short decoder": (lambda: UNet(2, 2, decoder=(32, 32, 32, 32)), ValueError,
                       r"decoder needs more widths than encoder"),
-    "width": (lambda: UNet(2, 2, encoder=(16, 0)), ValueError, r"encoder must be a positive int, got 0"),
+    "width": (lambda: UNet(2, 2, encoder=(16, 0)), ValueError,
+              r"encoder must be a positive int, got 0"),
     "context_channels length": (lambda: UNet(2, 2, context_channels=(32,)), ValueError,
                                 r"one entry .* per decoder block \(7\), got 1"),
     "x channels": (lambda: UNet(2, 2)(torch.rand(1, 3, 16, 16)), ValueError,
@@ -255,18 +257,22 @@ test_bad_input = bad_input_test({
                     ValueError, r"t_emb must be \[B or 1, 8\] .* got \(1, 5\)"),
     "context missing": (lambda: UNet(2, 1, context_channels=(32,) + (None,) * 6)(
         torch.rand(1, 1, 16, 16)), ValueError, r"context .* is required"),
-    "norm": (lambda: ConvBlock(2, 1, 2, norm="layer"), ValueError, r"norm must be one of .*'layer'"),
+    "norm": (lambda: ConvBlock(2, 1, 2, norm="layer"), ValueError,
+             r"norm must be one of .*'layer'"),
     "activation": (lambda: ConvBlock(2, 1, 2, activation="tanh"), ValueError,
                    r"activation must be one of .*'tanh'"),
-    "kernel": (lambda: ConvBlock(2, 1, 2, kernel_size=4), ValueError, r"kernel_size must be an odd"),
+    "kernel": (lambda: ConvBlock(2, 1, 2, kernel_size=4), ValueError,
+               r"kernel_size must be an odd"),
     "heads": (lambda: CrossAttention(2, 30, 8, heads=4), ValueError,
               r"heads must divide channels, got channels 30 and heads 4"),
-    "context batch": (lambda: CrossAttention(2, 8, 8)(torch.rand(2, 8, 4, 4), torch.rand(1, 8, 4, 4)),
+    "context batch": (lambda: CrossAttention(2, 8, 8)(torch.rand(2, 8, 4, 4),
+                                                      torch.rand(1, 8, 4, 4)),
                       ValueError, r"context must be \[2, 8, \*S_c\]"),
     "embedding rank": (lambda: sinusoidal_embedding(torch.zeros(2, 1), 8), ValueError,
                        r"t must be \[B\].*got shape \(2, 1\)"),
     "embedding dim": (lambda: sinusoidal_embedding(torch.zeros(2), 1), ValueError,
                       r"dim must be an int >= 2, got 1"),
-    "embedding type": (lambda: sinusoidal_embedding([0.0], 8), TypeError, r"t must be a torch.Tensor"),
+    "embedding type": (lambda: sinusoidal_embedding([0.0], 8), TypeError,
+                       r"t must be a torch.Tensor"),
     "init_std": (lambda: FlowHead(2, 16, init_std=-1.0), ValueError, r"init_std must be >= 0"),
 })
