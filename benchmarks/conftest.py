@@ -316,11 +316,14 @@ COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every ``compiled`` row of every suite, however it is parametrised, gets COMPILE_MARKS
+    # Every ``compiled`` or ``*_compiled`` row of every suite, however it is parametrised,
+    # gets COMPILE_MARKS
     # (the first torch.compile of a process pays those imports, whichever row it is).
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and "compiled" in callspec.params.values():
+        if callspec is not None and any(
+            isinstance(v, str) and v.endswith("compiled") for v in callspec.params.values()
+        ):
             for mark in COMPILE_MARKS:
                 item.add_marker(mark)
 
