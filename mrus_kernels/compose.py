@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -14,6 +15,10 @@ from .warp import _warp_op, launch_backward, launch_forward
 
 PADDINGS = ("border", "zeros")
 MEMORY_MODES = ("store", "recompute")
+# Most squaring steps: the scale 2**steps is a Python int that torch converts to int64, so
+# 2**62 is the largest it takes. Far more than any use needs: after about 30 steps v / 2**steps
+# is below float32 resolution at any voxel coordinate, and each step is one kernel.
+MAX_STEPS = 62
 _LINEAR = int(Interp.LINEAR)
 _STEP = int(WarpFlags.ADD_DDF)
 _STEP_BACKWARD = int(WarpFlags.ADD_DDF | WarpFlags.DDF_GRAD_SCATTER)
@@ -21,6 +26,18 @@ _STEP_BACKWARD = int(WarpFlags.ADD_DDF | WarpFlags.DDF_GRAD_SCATTER)
 
 def _padding_code(padding: str) -> int:
     return int(Padding.BORDER if padding == "border" else Padding.ZEROS)
+
+
+def _check_steps(op: str, steps: object) -> int:
+    """`steps` is an int (Python or NumPy, not bool) in [0, MAX_STEPS]; returns it as int."""
+    if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"{op}: steps must be an int, got {type(steps).__name__}")
+    if not 0 <= steps <= MAX_STEPS:
+        raise ValueError(
+            f"{op}: steps must be in [0, {MAX_STEPS}] (the scale 2**steps must fit in int64), "
+            f"got {steps}"
+        )
+    return int(steps)
 
 
 # ---------------------------------------------------------------------------- compose
@@ -172,10 +189,12 @@ def integrate_velocity(
 
     Args:
         v: Tensor [B, ndim, *S], velocity in voxel units, component i along spatial axis i.
-        steps: number of squaring steps (>= 0).
+        steps: number of squaring steps, 0 to MAX_STEPS (62: the scale 2**steps must fit in
+            int64; 7 is the usual choice).
         memory: "store" keeps the ``steps`` intermediate fields for the backward;
             "recompute" keeps only ``v`` and recomputes them in the backward (less memory,
-            more time).
+            more time). On the torch backend under torch.compile the compiler's partitioner
+            decides what the backward keeps.
         padding: "border" (default) or "zeros", for sampling outside the field.
         backend: "auto", "torch", "cpu", "triton" or "cuda".
         deterministic: bitwise reproducible gradient (default: torch's setting).
@@ -189,16 +208,16 @@ def integrate_velocity(
     """
     op = "integrate_velocity"
     check_field(op, "v", v)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"{op}: steps must be an int, got {type(steps).__name__}")
-    if steps < 0:
-        raise ValueError(f"{op}: steps must be >= 0, got {steps}")
+    steps = _check_steps(op, steps)
     check_choice(op, "memory", memory, MEMORY_MODES)
     check_choice(op, "padding", padding, PADDINGS)
     check_optional_bool(op, "deterministic", deterministic)
     name = resolve(op, backend, v.device, v.dtype)
     if name == "torch":
-        if memory == "recompute" and torch.is_grad_enabled() and v.requires_grad:
+        # Under torch.compile the graph's own partitioner decides what the backward keeps;
+        # inductor (torch 2.13, dynamic shapes) also miscompiled the checkpointed gradient.
+        if (memory == "recompute" and torch.is_grad_enabled() and v.requires_grad
+                and not torch.compiler.is_compiling()):
             return checkpoint(reference.integrate_velocity, v, steps, padding, use_reentrant=False)
         return reference.integrate_velocity(v, steps, padding)
     if deterministic is None:
@@ -240,11 +259,7 @@ class IntegrateVelocity(nn.Module):
         backend: str | None = None, deterministic: bool | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"IntegrateVelocity: steps must be an int, got {type(steps).__name__}")
-        if steps < 0:
-            raise ValueError(f"IntegrateVelocity: steps must be >= 0, got {steps}")
-        self.steps = steps
+        self.steps = _check_steps("IntegrateVelocity", steps)
         self.memory = check_choice("IntegrateVelocity", "memory", memory, MEMORY_MODES)
         self.padding = check_choice("IntegrateVelocity", "padding", padding, PADDINGS)
         self.backend = backend

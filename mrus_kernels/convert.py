@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._validation import check_field, check_float, check_tensor
+from ._validation import capturing, check_field, check_float, check_tensor
+
+# Largest accepted spatial size in `size`: sizes enter the arithmetic as int64 scalars.
+_MAX_SIZE = 2**63 - 1
 
 
 def _identity(shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
@@ -28,20 +31,25 @@ def _check_size(op: str, size: object, shape: tuple[int, ...]) -> tuple[int, ...
     if (
         not isinstance(size, (tuple, list, torch.Size))
         or len(size) != len(shape)
-        or not all(is_int(n) and n >= 1 for n in size)
+        or not all(is_int(n) and 1 <= n <= _MAX_SIZE for n in size)
     ):
-        raise ValueError(f"{op}: size must be {len(shape)} positive ints, got {size!r}")
+        raise ValueError(
+            f"{op}: size must be {len(shape)} positive ints, got {size!r} (each at most "
+            f"2**63 - 1)"
+        )
     return tuple(int(n) for n in size)
 
 
-def _check_align(op: str, align_corners: object, shape: tuple[int, ...]) -> None:
-    if not isinstance(align_corners, bool):
+def _check_align(op: str, align_corners: object, shape: tuple[int, ...]) -> bool:
+    if not isinstance(align_corners, (bool, np.bool_)):
         raise TypeError(f"{op}: align_corners must be True or False, got {align_corners!r}")
+    align_corners = bool(align_corners)
     if align_corners and min(shape) < 2:
         raise ValueError(
             f"{op}: align_corners=True needs every spatial size >= 2 (a normalised grid "
             f"cannot address a size-1 axis), got spatial shape {shape}"
         )
+    return align_corners
 
 
 def ddf_to_grid(
@@ -64,7 +72,7 @@ def ddf_to_grid(
     ndim = check_field("ddf_to_grid", "ddf", ddf)
     shape = tuple(ddf.shape[2:])
     target = _check_size("ddf_to_grid", size, shape)
-    _check_align("ddf_to_grid", align_corners, target)
+    align_corners = _check_align("ddf_to_grid", align_corners, target)
     base = _identity(shape, ddf)
     comps = []
     for i in reversed(range(ndim)):
@@ -97,7 +105,7 @@ def grid_to_ddf(
     ndim = grid.shape[-1]
     shape = tuple(grid.shape[1:-1])
     target = _check_size("grid_to_ddf", size, shape)
-    _check_align("grid_to_ddf", align_corners, target)
+    align_corners = _check_align("grid_to_ddf", align_corners, target)
     base = _identity(shape, grid)
     comps = []
     for i in range(ndim):
@@ -109,11 +117,40 @@ def grid_to_ddf(
 
 
 def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torch.Tensor:
+    """The [ndim, ndim] or [B, ndim, ndim] linear part of a validated affine, float64 on the
+    device of `like`.
+
+    Its values (finite, invertible) are checked on the affine's own device, with one host
+    sync in eager mode; under torch.compile by ``torch._assert_async`` in the graph, and not
+    at all during a CUDA graph capture (no host sync is allowed there).
+    """
     if isinstance(affine, np.ndarray):
-        affine = torch.from_numpy(affine)
+        if torch.compiler.is_compiling():
+            # Dynamo traces NumPy arrays as tensors (no dtype.kind there); as_tensor of a
+            # non-numeric array fails at trace time already.
+            affine = torch.as_tensor(affine, dtype=torch.float64)
+        else:
+            # kind: f float, i signed, u unsigned integer (not bool, complex, object, str...).
+            if affine.dtype.kind not in "fiu":
+                raise TypeError(
+                    f"{op}: affine must hold real numbers (a float or integer array), got a "
+                    f"numpy array of dtype {affine.dtype}"
+                )
+            # A float64 copy: any byte order, strides or integer type.
+            affine = torch.from_numpy(np.array(affine, dtype=np.float64))
     if not isinstance(affine, torch.Tensor):
         raise TypeError(
             f"{op}: affine must be a numpy array or torch.Tensor, got {type(affine).__name__}"
+        )
+    if affine.is_complex() or affine.dtype == torch.bool:
+        raise TypeError(
+            f"{op}: affine must hold real numbers (a float or integer tensor), got dtype "
+            f"{affine.dtype}"
+        )
+    if affine.device.type == "meta":
+        raise ValueError(
+            f"{op}: affine must hold values (a CPU or CUDA tensor), got a tensor on device "
+            f"{affine.device}"
         )
     k = ndim + 1
     if affine.shape[-2:] != (k, k) or affine.dim() not in (2, 3):
@@ -121,20 +158,29 @@ def _linear_part(op: str, affine: object, ndim: int, like: torch.Tensor) -> torc
             f"{op}: affine must be [{k}, {k}] or [B, {k}, {k}] for {ndim}D, got shape "
             f"{tuple(affine.shape)}"
         )
-    lin = affine[..., :ndim, :ndim].to(device=like.device, dtype=torch.float64)
-    if lin.dim() == 3 and lin.shape[0] not in (1, like.shape[0]):
-        raise ValueError(
-            f"{op}: affine batch size must be 1 or {like.shape[0]}, got {lin.shape[0]}"
+    batch = like.shape[0]
+    if affine.dim() == 3 and affine.shape[0] not in (1, batch):
+        allowed = "1" if batch == 1 else f"1 or {batch}"
+        raise ValueError(f"{op}: affine batch size must be {allowed}, got {affine.shape[0]}")
+    lin = affine[..., :ndim, :ndim].to(torch.float64)
+    det = torch.linalg.det(lin.detach())
+    finite = torch.isfinite(lin.detach()).all()
+    invertible = (det.abs() >= 1e-12).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            finite & invertible,
+            f"{op}: affine must be finite with an invertible linear part (|det| >= 1e-12)",
         )
-    if not torch.isfinite(lin).all():
-        raise ValueError(f"{op}: affine must be finite, got {affine.tolist()}")
-    det = torch.linalg.det(lin)
-    if (det.abs() < 1e-12).any():
-        raise ValueError(
-            f"{op}: affine must have an invertible linear part, got determinant "
-            f"{det.tolist()}"
-        )
-    return lin
+    elif not capturing():
+        flags = torch.stack([finite, invertible]).tolist()  # one host sync for both
+        if not flags[0]:
+            raise ValueError(f"{op}: affine must be finite, got {affine.tolist()}")
+        if not flags[1]:
+            raise ValueError(
+                f"{op}: affine must have an invertible linear part, got determinant "
+                f"{det.tolist()} (|det| must be >= 1e-12)"
+            )
+    return lin.to(like.device)
 
 
 def _apply_linear(lin: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:

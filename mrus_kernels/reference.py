@@ -61,7 +61,11 @@ def warp(
     clamped = []
     for i, n in enumerate(size_in):
         p = torch.where(nan, torch.zeros_like(points[i]), points[i])
-        clamped.append(p.clamp(0, n - 1) if padding == "border" else p.clamp(-2, n + 1))
+        lo, hi = (0, n - 1) if padding == "border" else (-2, n + 1)
+        # Two one-sided clamps: the same values and gradient as p.clamp(lo, hi), which
+        # inductor (torch 2.13, dynamic shapes) miscompiled in the backward of chained
+        # compose steps (integrate_velocity's gradient off by O(1)).
+        clamped.append(p.clamp(min=lo).clamp(max=hi))
     if mode == "nearest":
         # Rounding has a zero derivative: keep the ddf in the graph with an exact zero gradient
         # (clamped points are finite, so 0 * p cannot make a NaN).

@@ -531,6 +531,68 @@ def test_torch_compile_fullgraph(gen):
         assert_close_verbose(comp, eager, torch.float32, name=name)
 
 
+# Inductor's own import of torch.jit; dynamo's note on backends.py's cached Triton check.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.parametrize(("backend", "together"), [
+    *[pytest.param(*p.values, True, marks=p.marks, id=p.id)
+      for p in backend_params(("cpu", "triton"))],
+    pytest.param("torch", False, id="torch-separate"),
+    pytest.param("torch", True, id="torch-together", marks=pytest.mark.xfail(
+        strict=True, reason="inductor (torch 2.13) miscompiles the gradient of the reference's "
+        "compose steps when compose and two integrate_velocity calls share one dynamic-shape "
+        "graph (each alone compiles correctly: torch-separate)")),
+])
+def test_torch_compile_dynamic_shapes(backend, together, gen):
+    """compose and integrate_velocity (both memory modes) under
+    torch.compile(fullgraph=True, dynamic=True) (training on crops of varying size): two
+    sizes in a row from one graph (no recompile), forward and gradients as in eager mode.
+    On the torch backend this compiles the reference itself (recompute leaves what to keep
+    to the compiler there): inductor miscompiled its gradients before, for integrate_velocity
+    with 2 or more steps and for the checkpointed recompute mode."""
+    ops = (lambda u, v: compose(u, v, backend=backend),
+           lambda u, v: integrate_velocity(v, 3, backend=backend),
+           lambda u, v: integrate_velocity(u, 2, memory="recompute", padding="zeros",
+                                           backend=backend))
+    shapes = ((1, 3, 4, 5, 6), (1, 3, 5, 6, 4)) if backend == "triton" else (
+        (1, 3, 5, 6, 7), (1, 3, 7, 5, 9))
+    groups = [ops] if together else [(op,) for op in ops]
+    for group in groups:
+        def fn(u, v, group=group):
+            return tuple(op(u, v) for op in group)
+
+        _check_compiled_two_sizes(fn, shapes, gen)
+
+
+def _check_compiled_two_sizes(fn, shapes, gen):
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+            for k, shape in enumerate(shapes):
+                u = randn(gen, *shape, scale=1.5)
+                v = randn(gen, *shape, scale=1.5)
+                results = []
+                for f in (fn, compiled):
+                    x, y = u.clone().requires_grad_(), v.clone().requires_grad_()
+                    # The second size must reuse the first graph (symbolic sizes).
+                    with torch._dynamo.config.patch(error_on_recompile=k > 0 and f is compiled):
+                        outs = f(x, y)
+                    weights = [torch.linspace(-1, 1, o.numel()).reshape(o.shape) for o in outs]
+                    total = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
+                    gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
+                    results.append((*[o.detach() for o in outs],
+                                    *[g if g is not None else torch.zeros_like(u)
+                                      for g in (gx, gy)]))
+                names = [f"out {i}" for i in range(len(results[0]) - 2)] + ["d u", "d v"]
+                for name, eager, comp in zip(names, *results, strict=True):
+                    assert_close_verbose(comp, eager, torch.float32, atol=1e-5, rtol=1e-4,
+                                         name=f"{name} {shape}")
+    finally:
+        torch._dynamo.reset()
+
+
 # =========================================================================== bad input
 
 
@@ -581,7 +643,14 @@ BAD_INPUTS = {
     "integrate-channels": (lambda: integrate_velocity(torch.zeros(1, 1, 4, 5)), ValueError,
                            r"integrate_velocity: v must have 2 channels .*got 1"),
     "integrate-steps-negative": (lambda: integrate_velocity(U2, -1), ValueError,
-                                 r"integrate_velocity: steps must be >= 0, got -1"),
+                                 (r"integrate_velocity: steps must be in \[0, 62\] \(the scale "
+                                  r"2\*\*steps must fit in int64\), got -1")),
+    "integrate-steps-huge": (lambda: integrate_velocity(U2, 1100), ValueError,
+                             r"integrate_velocity: steps must be in \[0, 62\] .*got 1100"),
+    "integrate-steps-63": (lambda: integrate_velocity(U2, 63, backend="torch"), ValueError,
+                           r"integrate_velocity: steps must be in \[0, 62\] .*got 63"),
+    "integrate-steps-np-bool": (lambda: integrate_velocity(U2, np.bool_(True)), TypeError,
+                                r"integrate_velocity: steps must be an int, got bool"),
     "integrate-steps-float": (lambda: integrate_velocity(U2, 7.0), TypeError,
                               r"integrate_velocity: steps must be an int, got float"),
     "integrate-steps-bool": (lambda: integrate_velocity(U2, True), TypeError,
@@ -596,7 +665,10 @@ BAD_INPUTS = {
     "module-compose-padding": (lambda: Compose(padding="reflect"), ValueError,
                                r"Compose: padding must be 'border' or 'zeros', got 'reflect'"),
     "module-steps": (lambda: IntegrateVelocity(steps=-2), ValueError,
-                     r"IntegrateVelocity: steps must be >= 0, got -2"),
+                     r"IntegrateVelocity: steps must be in \[0, 62\] .*got -2"),
+    "module-steps-huge": (lambda: IntegrateVelocity(steps=2**70), ValueError,
+                          (r"IntegrateVelocity: steps must be in \[0, 62\] .*got "
+                           r"1180591620717411303424")),
     "module-steps-float": (lambda: IntegrateVelocity(steps=2.5), TypeError,
                            r"IntegrateVelocity: steps must be an int, got float"),
     "module-compose-deterministic": (lambda: Compose(deterministic="yes"), TypeError,
@@ -650,7 +722,8 @@ def test_integrate_non_finite_gradient_poisons_the_same_elements(backend, gen):
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("ndim", (2, 3))
 @pytest.mark.parametrize(("backend", "dtype"), [
-    pytest.param("cpu", torch.float64, id="cpu-f64"), pytest.param("cpu", torch.float32, id="cpu-f32"),
+    pytest.param("cpu", torch.float64, id="cpu-f64"),
+    pytest.param("cpu", torch.float32, id="cpu-f32"),
     pytest.param("triton", torch.float32, id="triton-f32")])
 def test_integrate_non_finite_velocity_follows_the_reference(backend, dtype, ndim, padding,
                                                              kind, gen):
@@ -723,9 +796,21 @@ def test_gpu_backends_reject_float64(backend, gen):
         integrate_velocity(u, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integrate_most_steps(backend, gen):
+    """steps = MAX_STEPS (62: 2**62 is the largest scale torch takes as an int64) runs on
+    every backend and matches the reference; a NumPy integer is an int."""
+    assert compose_module.MAX_STEPS == 62
+    v = randn(gen, 1, 2, 4, 5, scale=3.0)
+    expected = reference.integrate_velocity(v.double(), 62)
+    out = integrate_velocity(v, np.int64(62), backend=backend)
+    assert_close_verbose(out, expected, torch.float32)
+    assert IntegrateVelocity(np.int32(62)).steps == 62
+
+
 def test_validation_runs_before_dispatch(monkeypatch):
     raises_before_dispatch(
-        monkeypatch, lambda: integrate_velocity(U2, -3), "integrate_velocity: steps must be >= 0"
+        monkeypatch, lambda: integrate_velocity(U2, -3), "integrate_velocity: steps must be in"
     )
 
 

@@ -736,7 +736,8 @@ def _warp_and_grads(image, ddf, grad_out, backend, dtype, mode, padding, determi
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ndim", (2, 3))
 @pytest.mark.parametrize(("backend", "dtype"), [
-    pytest.param("cpu", torch.float64, id="cpu-f64"), pytest.param("cpu", torch.float32, id="cpu-f32"),
+    pytest.param("cpu", torch.float64, id="cpu-f64"),
+    pytest.param("cpu", torch.float32, id="cpu-f32"),
     pytest.param("triton", torch.float32, id="triton-f32"),
     pytest.param("torch", torch.float32, id="torch-f32")])
 def test_non_finite_values_follow_the_reference(backend, dtype, ndim, mode, padding, kind, gen):
@@ -1054,6 +1055,81 @@ def test_torch_compile_fullgraph(gen):
         assert_close_verbose(comp, eager, torch.float32, name=name)
 
 
+COMPILE_WARNINGS = (
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
+)
+
+
+def _compile_two_sizes(fn, make, shapes, names):
+    """fn compiled with fullgraph=True, dynamic=True on inputs make(shape) for two shapes in
+    a row: the second reuses the first graph (no recompile); outputs and the gradients of
+    the floating-point inputs that require grad as in eager mode."""
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+            for k, shape in enumerate(shapes):
+                inputs = make(shape)
+                results = []
+                for f in (fn, compiled):
+                    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in inputs]
+                    with torch._dynamo.config.patch(error_on_recompile=k > 0 and f is compiled):
+                        outs = f(*args)
+                    diff = [a for a in args if a.requires_grad]
+                    total = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64)
+                                 .reshape(o.shape)).sum() for o in outs)
+                    grads = torch.autograd.grad(total, diff) if diff else ()
+                    results.append((*[o.detach() for o in outs], *grads))
+                for name, eager, comp in zip(names, *results, strict=True):
+                    assert_close_verbose(comp, eager, atol=1e-5, rtol=1e-4, name=f"{name} {shape}")
+    finally:
+        torch._dynamo.reset()
+
+
+@COMPILE_WARNINGS[0]
+@COMPILE_WARNINGS[1]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_dynamic_shapes(backend, gen):
+    """warp (linear zeros and nearest border) under torch.compile(fullgraph=True,
+    dynamic=True): two sizes from one graph, as in eager mode. The torch backend compiles
+    the reference (its ndim from a SymInt channel count broke tracing before)."""
+
+    def fn(image, ddf):
+        return (warp(image, ddf, backend=backend),
+                warp(image, ddf, mode="nearest", padding="border", backend=backend))
+
+    def make(spatial):
+        image = rand(gen, 2, 2, *spatial).requires_grad_()
+        return image, randn(gen, 1, 3, *spatial, scale=1.5).requires_grad_()
+
+    spatial = ((4, 5, 6), (5, 4, 7)) if backend == "triton" else ((5, 6, 7), (7, 5, 9))
+    _compile_two_sizes(fn, make, spatial, ("linear", "nearest", "d image", "d ddf"))
+
+
+@COMPILE_WARNINGS[0]
+@COMPILE_WARNINGS[1]
+def test_torch_compile_dynamic_shapes_converters(gen):
+    """ddf_to_grid, grid_to_ddf, ddf_from_mm (NumPy affine) and ddf_to_mm (tensor affine,
+    its checks an in-graph assert) under torch.compile(fullgraph=True, dynamic=True): two
+    sizes from one graph, as in eager mode (the NumPy affine's dtype check and the affine's
+    value checks broke fullgraph tracing before)."""
+    affine_np = np.array([[2.0, 0, 0, 1], [0, 0, 3, 2], [0, -1.5, 0, 3], [0, 0, 0, 1]])
+    affine_t = torch.from_numpy(affine_np)
+
+    def fn(ddf, grid):
+        return (ddf_to_grid(ddf, align_corners=False, size=(9, 8, 7)), grid_to_ddf(grid),
+                ddf_from_mm(ddf, affine_np), ddf_to_mm(ddf, affine_t))
+
+    def make(spatial):
+        grid = (torch.rand(1, *spatial, 3, generator=gen) * 2 - 1).requires_grad_()
+        return randn(gen, 1, 3, *spatial).requires_grad_(), grid
+
+    _compile_two_sizes(fn, make, ((5, 6, 7), (7, 5, 9)),
+                       ("to grid", "from grid", "from mm", "to mm", "d ddf", "d grid"))
+
+
 # =========================================================================== dispatch
 
 
@@ -1274,6 +1350,35 @@ BAD_INPUTS = {
                         r"determinant 0\.0")),
     "to-grid-size-bool": (lambda: ddf_to_grid(DDF, size=(True, 5)), ValueError,
                           r"ddf_to_grid: size must be 2 positive ints, got \(True, 5\)"),
+    # Affines of odd types or devices, sizes beyond int64: errors that name the argument.
+    "from-mm-affine-object": (lambda: ddf_from_mm(DDF3, np.eye(4, dtype=object)), TypeError,
+                              (r"ddf_from_mm: affine must hold real numbers \(a float or "
+                               r"integer array\), got a numpy array of dtype object")),
+    "from-mm-affine-str": (lambda: ddf_from_mm(DDF3, np.full((4, 4), "1")), TypeError,
+                           r"ddf_from_mm: affine must hold real numbers .*dtype <U1"),
+    "from-mm-affine-complex-np": (lambda: ddf_from_mm(DDF3, np.eye(4, dtype=np.complex128)),
+                                  TypeError,
+                                  r"ddf_from_mm: affine must hold real numbers .*complex128"),
+    "from-mm-affine-meta": (lambda: ddf_from_mm(DDF3, torch.eye(4, device="meta")),
+                            ValueError,
+                            (r"ddf_from_mm: affine must hold values \(a CPU or CUDA tensor\), "
+                             r"got a tensor on device meta")),
+    "to-mm-affine-meta": (lambda: ddf_to_mm(DDF, torch.eye(3, device="meta")), ValueError,
+                          r"ddf_to_mm: affine must hold values .*device meta"),
+    "to-mm-affine-complex": (lambda: ddf_to_mm(DDF, torch.eye(3, dtype=torch.complex64)),
+                             TypeError,
+                             (r"ddf_to_mm: affine must hold real numbers \(a float or integer "
+                              r"tensor\), got dtype torch\.complex64")),
+    "to-mm-affine-bool": (lambda: ddf_to_mm(DDF, torch.eye(3, dtype=torch.bool)), TypeError,
+                          r"ddf_to_mm: affine must hold real numbers .*got dtype torch\.bool"),
+    "to-mm-affine-batch-1": (lambda: ddf_to_mm(DDF, torch.eye(3).expand(2, 3, 3)), ValueError,
+                             r"ddf_to_mm: affine batch size must be 1, got 2"),
+    "to-grid-size-huge": (lambda: ddf_to_grid(DDF, size=(2**70, 5)), ValueError,
+                          (r"ddf_to_grid: size must be 2 positive ints, got "
+                           r"\(1180591620717411303424, 5\) \(each at most 2\*\*63 - 1\)")),
+    "from-grid-size-huge-np": (lambda: grid_to_ddf(torch.zeros(1, 4, 5, 2),
+                                                   size=(np.uint64(2**64 - 1), 5)), ValueError,
+                               r"grid_to_ddf: size must be 2 positive ints, got .*2\*\*63"),
 }
 
 
@@ -1283,6 +1388,25 @@ test_bad_input = bad_input_test(BAD_INPUTS)
 def test_validation_runs_before_dispatch(monkeypatch):
     """Bad input is reported as bad input whichever backend was asked for."""
     raises_before_dispatch(monkeypatch, lambda: warp(IMG, DDF, mode="cubic"), "warp: mode must be")
+
+
+def test_affine_of_any_real_numpy_layout():
+    """Integer, big-endian, float16 and reversed-stride NumPy affines (and integer tensors)
+    are real affines: the same result as the float64 one."""
+    ddf = torch.randn(2, 3, 3, 4, 5, dtype=torch.float64)
+    affine = np.array([[2.0, 0, 0, 1], [0, 0, 3, 2], [0, -1, 0, 3], [0, 0, 0, 1]])
+    expected = ddf_to_mm(ddf, affine)
+    flipped = np.ascontiguousarray(affine[::-1])[::-1]  # negative strides
+    for other in (affine.astype(np.int32), affine.astype(">f8"), affine.astype(np.float16),
+                  flipped, torch.from_numpy(affine).long()):
+        assert_close_verbose(ddf_to_mm(ddf, other), expected, torch.float64)
+        assert_close_verbose(ddf_from_mm(expected, other), ddf, torch.float64)
+
+
+def test_align_corners_accepts_numpy_bool():
+    ddf = torch.randn(1, 2, 4, 5)
+    assert torch.equal(ddf_to_grid(ddf, align_corners=np.bool_(False)),
+                       ddf_to_grid(ddf, align_corners=False))
 
 
 def test_size_accepts_numpy_ints():
