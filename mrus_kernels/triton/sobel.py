@@ -50,12 +50,16 @@ BLOCK = 256
 NUM_WARPS = 8
 # Register cap of the forward and first backward pass. Without one, ptxas picked 64
 # registers and spilled 4-12 B in the 3D IDX64 L1 variants (sm_90); with 96 they take
-# ~80 and spill nothing. (A cap of 128 made the IDX64 gather spill on sm_80: it runs
-# without one.) The 3D IDX64 forward takes 128: its "replicate" L1 variants (both
+# ~80 and spill nothing. The 3D IDX64 forward takes 128: its "replicate" L1 variants (both
 # neighbourhoods read before the differences are formed) spilled 12-40 B at 96 and use
 # 127-128 registers; every other forward variant keeps 96.
 MAXNREG = 96
 FWD_IDX64_MAXNREG = 128
+# Register cap of the 3D second backward pass (the gather of the adjoint taps). Without a
+# cap ptxas picked 64 registers on sm_90 and spilled 4-24 B (fp16/bf16, both paddings,
+# IDX64 or not); at 96 it still spilled 4-16 B; at 128 no variant spills on sm_80 or
+# sm_90 (compile gate, 40 variants).
+GATHER_3D_MAXNREG = 128
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "sobel (triton)"
 
@@ -528,8 +532,10 @@ def sobel_backward(grad_out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor | N
         sources += [(h, grad_x), (h0, grad_x0)]
     for src, dst in sources:
         if dst is not None:
+            # The 3D gather takes a cap of 128 (GATHER_3D_MAXNREG); 2D runs without one.
+            cap = {"maxnreg": GATHER_3D_MAXNREG} if ndim == 3 else {}
             _sobel_bwd_kernel[grid](
                 src, dst, vox, nblk, *sizes,
                 NDIM=ndim, PADDING=int(padding), IDX64=idx64, BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
+                num_warps=NUM_WARPS, **cap,
             )
