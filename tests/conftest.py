@@ -353,3 +353,41 @@ def spy_warp_idx64(monkeypatch, triton_warp) -> list[bool]:
 
     monkeypatch.setattr(triton_warp, "_launch", spy)
     return seen
+
+
+def compile_two_sizes(fn, make, shapes, names, *, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """``fn`` under ``torch.compile(fullgraph=True, dynamic=True)`` against eager mode on
+    ``make(shape)`` for each shape in turn: the later shapes must reuse the first graph (no
+    recompile; training on crops of varying size), and the outputs and the gradients of the
+    floating-point inputs that require grad (zeros for an unused one) must match eager's.
+    Inductor's on-disk caches are off, so an entry left by older code cannot hide a guard.
+
+    Args:
+        fn: returns a tuple of tensors.
+        make: shape -> the inputs of ``fn`` (those that require grad are differentiated).
+        shapes: the shapes, in order.
+        names: one name per output and per differentiated input, for messages.
+    """
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+            for k, shape in enumerate(shapes):
+                inputs = make(shape)
+                results = []
+                for f in (fn, compiled):
+                    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in inputs]
+                    with torch._dynamo.config.patch(error_on_recompile=k > 0 and f is compiled):
+                        outs = f(*args)
+                    diff = [a for a in args if a.requires_grad]
+                    total = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64)
+                                 .reshape(o.shape)).sum() for o in outs)
+                    grads = torch.autograd.grad(total, diff, allow_unused=True) if diff else ()
+                    grads = [torch.zeros_like(a) if g is None else g
+                             for a, g in zip(diff, grads, strict=True)]
+                    results.append((*[o.detach() for o in outs], *grads))
+                for name, eager, comp in zip(names, *results, strict=True):
+                    assert_close_verbose(comp, eager, atol=atol, rtol=rtol, name=f"{name} {shape}")
+    finally:
+        torch._dynamo.reset()

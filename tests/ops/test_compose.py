@@ -28,6 +28,7 @@ from conftest import (
     assert_close_verbose,
     backend_params,
     bad_input_test,
+    compile_two_sizes,
     poisoned_empty,
     raises_before_dispatch,
     randn,
@@ -561,36 +562,13 @@ def test_torch_compile_dynamic_shapes(backend, together, gen):
         def fn(u, v, group=group):
             return tuple(op(u, v) for op in group)
 
-        _check_compiled_two_sizes(fn, shapes, gen)
+        def make(shape):
+            return (randn(gen, *shape, scale=1.5).requires_grad_(),
+                    randn(gen, *shape, scale=1.5).requires_grad_())
 
+        names = [f"out {i}" for i in range(len(group))] + ["d u", "d v"]
+        compile_two_sizes(fn, make, shapes, names)
 
-def _check_compiled_two_sizes(fn, shapes, gen):
-    torch._dynamo.reset()
-    try:
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
-            for k, shape in enumerate(shapes):
-                u = randn(gen, *shape, scale=1.5)
-                v = randn(gen, *shape, scale=1.5)
-                results = []
-                for f in (fn, compiled):
-                    x, y = u.clone().requires_grad_(), v.clone().requires_grad_()
-                    # The second size must reuse the first graph (symbolic sizes).
-                    with torch._dynamo.config.patch(error_on_recompile=k > 0 and f is compiled):
-                        outs = f(x, y)
-                    weights = [torch.linspace(-1, 1, o.numel()).reshape(o.shape) for o in outs]
-                    total = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
-                    gx, gy = torch.autograd.grad(total, (x, y), allow_unused=True)
-                    results.append((*[o.detach() for o in outs],
-                                    *[g if g is not None else torch.zeros_like(u)
-                                      for g in (gx, gy)]))
-                names = [f"out {i}" for i in range(len(results[0]) - 2)] + ["d u", "d v"]
-                for name, eager, comp in zip(names, *results, strict=True):
-                    assert_close_verbose(comp, eager, torch.float32, atol=1e-5, rtol=1e-4,
-                                         name=f"{name} {shape}")
-    finally:
-        torch._dynamo.reset()
 
 
 # =========================================================================== bad input

@@ -34,6 +34,7 @@ from conftest import (
     backend_reason,
     backends_here,
     bad_input_test,
+    compile_two_sizes,
     poisoned_empty,
     raises_before_dispatch,
     rand,
@@ -1061,31 +1062,6 @@ COMPILE_WARNINGS = (
 )
 
 
-def _compile_two_sizes(fn, make, shapes, names):
-    """fn compiled with fullgraph=True, dynamic=True on inputs make(shape) for two shapes in
-    a row: the second reuses the first graph (no recompile); outputs and the gradients of
-    the floating-point inputs that require grad as in eager mode."""
-    torch._dynamo.reset()
-    try:
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            compiled = torch.compile(fn, fullgraph=True, dynamic=True)
-            for k, shape in enumerate(shapes):
-                inputs = make(shape)
-                results = []
-                for f in (fn, compiled):
-                    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in inputs]
-                    with torch._dynamo.config.patch(error_on_recompile=k > 0 and f is compiled):
-                        outs = f(*args)
-                    diff = [a for a in args if a.requires_grad]
-                    total = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64)
-                                 .reshape(o.shape)).sum() for o in outs)
-                    grads = torch.autograd.grad(total, diff) if diff else ()
-                    results.append((*[o.detach() for o in outs], *grads))
-                for name, eager, comp in zip(names, *results, strict=True):
-                    assert_close_verbose(comp, eager, atol=1e-5, rtol=1e-4, name=f"{name} {shape}")
-    finally:
-        torch._dynamo.reset()
 
 
 @COMPILE_WARNINGS[0]
@@ -1105,7 +1081,7 @@ def test_torch_compile_dynamic_shapes(backend, gen):
         return image, randn(gen, 1, 3, *spatial, scale=1.5).requires_grad_()
 
     spatial = ((4, 5, 6), (5, 4, 7)) if backend == "triton" else ((5, 6, 7), (7, 5, 9))
-    _compile_two_sizes(fn, make, spatial, ("linear", "nearest", "d image", "d ddf"))
+    compile_two_sizes(fn, make, spatial, ("linear", "nearest", "d image", "d ddf"))
 
 
 @COMPILE_WARNINGS[0]
@@ -1126,7 +1102,7 @@ def test_torch_compile_dynamic_shapes_converters(gen):
         grid = (torch.rand(1, *spatial, 3, generator=gen) * 2 - 1).requires_grad_()
         return randn(gen, 1, 3, *spatial).requires_grad_(), grid
 
-    _compile_two_sizes(fn, make, ((5, 6, 7), (7, 5, 9)),
+    compile_two_sizes(fn, make, ((5, 6, 7), (7, 5, 9)),
                        ("to grid", "from grid", "from mm", "to mm", "d ddf", "d grid"))
 
 
