@@ -391,3 +391,11 @@ def compile_two_sizes(fn, make, shapes, names, *, atol: float = 1e-5, rtol: floa
                     assert_close_verbose(comp, eager, atol=atol, rtol=rtol, name=f"{name} {shape}")
     finally:
         torch._dynamo.reset()
+
+
+#: Marks of the torch.compile tests: inductor's own import of torch.jit warns, and dynamo
+#: notes any functools.lru_cache it traces through (pytest turns warnings into errors).
+COMPILE_WARNINGS = (
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
+)

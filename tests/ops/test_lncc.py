@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import mrus_kernels.triton._common as triton_common
-from conftest import assert_close_verbose, backend_params, poisoned_empty, rand
+from conftest import (
+    COMPILE_WARNINGS,
+    assert_close_verbose,
+    backend_params,
+    poisoned_empty,
+    rand,
+)
 from mrus_kernels import LNCCLoss, lncc, reference
 from mrus_kernels.backends import call_reason
 
@@ -614,11 +620,6 @@ def test_torch_compile_fullgraph(gen):
     assert_close_verbose(g, ge)
 
 
-# Inductor's own import of torch.jit; dynamo's note on backends.py's cached Triton check.
-COMPILE_WARNINGS = (
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
-)
 
 
 @COMPILE_WARNINGS[0]

@@ -27,6 +27,7 @@ from scipy import ndimage
 import mrus_kernels
 from conftest import (
     ALL_DTYPES,
+    COMPILE_WARNINGS,
     DTYPE_IDS,
     assert_close_verbose,
     autograd_grads,
@@ -1054,14 +1055,6 @@ def test_torch_compile_fullgraph(gen):
         torch._dynamo.reset()
     for name, eager, comp in zip(("out", "d image", "d ddf"), *results):
         assert_close_verbose(comp, eager, torch.float32, name=name)
-
-
-COMPILE_WARNINGS = (
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`"),
-)
-
-
 
 
 @COMPILE_WARNINGS[0]
