@@ -98,26 +98,16 @@ def capturing() -> bool:
 
 
 def check_mask_nonnegative(op: str, mask: torch.Tensor | None) -> None:
-    """Rejects negative mask weights (NaN weights are left to propagate).
-
-    Eager: a host sync, then ValueError naming `mask` and its minimum. Under torch.compile:
-    ``torch._assert_async`` in the graph (on CPU a RuntimeError carrying the same message
-    when the compiled function runs; on CUDA a device-side assert). Under a CUDA graph
-    capture outside torch.compile the weights are not checked (an assert kernel failing at
-    replay would abort the CUDA context).
+    """The form of the mask check for while :func:`capturing` (eager callers use
+    :func:`check_mask_weights`): under torch.compile, ``torch._assert_async`` in the graph
+    rejects negative weights (on CPU a RuntimeError carrying the message when the compiled
+    function runs; on CUDA a device-side assert). Under a CUDA graph capture outside
+    torch.compile the weights are not checked (an assert kernel failing at replay would
+    abort the CUDA context). NaN weights are left to propagate.
     """
-    if mask is None or mask.dtype == torch.bool:
+    if mask is None or mask.dtype == torch.bool or not torch.compiler.is_compiling():
         return
-    m = mask.detach()
-    if torch.compiler.is_compiling():
-        torch._assert_async(~(m < 0).any(), f"{op}: mask weights must be >= 0")
-        return
-    if capturing():
-        return
-    if bool((m < 0).any()):
-        raise ValueError(
-            f"{op}: mask weights must be >= 0, got min {m[m < 0].min().item()!r}"
-        )
+    torch._assert_async(~(mask.detach() < 0).any(), f"{op}: mask weights must be >= 0")
 
 
 def check_mask_weights(op: str, mask: torch.Tensor, *, nonempty: bool = False) -> None:
