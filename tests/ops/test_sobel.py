@@ -1061,6 +1061,8 @@ def _host_args(x: torch.Tensor, padding: str, mode: int, reduction: str) -> tupl
 
 
 def _p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """The data pointer of t (NULL for None). The caller keeps t alive across the C call:
+    the pointer of a temporary such as _p(torch.ones(...)) dangles once _p returns."""
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
@@ -1130,7 +1132,8 @@ def test_cuda_kernel_bodies_large_intensities(cuda_host_lib, ndim):
         lib.host_sobel_forward(*_host_args(x, "replicate", 1, "none"), _p(x), _p(None), _p(mag))
         assert torch.equal(mag, torch.full_like(mag, torch.tensor(1e-6).sqrt().item()))
         g = torch.full(shape, nan)
-        lib.host_sobel_backward(*_host_args(x, "replicate", 1, "none"), _p(torch.ones(shape)),
+        ones = torch.ones(shape)  # named: a temporary's storage is freed before the call
+        lib.host_sobel_backward(*_host_args(x, "replicate", 1, "none"), _p(ones),
                                 _p(x), _p(None), _p(g), _p(None))
         assert g.abs().max().item() == 0.0, value
         y = torch.full(shape, -value / 3)
