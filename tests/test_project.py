@@ -20,7 +20,7 @@ def test_readme_has_main_and_test_commands():
         order = [command.index(s) for s in ("torch==2.13.0", '-e ".[', "install triton")]
         assert order == sorted(order), command
     assert '-e ".[data]"' in main and main.endswith("&& mrus demo")
-    assert '-e ".[test]"' in test
+    assert '-e ".[test,compat]"' in test  # the compat tests compare with the originals
     assert "pytest" in test
 
 
@@ -35,7 +35,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_test_extra_installs_what_the_tests_import():
-    # The README's test command installs only ".[test]": the data extra's packages
+    # The README's test command installs ".[test,compat]": the data extra's packages
     # (nibabel, nilearn, ...), imported by the mrus_models and CLI tests, must be in it.
     try:
         import tomllib
@@ -51,6 +51,9 @@ def test_test_extra_installs_what_the_tests_import():
 
     test = names(extras["test"])
     assert names(extras["data"]) <= test, names(extras["data"]) - test
+    # The compat extra pins exact versions: its tests compare values with those releases.
+    assert names(extras["compat"]) == {"monai", "voxelmorph"}
+    assert all("==" in r for r in extras["compat"]), extras["compat"]
     assert {"pytest", "pytest-benchmark", "scipy", "scikit-learn"} <= test
 
 
