@@ -8,6 +8,7 @@ in voxel units, component i along spatial axis i.
 from .backends import BackendUnavailableError, available_backends, backend_status
 from .compose import Compose, IntegrateVelocity, compose, integrate_velocity
 from .convert import ddf_from_mm, ddf_to_grid, ddf_to_mm, grid_to_ddf
+from .grid_sample import grid_sample
 from .jacobian import JacobianDet, folding_fraction, jacobian_det
 from .lncc import LNCCLoss, lncc
 from .mi import MutualInformationLoss, NMILoss, joint_histogram, mutual_information, nmi
@@ -35,6 +36,7 @@ __all__ = [
     "ddf_to_mm",
     "folding_fraction",
     "grad_l2",
+    "grid_sample",
     "grid_to_ddf",
     "harmonic_energy",
     "integrate_velocity",
