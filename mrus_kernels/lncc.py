@@ -74,10 +74,16 @@ CUDA_COLS = 256  # LNCC_CUDA_COLS of csrc/include/lncc.h
 # flushed to 0 on the GPU (0/0 in constant windows), above the largest it is inf.
 EPS_MIN = float(torch.finfo(torch.float32).tiny)
 EPS_MAX = float(torch.finfo(torch.float32).max)
+# Per-window formulas (lncc::FORM_* of csrc/include/lncc.h).
+FORM_MRUS, FORM_MONAI = 0, 1
 
 
-def _validate(fixed: object, moving: object, window: object, eps: object, mask: object) -> int:
-    op = "lncc"
+def _validate(
+    fixed: object, moving: object, window: object, eps: object, mask: object, *, op: str = "lncc",
+    eps_name: str = "eps",
+) -> int:
+    """Checks the arguments of `op` (its name opens every message; `eps_name`: what the
+    caller calls eps) and returns the number of spatial axes."""
     check_tensor(op, "fixed", fixed)
     check_tensor(op, "moving", moving)
     assert isinstance(fixed, torch.Tensor) and isinstance(moving, torch.Tensor)
@@ -87,35 +93,35 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
     check_spatial(op, "moving", moving)
     if fixed.shape[1:] != moving.shape[1:]:
         raise ValueError(
-            f"lncc: fixed and moving must have the same channel count and spatial shape, got "
+            f"{op}: fixed and moving must have the same channel count and spatial shape, got "
             f"{tuple(fixed.shape)} and {tuple(moving.shape)}"
         )
     if fixed.shape[1] != 1:
         raise ValueError(
-            f"lncc: fixed and moving must have one channel ([B, 1, *S]), got {fixed.shape[1]} "
+            f"{op}: fixed and moving must have one channel ([B, 1, *S]), got {fixed.shape[1]} "
             f"channels (shape {tuple(fixed.shape)}); score channels separately and average"
         )
     check_batch(op, "fixed", fixed, "moving", moving)
     check_same(op, ("fixed", "moving"), (fixed, moving))
     if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"lncc: window must be an int, got {type(window).__name__} {window!r}")
+        raise TypeError(f"{op}: window must be an int, got {type(window).__name__} {window!r}")
     if window < 1 or window % 2 == 0:
-        raise ValueError(f"lncc: window must be an odd integer >= 1, got {window}")
+        raise ValueError(f"{op}: window must be an odd integer >= 1, got {window}")
     spatial = tuple(fixed.shape[2:])
     # Per axis, not min(spatial): under torch.compile(dynamic=True) min() guards on the
     # order of the sizes, so a crop of another aspect would recompile.
     if any(window > s for s in spatial):
         raise ValueError(
-            f"lncc: window ({window}) must not exceed any spatial size of the images, got "
+            f"{op}: window ({window}) must not exceed any spatial size of the images, got "
             f"spatial shape {spatial}"
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"lncc: eps must be a float, got {type(eps).__name__} {eps!r}")
+        raise TypeError(f"{op}: {eps_name} must be a float, got {type(eps).__name__} {eps!r}")
     # Comparisons, not math.isfinite: torch.compile(dynamic=True) may pass eps as a symbolic
     # float, which comparisons guard on and math.isfinite cannot trace. NaN fails both.
     if not (EPS_MIN <= eps <= EPS_MAX):
         raise ValueError(
-            f"lncc: eps must be a finite float > 0 within float32's normal range "
+            f"{op}: {eps_name} must be a finite float > 0 within float32's normal range "
             f"[{EPS_MIN:g}, {EPS_MAX:g}], got {eps!r}"
         )
     if mask is not None:
@@ -123,18 +129,18 @@ def _validate(fixed: object, moving: object, window: object, eps: object, mask: 
         assert isinstance(mask, torch.Tensor)
         if mask.dim() != fixed.dim() or mask.shape[1] != 1 or tuple(mask.shape[2:]) != spatial:
             raise ValueError(
-                f"lncc: mask must be [B or 1, 1, *S] with S = {spatial}, got shape "
+                f"{op}: mask must be [B or 1, 1, *S] with S = {spatial}, got shape "
                 f"{tuple(mask.shape)}"
             )
         check_batch(op, "fixed", fixed, "mask", mask)
         if mask.device != fixed.device:
             raise ValueError(
-                f"lncc: mask must be on the images' device {fixed.device}, got {mask.device}"
+                f"{op}: mask must be on the images' device {fixed.device}, got {mask.device}"
             )
         if not (mask.dtype == torch.bool or mask.is_floating_point()):
-            raise TypeError(f"lncc: mask must be bool or floating point, got {mask.dtype}")
+            raise TypeError(f"{op}: mask must be bool or floating point, got {mask.dtype}")
         if mask.requires_grad:
-            raise ValueError("lncc: mask must not require grad (lncc is not differentiable in it)")
+            raise ValueError(f"{op}: mask must not require grad ({op} is not differentiable in it)")
         # Eager: one host sync (negative or infinite weights, as the MI functions); under
         # torch.compile an in-graph assert (negative weights), unchecked under a CUDA graph
         # capture (mrus_kernels/_validation.py).
@@ -184,16 +190,17 @@ def _work(fixed: torch.Tensor, backend: str, backward: bool) -> torch.Tensor:
 @_ext.on_tensor_device
 def launch_forward(
     fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
-    backend: str,
+    nr: float, form: int, backend: str,
 ) -> torch.Tensor:
     """lncc [B] by the kernels of `backend` (cpu, cuda, triton) on validated, batch-matched,
-    contiguous float32/float64 inputs [B, 1, *S] (mask of their dtype or None)."""
+    contiguous float32/float64 inputs [B, 1, *S] (mask of their dtype or None), in the
+    per-window formula `form` (FORM_MRUS: eps; FORM_MONAI: eps is the floor dr, nr)."""
     b, size = fixed.shape[0], list(fixed.shape[2:])
     work = _work(fixed, backend, backward=False)
     if backend == "cpu":
         num = torch.empty(b, dtype=fixed.dtype)
         _ext.C.lncc_forward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, cpu_threads(fixed),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, nr, form, cpu_threads(fixed),
             fixed.data_ptr(), moving.data_ptr(), ptr(mask),
             work.data_ptr(), num.data_ptr(),
         )
@@ -201,15 +208,16 @@ def launch_forward(
         n_part = -(-(size[-2] * size[-1]) // CUDA_COLS)
         partials = torch.empty((b, n_part), dtype=torch.float32, device=fixed.device)
         _ext.C.lncc_forward_cuda(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
-            ptr(mask), work.data_ptr(), partials.data_ptr(),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, nr, form, fixed.data_ptr(),
+            moving.data_ptr(), ptr(mask), work.data_ptr(), partials.data_ptr(),
             cuda_stream(fixed),
         )
         num = partials.sum(1)
     elif backend == "triton":
         from .triton import lncc as triton_lncc
 
-        num = triton_lncc.lncc_forward(fixed, moving, mask, work, window=window, eps=eps)
+        num = triton_lncc.lncc_forward(fixed, moving, mask, work, window=window, eps=eps, nr=nr,
+                                       form=form)
     else:  # pragma: no cover - dispatch never sends other names here
         raise ValueError(f"lncc: no kernel for backend {backend!r}")
     return num / _denominator(fixed, mask)
@@ -218,7 +226,8 @@ def launch_forward(
 @_ext.on_tensor_device
 def launch_backward(
     grad: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
-    window: int, eps: float, backend: str, need_fixed: bool, need_moving: bool,
+    window: int, eps: float, nr: float, form: int, backend: str, need_fixed: bool,
+    need_moving: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(d lncc / d fixed, d lncc / d moving) weighted by grad [B]; None where not needed."""
     b, size = fixed.shape[0], list(fixed.shape[2:])
@@ -230,18 +239,19 @@ def launch_backward(
     mptr = ptr(mask)
     if backend == "cpu":
         _ext.C.lncc_backward_cpu(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, cpu_threads(fixed),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, nr, form, cpu_threads(fixed),
             fixed.data_ptr(), moving.data_ptr(), mptr, scale.data_ptr(), work.data_ptr(), *ptrs,
         )
     elif backend == "cuda":
         _ext.C.lncc_backward_cuda(
-            DTYPE_CODES[fixed.dtype], b, size, window, eps, fixed.data_ptr(), moving.data_ptr(),
-            mptr, scale.data_ptr(), work.data_ptr(), *ptrs, cuda_stream(fixed),
+            DTYPE_CODES[fixed.dtype], b, size, window, eps, nr, form, fixed.data_ptr(),
+            moving.data_ptr(), mptr, scale.data_ptr(), work.data_ptr(), *ptrs, cuda_stream(fixed),
         )
     elif backend == "triton":
         from .triton import lncc as triton_lncc
 
-        triton_lncc.lncc_backward(fixed, moving, mask, scale, work, gf, gm, window=window, eps=eps)
+        triton_lncc.lncc_backward(fixed, moving, mask, scale, work, gf, gm, window=window, eps=eps,
+                                  nr=nr, form=form)
     else:  # pragma: no cover
         raise ValueError(f"lncc: no kernel for backend {backend!r}")
     return gf, gm
@@ -253,56 +263,61 @@ def launch_backward(
 @torch.library.custom_op("mrus::lncc", mutates_args=())
 def _lncc_op(
     fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, window: int, eps: float,
-    backend: str,
+    nr: float, form: int, backend: str,
 ) -> torch.Tensor:
-    return launch_forward(fixed, moving, mask, window, eps, backend)
+    return launch_forward(fixed, moving, mask, window, eps, nr, form, backend)
 
 
 @_lncc_op.register_fake
-def _(fixed, moving, mask, window, eps, backend):
+def _(fixed, moving, mask, window, eps, nr, form, backend):
     return fixed.new_empty((fixed.shape[0],))
 
 
 @torch.library.custom_op("mrus::lncc_backward", mutates_args=())
 def _lncc_backward_op(
     grad: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
-    window: int, eps: float, backend: str, need_fixed: bool, need_moving: bool,
+    window: int, eps: float, nr: float, form: int, backend: str, need_fixed: bool,
+    need_moving: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (fixed, moving); an empty tensor stands for one not asked for."""
     gf, gm = launch_backward(
-        grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving
+        grad, fixed, moving, mask, window, eps, nr, form, backend, need_fixed, need_moving
     )
     return grads_or_empty((gf, fixed), (gm, moving))
 
 
 @_lncc_backward_op.register_fake
-def _(grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving):
+def _(grad, fixed, moving, mask, window, eps, nr, form, backend, need_fixed, need_moving):
     return fake_grads((fixed, need_fixed), (moving, need_moving))
 
 
 def _setup_context(ctx, inputs, output):
-    fixed, moving, mask, window, eps, backend = inputs
+    fixed, moving, mask, window, eps, nr, form, backend = inputs
     ctx.save_for_backward(fixed, moving, mask)
-    ctx.args = (window, eps, backend)
+    ctx.args = (window, eps, nr, form, backend)
 
 
 def _backward(ctx, grad):
     fixed, moving, mask = ctx.saved_tensors
     need_fixed, need_moving = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    rest = (None,) * 6  # mask, window, eps, nr, form, backend
     if not (need_fixed or need_moving):
-        return None, None, None, None, None, None
+        return None, None, *rest
     gf, gm = _lncc_backward_op(grad, fixed, moving, mask, *ctx.args, need_fixed, need_moving)
-    return (gf if need_fixed else None), (gm if need_moving else None), None, None, None, None
+    return (gf if need_fixed else None), (gm if need_moving else None), *rest
 
 
 _lncc_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _double_spec(grad, fixed, moving, mask, window, eps, backend, need_fixed, need_moving):
+def _double_spec(grad, fixed, moving, mask, window, eps, nr, form, backend, need_fixed,
+                 need_moving):
     """Double backward of mrus::lncc_backward (mrus_kernels/_double.py): the reference lncc
-    of the (centred) primals; the mask is a constant."""
+    (of the form `form`) of the (centred) primals; the mask is a constant."""
 
     def forward(fixed, moving):
+        if form == FORM_MONAI:
+            return reference.lncc_monai(fixed, moving, window, nr, eps, mask)
         return reference.lncc(fixed, moving, window, eps, mask)
 
     return forward, ((fixed, 1, need_fixed), (moving, 2, need_moving))
@@ -350,6 +365,15 @@ def lncc(
         >>> lncc(x, 3 * x + 1)  # tensor([1.0000, 1.0000])
     """
     _validate(fixed, moving, window, eps, mask)
+    return _run(fixed, moving, window, float(eps), 0.0, FORM_MRUS, mask, backend)
+
+
+def _run(
+    fixed: torch.Tensor, moving: torch.Tensor, window: int, eps: float, nr: float, form: int,
+    mask: torch.Tensor | None, backend: str | None,
+) -> torch.Tensor:
+    """lncc [B] of validated inputs in the per-window formula `form` (FORM_MRUS: eps;
+    FORM_MONAI: eps is the variance floor dr, nr is added to cross²)."""
     dtype = fixed.dtype
     name = resolve("lncc", backend, fixed.device, dtype)
     work = torch.float32 if dtype in _HALF else dtype
@@ -360,11 +384,65 @@ def lncc(
     f = f.expand(b, *fixed.shape[1:]).contiguous()
     m = m.expand(b, *moving.shape[1:]).contiguous()
     mk = mask.to(work).expand(b, *mask.shape[1:]).contiguous() if mask is not None else None
-    if name == "torch":
-        out = reference.lncc(f, m, window, float(eps), mk)
+    if name != "torch":
+        out = _lncc_op(f, m, mk, window, eps, nr, form, name)
+    elif form == FORM_MONAI:
+        out = reference.lncc_monai(f, m, window, nr, eps, mk)
     else:
-        out = _lncc_op(f, m, mk, window, float(eps), name)
+        out = reference.lncc(f, m, window, eps, mk)
     return out.to(dtype)
+
+
+def lncc_monai(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    *,
+    window: int,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-5,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """lncc with MONAI's per-window formula (LocalNormalizedCrossCorrelationLoss, rectangular
+    kernel), per item; for :mod:`mrus_kernels.compat.monai`, not exported.
+
+    Per voxel, from the same in-bounds window sums as :func:`lncc` (no zero padding):
+
+        cc = (cross² + smooth_nr) / (max(var_I, smooth_dr) · max(var_J, smooth_dr)),
+
+    raw variances ΣI² − (ΣI)²/n (no clamp at 0, no min with cross²: cc is not bounded by 1
+    when smooth_nr > 0 or under rounding). Gradients are torch autograd's of that expression
+    (torch.maximum: to the raw variance where it exceeds smooth_dr, half of it on a tie).
+    MONAI zero-pads its windows and divides by the full window volume; its value is
+    ``-lncc_monai`` of both images zero-padded by window // 2 with a mask of ones on the
+    original voxels (every window of an original voxel is then whole, and the centring on
+    each item's mean does not change the window statistics).
+
+    Args:
+        fixed, moving, window, mask, backend: as :func:`lncc`.
+        smooth_nr: added to cross²; finite, 0 <= smooth_nr <= 3.40282e38 (``EPS_MAX``: Triton
+            takes it as a float32 scalar).
+        smooth_dr: the variances' floor; in float32's normal range [1.17549e-38, 3.40282e38]
+            (as ``eps`` of :func:`lncc`).
+
+    Returns:
+        Tensor [max(B_fixed, B_moving)] of the inputs' dtype: per item Σ m cc / Σ m (the mean
+        cc without a mask; 0 for an all-zero mask).
+    """
+    op = "lncc_monai"
+    _validate(fixed, moving, window, smooth_dr, mask, op=op, eps_name="smooth_dr")
+    if isinstance(smooth_nr, bool) or not isinstance(smooth_nr, (int, float)):
+        raise TypeError(
+            f"{op}: smooth_nr must be a float, got {type(smooth_nr).__name__} {smooth_nr!r}"
+        )
+    # Comparisons (symbolic floats under torch.compile); NaN fails them.
+    if not (0.0 <= smooth_nr <= EPS_MAX):
+        raise ValueError(
+            f"{op}: smooth_nr must be a finite float >= 0 (at most {EPS_MAX:g}), got "
+            f"{smooth_nr!r}"
+        )
+    return _run(fixed, moving, window, float(smooth_dr), float(smooth_nr), FORM_MONAI, mask,
+                backend)
 
 
 class LNCCLoss(nn.Module):

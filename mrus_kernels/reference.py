@@ -399,6 +399,36 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach().mean(dim=tuple(range(1, x.dim())), keepdim=True)
 
 
+def _lncc_stats(
+    fixed: torch.Tensor, moving: torch.Tensor, window: int, sum_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross, raw var_I, raw var_J) of every window, [B, C, *S] in `sum_dtype`, from the
+    in-bounds box sums of the items centred on their own means (see :func:`lncc`)."""
+    if sum_dtype is not None:
+        fixed, moving = fixed.to(sum_dtype), moving.to(sum_dtype)
+    fixed, moving = _centre(fixed), _centre(moving)
+    b = max(fixed.shape[0], moving.shape[0])
+    i = fixed.expand(b, *fixed.shape[1:])
+    j = moving.expand(b, *moving.shape[1:])
+    n = _box_sum(torch.ones_like(i[:1]), window)
+    si, sj = _box_sum(i, window), _box_sum(j, window)
+    sii, sjj, sij = _box_sum(i * i, window), _box_sum(j * j, window), _box_sum(i * j, window)
+    return sij - si * sj / n, sii - si * si / n, sjj - sj * sj / n
+
+
+def _lncc_mean(cc: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per item Σ m cc / Σ m (the mean without a mask; 0 for an all-zero mask), as `dtype`."""
+    cc = cc.flatten(1)
+    if mask is None:
+        return cc.mean(1).to(dtype)
+    b = cc.shape[0]
+    m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
+    msum = m.sum(1)
+    # An empty mask gives 0 (no voxel to score), not 0/0.
+    out = torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
+    return out.to(dtype)
+
+
 def lncc(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -425,34 +455,39 @@ def lncc(
     rounding of the output (measured 1e-8 at offsets up to 1e4). An item holding NaN or Inf
     has a non-finite mean: its value (and gradients) are NaN.
     """
-    dtype = fixed.dtype
-    if sum_dtype is not None:
-        fixed, moving = fixed.to(sum_dtype), moving.to(sum_dtype)
-    fixed, moving = _centre(fixed), _centre(moving)
-    b = max(fixed.shape[0], moving.shape[0])
-    i = fixed.expand(b, *fixed.shape[1:])
-    j = moving.expand(b, *moving.shape[1:])
-    n = _box_sum(torch.ones_like(i[:1]), window)
-    si, sj = _box_sum(i, window), _box_sum(j, window)
-    sii, sjj, sij = _box_sum(i * i, window), _box_sum(j * j, window), _box_sum(i * j, window)
-    cross = sij - si * sj / n
-    var_i = (sii - si * si / n).clamp_min(0)
-    var_j = (sjj - sj * sj / n).clamp_min(0)
-    vv = var_i * var_j
+    cross, var_i, var_j = _lncc_stats(fixed, moving, window, sum_dtype)
+    vv = var_i.clamp_min(0) * var_j.clamp_min(0)
     c2 = cross * cross
     # cross² <= var_I var_J holds exactly (Cauchy-Schwarz); rounding in the sums can break it
     # where the variances cancel (near-constant patches of large intensities), which would
     # give cc >> 1. Clamping keeps cc in [0, 1]; where it binds the exact value is ~1 anyway.
     # `where` (not `minimum`) so that a tie (I = J) takes the gradient of cross².
     c2 = torch.where(c2 > vv, vv, c2)
-    cc = (c2 / (vv + eps)).flatten(1)
-    if mask is None:
-        return cc.mean(1).to(dtype)
-    m = mask.expand(b, *mask.shape[1:]).flatten(1).to(cc.dtype)
-    msum = m.sum(1)
-    # An empty mask gives 0 (no voxel to score), not 0/0.
-    out = torch.where(msum > 0, (cc * m).sum(1) / torch.where(msum > 0, msum, 1), 0)
-    return out.to(dtype)
+    return _lncc_mean(c2 / (vv + eps), mask, fixed.dtype)
+
+
+def lncc_monai(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    window: int = 9,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-5,
+    mask: torch.Tensor | None = None,
+    *,
+    sum_dtype: torch.dtype | None = torch.float64,
+) -> torch.Tensor:
+    """LNCC in MONAI's per-window form (LocalNormalizedCrossCorrelationLoss, rectangular
+    kernel), averaged over the voxels (or the mask): [B].
+
+    Per voxel, with the in-bounds window sums of :func:`lncc` (no zero padding):
+    cc = (cross² + smooth_nr) / (max(var_I, smooth_dr) max(var_J, smooth_dr)), raw variances
+    (no clamp at 0, no bound on cc). Gradients are torch.maximum's (1/2 on a tie with the
+    floor). Centring, `sum_dtype` and mask as :func:`lncc`.
+    """
+    cross, var_i, var_j = _lncc_stats(fixed, moving, window, sum_dtype)
+    dr = torch.as_tensor(smooth_dr, dtype=var_i.dtype, device=var_i.device)
+    cc = (cross * cross + smooth_nr) / (torch.maximum(var_i, dr) * torch.maximum(var_j, dr))
+    return _lncc_mean(cc, mask, fixed.dtype)
 
 
 def grad_l2(u: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
@@ -489,3 +524,54 @@ def harmonic_energy(u: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     if reduction == "none":
         return sq.flatten(1).sum(1)
     return sq.sum() if reduction == "sum" else sq.mean()
+
+
+def _interior_shift(u: torch.Tensor, offsets: dict[int, int]) -> torch.Tensor:
+    """u(x + o) over the voxels x interior in every spatial axis (o_i in {-1, 0, 1})."""
+    idx = [slice(None), slice(None)]
+    for i, n in enumerate(u.shape[2:]):
+        o = offsets.get(i, 0)
+        idx.append(slice(1 + o, n - 1 + o))
+    return u[tuple(idx)]
+
+
+def _reduce_map(m: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return m.flatten(1).sum(1)
+    return m.sum() if reduction == "sum" else m.mean()
+
+
+def bending_energy(
+    u: torch.Tensor, spacing: tuple[float, ...] | None = None, reduction: str = "mean"
+) -> torch.Tensor:
+    """Σ_i (∂²_ii u)² + 2 Σ_{i<j} (∂²_ij u)² on interior voxels, per component: ∂²_ii the
+    [1, -2, 1] / h_i² stencil, ∂²_ij the 4-point (u(+,+) - u(+,-) - u(-,+) + u(-,-)) /
+    (4 h_i h_j). reduction: "mean" (over B·C·Π(S_i - 2)), "sum", "none" ([B] sums)."""
+    ndim = u.dim() - 2
+    h = spacing if spacing is not None else (1.0,) * ndim
+    centre = _interior_shift(u, {})
+    energy = torch.zeros_like(centre)
+    for i in range(ndim):
+        d2 = (_interior_shift(u, {i: 1}) - 2 * centre + _interior_shift(u, {i: -1})) / h[i] ** 2
+        energy = energy + d2 * d2
+        for j in range(i + 1, ndim):
+            dij = (
+                _interior_shift(u, {i: 1, j: 1}) - _interior_shift(u, {i: 1, j: -1})
+                - _interior_shift(u, {i: -1, j: 1}) + _interior_shift(u, {i: -1, j: -1})
+            ) / (4 * h[i] * h[j])
+            energy = energy + 2 * dij * dij
+    return _reduce_map(energy, reduction)
+
+
+def diffusion(
+    u: torch.Tensor, spacing: tuple[float, ...] | None = None, reduction: str = "mean"
+) -> torch.Tensor:
+    """Σ_i ((u(x + e_i) - u(x - e_i)) / (2 h_i))² on interior voxels, per component;
+    reductions as bending_energy."""
+    ndim = u.dim() - 2
+    h = spacing if spacing is not None else (1.0,) * ndim
+    energy = torch.zeros_like(_interior_shift(u, {}))
+    for i in range(ndim):
+        d = (_interior_shift(u, {i: 1}) - _interior_shift(u, {i: -1})) / (2 * h[i])
+        energy = energy + d * d
+    return _reduce_map(energy, reduction)

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <omp.h>
@@ -132,7 +133,8 @@ void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, doub
   sums_wh(a, I, J, S);
   const int64_t vol = a.vol(), plane = a.H * a.W, W = a.W;
   std::vector<double> partial(static_cast<size_t>(a.B * a.H));
-  const double eps = a.eps;
+  const double eps = a.eps, nr = a.nr;
+  const int form = a.form;
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<double> acc(static_cast<size_t>(NSUM * W));
@@ -148,7 +150,8 @@ void forward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, doub
                     for (int64_t w = 0; w < W; ++w) {
                       const double n = double(cdh * lncc::axis_count(w, a.rW, W));
                       const double cc = lncc::cc_value<double>(s[w], s[W + w], s[2 * W + w],
-                                                               s[3 * W + w], s[4 * W + w], n, eps);
+                                                               s[3 * W + w], s[4 * W + w], n, eps,
+                                                               nr, form);
                       part += m ? double(m[w]) * cc : cc;
                     }
                   });
@@ -168,7 +171,8 @@ void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, con
                    double* S, T* gI, T* gJ) {
   sums_wh(a, I, J, S);
   const int64_t vol = a.vol(), plane = a.H * a.W, W = a.W, D = a.D;
-  const double eps = a.eps;
+  const double eps = a.eps, nr = a.nr;
+  const int form = a.form;
   // Coefficient maps K = w ∂cc/∂S, written over S (each (b, h) slab reads only itself; a
   // private copy keeps the leaving rows).
 #pragma omp parallel num_threads(a.num_threads)
@@ -191,7 +195,7 @@ void backward_impl(const LnccArgs& a, const T* I, const T* J, const T* mask, con
           const double n = double(cdh * lncc::axis_count(w, a.rW, W));
           const double wt = m ? double(scale[b]) * double(m[w]) : double(scale[b]);
           lncc::cc_coeffs<double>(s[w], s[W + w], s[2 * W + w], s[3 * W + w], s[4 * W + w], n,
-                                  eps, wt, k);
+                                  eps, nr, form, wt, k);
           for (int c = 0; c < NSUM; ++c) base[c * vol + d * plane + w] = k[c];
         }
       });
@@ -266,8 +270,11 @@ void lncc_backward(const LnccArgs& a, uintptr_t fixed, uintptr_t moving, uintptr
 
 namespace {
 lncc::LnccArgs lncc_args(int dtype, int64_t B, std::vector<int64_t> size, int64_t window,
-                         double eps, int num_threads) {
+                         double eps, double nr, int form, int num_threads) {
   if (size.size() != 2 && size.size() != 3) throw std::invalid_argument("lncc: size must have 2 or 3 entries");
+  if (form != lncc::FORM_MRUS && form != lncc::FORM_MONAI)
+    throw std::invalid_argument("lncc: form must be 0 (mrus) or 1 (monai), got " +
+                                std::to_string(form));
   lncc::LnccArgs a;
   a.dtype = static_cast<DType>(dtype);
   a.B = B;
@@ -278,6 +285,8 @@ lncc::LnccArgs lncc_args(int dtype, int64_t B, std::vector<int64_t> size, int64_
   a.rW = a.rH = window / 2;
   a.rD = is3d ? window / 2 : 0;
   a.eps = eps;
+  a.nr = nr;
+  a.form = form;
   a.num_threads = cpu::clamp_threads(num_threads);
   return a;
 }
@@ -285,37 +294,42 @@ lncc::LnccArgs lncc_args(int dtype, int64_t B, std::vector<int64_t> size, int64_
 
 void register_lncc(py::module_& m) {
   const auto release = py::call_guard<py::gil_scoped_release>();
+  // eps: the mrus form's denominator term, or MONAI's variance floor dr; nr: MONAI's
+  // numerator term; form: lncc::FORM_MRUS or FORM_MONAI.
   m.def(
       "lncc_forward_cpu",
-      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, int num_threads,
-         uintptr_t fixed, uintptr_t moving, uintptr_t mask, uintptr_t work, uintptr_t num) {
-        cpu::lncc_forward(lncc_args(dtype, B, size, window, eps, num_threads), fixed, moving, mask, work, num);
+      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, double nr,
+         int form, int num_threads, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+         uintptr_t work, uintptr_t num) {
+        cpu::lncc_forward(lncc_args(dtype, B, size, window, eps, nr, form, num_threads), fixed,
+                          moving, mask, work, num);
       },
       release);
   m.def(
       "lncc_backward_cpu",
-      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, int num_threads,
-         uintptr_t fixed, uintptr_t moving, uintptr_t mask, uintptr_t scale, uintptr_t work,
-         uintptr_t grad_fixed, uintptr_t grad_moving) {
-        cpu::lncc_backward(lncc_args(dtype, B, size, window, eps, num_threads), fixed, moving, mask, scale,
-                           work, grad_fixed, grad_moving);
+      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, double nr,
+         int form, int num_threads, uintptr_t fixed, uintptr_t moving, uintptr_t mask,
+         uintptr_t scale, uintptr_t work, uintptr_t grad_fixed, uintptr_t grad_moving) {
+        cpu::lncc_backward(lncc_args(dtype, B, size, window, eps, nr, form, num_threads), fixed,
+                           moving, mask, scale, work, grad_fixed, grad_moving);
       },
       release);
   m.def(
       "lncc_forward_cuda",
-      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, uintptr_t fixed,
-         uintptr_t moving, uintptr_t mask, uintptr_t work, uintptr_t partials, uintptr_t stream) {
-        cuda::lncc_forward(lncc_args(dtype, B, size, window, eps, 1), fixed, moving, mask, work, partials,
-                           stream);
+      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, double nr,
+         int form, uintptr_t fixed, uintptr_t moving, uintptr_t mask, uintptr_t work,
+         uintptr_t partials, uintptr_t stream) {
+        cuda::lncc_forward(lncc_args(dtype, B, size, window, eps, nr, form, 1), fixed, moving,
+                           mask, work, partials, stream);
       },
       release);
   m.def(
       "lncc_backward_cuda",
-      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, uintptr_t fixed,
-         uintptr_t moving, uintptr_t mask, uintptr_t scale, uintptr_t work, uintptr_t grad_fixed,
-         uintptr_t grad_moving, uintptr_t stream) {
-        cuda::lncc_backward(lncc_args(dtype, B, size, window, eps, 1), fixed, moving, mask, scale, work,
-                            grad_fixed, grad_moving, stream);
+      [](int dtype, int64_t B, std::vector<int64_t> size, int64_t window, double eps, double nr,
+         int form, uintptr_t fixed, uintptr_t moving, uintptr_t mask, uintptr_t scale,
+         uintptr_t work, uintptr_t grad_fixed, uintptr_t grad_moving, uintptr_t stream) {
+        cuda::lncc_backward(lncc_args(dtype, B, size, window, eps, nr, form, 1), fixed, moving,
+                            mask, scale, work, grad_fixed, grad_moving, stream);
       },
       release);
 }

@@ -114,21 +114,24 @@ __device__ __forceinline__ void wsum_k(const float* __restrict__ Kr, int64_t vol
   }
 }
 
-// Epilogue at voxel `vox` (offset inside item b's volume) with box sums acc over n voxels.
+// Epilogue at voxel `vox` (offset inside item b's volume) with box sums acc over n voxels;
+// a: eps, nr and form of the per-window formula.
 template <Mode MODE>
-__device__ __forceinline__ void emit(const Io& io, int64_t vol, int64_t b, int64_t vox,
-                                     const double* acc, double n, double eps, double& part) {
+__device__ __forceinline__ void emit(const Io& io, const LnccArgs& a, int64_t vol, int64_t b,
+                                     int64_t vox, const double* acc, double n, double& part) {
   if (MODE == Mode::COPY) {
     double* o = io.S + b * NSUM * vol + vox;
     for (int c = 0; c < NSUM; ++c) o[c * vol] = acc[c];
   } else if (MODE == Mode::REDUCE) {
-    const double cc = lncc::cc_value<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, eps);
+    const double cc =
+        lncc::cc_value<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, a.eps, a.nr, a.form);
     part += io.mask ? double(io.mask[b * vol + vox]) * cc : cc;
   } else if (MODE == Mode::COEFF) {
     const double wt = io.mask ? double(io.scale[b]) * double(io.mask[b * vol + vox])
                               : double(io.scale[b]);
     double k[NSUM];
-    lncc::cc_coeffs<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, eps, wt, k);
+    lncc::cc_coeffs<double>(acc[0], acc[1], acc[2], acc[3], acc[4], n, a.eps, a.nr, a.form, wt,
+                            k);
     float* o = io.K + b * NSUM * vol + vox;
     for (int c = 0; c < NSUM; ++c) o[c * vol] = float(k[c]);
   } else {
@@ -172,7 +175,6 @@ __global__ void __launch_bounds__(kWhCols)
     for (int c = 0; c < NSUM; ++c) acc[c] += s[c];
   }
   const double cdw = double(lncc::axis_count(d, a.rD, a.D) * lncc::axis_count(w, rw, W));
-  const double eps = a.eps;
   double part = 0.0;
   for (int h = k0; h < k1; ++h) {
     row(h + r, s);
@@ -180,7 +182,7 @@ __global__ void __launch_bounds__(kWhCols)
     row(h - r - 1, s);
     for (int c = 0; c < NSUM; ++c) acc[c] -= s[c];
     const double n = cdw * double(lncc::axis_count(h, r, H));
-    emit<MODE>(io, vol, b, d * plane + int64_t(h) * W + w, acc, n, eps, part);
+    emit<MODE>(io, a, vol, b, d * plane + int64_t(h) * W + w, acc, n, part);
   }
 }
 
@@ -208,14 +210,13 @@ __global__ void __launch_bounds__(kDCols)
     double acc[NSUM] = {0.0, 0.0, 0.0, 0.0, 0.0};
     for (int64_t e = lo; e < min(k0 + r, D); ++e)  // warm-up: rows k0 - r .. k0 + r - 1
       for (int c = 0; c < NSUM; ++c) acc[c] += Sp[c * vol + e * plane];
-    const double eps = a.eps;
     for (int64_t k = k0; k < k1; ++k) {
       if (k + r < D)
         for (int c = 0; c < NSUM; ++c) acc[c] += Sp[c * vol + (k + r) * plane];
       if (k - r - 1 >= lo)
         for (int c = 0; c < NSUM; ++c) acc[c] -= Sp[c * vol + (k - r - 1) * plane];
       const double n = chw * double(lncc::axis_count(k, r, D));
-      emit<MODE>(io, vol, b, k * plane + p, acc, n, eps, part);
+      emit<MODE>(io, a, vol, b, k * plane + p, acc, n, part);
     }
   }
   if (MODE == Mode::REDUCE) {

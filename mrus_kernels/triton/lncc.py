@@ -14,7 +14,8 @@ fastest), so every load is coalesced. The row it adds is either
 MODE says what happens to each voxel's sums: COPY writes them (float64), REDUCE adds m·cc
 into one partial per program (the per-item sum is the fixed-order sum of the partials:
 deterministic), COEFF writes the coefficient maps K = w ∂cc/∂S (float32), FINAL writes the
-image gradients from the box-summed K and I, J.
+image gradients from the box-summed K and I, J. FORM picks the per-window formula of REDUCE
+and COEFF (0: mrus, 1: MONAI's, with eps as its variance floor dr and nr; csrc/include/lncc.h).
 
 Why float64: the running sums leave about one ulp of the largest window sum they have seen,
 and the variances ΣI² − (ΣI)²/n cancel; in float32 a window of flat background downstream of
@@ -110,8 +111,9 @@ def _row(src_i, src_j, src5, ib, b5, e, lo, sk, w, ok, N, W, r, vol,
 @triton.jit
 def _lncc_line_kernel(
     src_i, src_j, src5, dst, mask, scale, out_i, out_j, partials,
-    N, M, W, vol, sk, sm, r, rD, rH, rW, D, H, eps, n_wblk, n_chunk, chunk,
+    N, M, W, vol, sk, sm, r, rD, rH, rW, D, H, eps, nr, n_wblk, n_chunk, chunk,
     AXIS_D: tl.constexpr, WSUM: tl.constexpr, FROM_IJ: tl.constexpr, MODE: tl.constexpr,
+    FORM: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_I: tl.constexpr, NEED_J: tl.constexpr,
     IDX64: tl.constexpr, BLOCK: tl.constexpr, WT: tl.constexpr,
 ):
@@ -188,25 +190,39 @@ def _lncc_line_kernel(
             cross = a4 - a0 * a1 * inv
             vi_raw = a2 - a0 * a0 * inv
             vj_raw = a3 - a1 * a1 * inv
-            vi = tl.where(vi_raw < 0.0, 0.0, vi_raw)
-            vj = tl.where(vj_raw < 0.0, 0.0, vj_raw)
-            vv = vi * vj
-            den = vv + eps
             c2 = cross * cross
-            clamp = c2 > vv  # rounding only: cross² <= var_I var_J exactly
             if HAS_MASK:
                 mv = tl.load(mask + ib + vo, mask=ok, other=0.0).to(tl.float64)
             else:
                 mv = tl.where(ok, 1.0, 0.0).to(tl.float64)
-            if MODE == 1:
+            if FORM == 1:  # MONAI: (cross² + nr) / (max(var_I, dr) max(var_J, dr)), dr = eps
+                vi = tl.where(vi_raw < eps, eps, vi_raw)  # NaN passes, as torch.maximum
+                vj = tl.where(vj_raw < eps, eps, vj_raw)
+                rden = 1.0 / (vi * vj)  # >= eps² > 0, also past W (raw variances 0 there)
+                cc = (c2 + nr) * rden
+                if MODE == 2:
+                    dcross = 2.0 * cross * rden
+                    # torch.maximum's subgradient: 1 above the floor, 1/2 on a tie, 0 below.
+                    gate_i = tl.where(vi_raw > eps, 1.0, tl.where(vi_raw == eps, 0.5, 0.0))
+                    gate_j = tl.where(vj_raw > eps, 1.0, tl.where(vj_raw == eps, 0.5, 0.0))
+                    dvi = -gate_i * cc / vi
+                    dvj = -gate_j * cc / vj
+            else:
+                vi = tl.where(vi_raw < 0.0, 0.0, vi_raw)
+                vj = tl.where(vj_raw < 0.0, 0.0, vj_raw)
+                vv = vi * vj
+                den = vv + eps
+                clamp = c2 > vv  # rounding only: cross² <= var_I var_J exactly
                 cc = tl.where(clamp, vv, c2) / den
+                if MODE == 2:
+                    dcross = tl.where(clamp, 0.0, 2.0 * cross / den)
+                    dvv = tl.where(clamp, eps, -c2) / (den * den)
+                    dvi = tl.where(vi_raw < 0.0, 0.0, dvv * vj)
+                    dvj = tl.where(vj_raw < 0.0, 0.0, dvv * vi)
+            if MODE == 1:
                 part += tl.where(ok, mv * cc, 0.0)
             else:
                 wt = tl.load(scale + b).to(tl.float64) * mv
-                dcross = tl.where(clamp, 0.0, 2.0 * cross / den)
-                dvv = tl.where(clamp, eps, -c2) / (den * den)
-                dvi = tl.where(vi_raw < 0.0, 0.0, dvv * vj)
-                dvj = tl.where(vj_raw < 0.0, 0.0, dvv * vi)
                 o = b5 + vo
                 tl.store(dst + o, (wt * (-dcross * a1 * inv - 2.0 * dvi * a0 * inv)).to(
                     tl.float32), mask=ok)
@@ -256,7 +272,8 @@ def plan(geo, axis_d: bool) -> tuple[int, int, int, int]:
 
 
 def _line(geo, axis_d, mode, *, i=None, j=None, src5=None, dst=None, mask=None, scale=None,
-          gi=None, gj=None, partials=None, wsum=False, from_ij=False, eps=1e-5):
+          gi=None, gj=None, partials=None, wsum=False, from_ij=False, eps=1e-5, nr=0.0,
+          form=0):
     b, d, h, w, r, rd = geo
     vol = d * h * w
     if axis_d:
@@ -271,9 +288,10 @@ def _line(geo, axis_d, mode, *, i=None, j=None, src5=None, dst=None, mask=None, 
     _lncc_line_kernel[(total,)](
         pick(i), pick(j), pick(src5), pick(dst), pick(mask), pick(scale), pick(gi), pick(gj),
         pick(partials),
-        n_, m_, w, vol, sk, sm, rd if axis_d else r, rd, r, r, d, h, float(eps),
+        n_, m_, w, vol, sk, sm, rd if axis_d else r, rd, r, r, d, h, float(eps), float(nr),
         n_wblk, n_chunk, chunk,
         AXIS_D=axis_d, WSUM=wsum, FROM_IJ=from_ij, MODE=mode,
+        FORM=form if mode in (REDUCE, COEFF) else 0,
         HAS_MASK=mask is not None and mode in (REDUCE, COEFF),
         NEED_I=gi is not None and mode == FINAL, NEED_J=gj is not None and mode == FINAL,
         IDX64=idx64, BLOCK=block_w(w), WT=window_tile(r), num_warps=block_w(w) // 32,
@@ -282,48 +300,55 @@ def _line(geo, axis_d, mode, *, i=None, j=None, src5=None, dst=None, mask=None, 
 
 
 def lncc_forward(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
-                 work: torch.Tensor, *, window: int, eps: float) -> torch.Tensor:
+                 work: torch.Tensor, *, window: int, eps: float, nr: float = 0.0,
+                 form: int = 0) -> torch.Tensor:
     """Σ_v m(v) cc(v) per item, [B] float32.
 
     Args:
         fixed, moving: float32 [B, 1, *S], contiguous. mask: float32 [B, 1, *S] or None.
         work: float64 [B, 5, *S] scratch (3D only; unused in 2D).
+        eps, nr, form: the per-window formula (csrc/include/lncc.h): form 0 (mrus) uses eps;
+            form 1 (MONAI) takes eps as the variances' floor dr and adds nr to cross².
     """
     geo = _geometry(fixed, window)
     b = geo[0]
     is3d = fixed.dim() == 5
     total = plan(geo, is3d)[0]
     partials = torch.empty(total, dtype=torch.float32, device=fixed.device)
+    cc = dict(eps=eps, nr=nr, form=form)
     if is3d:
-        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True, eps=eps)
+        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True)
         _line(geo, True, REDUCE, i=fixed, j=moving, src5=work, mask=mask, partials=partials,
-              eps=eps)
+              **cc)
     else:
         _line(geo, False, REDUCE, i=fixed, j=moving, mask=mask, partials=partials, wsum=True,
-              from_ij=True, eps=eps)
+              from_ij=True, **cc)
     return partials.view(b, -1).sum(1)
 
 
 def lncc_backward(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
                   scale: torch.Tensor, work: torch.Tensor, grad_fixed: torch.Tensor | None,
-                  grad_moving: torch.Tensor | None, *, window: int, eps: float) -> None:
+                  grad_moving: torch.Tensor | None, *, window: int, eps: float, nr: float = 0.0,
+                  form: int = 0) -> None:
     """Writes d(Σ_b scale[b] Σ_v m cc)/d fixed into grad_fixed (and likewise grad_moving).
 
     Args:
         scale: float32 [B]. work: float64 [B, 5, *S] scratch (3D only).
         grad_fixed, grad_moving: float32 [B, 1, *S] or None.
+        eps, nr, form: as :func:`lncc_forward`.
     """
     geo = _geometry(fixed, window)
     b, d, h, w, r, rd = geo
     coeff = torch.empty((b, NSUM, *fixed.shape[2:]), dtype=torch.float32, device=fixed.device)
-    grads = dict(i=fixed, j=moving, gi=grad_fixed, gj=grad_moving, eps=eps)
+    grads = dict(i=fixed, j=moving, gi=grad_fixed, gj=grad_moving)
+    cc = dict(eps=eps, nr=nr, form=form)
     if fixed.dim() == 5:
-        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True, eps=eps)
+        _line(geo, False, COPY, i=fixed, j=moving, dst=work, wsum=True, from_ij=True)
         _line(geo, True, COEFF, i=fixed, j=moving, src5=work, dst=coeff, mask=mask,
-              scale=scale, eps=eps)
-        _line(geo, False, COPY, src5=coeff, dst=work, wsum=True, eps=eps)
+              scale=scale, **cc)
+        _line(geo, False, COPY, src5=coeff, dst=work, wsum=True)
         _line(geo, True, FINAL, src5=work, **grads)
     else:
         _line(geo, False, COEFF, i=fixed, j=moving, dst=coeff, mask=mask, scale=scale,
-              wsum=True, from_ij=True, eps=eps)
+              wsum=True, from_ij=True, **cc)
         _line(geo, False, FINAL, src5=coeff, wsum=True, **grads)
