@@ -1,10 +1,13 @@
-"""Smoothness regularisers of displacement fields: ``grad_l2`` and ``harmonic_energy``.
+"""Smoothness regularisers of displacement fields: ``grad_l2``, ``harmonic_energy``,
+``bending_energy`` and ``diffusion`` (the last two MONAI's ``BendingEnergyLoss`` and
+``DiffusionLoss``).
 
-The forward of both is one fused stencil pass over u (read once, no difference or Laplacian
+The forward of each is one fused stencil pass over u (read once, no difference or Laplacian
 volumes materialised) with a deterministic per-item reduction (per-plane / per-block partials
-added in fixed order). The gradient of grad_l2 is one fused pass; that of harmonic_energy
-writes the Laplacian once (into a scratch of u's size) and applies its adjoint stencil in a
-second pass (csrc/include/regularisers.h).
+added in fixed order). The gradients of grad_l2, bending_energy and diffusion are one fused
+gather pass (each gradient element written once, no atomics); that of harmonic_energy on the
+GPU writes the Laplacian once (into a scratch of u's size) and applies its adjoint stencil in
+a second pass (csrc/include/regularisers.h).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ._validation import check_choice, check_float, check_spatial, check_tensor
 from .backends import resolve
 
 _HALF = (torch.float16, torch.bfloat16)
-GRAD_L2, HARMONIC = 0, 1  # reg::Kind of csrc/include/regularisers.h
+GRAD_L2, HARMONIC, BENDING, DIFFUSION = 0, 1, 2, 3  # reg::Kind of csrc/include/regularisers.h
 CUDA_BLOCK = 256  # REG_CUDA_BLOCK
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -43,9 +46,15 @@ def _validate(op: str, u: object, min_size: int) -> int:
 # differences per axis (outside it a weight overflows to inf or flushes to 0, and Python
 # raised ZeroDivisionError / OverflowError computing it).
 SPACING_MIN, SPACING_MAX = 1e-12, 1e12
+# bending_energy weighs its terms by 1/h⁴ and 1/(8 h_i² h_j²): normal float32 numbers for h
+# in this narrower range.
+BENDING_SPACING_MIN, BENDING_SPACING_MAX = 1e-6, 1e6
 
 
-def _spacing(spacing: object, ndim: int) -> tuple[float, ...]:
+def _spacing(
+    spacing: object, ndim: int, op: str = "grad_l2", lo: float = SPACING_MIN,
+    hi: float = SPACING_MAX,
+) -> tuple[float, ...]:
     if spacing is None:
         return (1.0,) * ndim
     if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
@@ -54,22 +63,35 @@ def _spacing(spacing: object, ndim: int) -> tuple[float, ...]:
         [isinstance(h, (int, float)) and not isinstance(h, bool) for h in spacing]
     ):
         raise ValueError(
-            f"grad_l2: spacing must be None, a number or {ndim} numbers (one per spatial "
+            f"{op}: spacing must be None, a number or {ndim} numbers (one per spatial "
             f"axis), got {spacing!r}"
         )
     # Comparisons only (NaN fails both): under torch.compile a spacing may be symbolic,
     # which math.isfinite does not take.
-    if not all([SPACING_MIN <= h <= SPACING_MAX for h in spacing]):
+    if not all([lo <= h <= hi for h in spacing]):
         raise ValueError(
-            f"grad_l2: spacing must be in [{SPACING_MIN:g}, {SPACING_MAX:g}] per axis (voxel "
-            f"sizes whose weights 1/h² are normal float32 numbers), got {tuple(spacing)}"
+            f"{op}: spacing must be in [{lo:g}, {hi:g}] per axis (voxel sizes whose weights "
+            f"are normal float32 numbers), got {tuple(spacing)}"
         )
     return tuple([float(h) for h in spacing])
 
 
 def _weights(kind: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[float]:
-    """grad_l2: 1 / (h_i² ndim count_i) per axis (count_i: differences along axis i)."""
+    """The kernels' term weights (csrc/include/regularisers.h), spacing folded in.
+
+    grad_l2: 1 / (h_i² ndim count_i) per axis (count_i: differences along axis i);
+    bending: 1/h_i⁴ per axis (raw [1, −2, 1] stencil), then 2 / (16 h_i² h_j²) per axis pair
+    i < j in order (raw 4-point mixed stencil; MONAI's factor 2 and its 1/4 squared);
+    diffusion: 1 / (4 h_i²) per axis (raw central difference u(x + e_i) − u(x − e_i)).
+    """
     ndim = len(shape) - 2
+    if kind == BENDING:
+        pairs = [(i, j) for i in range(ndim) for j in range(i + 1, ndim)]
+        return [1.0 / spacing[i] ** 4 for i in range(ndim)] + [
+            2.0 / (16.0 * spacing[i] ** 2 * spacing[j] ** 2) for i, j in pairs
+        ]
+    if kind == DIFFUSION:
+        return [1.0 / (4.0 * spacing[i] ** 2) for i in range(ndim)]
     if kind != GRAD_L2:
         return [0.0] * ndim
     numel = math.prod(shape)
@@ -182,6 +204,8 @@ def _double_spec(scale, u, kind, wt, backend):
     def forward(u):
         if kind == HARMONIC:
             return reference.harmonic_energy(u, "none")
+        if kind in (BENDING, DIFFUSION):
+            return _stencil_energy_torch(u, kind, wt)
         total = u.new_zeros(u.shape[0])
         for i, w in enumerate(wt):
             n = u.shape[2 + i]
@@ -193,6 +217,35 @@ def _double_spec(scale, u, kind, wt, backend):
 
 
 _double.register(_reg_backward_op, _double_spec)
+
+
+def _stencil_energy_torch(u: torch.Tensor, kind: int, wt: list[float]) -> torch.Tensor:
+    """Per-item energies [B] of bending / diffusion from the kernels' weights (_weights), in
+    plain PyTorch on slices of the interior: the double backward's forward."""
+    ndim = u.dim() - 2
+    size = u.shape[2:]
+
+    def at(offsets: dict[int, int]) -> torch.Tensor:
+        # u(x + o) for x over the interior voxels: axis i sliced to [1 + o_i, n_i − 1 + o_i).
+        idx = [slice(None), slice(None)]
+        idx += [slice(1 + offsets.get(i, 0), size[i] - 1 + offsets.get(i, 0)) for i in range(ndim)]
+        return u[tuple(idx)]
+
+    total = u.new_zeros(u.shape[0])
+    for i in range(ndim):
+        if kind == BENDING:
+            d = at({i: 1}) - 2 * at({}) + at({i: -1})
+        else:
+            d = at({i: 1}) - at({i: -1})
+        total = total + wt[i] * (d * d).flatten(1).sum(1)
+    if kind == BENDING:
+        k = ndim
+        for i in range(ndim):
+            for j in range(i + 1, ndim):
+                m = (at({i: 1, j: 1}) - at({i: 1, j: -1})) - (at({i: -1, j: 1}) - at({i: -1, j: -1}))
+                total = total + wt[k] * (m * m).flatten(1).sum(1)
+                k += 1
+    return total
 
 
 def _per_item(u: torch.Tensor, kind: int, wt: list[float], name: str) -> torch.Tensor:
@@ -270,3 +323,89 @@ def harmonic_energy(
         count = u.shape[0] * u.shape[1] * math.prod([n - 2 for n in u.shape[2:]])
         out = per_item.sum() / count
     return out.to(u.dtype)
+
+
+def _stencil_regulariser(
+    op: str, kind: int, u: torch.Tensor, spacing: object, reduction: str, backend: str | None
+) -> torch.Tensor:
+    ndim = _validate(op, u, 3)
+    if kind == BENDING:
+        h = _spacing(spacing, ndim, op, BENDING_SPACING_MIN, BENDING_SPACING_MAX)
+    else:
+        h = _spacing(spacing, ndim, op)
+    check_choice(op, "reduction", reduction, REDUCTIONS)
+    name = resolve(op, backend, u.device, u.dtype)
+    w = _work(u)
+    if name == "torch":
+        fn = reference.bending_energy if kind == BENDING else reference.diffusion
+        return fn(w, h, reduction).to(u.dtype)
+    per_item = _per_item(w, kind, _weights(kind, tuple(u.shape), h), name)
+    if reduction == "none":
+        out = per_item
+    elif reduction == "sum":
+        out = per_item.sum()
+    else:
+        count = u.shape[0] * u.shape[1] * math.prod([n - 2 for n in u.shape[2:]])
+        out = per_item.sum() / count
+    return out.to(u.dtype)
+
+
+def bending_energy(
+    u: torch.Tensor, *, spacing: float | tuple[float, ...] | None = None,
+    reduction: str = "mean", backend: str | None = None,
+) -> torch.Tensor:
+    """Bending energy (MONAI's ``BendingEnergyLoss``): on the voxels interior in every axis,
+    Σ_i (∂²u/∂x_i²)² + 2 Σ_{i<j} (∂²u/∂x_i∂x_j)² per component, with the compact stencils
+    ∂²_ii = (u(x + e_i) − 2u(x) + u(x − e_i)) / h_i² and ∂²_ij = (u(x + e_i + e_j) −
+    u(x + e_i − e_j) − u(x − e_i + e_j) + u(x − e_i − e_j)) / (4 h_i h_j).
+
+    MONAI's ``BendingEnergyLoss(normalize=False, reduction=r)(u)`` equals
+    ``bending_energy(u, reduction=r)`` (r "mean" or "sum"); ``normalize=True`` equals
+    ``bending_energy(u / S_c, spacing=1 / S_i)``, component c divided by the size of axis c.
+
+    Args:
+        u: Tensor [B, C, *S] (a displacement field has C = ndim), any units; every spatial
+            size >= 3 (ValueError otherwise).
+        spacing: voxel size per spatial axis (h_i), a single number for all axes, or None
+            (1); each in [1e-6, 1e6] (ValueError otherwise).
+        reduction: "mean" (over B · C · Π(S_i − 2) interior terms: MONAI's mean of its
+            map), "sum", or "none" ([B], per-item sums).
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        Scalar (or [B] for "none") of u's dtype. Differentiable in u (twice).
+
+    Example:
+        >>> u = torch.randn(1, 3, 32, 32, 32)
+        >>> loss = bending_energy(u)
+    """
+    return _stencil_regulariser("bending_energy", BENDING, u, spacing, reduction, backend)
+
+
+def diffusion(
+    u: torch.Tensor, *, spacing: float | tuple[float, ...] | None = None,
+    reduction: str = "mean", backend: str | None = None,
+) -> torch.Tensor:
+    """Diffusion regulariser (MONAI's ``DiffusionLoss``): on the voxels interior in every
+    axis, Σ_i ((u(x + e_i) − u(x − e_i)) / (2 h_i))² per component (central differences).
+
+    MONAI's ``DiffusionLoss(normalize=False, reduction=r)(u)`` equals
+    ``diffusion(u, reduction=r)`` (r "mean" or "sum"); ``normalize=True`` equals
+    ``diffusion(u / S_c, spacing=1 / S_i)``, component c divided by the size of axis c.
+
+    Args:
+        u: Tensor [B, C, *S], any units; every spatial size >= 3 (ValueError otherwise).
+        spacing: voxel size per spatial axis (h_i), a single number for all axes, or None
+            (1); each in [1e-12, 1e12] (ValueError otherwise).
+        reduction: "mean" (over B · C · Π(S_i − 2) interior terms: MONAI's mean of its
+            map), "sum", or "none" ([B], per-item sums).
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        Scalar (or [B] for "none") of u's dtype. Differentiable in u (twice).
+
+    Example:
+        >>> u = torch.randn(1, 3, 32, 32, 32)
+        >>> loss = diffusion(u, spacing=(1.0, 1.0, 2.0))
+    """
+    return _stencil_regulariser("diffusion", DIFFUSION, u, spacing, reduction, backend)

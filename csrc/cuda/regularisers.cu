@@ -4,7 +4,10 @@
 // the batch meets no 65535 limit. The forward tree-reduces each block in shared memory into
 // one partial (added in fixed order by the caller: deterministic, no atomics); the backward
 // writes each voxel's gradient once. The harmonic backward runs in two passes over a
-// float32 scratch that the caller allocates (the Laplacian, then its adjoint stencil).
+// float32 scratch that the caller allocates (the Laplacian, then its adjoint stencil); the
+// bending and diffusion backward in one, recomputing each stencil at the interior centres
+// that reach the voxel (bending: 37 distinct loads per voxel in 3D, cache hits; a scratch
+// would need one volume per term, six for 3D bending). Kernels are compiled per kind.
 // No host syncs, no allocations.
 #include <cstdint>
 #include <stdexcept>
@@ -38,6 +41,7 @@ __device__ __forceinline__ bool thread_voxel(const RegArgs& a, unsigned blocks_p
   return true;
 }
 
+template <reg::Kind K>
 __global__ void __launch_bounds__(reg::REG_CUDA_BLOCK)
     reg_forward_kernel(RegArgs a, unsigned blocks_per_item, const float* __restrict__ u,
                        float* __restrict__ partials) {
@@ -46,7 +50,7 @@ __global__ void __launch_bounds__(reg::REG_CUDA_BLOCK)
   int64_t b, idx, x[3];
   float e = 0.f;
   if (thread_voxel(a, blocks_per_item, per_item, &b, &idx, x)) {
-    e = reg::voxel_energy<float>(a, u + b * per_item + idx, x);
+    e = reg::kind_energy<float, K>(a, u + b * per_item + idx, x);
   }
   red[threadIdx.x] = e;
   __syncthreads();
@@ -66,7 +70,20 @@ __global__ void __launch_bounds__(reg::REG_CUDA_BLOCK)
   int64_t b, idx, x[3];
   if (!thread_voxel(a, blocks_per_item, per_item, &b, &idx, x)) return;
   const int64_t off = b * per_item + idx;
-  grad[off] = scale[b] * reg::voxel_grad<float>(a, u + off, x);
+  grad[off] = scale[b] * reg::grad_l2_grad<float>(a, u + off, x);
+}
+
+// bending / diffusion: one pass, the gather adjoint of stencil_grad.
+template <bool BENDING>
+__global__ void __launch_bounds__(reg::REG_CUDA_BLOCK)
+    reg_stencil_backward_kernel(RegArgs a, unsigned blocks_per_item,
+                                const float* __restrict__ u, const float* __restrict__ scale,
+                                float* __restrict__ grad) {
+  const int64_t per_item = a.C * a.vol();
+  int64_t b, idx, x[3];
+  if (!thread_voxel(a, blocks_per_item, per_item, &b, &idx, x)) return;
+  const int64_t off = b * per_item + idx;
+  grad[off] = scale[b] * reg::stencil_grad<float, BENDING>(a, u + off, x);
 }
 
 // harmonic, pass 1: lap = ∇²u on interior voxels, 0 elsewhere (every element written).
@@ -109,10 +126,17 @@ unsigned blocks_per_item(const RegArgs& a) {
 void regularisers_forward(const RegArgs& a, uintptr_t u, uintptr_t partials, uintptr_t stream) {
   const unsigned n = blocks_per_item(a);
   if (a.B * n == 0) return;
-  reg_forward_kernel<<<unsigned(a.B * n), reg::REG_CUDA_BLOCK, 0,
-                       reinterpret_cast<cudaStream_t>(stream)>>>(
-      a, n, reinterpret_cast<const float*>(u), reinterpret_cast<float*>(partials));
-  check_launch("reg_forward_kernel");
+  const auto launch = [&](auto kernel) {
+    kernel<<<unsigned(a.B * n), reg::REG_CUDA_BLOCK, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        a, n, reinterpret_cast<const float*>(u), reinterpret_cast<float*>(partials));
+    check_launch("reg_forward_kernel");
+  };
+  switch (a.kind) {
+    case reg::Kind::HARMONIC: launch(reg_forward_kernel<reg::Kind::HARMONIC>); break;
+    case reg::Kind::BENDING: launch(reg_forward_kernel<reg::Kind::BENDING>); break;
+    case reg::Kind::DIFFUSION: launch(reg_forward_kernel<reg::Kind::DIFFUSION>); break;
+    default: launch(reg_forward_kernel<reg::Kind::GRAD_L2>); break;
+  }
 }
 
 void regularisers_backward(const RegArgs& a, uintptr_t u, uintptr_t scale, uintptr_t grad,
@@ -131,6 +155,15 @@ void regularisers_backward(const RegArgs& a, uintptr_t u, uintptr_t scale, uintp
     check_launch("reg_laplacian_kernel");
     reg_harmonic_backward_kernel<<<grid, reg::REG_CUDA_BLOCK, 0, s>>>(a, n, lap, sp, gp);
     check_launch("reg_harmonic_backward_kernel");
+    return;
+  }
+  if (a.kind == reg::Kind::BENDING || a.kind == reg::Kind::DIFFUSION) {
+    if (a.kind == reg::Kind::BENDING) {
+      reg_stencil_backward_kernel<true><<<grid, reg::REG_CUDA_BLOCK, 0, s>>>(a, n, up, sp, gp);
+    } else {
+      reg_stencil_backward_kernel<false><<<grid, reg::REG_CUDA_BLOCK, 0, s>>>(a, n, up, sp, gp);
+    }
+    check_launch("reg_stencil_backward_kernel");
     return;
   }
   reg_grad_l2_backward_kernel<<<grid, reg::REG_CUDA_BLOCK, 0, s>>>(a, n, up, sp, gp);

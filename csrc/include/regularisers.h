@@ -5,7 +5,13 @@
 //           with wt_i = 1 / (h_i² · ndim · count_i), count_i the number of differences
 //           along axis i in the whole tensor: E is the mean over each axis, averaged.
 // harmonic: E = Σ_{x interior} (∇²u(x))², ∇² the 5-point (2D) / 7-point (3D) Laplacian.
-// Kernels write per-item sums; the gradients below are ∂E/∂u(x) for one item.
+// bending:  E = Σ_{x interior} Σ_i wt_i P_i(x)² + Σ_{i<j} wx_{ij} M_ij(x)² (MONAI's bending
+//           energy), P_i = u(x + e_i) − 2u(x) + u(x − e_i), M_ij = u(x + e_i + e_j) −
+//           u(x + e_i − e_j) − u(x − e_i + e_j) + u(x − e_i − e_j); wt_i = 1/h_i⁴,
+//           wx_ij = 2/(16 h_i² h_j²) (the spacing and MONAI's factors folded in).
+// diffusion: E = Σ_{x interior} Σ_i wt_i (u(x + e_i) − u(x − e_i))², wt_i = 1/(4 h_i²).
+// "interior": 1 <= x_i <= n_i − 2 on every active axis. Kernels write per-item sums; the
+// gradients below are ∂E/∂u(x) for one item.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +21,7 @@
 namespace mrus {
 namespace reg {
 
-enum class Kind : int { GRAD_L2 = 0, HARMONIC = 1 };
+enum class Kind : int { GRAD_L2 = 0, HARMONIC = 1, BENDING = 2, DIFFUSION = 3 };
 
 // 2D fields have D = 1 and axis 0 inactive. Volumes are [B, C, D, H, W], contiguous.
 struct RegArgs {
@@ -23,12 +29,15 @@ struct RegArgs {
   Kind kind = Kind::GRAD_L2;
   int ndim = 3;
   int64_t B = 0, C = 0, D = 1, H = 0, W = 0;
-  double wt[3] = {0, 0, 0};  // grad_l2 axis weights (axis order D, H, W)
+  double wt[3] = {0, 0, 0};  // per-axis weights of grad_l2 / bending / diffusion (D, H, W)
+  double wx[3] = {0, 0, 0};  // bending mixed-term weights, pair (i, j) at pair(i, j)
   int num_threads = 1;
   MRUS_HD int64_t vol() const { return D * H * W; }
   MRUS_HD int64_t size(int i) const { return i == 0 ? D : (i == 1 ? H : W); }
   MRUS_HD int64_t stride(int i) const { return i == 0 ? H * W : (i == 1 ? W : 1); }
   MRUS_HD bool active(int i) const { return i > 0 || ndim == 3; }
+  // Index of the axis pair i < j in wx: the axis it leaves out (HW 0, DW 1, DH 2).
+  MRUS_HD static int pair(int i, int j) { return 3 - i - j; }
 };
 
 // The CUDA kernels handle REG_CUDA_BLOCK voxels of one item per block; the forward writes
@@ -57,20 +66,132 @@ MRUS_HD T laplacian(const RegArgs& a, const T* u) {
   return s - T(2 * nact) * u[0];
 }
 
+// Raw stencils of bending and diffusion at the voxel u points at (no weights).
 template <typename T>
-MRUS_HD T voxel_energy(const RegArgs& a, const T* u, const int64_t* x) {
-  if (a.kind == Kind::HARMONIC) {
+MRUS_HD T second_diff(const RegArgs& a, const T* u, int i) {
+  const int64_t s = a.stride(i);
+  return u[s] - T(2) * u[0] + u[-s];
+}
+
+template <typename T>
+MRUS_HD T cross_diff(const RegArgs& a, const T* u, int i, int j) {
+  const int64_t si = a.stride(i), sj = a.stride(j);
+  return (u[si + sj] - u[si - sj]) - (u[sj - si] - u[-si - sj]);
+}
+
+template <typename T>
+MRUS_HD T central_diff(const RegArgs& a, const T* u, int i) {
+  const int64_t s = a.stride(i);
+  return u[s] - u[-s];
+}
+
+// The weighted terms of bending / diffusion at an interior voxel.
+template <typename T, bool BENDING>
+MRUS_HD T stencil_energy(const RegArgs& a, const T* u) {
+  T e = T(0);
+  MRUS_UNROLL
+  for (int i = 0; i < 3; ++i) {
+    if (!a.active(i)) continue;
+    const T d = BENDING ? second_diff(a, u, i) : central_diff(a, u, i);
+    e += T(a.wt[i]) * d * d;
+  }
+  if constexpr (BENDING) {
+    MRUS_UNROLL
+    for (int i = 0; i < 3; ++i) {
+      if (!a.active(i)) continue;
+      MRUS_UNROLL
+      for (int j = i + 1; j < 3; ++j) {
+        const T m = cross_diff(a, u, i, j);
+        e += T(a.wx[RegArgs::pair(i, j)]) * m * m;
+      }
+    }
+  }
+  return e;
+}
+
+// ∂E/∂u(x) of bending / diffusion by gathering: E = Σ_t w_t Σ_{y interior} S_t(y)², S_t(y) =
+// Σ_k c_k u(y + o_k), so ∂E/∂u(x) = Σ_t 2 w_t Σ_k c_k [x − o_k interior] S_t(x − o_k): each
+// stencil recomputed at the interior centres y = x − o_k that reach x (single writer).
+template <typename T, bool BENDING>
+MRUS_HD T stencil_grad(const RegArgs& a, const T* u, const int64_t* x) {
+  int64_t y[3] = {x[0], x[1], x[2]};
+  T g = T(0);
+  MRUS_UNROLL
+  for (int i = 0; i < 3; ++i) {
+    if (!a.active(i)) continue;
+    const int64_t st = a.stride(i);
+    T t = T(0);
+    MRUS_UNROLL
+    for (int s = -1; s <= 1; ++s) {  // centre y = x + s e_i
+      if (s == 0 && !BENDING) continue;
+      y[i] = x[i] + s;
+      if (!interior<T>(a, y)) continue;
+      // The coefficient of u(x) = u(y − s e_i) in S(y): P: 1 at ±1, −2 at 0; central: −s.
+      if constexpr (BENDING) {
+        t += (s == 0 ? T(-2) : T(1)) * second_diff(a, u + s * st, i);
+      } else {
+        t += T(-s) * central_diff(a, u + s * st, i);
+      }
+    }
+    y[i] = x[i];
+    g += T(2 * a.wt[i]) * t;
+  }
+  if constexpr (BENDING) {
+    MRUS_UNROLL
+    for (int i = 0; i < 3; ++i) {
+      if (!a.active(i)) continue;
+      const int64_t si = a.stride(i);
+      MRUS_UNROLL
+      for (int j = i + 1; j < 3; ++j) {
+        const int64_t sj = a.stride(j);
+        T t = T(0);
+        MRUS_UNROLL
+        for (int p = -1; p <= 1; p += 2) {
+          MRUS_UNROLL
+          for (int q = -1; q <= 1; q += 2) {  // centre y = x + p e_i + q e_j
+            y[i] = x[i] + p;
+            y[j] = x[j] + q;
+            // u(x) sits at offset (−p, −q) from y: coefficient (−p)(−q) = p q.
+            if (interior<T>(a, y)) t += T(p * q) * cross_diff(a, u + p * si + q * sj, i, j);
+          }
+        }
+        y[i] = x[i];
+        y[j] = x[j];
+        g += T(2 * a.wx[RegArgs::pair(i, j)]) * t;
+      }
+    }
+  }
+  return g;
+}
+
+// Energy of voxel x for one kind (the CUDA kernels are compiled per kind: fewer registers).
+template <typename T, Kind K>
+MRUS_HD T kind_energy(const RegArgs& a, const T* u, const int64_t* x) {
+  if constexpr (K == Kind::BENDING || K == Kind::DIFFUSION) {
+    return interior<T>(a, x) ? stencil_energy<T, K == Kind::BENDING>(a, u) : T(0);
+  } else if constexpr (K == Kind::HARMONIC) {
     if (!interior<T>(a, x)) return T(0);
     const T l = laplacian(a, u);
     return l * l;
+  } else {
+    T e = T(0);
+    for (int i = 0; i < 3; ++i) {
+      if (!a.active(i) || x[i] > a.size(i) - 2) continue;
+      const T d = u[a.stride(i)] - u[0];
+      e += T(a.wt[i]) * d * d;
+    }
+    return e;
   }
-  T e = T(0);
-  for (int i = 0; i < 3; ++i) {
-    if (!a.active(i) || x[i] > a.size(i) - 2) continue;
-    const T d = u[a.stride(i)] - u[0];
-    e += T(a.wt[i]) * d * d;
+}
+
+template <typename T>
+MRUS_HD T voxel_energy(const RegArgs& a, const T* u, const int64_t* x) {
+  switch (a.kind) {
+    case Kind::HARMONIC: return kind_energy<T, Kind::HARMONIC>(a, u, x);
+    case Kind::BENDING: return kind_energy<T, Kind::BENDING>(a, u, x);
+    case Kind::DIFFUSION: return kind_energy<T, Kind::DIFFUSION>(a, u, x);
+    default: return kind_energy<T, Kind::GRAD_L2>(a, u, x);
   }
-  return e;
 }
 
 // ∂/∂u(x) Σ_y L(y)² = 2 Σ_y L(y) ∂L(y)/∂u(x): y = x (weight −2 ndim) and its interior
@@ -95,10 +216,7 @@ MRUS_HD T harmonic_adjoint(const RegArgs& a, const int64_t* x, LapAt lap_at) {
 }
 
 template <typename T>
-MRUS_HD T voxel_grad(const RegArgs& a, const T* u, const int64_t* x) {
-  if (a.kind == Kind::HARMONIC) {
-    return harmonic_adjoint<T>(a, x, [&](int64_t off) { return laplacian(a, u + off); });
-  }
+MRUS_HD T grad_l2_grad(const RegArgs& a, const T* u, const int64_t* x) {
   T g = T(0);
   for (int i = 0; i < 3; ++i) {
     if (!a.active(i)) continue;
@@ -109,6 +227,17 @@ MRUS_HD T voxel_grad(const RegArgs& a, const T* u, const int64_t* x) {
     g += T(2 * a.wt[i]) * t;
   }
   return g;
+}
+
+template <typename T>
+MRUS_HD T voxel_grad(const RegArgs& a, const T* u, const int64_t* x) {
+  switch (a.kind) {
+    case Kind::BENDING: return stencil_grad<T, true>(a, u, x);
+    case Kind::DIFFUSION: return stencil_grad<T, false>(a, u, x);
+    case Kind::HARMONIC:
+      return harmonic_adjoint<T>(a, x, [&](int64_t off) { return laplacian(a, u + off); });
+    default: return grad_l2_grad(a, u, x);
+  }
 }
 
 // The GPU harmonic backward in two passes over a scratch L of u's shape: L(x) = ∇²u(x) on
