@@ -12,7 +12,7 @@ from .grid_sample import grid_sample
 from .jacobian import JacobianDet, folding_fraction, jacobian_det
 from .lncc import LNCCLoss, lncc
 from .mi import MutualInformationLoss, NMILoss, joint_histogram, mutual_information, nmi
-from .regularisers import grad_l2, harmonic_energy
+from .regularisers import bending_energy, grad_l2, harmonic_energy
 from .sobel import SobelL1Loss, sobel, sobel_l1
 from .warp import Warp, warp
 
@@ -30,6 +30,7 @@ __all__ = [
     "Warp",
     "available_backends",
     "backend_status",
+    "bending_energy",
     "compose",
     "ddf_from_mm",
     "ddf_to_grid",
