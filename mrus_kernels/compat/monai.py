@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
-from .. import lncc as _lncc
 from .. import regularisers as _regularisers
 from ..compose import MAX_STEPS, integrate_velocity
+from ..lncc import lncc_monai
 from ..mi import SIGMA_MAX, SIGMA_MIN, joint_histogram
 from ..warp import warp
 
@@ -510,7 +510,7 @@ class LocalNormalizedCrossCorrelationLoss(_Loss):
         else:
             pad = (r, r) * self.ndim
             mask = self._mask(spatial, pad, pred.device)
-        cc = _lncc.lncc_monai(
+        cc = lncc_monai(
             F.pad(t, pad), F.pad(p, pad), window=k, smooth_nr=nr, smooth_dr=dr, mask=mask,
             backend=self.backend,
         )  # [B*C], the mean over each item's voxels
