@@ -1,11 +1,13 @@
-"""grad_l2 / harmonic_energy: identities, every kernel backend against the float64
-reference, the reference (backend "torch") against independent NumPy float64 sums and
-gradients, gradcheck, the Triton launchers' 64-bit variants and grid limits,
+"""grad_l2 / harmonic_energy / bending_energy / diffusion: identities, every kernel backend
+against the float64 reference, the reference (backend "torch") against independent NumPy
+float64 sums and gradients, bending_energy / diffusion against MONAI's BendingEnergyLoss /
+DiffusionLoss, gradcheck, the Triton launchers' 64-bit variants and grid limits,
 torch.compile and bad input."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from conftest import (
     require_backend,
     spy_launches,
 )
-from mrus_kernels import grad_l2, harmonic_energy, reference
+from mrus_kernels import bending_energy, grad_l2, harmonic_energy, reference
+from mrus_kernels.regularisers import diffusion
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 # Odd sizes and the smallest sizes each op takes (3 for harmonic_energy: one interior voxel;
@@ -192,14 +195,20 @@ def test_noncontiguous_half_and_compile(gen):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_dynamic(backend, gen):
-    """grad_l2 with a variable spacing and harmonic_energy under torch.compile(fullgraph=True,
-    dynamic=True), as training with varying crop sizes compiles them: two input sizes in a
-    row, two spacings each (a number, then a tuple), value and gradient as in eager mode.
-    The spacing check called math.isfinite, which dynamo cannot trace."""
+    """grad_l2, bending_energy and diffusion with a variable spacing and harmonic_energy under
+    torch.compile(fullgraph=True, dynamic=True), as training with varying crop sizes compiles
+    them: two input sizes in a row, two spacings each (a number, then a tuple), value and
+    gradient as in eager mode. The spacing check called math.isfinite, which dynamo cannot
+    trace. (The torch backend's bending_energy / diffusion are plain PyTorch through the
+    same spacing check: left out, to keep the test short.)"""
 
     def fn(u, h):
-        return (grad_l2(u, spacing=h, backend=backend)
-                + harmonic_energy(u, reduction="mean", backend=backend))
+        out = (grad_l2(u, spacing=h, backend=backend)
+               + harmonic_energy(u, reduction="mean", backend=backend))
+        if backend != "torch":
+            out = (out + bending_energy(u, spacing=h, backend=backend)
+                   + diffusion(u, spacing=h, reduction="sum", backend=backend))
+        return out
 
     torch._dynamo.reset()
     try:
@@ -241,12 +250,23 @@ def test_gpu_backends(gpu_backend, shape, gen):
 
 TRITON_KERNELS = (
     "_reg_fwd_kernel", "_grad_l2_bwd_kernel", "_laplacian_kernel", "_harmonic_bwd_kernel",
+    "_stencil_bwd_kernel",
 )
 OPS = {
     "grad_l2": (lambda x, b: grad_l2(x, spacing=0.7, backend=b),
                 lambda x: reference.grad_l2(x, (0.7,) * (x.dim() - 2))),
     "harmonic": (lambda x, b: harmonic_energy(x, reduction="none", backend=b),
                  lambda x: reference.harmonic_energy(x, "none")),
+    "bending": (lambda x, b: bending_energy(x, spacing=0.8, reduction="none", backend=b),
+                lambda x: reference.bending_energy(x, (0.8,) * (x.dim() - 2), "none")),
+    "diffusion": (lambda x, b: diffusion(x, spacing=0.8, reduction="none", backend=b),
+                  lambda x: reference.diffusion(x, (0.8,) * (x.dim() - 2), "none")),
+}
+TRITON_LAUNCHES = {
+    "grad_l2": {"_reg_fwd_kernel", "_grad_l2_bwd_kernel"},
+    "harmonic": {"_reg_fwd_kernel", "_laplacian_kernel", "_harmonic_bwd_kernel"},
+    "bending": {"_reg_fwd_kernel", "_stencil_bwd_kernel"},
+    "diffusion": {"_reg_fwd_kernel", "_stencil_bwd_kernel"},
 }
 
 
@@ -261,7 +281,7 @@ def _triton_modules():
 def _check_op(op, shape, gen, name):
     ours, ref = OPS[op]
     u = randn(gen, *shape, dtype=torch.float64)
-    g = randn(gen, shape[0], dtype=torch.float64) if op == "harmonic" else None
+    g = randn(gen, shape[0], dtype=torch.float64) if op != "grad_l2" else None
     exp, ge = _run(ref, u, torch.float64, g)
     out, gu = _run(lambda x: ours(x, "triton"), u, torch.float32, g)
     assert_close_verbose(out, exp, atol=F32_TOL, rtol=F32_TOL, name=f"{name} {op}")
@@ -278,8 +298,7 @@ def test_triton_idx64_variants_match_reference(op, shape, monkeypatch, gen):
     calls = spy_launches(monkeypatch, triton_reg, *TRITON_KERNELS)
     _check_op(op, shape, gen, "IDX64")
     launched = {name for name, _, _ in calls}
-    assert launched == ({"_reg_fwd_kernel", "_laplacian_kernel", "_harmonic_bwd_kernel"}
-                        if op == "harmonic" else {"_reg_fwd_kernel", "_grad_l2_bwd_kernel"})
+    assert launched == TRITON_LAUNCHES[op]
     assert all(meta["IDX64"] is True for _, _, meta in calls), calls
 
 
@@ -296,7 +315,8 @@ def test_triton_batch_fits_grid_limits(op, monkeypatch, gen):
         assert grid[0] <= _common.MAX_GRID_X and all(n <= 1 for n in grid[1:]), (name, grid)
 
 
-@pytest.mark.parametrize("op,label", [("grad_l2", "grad_l2"), ("harmonic", "harmonic_energy")])
+@pytest.mark.parametrize("op,label", [("grad_l2", "grad_l2"), ("harmonic", "harmonic_energy"),
+                                      ("bending", "bending_energy"), ("diffusion", "diffusion")])
 def test_triton_grid_overflow_raises(op, label, monkeypatch):
     """More programs than grid axis 0 takes: a ValueError naming the operator and the axis."""
     _common, _ = _triton_modules()
@@ -341,5 +361,282 @@ U = torch.rand(1, 3, 4, 5, 6)
     ],
 )
 def test_bad_input(fn, exc, match):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+# --------------------------------------------------------------------------------------
+# bending_energy and diffusion (MONAI's BendingEnergyLoss / DiffusionLoss)
+# --------------------------------------------------------------------------------------
+
+STENCIL_OPS = {"bending": bending_energy, "diffusion": diffusion}
+STENCIL_REFS = {"bending": reference.bending_energy, "diffusion": reference.diffusion}
+# Odd shapes, 2D and 3D, down to one interior voxel (size 3) along an axis.
+STENCIL_SHAPES = [(1, 3, 3, 4, 5), (2, 3, 5, 3, 7), (2, 2, 5, 7), (1, 2, 3, 3), (2, 1, 4, 6, 5)]
+
+
+def _numpy_stencil(u: torch.Tensor, op: str, spacing=None, reduction="mean", weight=None):
+    """bending_energy / diffusion and the gradient of Σ weight · energy in NumPy float64, by
+    an explicit loop over interior voxels: each derivative written as its taps (offset,
+    coefficient with the spacing) from the definition, its square summed per item with the
+    term's factor, the gradient scattered to the taps (the kernels gather instead)."""
+    a = u.detach().double().numpy()
+    ndim = a.ndim - 2
+    h = spacing or (1.0,) * ndim
+
+    def step(*pairs):
+        o = [0] * ndim
+        for axis, s in pairs:
+            o[axis] += s
+        return tuple(o)
+
+    terms = []  # (taps [(offset, coefficient)], factor)
+    for i in range(ndim):
+        if op == "bending":
+            c = 1.0 / h[i] ** 2
+            terms.append(([(step((i, 1)), c), (step(), -2 * c), (step((i, -1)), c)], 1.0))
+        else:
+            c = 1.0 / (2 * h[i])
+            terms.append(([(step((i, 1)), c), (step((i, -1)), -c)], 1.0))
+    if op == "bending":
+        for i in range(ndim):
+            for j in range(i + 1, ndim):
+                c = 1.0 / (4 * h[i] * h[j])
+                taps = [(step((i, p), (j, q)), p * q * c) for p in (1, -1) for q in (1, -1)]
+                terms.append((taps, 2.0))
+    per_item, grad = np.zeros(a.shape[0]), np.zeros_like(a)
+    for inner in np.ndindex(*[n - 2 for n in a.shape[2:]]):
+        x = [k + 1 for k in inner]
+        for taps, factor in terms:
+            at = [tuple(xi + oi for xi, oi in zip(x, o)) for o, _ in taps]
+            v = sum(c * a[(..., *y)] for y, (_, c) in zip(at, taps))  # [B, C]
+            per_item += factor * (v * v).sum(1)
+            for y, (_, c) in zip(at, taps):
+                grad[(..., *y)] += 2 * factor * c * v
+    count = a.shape[0] * a.shape[1] * math.prod(n - 2 for n in a.shape[2:])
+    if reduction == "none":
+        w = weight.double().numpy() if weight is not None else np.ones(a.shape[0])
+        return torch.from_numpy(per_item), torch.from_numpy(grad * w.reshape(-1, 1, *[1] * ndim))
+    scale = 1.0 if reduction == "sum" else 1.0 / count
+    return torch.tensor(per_item.sum() * scale), torch.from_numpy(grad * scale)
+
+
+def _spacings(ndim):
+    return (None, tuple(0.6 + 0.45 * i for i in range(ndim)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(STENCIL_OPS))
+@pytest.mark.parametrize("shape", STENCIL_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_stencil_matches_reference(backend, op, shape, reduction, gen):
+    """Kernel backends against the reference's autograd (float64: cpu 1e-10; float32
+    relative 1e-5); the torch row (the reference) against the NumPy loop. Values and
+    gradients, with and without spacing, outputs poisoned."""
+    u = randn(gen, *shape, dtype=torch.float64)
+    g = randn(gen, shape[0], dtype=torch.float64) if reduction == "none" else None
+    for spacing in _spacings(len(shape) - 2):
+        if backend == "torch":
+            exp, ge = _numpy_stencil(u, op, spacing, reduction, g)
+        else:
+            exp, ge = _run(lambda x: STENCIL_REFS[op](x, spacing, reduction), u, torch.float64, g)
+        for dtype in (torch.float32, torch.float64):
+            if backend == "triton" and dtype == torch.float64:
+                continue
+            out, gu = _run(lambda x: STENCIL_OPS[op](
+                x, spacing=spacing, reduction=reduction, backend=backend), u, dtype, g)
+            assert out.dtype == dtype
+            tol = F32_TOL if dtype == torch.float32 else 1e-10
+            assert_close_verbose(out, exp, atol=tol, rtol=tol, name=f"{op} {spacing}")
+            assert_close_verbose(gu, ge, atol=tol, rtol=tol, name=f"d {op} {spacing}")
+
+
+def _monai_loss(op: str, u: torch.Tensor, normalize: bool, reduction: str) -> torch.Tensor:
+    losses = pytest.importorskip(
+        "monai.losses", reason="compares with MONAI: pip install -e .[compat]"
+    )
+    cls = losses.BendingEnergyLoss if op == "bending" else losses.DiffusionLoss
+    with warnings.catch_warnings():
+        # MONAI 1.6.1 indexes with lists of slices, which torch deprecates with a warning.
+        warnings.simplefilter("ignore")
+        out = cls(normalize=normalize, reduction=reduction)(u)
+    # "none" is MONAI's map [B, C, *(S - 2)]; ours gives the per-item sums of it.
+    return out.flatten(1).sum(1) if reduction == "none" else out
+
+
+MONAI_SHAPES = [(2, 3, 3, 4, 5), (1, 3, 5, 3, 7), (2, 2, 5, 7), (1, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(STENCIL_OPS))
+@pytest.mark.parametrize("shape", MONAI_SHAPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_stencil_matches_monai(backend, op, shape, normalize, gen):
+    """Values and gradients against MONAI 1.6.1's classes on random fields (C = ndim, as
+    MONAI requires), every reduction; normalize=True reproduced as u_c / S_c with spacing
+    h_i = 1 / S_i. MONAI computes its normalize factors in float32 (an int tensor divided),
+    hence the 1e-6 tolerance there."""
+    u = randn(gen, *shape, dtype=torch.float64)
+    size = shape[2:]
+    if normalize:
+        sizes = torch.tensor(size, dtype=torch.float64).reshape(1, -1, *[1] * len(size))
+        spacing = tuple(1.0 / n for n in size)
+    else:
+        sizes, spacing = None, None
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    for reduction in ("mean", "sum", "none"):
+        g = randn(gen, shape[0], dtype=torch.float64) if reduction == "none" else None
+        exp, ge = _run(lambda x: _monai_loss(op, x, normalize, reduction), u, torch.float64, g)
+
+        def ours(x):
+            x = x / sizes.to(x.dtype) if normalize else x
+            return STENCIL_OPS[op](x, spacing=spacing, reduction=reduction, backend=backend)
+
+        out, gu = _run(ours, u, dtype, g)
+        tol = F32_TOL if dtype == torch.float32 else (1e-6 if normalize else 1e-10)
+        assert_close_verbose(out, exp, atol=tol, rtol=tol, name=f"{op} {reduction}")
+        assert_close_verbose(gu, ge, atol=tol, rtol=tol, name=f"d {op} {reduction}")
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("op", list(STENCIL_OPS))
+def test_stencil_gradcheck_float64(backend, op, gen):
+    u = randn(gen, 2, 3, 3, 4, 5, dtype=torch.float64).requires_grad_()
+    v = randn(gen, 1, 2, 5, 3, dtype=torch.float64).requires_grad_()
+    fn = STENCIL_OPS[op]
+    for red in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x: fn(x, spacing=(1.3, 0.7, 1.1), reduction=red, backend=backend), (u,)
+        )
+    assert torch.autograd.gradcheck(lambda x: fn(x, backend=backend), (v,))
+
+
+@pytest.mark.parametrize("op", list(STENCIL_OPS))
+def test_stencil_double_backward_cpu(op, gen):
+    """Second derivatives of the fused gradient (its derivative goes through the
+    reference, mrus_kernels/_double.py): gradgradcheck in float64, and against the torch
+    backend's autograd, spacing included."""
+    require_backend("cpu", "cpu", torch.float64)
+    fn = STENCIL_OPS[op]
+    u = randn(gen, 2, 3, 3, 4, 5, dtype=torch.float64).requires_grad_()
+    spacing = (1.3, 0.7, 1.1)
+    assert torch.autograd.gradgradcheck(
+        lambda x: fn(x, spacing=spacing, reduction="none", backend="cpu"), (u,)
+    )
+    c = randn(gen, *u.shape, dtype=torch.float64)
+    second = []
+    for backend in ("cpu", "torch"):
+        (gu,) = torch.autograd.grad(fn(u, spacing=spacing, backend=backend), u,
+                                    create_graph=True)
+        second.append(torch.autograd.grad((gu * c).sum(), u)[0])
+    assert_close_verbose(second[0], second[1], torch.float64, name=f"d² {op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stencil_identities(backend):
+    """Closed forms: constants and linear fields have zero bending; x² along an axis has
+    second difference 2 (bending 4 per interior voxel); x·y has mixed derivative 1
+    (bending 2 · 1); a ramp a·x has central derivative a (diffusion a²), h scaling by 1/h."""
+    d, h, w = 5, 6, 7
+    z, y, x = torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij")
+    x, y, z = x.float(), y.float(), z.float()
+    n_in = (d - 2) * (h - 2) * (w - 2)
+    const = torch.full((1, 3, d, h, w), 2.5)
+    lin = torch.stack([x + 2 * y - z, y - z, 3 * x])[None]
+    for op in STENCIL_OPS.values():
+        assert op(const, backend=backend).item() == 0.0
+    assert abs(bending_energy(lin, reduction="sum", backend=backend).item()) <= 1e-6
+    quad = (x**2)[None, None]
+    assert math.isclose(bending_energy(quad, reduction="sum", backend=backend).item(),
+                        4.0 * n_in, rel_tol=1e-6)
+    assert math.isclose(bending_energy(quad, spacing=(1.0, 1.0, 2.0), backend=backend).item(),
+                        4.0 / 2.0**4, rel_tol=1e-6)
+    mixed = (x * y)[None, None]
+    assert math.isclose(bending_energy(mixed, backend=backend).item(), 2.0, rel_tol=1e-6)
+    assert math.isclose(bending_energy(mixed, spacing=(1.0, 0.5, 2.0), backend=backend).item(),
+                        2.0, rel_tol=1e-6)  # 1 / (h_H h_W) = 1
+    ramp = (0.75 * z)[None, None]
+    assert math.isclose(diffusion(ramp, backend=backend).item(), 0.75**2, rel_tol=1e-6)
+    assert math.isclose(diffusion(ramp, spacing=(0.5, 1.0, 1.0), reduction="sum",
+                                  backend=backend).item(), (0.75 / 0.5) ** 2 * n_in, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stencil_half(backend, dtype, gen):
+    """float16 / bfloat16 in, accumulated in float32, the input's dtype out; value and
+    gradient against the float64 reference of the same (rounded) input."""
+    u = randn(gen, 2, 3, 4, 5, 6).to(dtype)
+    for op, fn in STENCIL_OPS.items():
+        exp, ge = _run(lambda x: STENCIL_REFS[op](x, (1.0, 0.8, 1.2), "mean"), u.double(),
+                       torch.float64)
+        out, gu = _run(lambda x: fn(x, spacing=(1.0, 0.8, 1.2), backend=backend), u, dtype)
+        assert out.dtype == dtype and gu.dtype == dtype
+        assert_close_verbose(out, exp, dtype, name=op)
+        assert_close_verbose(gu, ge, dtype, name=f"d {op}")
+
+
+def test_stencil_noncontiguous_and_compile(gen):
+    u = randn(gen, 2, 3, 11, 9, 7).transpose(2, 4)
+    for op, fn in STENCIL_OPS.items():
+        assert_close_verbose(fn(u, backend="cpu"), STENCIL_REFS[op](u.double()), atol=F32_TOL,
+                             rtol=F32_TOL, name=op)
+    v = u.contiguous().requires_grad_()
+
+    def f(x):
+        return bending_energy(x, backend="cpu") + diffusion(x, reduction="sum", backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(v)
+    (g,) = torch.autograd.grad(out, v)
+    (ge,) = torch.autograd.grad(f(v), v)
+    assert_close_verbose(out, f(v).detach())
+    assert_close_verbose(g, ge)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", list(STENCIL_OPS))
+@pytest.mark.parametrize("shape", STENCIL_SHAPES, ids=str)
+def test_stencil_gpu_backends(gpu_backend, op, shape, gen):
+    u = randn(gen, *shape, dtype=torch.float64)
+    for red in ("mean", "none"):
+        g = randn(gen, shape[0], dtype=torch.float64) if red == "none" else None
+        for spacing in _spacings(len(shape) - 2):
+            exp, ge = _run(lambda x: STENCIL_REFS[op](x, spacing, red), u, torch.float64, g)
+            out, gu = _run(lambda x: STENCIL_OPS[op](x, spacing=spacing, reduction=red,
+                                                     backend=gpu_backend),
+                           u.cuda(), torch.float32, g.cuda() if g is not None else None)
+            assert_close_verbose(out, exp, atol=F32_TOL, rtol=F32_TOL)
+            assert_close_verbose(gu, ge, atol=F32_TOL, rtol=F32_TOL)
+
+
+@pytest.mark.parametrize(
+    "fn,exc,match",
+    [
+        (lambda: bending_energy(torch.rand(1, 3, 4, 2, 6)), ValueError,
+         r"bending_energy: every spatial size of u must be >= 3, got spatial shape \(4, 2, 6\)"),
+        (lambda: diffusion(torch.rand(2, 2, 5, 2)), ValueError,
+         r"diffusion: every spatial size of u must be >= 3, got spatial shape \(5, 2\)"),
+        (lambda: bending_energy(torch.rand(1, 2, 2, 5), backend="cpu"), ValueError,
+         "bending_energy: every spatial size of u must be >= 3"),
+        (lambda: bending_energy(U, reduction="max"), ValueError,
+         "bending_energy: reduction must be 'sum' or 'mean' or 'none'"),
+        (lambda: diffusion(U, reduction="batchmean"), ValueError,
+         "diffusion: reduction must be"),
+        (lambda: bending_energy(U, spacing=(1.0, 2.0)), ValueError,
+         "bending_energy: spacing must be None, a number or 3"),
+        # 1/h⁴ must stay a normal float32: bending takes h in [1e-6, 1e6] only.
+        (lambda: bending_energy(U, spacing=1e-7), ValueError,
+         r"bending_energy: spacing must be in \[1e-06, 1e\+06\] .*got \(1e-07, 1e-07, 1e-07\)"),
+        (lambda: bending_energy(U, spacing=(1.0, 2e6, 1.0), backend="cpu"), ValueError,
+         r"bending_energy: spacing must be in \[1e-06, 1e\+06\]"),
+        (lambda: diffusion(U, spacing=(1.0, float("nan"), 1.0)), ValueError,
+         r"diffusion: spacing must be in \[1e-12, 1e\+12\] .*got \(1\.0, nan, 1\.0\)"),
+        (lambda: diffusion(U.long()), TypeError, "diffusion: u must be a floating-point"),
+        (lambda: bending_energy(torch.rand(3, 4, 5)), ValueError, r"u must be \[B, C, H, W\]"),
+        (lambda: diffusion(U, backend="nope"), ValueError, "backend must be one of"),
+    ],
+)
+def test_stencil_bad_input(fn, exc, match):
     with pytest.raises(exc, match=match):
         fn()
