@@ -1,6 +1,7 @@
 """lncc / LNCCLoss: identities, every backend against a NumPy float64 truth and the float64
 reference, gradients, raw-intensity accuracy, 64-bit offsets, determinism, torch.compile and
-bad input.
+bad input; lncc_monai (MONAI's per-window form) against a NumPy float64 oracle and MONAI's
+LocalNormalizedCrossCorrelationLoss.
 
 The ``torch`` backend is the reference itself: its rows compare values with the NumPy truth
 (direct window sums, independent of torch) and its gradients are checked by gradcheck, never
@@ -17,11 +18,13 @@ from conftest import (
     COMPILE_WARNINGS,
     assert_close_verbose,
     backend_params,
+    compile_two_sizes,
     poisoned_empty,
     rand,
 )
 from mrus_kernels import LNCCLoss, lncc, reference
 from mrus_kernels.backends import call_reason
+from mrus_kernels.lncc import lncc_monai
 
 BACKENDS = backend_params(("torch", "cpu", "triton"))
 # Shapes x windows: odd sizes, 2D and 3D, batch > 1 (Triton interpreted: keep them small).
@@ -773,3 +776,359 @@ def test_bad_input(kwargs, exc, match):
     fixed, moving = args.pop("fixed"), args.pop("moving")
     with pytest.raises(exc, match=match):
         lncc(fixed, moving, **args)
+
+
+# --------------------------------------------------------------- MONAI's form (lncc_monai)
+
+
+def _monai_np(f, m, window, nr=0.0, dr=1e-5, mask=None, g=None):
+    """(lncc_monai [B], d/d fixed [B, 1, *S], d/d moving) of Σ_b g_b lncc_monai_b (g = 1
+    when None), float64 NumPy, independent of torch: box sums of the in-bounds windows by
+    differences of cumulative sums (:func:`_box_np`), then per window
+    cc = (cross² + nr) / (max(var_I, dr) max(var_J, dr)) with raw variances. Each item is
+    centred on its own float64 mean first (cc does not change; float64 stays exact at
+    intensity offsets). Gradients: ∂cc/∂(cross, var_I, var_J) per window (torch.maximum's
+    subgradient: 1 above dr, 1/2 on a tie, 0 below) pushed back through the sums
+    (∂cross/∂I(x) = J(x) − ΣJ/n, ∂var_I/∂I(x) = 2 (I(x) − ΣI/n) for every window holding x:
+    box sums again, the in-bounds box being symmetric). Gradients are per broadcast item."""
+    i = f.detach().double().cpu().numpy()[:, 0]
+    j = m.detach().double().cpu().numpy()[:, 0]
+    b = max(i.shape[0], j.shape[0])
+    axes = tuple(range(1, i.ndim))
+    i = np.broadcast_to(i - i.mean(axes, keepdims=True), (b, *i.shape[1:]))
+    j = np.broadcast_to(j - j.mean(axes, keepdims=True), (b, *j.shape[1:]))
+    r = window // 2
+    # A window of one voxel is the voxel (cumulative-sum differences would round it).
+    box = (lambda x: x) if r == 0 else (lambda x: _box_np(x, r))
+    n = box(np.ones_like(i[:1]))
+    si, sj = box(i), box(j)
+    sii, sjj, sij = box(i * i), box(j * j), box(i * j)
+    cross = sij - si * sj / n
+    ri, rj = sii - si * si / n, sjj - sj * sj / n
+    vi, vj = np.maximum(ri, dr), np.maximum(rj, dr)
+    cc = (cross * cross + nr) / (vi * vj)
+    if mask is None:
+        wm = np.ones_like(cc)
+    else:
+        wm = np.broadcast_to(mask.detach().double().cpu().numpy()[:, 0], cc.shape)
+    msum = wm.reshape(b, -1).sum(1)
+    value = np.where(msum > 0, (cc * wm).reshape(b, -1).sum(1) / np.where(msum > 0, msum, 1), 0)
+    gb = np.ones(b) if g is None else np.broadcast_to(np.asarray(g, dtype=np.float64), (b,))
+    w = wm * (gb / np.where(msum > 0, msum, 1)).reshape(-1, *([1] * len(axes)))
+    dcross = w * 2 * cross / (vi * vj)
+    grads = []
+    for a, other, sa, sb, ra, va in ((i, j, si, sj, ri, vi), (j, i, sj, si, rj, vj)):
+        gate = np.where(ra > dr, 1.0, np.where(ra == dr, 0.5, 0.0))
+        dva = -w * gate * cc / va
+        grads.append(torch.from_numpy(
+            other * box(dcross) - box(dcross * sb / n)
+            + 2 * a * box(dva) - 2 * box(dva * sa / n))[:, None])
+    return torch.from_numpy(value), grads[0], grads[1]
+
+
+def _monai_cc_by_hand(a, b, nr, dr):
+    """cc of one window (flat tensors) written out: MONAI's formula on its values."""
+    a, b = a.double(), b.double()
+    n = a.numel()
+    cross = (a * b).sum() - a.sum() * b.sum() / n
+    va = max((a * a).sum().item() - a.sum().item() ** 2 / n, dr)
+    vb = max((b * b).sum().item() - b.sum().item() ** 2 / n, dr)
+    return (cross.item() ** 2 + nr) / (va * vb)
+
+
+def test_monai_oracle_matches_definition_by_hand():
+    # 2D 4x5, window 3: corner (4 in-bounds voxels), edge and interior voxels, each picked by
+    # a one-hot mask; the top-left 2x3 block of `moving` is flat (variance 0 < dr: floored).
+    f = torch.tensor([[1.0, 2.0, 0.5, 3.0, 1.0], [2.0, 1.0, 4.0, 0.0, 2.5],
+                      [1.5, 2.5, 1.0, 2.0, 0.5], [0.5, 1.0, 3.0, 1.5, 2.0]])
+    m = torch.tensor([[2.0, 2.0, 2.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 1.0],
+                      [2.0, 1.0, 1.5, 0.5, 3.0], [1.0, 0.5, 2.0, 2.5, 1.5]])
+    nr, dr = 1e-3, 1e-2
+    cc = np.zeros((4, 5))
+    for y in range(4):
+        for x in range(5):
+            ys, xs = slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2)
+            cc[y, x] = _monai_cc_by_hand(f[ys, xs].flatten(), m[ys, xs].flatten(), nr, dr)
+            one = torch.zeros(1, 1, 4, 5)
+            one[0, 0, y, x] = 1.0
+            got = _monai_np(f[None, None], m[None, None], 3, nr, dr, one)[0].item()
+            assert abs(got - cc[y, x]) <= 1e-12 * abs(cc[y, x]), (y, x, got, cc[y, x])
+    # The corner's moving window is flat: cross = 0, var_J floored.
+    a = f[:2, :2].double().flatten()
+    var_f = (a * a).sum().item() - a.sum().item() ** 2 / 4
+    assert cc[0, 0] == pytest.approx(nr / (var_f * dr), rel=1e-12)
+    value = _monai_np(f[None, None], m[None, None], 3, nr, dr)[0].item()
+    assert abs(value - cc.mean()) <= 1e-12 * cc.mean(), (value, cc.mean())
+
+
+def test_monai_oracle_gradient_matches_finite_differences(gen):
+    # Central differences of the oracle's value (NumPy only); flat patches (floored
+    # variances) in both images, a mask, nr > 0 and a broadcast batch.
+    f = rand(gen, 1, 1, 5, 6, dtype=torch.float64)
+    m = rand(gen, 2, 1, 5, 6, dtype=torch.float64)
+    f[..., :3, :3] = 0.7
+    m[..., 2:, 3:] = 1.2
+    mask = rand(gen, 1, 1, 5, 6, dtype=torch.float64, lo=0.0, hi=1.0)
+    g = np.array([1.0, -0.5])
+    for window, nr, dr in ((3, 1e-4, 1e-3), (5, 0.0, 1e-5)):
+        _, gf, gm = _monai_np(f, m, window, nr, dr, mask, g)
+        for x, grad in ((f, gf.sum(0, keepdim=True)), (m, gm)):
+            num = torch.zeros_like(x)
+            h = 1e-6
+            for k in range(x.numel()):
+                xp, xm = x.clone(), x.clone()
+                xp.view(-1)[k] += h
+                xm.view(-1)[k] -= h
+                pp, pm = ((xp, m), (xm, m)) if x is f else ((f, xp), (f, xm))
+                vp = (_monai_np(*pp, window, nr, dr, mask)[0].numpy() * g).sum()
+                vm = (_monai_np(*pm, window, nr, dr, mask)[0].numpy() * g).sum()
+                num.view(-1)[k] = (vp - vm) / (2 * h)
+            _assert_rel("d input", grad, num, 1e-6)
+
+
+def _check_monai(backend, f, m, window, nr, dr, mask=None, *, tol, gen):
+    """lncc_monai and its gradients on `backend` against :func:`_monai_np` (values and
+    gradients relative to their largest magnitude; gradients of a batch-1 input summed over
+    the broadcast items)."""
+    f, m = f.clone().requires_grad_(), m.clone().requires_grad_()
+    with poisoned_empty():
+        out = lncc_monai(f, m, window=window, smooth_nr=nr, smooth_dr=dr, mask=mask,
+                         backend=backend)
+    assert out.dtype == f.dtype and out.shape == (max(f.shape[0], m.shape[0]),)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    value, tf, tm = _monai_np(f, m, window, nr, dr, mask, g.numpy())
+    value = _monai_np(f, m, window, nr, dr, mask)[0]
+    _assert_rel("lncc_monai", out, value, tol)
+    with poisoned_empty():
+        gf, gm = torch.autograd.grad(out, (f, m), g.to(out.dtype).to(out.device))
+    _assert_rel("d fixed", gf, tf.sum(0, keepdim=True) if f.shape[0] == 1 else tf, tol)
+    _assert_rel("d moving", gm, tm.sum(0, keepdim=True) if m.shape[0] == 1 else tm, tol)
+    return out
+
+
+# name: ((shape, window) on torch and cpu, (shape, window) on interpreted Triton or None).
+MONAI_CASES = {
+    "3d-w3": (((2, 1, 7, 9, 11), 3), ((2, 1, 5, 6, 7), 3)),
+    "3d-w9": (((1, 1, 9, 10, 11), 9), None),
+    "2d-w9": (((2, 1, 11, 13), 9), ((2, 1, 9, 11), 5)),
+    "2d-w1": (((1, 1, 6, 5), 1), None),
+}
+# (smooth_nr, smooth_dr): MONAI's defaults, and a numerator term with a coarse floor.
+MONAI_SMOOTH = [(0.0, 1e-5), (1e-4, 1e-2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(MONAI_CASES))
+@pytest.mark.parametrize("nr,dr", MONAI_SMOOTH, ids=["defaults", "nr-dr"])
+def test_lncc_monai_matches_oracle(backend, case, nr, dr, gen):
+    full, small = MONAI_CASES[case]
+    if backend == "triton" and small is None:
+        pytest.skip("interpreted Triton: one small 3D and one small 2D case")
+    shape, window = small if backend == "triton" else full
+    f, m = rand(gen, *shape), rand(gen, *shape)
+    _check_monai(backend, f, m, window, nr, dr, tol=F32_RTOL, gen=gen)
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_lncc_monai_float64_exact(backend, gen):
+    f = rand(gen, 2, 1, 7, 9, 11, dtype=torch.float64)
+    m = rand(gen, 2, 1, 7, 9, 11, dtype=torch.float64)
+    _check_monai(backend, f, m, 5, 1e-4, 1e-2, tol=1e-10, gen=gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lncc_monai_masks_and_broadcast(backend, gen):
+    shape = (4, 5, 6) if backend == "triton" else (7, 9, 11)
+    f, m = rand(gen, 1, 1, *shape), rand(gen, 2, 1, *shape)
+    binary = (torch.rand(1, 1, *shape, generator=gen) > 0.4).float()
+    weights = rand(gen, 2, 1, *shape, lo=0.0, hi=2.0)
+    for mask in (binary.bool(), weights):
+        _check_monai(backend, f, m, 3, 1e-5, 1e-3, mask, tol=F32_RTOL, gen=gen)
+    empty = torch.zeros(2, 1, *shape)
+    empty[0, 0, 1, 2, 3] = 1.0
+    out = lncc_monai(f, m, window=3, mask=empty, backend=backend)
+    assert out[1].item() == 0.0 and bool(torch.isfinite(out).all())
+    assert_close_verbose(out, _monai_np(f, m, 3, 0.0, 1e-5, empty)[0], atol=F32_RTOL, rtol=0)
+
+
+def _floored_pair(gen, shape):
+    """[1, 1, *shape] float32 images whose windows (3 wide) span every case of the floor dr =
+    1e-5: the first third along D flat in both (raw variance 0), the next 3 slices faint
+    noise (raw variance ~1e-8 n), the rest full contrast; and the mask of the windows wholly
+    inside the flat slab."""
+    f = rand(gen, 1, 1, *shape, dtype=torch.float64)
+    m = 0.5 * f + 0.5 * rand(gen, 1, 1, *shape, dtype=torch.float64)
+    d = shape[0] // 3
+    f[:, :, :d], m[:, :, :d] = 0.8, 1.1
+    faint = (slice(None), slice(None), slice(d, d + 3))
+    f[faint] = 0.8 + 1e-4 * rand(gen, *f[faint].shape, dtype=torch.float64)
+    m[faint] = 1.1 + 1e-4 * rand(gen, *m[faint].shape, dtype=torch.float64)
+    flat = torch.zeros(1, 1, *shape)
+    flat[:, :, : d - 1] = 1.0
+    return f.float(), m.float(), flat
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nr", [0.0, 1e-12], ids=["nr0", "nr1e-12"])
+def test_lncc_monai_floored_and_flat_windows(backend, nr, gen):
+    shape = (8, 5, 6) if backend == "triton" else (10, 9, 11)
+    f, m, flat = _floored_pair(gen, shape)
+    dr = 1e-5
+    # The test exercises the floor: about half the windows lie below it (flat or faint).
+    i = f.double().numpy()[:, 0]
+    raw = _box_np(i * i, 1) - _box_np(i, 1) ** 2 / _box_np(np.ones_like(i), 1)
+    assert (raw < dr).mean() > 0.3 and (raw > dr).mean() > 0.3
+    _check_monai(backend, f, m, 3, nr, dr, tol=F32_RTOL, gen=gen)
+    # Flat windows: cross = 0 and both variances floored, cc = nr / dr² (Triton takes dr as
+    # a float32: 3e-8 relative).
+    on_flat = lncc_monai(f, m, window=3, smooth_nr=nr, smooth_dr=dr, mask=flat, backend=backend)
+    exp = nr / dr ** 2
+    assert abs(on_flat.item() - exp) <= 1e-6 * exp + 1e-12, (on_flat.item(), exp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, -1024.0], ids=lambda v: f"{v:g}")
+def test_lncc_monai_intensity_offset(backend, offset, gen):
+    # float32 at MR / CT offsets against float64 (the same float32 values) and against the
+    # images without offset: the centring keeps the raw variances accurate.
+    shape = (8, 9, 10) if backend == "triton" else (14, 15, 16)
+    f64, m64 = _offset_pair(offset, shape)
+    f, m = f64.float(), m64.float()
+    out = _check_monai(backend, f, m, 5, 0.0, 1e-5, tol=OFFSET_TOL, gen=gen)
+    base = _monai_np(*_offset_pair(0.0, shape), 5)[0]
+    assert abs(out.item() - base.item()) <= OFFSET_TOL, (out.item(), base.item())
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_lncc_monai_gradcheck_float64(backend, gen):
+    f = rand(gen, 1, 1, 4, 3, 5, dtype=torch.float64).requires_grad_()
+    m = rand(gen, 2, 1, 4, 3, 5, dtype=torch.float64).requires_grad_()
+    mask = rand(gen, 1, 1, 4, 3, 5, dtype=torch.float64, lo=0.0, hi=1.0)
+    # torch: autograd of the reference (the oracle tests check it too); its 2D case only.
+    for kw in (dict(), dict(smooth_nr=1e-3, smooth_dr=1e-2, mask=mask)) if backend == "cpu" else ():
+        assert torch.autograd.gradcheck(
+            lambda a, b: lncc_monai(a, b, window=3, backend=backend, **kw), (f, m))  # noqa: B023
+    f2 = rand(gen, 2, 1, 6, 7, dtype=torch.float64).requires_grad_()
+    m2 = rand(gen, 2, 1, 6, 7, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: lncc_monai(a, b, window=5, smooth_nr=1e-4, backend=backend), (f2, m2))
+
+
+def test_lncc_monai_double_backward_cpu(gen):
+    # The kernels' gradient differentiated again (through the reference of the same form).
+    if call_reason("cpu", torch.device("cpu"), torch.float64) is not None:
+        pytest.skip("cpu backend not built")
+    f = rand(gen, 1, 1, 4, 5, 4, dtype=torch.float64).requires_grad_()
+    m = rand(gen, 1, 1, 4, 5, 4, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: lncc_monai(a, b, window=3, smooth_nr=1e-3, smooth_dr=1e-2, backend="cpu"),
+        (f, m))
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_lncc_and_lncc_monai_differ_only_where_their_forms_do(backend, gen):
+    # Same images: on full-contrast windows the two forms agree (cross² / (vv + eps) against
+    # cross² / vv, vv >> eps); on flat windows lncc gives 0, lncc_monai nr / dr².
+    f, m, flat = _floored_pair(gen, (10, 9, 11))
+    contrast = torch.zeros_like(flat)
+    contrast[:, :, 10 // 3 + 4:] = 1.0  # windows clear of the faint slices
+    a = lncc(f, m, window=3, mask=contrast, backend=backend)
+    b = lncc_monai(f, m, window=3, mask=contrast, backend=backend)
+    # eps / vv ~ 1e-5 on these windows.
+    assert abs(a.item() - b.item()) <= 1e-4 * b.item() and b.item() > 0.1, (a, b)
+    assert lncc(f, m, window=3, mask=flat, backend=backend).item() == 0.0
+    on_flat = lncc_monai(f, m, window=3, smooth_nr=1e-12, mask=flat, backend=backend).item()
+    assert on_flat == pytest.approx(1e-2, rel=1e-7)  # float32 output
+
+
+@COMPILE_WARNINGS[0]
+@COMPILE_WARNINGS[1]
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+def test_lncc_monai_torch_compile_dynamic(backend, gen):
+    def fn(a, b, mask):
+        return (lncc_monai(a, b, window=3, smooth_nr=1e-4, smooth_dr=1e-3, mask=mask,
+                           backend=backend),)
+
+    def make(shape):
+        return (rand(gen, 2, 1, *shape).requires_grad_(), rand(gen, 2, 1, *shape).requires_grad_(),
+                rand(gen, 1, 1, *shape, lo=0.0, hi=1.0))
+
+    compile_two_sizes(fn, make, [(7, 8, 9), (9, 6, 11)], ["lncc_monai", "d fixed", "d moving"],
+                      atol=1e-6, rtol=1e-6)
+
+
+def _pad(x, r):
+    return torch.nn.functional.pad(x, [r, r] * (x.dim() - 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,window,nr,dr", [((2, 1, 6, 7, 5), 3, 0.0, 1e-5),
+                                                ((2, 1, 9, 8), 5, 1e-4, 1e-3)],
+                         ids=["3d-defaults", "2d-nr-dr"])
+def test_lncc_monai_matches_monai_class(backend, dtype, shape, window, nr, dr, gen):
+    monai = pytest.importorskip(
+        "monai", reason="MONAI's LocalNormalizedCrossCorrelationLoss: pip install -e .[compat]")
+    if backend == "triton" and (dtype == torch.float64 or len(shape) == 5):
+        pytest.skip("interpreted Triton: float32 (all it takes), the 2D case")
+    nd = len(shape) - 2
+    loss = monai.losses.LocalNormalizedCrossCorrelationLoss(
+        spatial_dims=nd, kernel_size=window, smooth_nr=nr, smooth_dr=dr)
+    pred = rand(gen, *shape, dtype=dtype)
+    target = rand(gen, *shape, dtype=dtype)
+    if dtype == torch.float64:
+        # A flat patch (floored variances; MONAI's float32 box sums of it round to cross ~3e-6
+        # and its float32 gradients there are rounding noise, so float64 only).
+        target[..., : window + 1, : window + 1] = 1.0
+    pred.requires_grad_()
+    target.requires_grad_()
+    exp = loss(pred, target)
+    ep, et = torch.autograd.grad(exp, (pred, target))
+    # MONAI zero-pads its windows and divides by the whole window: the padded images with a
+    # mask of ones on the original voxels (every window they see is whole).
+    r = window // 2
+    mask = _pad(torch.ones(1, 1, *shape[2:], dtype=dtype), r)
+    got = -lncc_monai(_pad(target, r), _pad(pred, r), window=window, smooth_nr=nr,
+                      smooth_dr=dr, mask=mask, backend=backend).mean()
+    gp, gt = torch.autograd.grad(got, (pred, target))
+    # float32: MONAI's own float32 box sums of uncentred images round at ~1e-6.
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    assert abs(got.item() - exp.item()) <= tol * abs(exp.item()), (got.item(), exp.item())
+    _assert_rel("d pred", gp, ep.double(), 10 * tol)
+    _assert_rel("d target", gt, et.double(), 10 * tol)
+
+
+BAD_MONAI = [
+    (dict(smooth_dr=0.0), ValueError, r"lncc_monai: smooth_dr must be a finite float > 0"),
+    (dict(smooth_dr=-1e-5), ValueError, r"lncc_monai: smooth_dr must be a finite float > 0"),
+    (dict(smooth_dr=float("nan")), ValueError, r"lncc_monai: smooth_dr must be a finite"),
+    (dict(smooth_dr=float("inf")), ValueError, r"lncc_monai: smooth_dr must be a finite"),
+    (dict(smooth_dr=1e-40), ValueError,
+     r"smooth_dr must be a finite float > 0 within float32's normal range .* got 1e-40"),
+    (dict(smooth_dr=1e300), ValueError, r"smooth_dr .* float32's normal range .* got 1e\+300"),
+    (dict(smooth_dr="x"), TypeError, r"lncc_monai: smooth_dr must be a float, got str"),
+    (dict(smooth_nr=-1e-9), ValueError, r"lncc_monai: smooth_nr must be a finite float >= 0"),
+    (dict(smooth_nr=float("nan")), ValueError, r"smooth_nr must be a finite float >= 0"),
+    (dict(smooth_nr=float("inf")), ValueError, r"smooth_nr must be a finite float >= 0"),
+    (dict(smooth_nr=1e39), ValueError, r"smooth_nr .* \(at most 3.40282e\+38\), got 1e\+39"),
+    (dict(smooth_nr=True), TypeError, r"lncc_monai: smooth_nr must be a float, got bool"),
+    (dict(window=4), ValueError, r"lncc_monai: window must be an odd integer >= 1, got 4"),
+    (dict(mask=torch.full((1, 1, 7, 8, 9), -1.0)), ValueError,
+     r"lncc_monai: mask weights must be finite and >= 0"),
+    (dict(moving=torch.rand(1, 1, 7, 8, 10)), ValueError,
+     r"lncc_monai: fixed and moving must have the same channel count"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_MONAI)
+def test_lncc_monai_bad_input(kwargs, exc, match):
+    args = dict(fixed=X, moving=X.clone(), window=3)
+    args.update(kwargs)
+    fixed, moving = args.pop("fixed"), args.pop("moving")
+    with pytest.raises(exc, match=match):
+        lncc_monai(fixed, moving, **args)
+
+
+def test_lncc_monai_window_is_keyword_only():
+    with pytest.raises(TypeError, match="positional"):
+        lncc_monai(X, X, 3)
