@@ -408,6 +408,9 @@ def operator_cases() -> Iterator[Case]:
         for reduction in ("sum", "mean"):
             yield from cases("harmonic_energy", f"{tag} {reduction}", mk.harmonic_energy,
                              make(ddf[2]), reduction=reduction)
+        for op in ("bending_energy", "diffusion"):
+            yield from cases(op, tag, getattr(mk.regularisers, op), make(ddf[2]),
+                             spacing=tuple(float(i + 1) for i in range(nd)))
 
         # MI family: both windows, bin counts over every padded size up to the triton cap,
         # masks of each kind, fixed (bins 32) and per-image value ranges.
