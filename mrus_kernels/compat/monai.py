@@ -155,8 +155,10 @@ def _pin_singleton_axes(ddf: torch.Tensor) -> torch.Tensor:
     sizes = ddf.shape[2:]
     if all(n > 1 for n in sizes):
         return ddf
-    keep = torch.tensor([float(n > 1) for n in sizes], dtype=ddf.dtype, device=ddf.device)
-    return ddf * keep.reshape(1, -1, *([1] * len(sizes)))
+    # Slices and zeros, not a multiplication by a mask tensor: no host-to-device copy.
+    parts = [ddf[:, i:i + 1] if n > 1 else torch.zeros_like(ddf[:, i:i + 1])
+             for i, n in enumerate(sizes)]
+    return torch.cat(parts, 1)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -196,6 +198,9 @@ class Warp(nn.Module):
         self.backend, self.deterministic = backend, deterministic
         self._jitter_cache: tuple[tuple, torch.Tensor] | None = None
 
+    # A generator cannot be created inside a compiled region: under torch.compile this is
+    # a graph break (jitter=True only).
+    @torch.compiler.disable
     def _jitter_offsets(self, ddf: torch.Tensor) -> torch.Tensor:
         """MONAI's jitter: ``torch.rand_like`` of a [B, ndim, *S] grid of ddf's dtype and
         device right after ``torch.manual_seed(0)``; cached per shape, dtype and device."""
@@ -381,7 +386,7 @@ class GlobalMutualInformationLoss(_Loss):
                                kernel="bspline", value_range=(-0.5, k - 0.5),
                                backend=self.backend)
         spread = (hist[:b] + hist[b:]) / 2
-        box = spread @ self._box_inverse.to(spread.dtype)
+        box = spread @ self._box_inverse.to(device=spread.device, dtype=spread.dtype)
         return F.pad(box, (2, 2))  # the box never reaches bins 0, 1, K-2, K-1
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -556,8 +561,8 @@ def _regulariser(cls: str, op_name: str, pred: torch.Tensor, normalize: bool,
     sizes = tuple(pred.shape[2:])
     spacing = None
     if normalize:
-        scale = torch.tensor([1.0 / n for n in sizes], dtype=u.dtype, device=u.device)
-        u = u * scale.reshape(1, -1, *([1] * len(sizes)))
+        # Per-channel Python scalars, not a tensor of sizes (MONAI's): no host-to-device copy.
+        u = torch.cat([u[:, c:c + 1] / n for c, n in enumerate(sizes)], 1)
         spacing = tuple(1.0 / n for n in sizes)
     if len(sizes) == 1:
         u = torch.cat([u, torch.zeros_like(u)], 1).unsqueeze(2).expand(-1, -1, 3, -1)

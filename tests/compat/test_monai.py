@@ -28,6 +28,7 @@ from monai.networks import blocks as monai_blocks
 from monai.utils import GridSampleMode, GridSamplePadMode, LossReduction
 
 from conftest import (
+    COMPILE_WARNINGS,
     DTYPE_IDS,
     assert_close_verbose,
     backend_params,
@@ -393,6 +394,49 @@ def test_regularisers_integer_field(which):
     field = torch.arange(2 * 5 * 6, dtype=torch.int64).reshape(1, 2, 5, 6) ** 2 % 7
     expected = theirs_cls()(field)
     assert_close_verbose(ours_cls()(field), expected, name=which)
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+COMPILE_CASES = {
+    "warp": (lambda: compat.Warp(), "warp"),
+    "dvf2ddf": (lambda: compat.DVF2DDF(), "field"),
+    "gmi": (lambda: compat.GlobalMutualInformationLoss(), "pair"),
+    "gmi_bspline": (lambda: compat.GlobalMutualInformationLoss("b-spline"), "pair"),
+    "lncc": (lambda: compat.LocalNormalizedCrossCorrelationLoss(), "pair"),
+    "bending": (lambda: compat.BendingEnergyLoss(normalize=True), "field"),
+    "diffusion": (lambda: compat.DiffusionLoss(), "field"),
+}
+
+
+@COMPILE_WARNINGS[0]
+@COMPILE_WARNINGS[1]
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_fullgraph(gen, case):
+    """Every class traces as one graph (dynamo; no graph break), same values as eager."""
+    if case in ("lncc",) and not HAS_LNCC_MONAI:
+        pytest.skip("mrus_kernels.lncc.lncc_monai is not in this tree yet")
+    if case in ("bending", "diffusion") and not HAS_MONAI_REGULARISERS:
+        pytest.skip("mrus_kernels.regularisers.bending_energy / diffusion are not in this tree")
+    make, kind = COMPILE_CASES[case]
+    image, other = rand(gen, 2, 1, 5, 6, 7), rand(gen, 2, 1, 5, 6, 7)
+    field = randn(gen, 2, 3, 5, 6, 7)
+    args = {"warp": (image, field), "field": (field,), "pair": (image, other)}[kind]
+    torch._dynamo.reset()
+    layer = make()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert_close_verbose(compiled(*args), layer(*args), name=case)
+
+
+def test_compile_warp_jitter(gen):
+    """jitter=True draws its offsets outside the graph (a generator cannot be made inside
+    one): a graph break, same values."""
+    image, ddf = rand(gen, 1, 2, 5, 6), randn(gen, 1, 2, 5, 6)
+    torch._dynamo.reset()
+    layer = compat.Warp(jitter=True)
+    compiled = torch.compile(layer, backend="eager")
+    assert_close_verbose(compiled(image, ddf), monai_warp(jitter=True)(image, ddf))
 
 
 # ---------------------------------------------------------------------------- errors
