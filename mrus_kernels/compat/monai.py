@@ -12,21 +12,21 @@ conventions and values are MONAI 1.6.1's::
 Every class also takes a keyword-only ``backend`` ("auto", "torch", "cpu", "triton",
 "cuda"; default ``MRUS_BACKEND`` or "auto"), and the layers ``deterministic``.
 
-=====================================  =====================================================
-MONAI class                            fused operator
-=====================================  =====================================================
-``Warp``                               :func:`mrus_kernels.warp` (ddf plus MONAI's seeded
-                                       jitter when ``jitter=True``)
-``DVF2DDF``                            :func:`mrus_kernels.integrate_velocity` (bilinear);
-                                       ``num_steps`` fused warps (nearest)
-``GlobalMutualInformationLoss``        :func:`mrus_kernels.joint_histogram` (Gaussian or
-                                       cubic B-spline window), MONAI's MI formula on the
-                                       [B, K, K] histogram
-``LocalNormalizedCrossCorrelationLoss`` ``mrus_kernels.lncc.lncc_monai`` on zero-padded
-                                       inputs with a mask of the original voxels
-``BendingEnergyLoss``                  ``mrus_kernels.regularisers.bending_energy``
-``DiffusionLoss``                      ``mrus_kernels.regularisers.diffusion``
-=====================================  =====================================================
+=======================================  =================================================
+MONAI class                              fused operator
+=======================================  =================================================
+``Warp``                                 :func:`mrus_kernels.warp` (ddf plus MONAI's
+                                         seeded jitter when ``jitter=True``)
+``DVF2DDF``                              :func:`mrus_kernels.integrate_velocity`
+                                         (bilinear); ``num_steps`` fused warps (nearest)
+``GlobalMutualInformationLoss``          :func:`mrus_kernels.joint_histogram` (Gaussian
+                                         or cubic B-spline window), MONAI's MI formula
+                                         on the [B, K, K] histogram
+``LocalNormalizedCrossCorrelationLoss``  ``mrus_kernels.lncc.lncc_monai`` on zero-padded
+                                         inputs with a mask of the original voxels
+``BendingEnergyLoss``                    ``mrus_kernels.regularisers.bending_energy``
+``DiffusionLoss``                        ``mrus_kernels.regularisers.diffusion``
+=======================================  =================================================
 
 What the fused operators cannot serve raises ``ValueError`` naming the argument and what
 to use instead: ``mode="bicubic"`` and ``padding_mode="reflection"`` (Warp, DVF2DDF),
@@ -63,6 +63,7 @@ __all__ = [
     "DiffusionLoss",
     "GlobalMutualInformationLoss",
     "LocalNormalizedCrossCorrelationLoss",
+    "SpatialDimsError",
     "Warp",
 ]
 
