@@ -1061,21 +1061,21 @@ def _pad(x, r):
     return torch.nn.functional.pad(x, [r, r] * (x.dim() - 2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape,window,nr,dr", [((2, 1, 6, 7, 5), 3, 0.0, 1e-5),
-                                                ((2, 1, 9, 8), 5, 1e-4, 1e-3)],
-                         ids=["3d-defaults", "2d-nr-dr"])
-def test_lncc_monai_matches_monai_class(backend, dtype, shape, window, nr, dr, gen):
+MONAI_CLASS_CASES = [((2, 1, 6, 7, 5), 3, 0.0, 1e-5), ((2, 1, 9, 8), 5, 1e-4, 1e-3)]
+MONAI_CLASS_IDS = ["3d-defaults", "2d-nr-dr"]
+
+
+def _check_monai_class(backend, dtype, shape, window, nr, dr, gen, device="cpu"):
+    """-mean lncc_monai of the zero-padded images (mask of ones on the original voxels)
+    against MONAI's LocalNormalizedCrossCorrelationLoss(reduction="mean"), value and
+    gradients."""
     monai = pytest.importorskip(
         "monai", reason="MONAI's LocalNormalizedCrossCorrelationLoss: pip install -e .[compat]")
-    if backend == "triton" and (dtype == torch.float64 or len(shape) == 5):
-        pytest.skip("interpreted Triton: float32 (all it takes), the 2D case")
     nd = len(shape) - 2
     loss = monai.losses.LocalNormalizedCrossCorrelationLoss(
-        spatial_dims=nd, kernel_size=window, smooth_nr=nr, smooth_dr=dr)
-    pred = rand(gen, *shape, dtype=dtype)
-    target = rand(gen, *shape, dtype=dtype)
+        spatial_dims=nd, kernel_size=window, smooth_nr=nr, smooth_dr=dr).to(device)
+    pred = rand(gen, *shape, dtype=dtype, device=device)
+    target = rand(gen, *shape, dtype=dtype, device=device)
     if dtype == torch.float64:
         # A flat patch (floored variances; MONAI's float32 box sums of it round to cross ~3e-6
         # and its float32 gradients there are rounding noise, so float64 only).
@@ -1087,15 +1087,58 @@ def test_lncc_monai_matches_monai_class(backend, dtype, shape, window, nr, dr, g
     # MONAI zero-pads its windows and divides by the whole window: the padded images with a
     # mask of ones on the original voxels (every window they see is whole).
     r = window // 2
-    mask = _pad(torch.ones(1, 1, *shape[2:], dtype=dtype), r)
+    mask = _pad(torch.ones(1, 1, *shape[2:], dtype=dtype, device=device), r)
     got = -lncc_monai(_pad(target, r), _pad(pred, r), window=window, smooth_nr=nr,
                       smooth_dr=dr, mask=mask, backend=backend).mean()
     gp, gt = torch.autograd.grad(got, (pred, target))
     # float32: MONAI's own float32 box sums of uncentred images round at ~1e-6.
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     assert abs(got.item() - exp.item()) <= tol * abs(exp.item()), (got.item(), exp.item())
-    _assert_rel("d pred", gp, ep.double(), 10 * tol)
-    _assert_rel("d target", gt, et.double(), 10 * tol)
+    _assert_rel("d pred", gp, ep.double().cpu(), 10 * tol)
+    _assert_rel("d target", gt, et.double().cpu(), 10 * tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,window,nr,dr", MONAI_CLASS_CASES, ids=MONAI_CLASS_IDS)
+def test_lncc_monai_matches_monai_class(backend, dtype, shape, window, nr, dr, gen):
+    if backend == "triton" and (dtype == torch.float64 or len(shape) == 5):
+        pytest.skip("interpreted Triton: float32 (all it takes), the 2D case")
+    _check_monai_class(backend, dtype, shape, window, nr, dr, gen)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,window,nr,dr", MONAI_CLASS_CASES, ids=MONAI_CLASS_IDS)
+def test_gpu_lncc_monai_matches_monai_class(gpu_backend, shape, window, nr, dr, gen):
+    _check_monai_class(gpu_backend, torch.float32, shape, window, nr, dr, gen, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,window", [((2, 1, 17, 20, 23), 9), ((3, 1, 61, 45), 5),
+                                          ((1, 1, 40, 300), 3), ((1, 1, 6, 5), 1)],
+                         ids=["3d", "2d", "2d-long", "2d-w1"])
+def test_gpu_lncc_monai_matches_oracle(gpu_backend, shape, window, gen):
+    f, m = rand(gen, *shape, device="cuda"), rand(gen, *shape, device="cuda")
+    mask = (torch.rand(shape[0], 1, *shape[2:], generator=gen) > 0.3).float().cuda()
+    for nr, dr in MONAI_SMOOTH:
+        for mk in (None, mask):
+            _check_monai(gpu_backend, f, m, window, nr, dr, mk, tol=F32_RTOL, gen=gen)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nr", [0.0, 1e-12], ids=["nr0", "nr1e-12"])
+def test_gpu_lncc_monai_floored_windows_and_offsets(gpu_backend, nr, gen):
+    f, m, flat = _floored_pair(gen, (12, 14, 16))
+    f, m, flat = f.cuda(), m.cuda(), flat.cuda()
+    _check_monai(gpu_backend, f, m, 3, nr, 1e-5, tol=F32_RTOL, gen=gen)
+    on_flat = lncc_monai(f, m, window=3, smooth_nr=nr, mask=flat, backend=gpu_backend).item()
+    assert abs(on_flat - nr / 1e-10) <= 1e-6 * nr / 1e-10 + 1e-12, on_flat
+    for offset in (1e4, -1024.0):
+        f64, m64 = _offset_pair(offset, (32, 32, 32))
+        out = _check_monai(gpu_backend, f64.float().cuda(), m64.float().cuda(), 9, nr, 1e-5,
+                           tol=OFFSET_TOL, gen=gen)
+        base = _monai_np(*_offset_pair(0.0, (32, 32, 32)), 9, nr, 1e-5)[0]
+        assert abs(out.item() - base.item()) <= OFFSET_TOL, (offset, out.item(), base.item())
 
 
 BAD_MONAI = [
