@@ -10,6 +10,11 @@ and ``lncc = Σ_v m(v) cc(v) / Σ_v m(v)`` per batch item (m = 1 without a mask)
 a no-op in exact arithmetic (Cauchy-Schwarz) and keeps rounding in near-constant patches of
 large intensities from giving cc > 1.
 
+:func:`lncc_monai` (not exported; for :mod:`mrus_kernels.compat.monai`) swaps in MONAI's
+per-window formula, cc = (cross² + nr) / (max(ΣI² − (ΣI)²/n, dr) · max(ΣJ² − (ΣJ)²/n, dr)),
+on the same sums, kernels and reduction: a form code of the custom op (``FORM_MRUS``,
+``FORM_MONAI``; lncc::FORM_* of csrc/include/lncc.h), with dr passed as eps.
+
 Kernels (cpu, cuda, triton) compute the five box sums (ΣI, ΣJ, ΣI², ΣJ², ΣIJ) by separable
 running sums, one pass per axis (cost independent of the window), and never materialise cc
 or the products. The backward recomputes the sums, turns them into five per-window
