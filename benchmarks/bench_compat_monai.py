@@ -40,7 +40,7 @@ import torch
 
 from mrus_kernels.compat import monai as compat
 
-from .bench_compose import smooth_field
+from .bench_compose import monai_layer, smooth_field
 from .bench_warp import smooth_ddf
 from .conftest import bench_cases, bench_forward_backward, row_info, shape_id, skip_unless_backend
 
@@ -70,30 +70,16 @@ def _class_name(key: str) -> str:
     return key.partition("-")[0]
 
 
-@functools.lru_cache(maxsize=1)
-def _monai() -> tuple[object | None, str | None]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MONAI's own import-time deprecations
-            from monai import losses
-            from monai.networks import blocks
-    except Exception as exc:  # noqa: BLE001 - optional: any import failure means "absent"
-        return None, f"MONAI is not importable ({type(exc).__name__}: {exc}); pip install .[bench]"
-    return {"blocks": blocks, "losses": losses}, None
-
-
 def make_original(key: str) -> torch.nn.Module:
     """The MONAI module of ``key``; skips the test when MONAI is absent."""
-    modules, reason = _monai()
-    if modules is None:
-        pytest.skip(reason)
     kwargs, _ = CLASSES[key]
     name = _class_name(key)
-    owner = modules["blocks"] if name in ("Warp", "DVF2DDF") else modules["losses"]
+    if name in ("Warp", "DVF2DDF"):
+        return monai_layer(name, **kwargs)
     with warnings.catch_warnings():
-        # Warp: "Using PyTorch native grid_sample", which says which path MONAI took.
-        warnings.simplefilter("ignore", UserWarning)
-        return getattr(owner, name)(**kwargs)
+        warnings.simplefilter("ignore")  # MONAI's own import-time deprecations
+        losses = pytest.importorskip("monai.losses", reason="MONAI is absent: pip install .[bench]")
+    return getattr(losses, name)(**kwargs)
 
 
 def make_impl(key: str, impl_name: str, device: str) -> Callable[..., torch.Tensor]:

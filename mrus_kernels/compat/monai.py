@@ -102,36 +102,33 @@ def _check_reduction(cls: str, reduction: object, per_voxel: bool) -> str:
     return value
 
 
+def _warp_option(cls: str, name: str, given: object, table: dict[str, str], unserved: str,
+                 choices: str) -> str:
+    """MONAI's mode / padding_mode value -> the fused warp's name; ``unserved`` (a value
+    MONAI has and the fused warp has not) and anything unknown raise ValueError."""
+    value = _value(given)
+    if value == unserved:
+        raise ValueError(
+            f"{cls}: {name}={unserved!r} is not served by the fused warp; use {name}="
+            f"{choices}, or MONAI's own class"
+        )
+    if not isinstance(value, str) or value not in table:
+        raise ValueError(
+            f"{cls}: {name} must be {choices}, got {given!r}"
+            + (" (MONAI's integer codes mean different things with and without its "
+               "compiled extension; pass the name)" if isinstance(value, int) else "")
+        )
+    return table[value]
+
+
 def _warp_mode(cls: str, mode: object) -> str:
-    value = _value(mode)
-    if value == "bicubic":
-        raise ValueError(
-            f"{cls}: mode='bicubic' is not served by the fused warp (linear and nearest "
-            "only); use mode='bilinear' or 'nearest', or MONAI's own class"
-        )
-    if not isinstance(value, str) or value not in _MODES:
-        raise ValueError(
-            f"{cls}: mode must be 'bilinear' (or 'trilinear') or 'nearest', got {mode!r}"
-            + (" (MONAI's integer codes mean different modes with and without its compiled "
-               "extension; pass the name)" if isinstance(value, int) else "")
-        )
-    return _MODES[value]
+    return _warp_option(cls, "mode", mode, _MODES, "bicubic",
+                        "'bilinear' (or 'trilinear') or 'nearest'")
 
 
 def _warp_padding(cls: str, padding_mode: object) -> str:
-    value = _value(padding_mode)
-    if value == "reflection":
-        raise ValueError(
-            f"{cls}: padding_mode='reflection' is not served by the fused warp (zeros and "
-            "border only); use padding_mode='zeros' or 'border', or MONAI's own class"
-        )
-    if not isinstance(value, str) or value not in _PADDINGS:
-        raise ValueError(
-            f"{cls}: padding_mode must be 'zeros' or 'border', got {padding_mode!r}"
-            + (" (MONAI's integer codes mean different paddings with and without its "
-               "compiled extension; pass the name)" if isinstance(value, int) else "")
-        )
-    return _PADDINGS[value]
+    return _warp_option(cls, "padding_mode", padding_mode, _PADDINGS, "reflection",
+                        "'zeros' or 'border'")
 
 
 def _check_warp_inputs(image: torch.Tensor, ddf: torch.Tensor) -> int:
@@ -573,7 +570,25 @@ def _regulariser(cls: str, op_name: str, pred: torch.Tensor, normalize: bool,
     return op(u, spacing=spacing, reduction=reduction, backend=backend)
 
 
-class BendingEnergyLoss(_Loss):
+class _FieldLoss(_Loss):
+    """MONAI's (normalize, reduction) displacement losses, on the fused regulariser
+    ``_op`` of :mod:`mrus_kernels.regularisers`."""
+
+    _op = ""
+
+    def __init__(self, normalize: bool = False, reduction: object = "mean", *,
+                 backend: str | None = None) -> None:
+        cls = type(self).__name__
+        super().__init__(reduction=_check_reduction(cls, reduction, per_voxel=True))
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, pred: torch.Tensor) -> torch.Tensor:
+        return _regulariser(type(self).__name__, self._op, pred, self.normalize,
+                            self.reduction, self.backend)
+
+
+class BendingEnergyLoss(_FieldLoss):
     """``monai.losses.BendingEnergyLoss`` on the fused ``regularisers.bending_energy``.
 
     ``forward(pred)``: a displacement [B, ndim, *S] (ndim 1, 2 or 3, every S_i > 2);
@@ -589,19 +604,10 @@ class BendingEnergyLoss(_Loss):
         >>> loss = BendingEnergyLoss()(ddf)
     """
 
-    def __init__(self, normalize: bool = False, reduction: object = "mean", *,
-                 backend: str | None = None) -> None:
-        cls = "BendingEnergyLoss"
-        super().__init__(reduction=_check_reduction(cls, reduction, per_voxel=True))
-        self.normalize = normalize
-        self.backend = backend
-
-    def forward(self, pred: torch.Tensor) -> torch.Tensor:
-        return _regulariser("BendingEnergyLoss", "bending_energy", pred, self.normalize,
-                            self.reduction, self.backend)
+    _op = "bending_energy"
 
 
-class DiffusionLoss(_Loss):
+class DiffusionLoss(_FieldLoss):
     """``monai.losses.DiffusionLoss`` on the fused ``regularisers.diffusion``.
 
     ``forward(pred)``: a displacement [B, ndim, *S] (ndim 1, 2 or 3, every S_i > 2);
@@ -617,13 +623,4 @@ class DiffusionLoss(_Loss):
         >>> loss = DiffusionLoss()(ddf)
     """
 
-    def __init__(self, normalize: bool = False, reduction: object = "mean", *,
-                 backend: str | None = None) -> None:
-        cls = "DiffusionLoss"
-        super().__init__(reduction=_check_reduction(cls, reduction, per_voxel=True))
-        self.normalize = normalize
-        self.backend = backend
-
-    def forward(self, pred: torch.Tensor) -> torch.Tensor:
-        return _regulariser("DiffusionLoss", "diffusion", pred, self.normalize,
-                            self.reduction, self.backend)
+    _op = "diffusion"
