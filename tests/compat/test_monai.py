@@ -13,7 +13,6 @@ rounds the target marginal to float32 as MONAI does).
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
@@ -43,12 +42,6 @@ DTYPES = (torch.float32, torch.float64)
 HOST_BACKENDS = backend_params(("torch", "cpu"))
 TRITON = backend_params(("triton",))
 SHAPES = {2: (2, 3, 7, 9), 3: (2, 2, 5, 6, 7)}  # odd sizes, batch and channels > 1
-# (mrus_kernels.lncc is also the name of the function the package exports.)
-HAS_LNCC_MONAI = hasattr(importlib.import_module("mrus_kernels.lncc"), "lncc_monai")
-_REGULARISERS = importlib.import_module("mrus_kernels.regularisers")
-HAS_MONAI_REGULARISERS = hasattr(_REGULARISERS, "bending_energy") and hasattr(
-    _REGULARISERS, "diffusion"
-)
 
 
 def monai_warp(*args, **kwargs):
@@ -287,10 +280,6 @@ def test_gmi_is_a_loss_and_reads_reduction_at_call(gen):
 
 # ---------------------------------------------------------------------------- LNCC
 
-needs_lncc_monai = pytest.mark.skipif(
-    not HAS_LNCC_MONAI, reason="mrus_kernels.lncc.lncc_monai is not in this tree yet"
-)
-
 
 def lncc_inputs(gen, shape, dtype):
     pred = rand(gen, *shape, dtype=dtype)
@@ -298,7 +287,6 @@ def lncc_inputs(gen, shape, dtype):
     return pred, target
 
 
-@needs_lncc_monai
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
@@ -315,7 +303,6 @@ def test_lncc_matches_monai(gen, backend, dtype, spatial_dims, shape, kernel_siz
             name=f"LNCC {kwargs}")
 
 
-@needs_lncc_monai
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize(
     "options",
@@ -331,7 +318,6 @@ def test_lncc_options(gen, backend, options):
             torch.float64, name=f"LNCC {options}")
 
 
-@needs_lncc_monai
 @pytest.mark.parametrize("backend", TRITON)
 def test_lncc_triton(gen, backend):
     pred, target = lncc_inputs(gen, (1, 2, 5, 6), torch.float32)
@@ -342,10 +328,6 @@ def test_lncc_triton(gen, backend):
 
 # ---------------------------------------------------------------------------- regularisers
 
-needs_regularisers = pytest.mark.skipif(
-    not HAS_MONAI_REGULARISERS,
-    reason="mrus_kernels.regularisers.bending_energy / diffusion are not in this tree yet",
-)
 REGULARISERS = {
     "bending": (compat.BendingEnergyLoss, monai_losses.BendingEnergyLoss),
     "diffusion": (compat.DiffusionLoss, monai_losses.DiffusionLoss),
@@ -357,7 +339,6 @@ monai_indexing_warning = pytest.mark.filterwarnings(
 )
 
 
-@needs_regularisers
 @monai_indexing_warning
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -374,7 +355,6 @@ def test_regularisers_match_monai(gen, backend, dtype, ndim, normalize, reductio
             (field,), dtype, tol=tol, name=f"{which} normalize={normalize} {reduction}")
 
 
-@needs_regularisers
 @monai_indexing_warning
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("which", list(REGULARISERS))
@@ -385,7 +365,6 @@ def test_regularisers_triton(gen, backend, which):
             name=f"{which} triton")
 
 
-@needs_regularisers
 @monai_indexing_warning
 @pytest.mark.parametrize("which", list(REGULARISERS))
 def test_regularisers_integer_field(which):
@@ -415,10 +394,6 @@ COMPILE_CASES = {
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_compile_fullgraph(gen, case):
     """Every class traces as one graph (dynamo; no graph break), same values as eager."""
-    if case in ("lncc",) and not HAS_LNCC_MONAI:
-        pytest.skip("mrus_kernels.lncc.lncc_monai is not in this tree yet")
-    if case in ("bending", "diffusion") and not HAS_MONAI_REGULARISERS:
-        pytest.skip("mrus_kernels.regularisers.bending_energy / diffusion are not in this tree")
     make, kind = COMPILE_CASES[case]
     image, other = rand(gen, 2, 1, 5, 6, 7), rand(gen, 2, 1, 5, 6, 7)
     field = randn(gen, 2, 3, 5, 6, 7)
