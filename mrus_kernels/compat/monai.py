@@ -499,7 +499,8 @@ class LocalNormalizedCrossCorrelationLoss(_Loss):
                 f"ground truth has differing shape ({target.shape}) from pred ({pred.shape})"
             )
         reduction = _check_reduction(cls, self.reduction, per_voxel=True)
-        k, r = self.kernel_size, self.kernel_size // 2
+        k = int(self.kernel_size)
+        r = k // 2
         b, c, spatial = pred.shape[0], pred.shape[1], tuple(pred.shape[2:])
         p = pred.reshape(b * c, 1, *spatial)
         t = target.to(pred.dtype).reshape(b * c, 1, *spatial)
