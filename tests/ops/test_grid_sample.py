@@ -225,7 +225,8 @@ def test_exported():
 def test_torch_compile_dynamic_shapes(backend, gen):
     """grid_sample (bilinear zeros, nearest border with align_corners) under
     torch.compile(fullgraph=True, dynamic=True): two sizes from one graph, values and
-    gradients as in eager mode."""
+    gradients as in eager mode. (The torch backend, inductor compiling the reference warp,
+    takes 30 s here; test_warp.py covers it.)"""
 
     def fn(image, grid):
         return (grid_sample(image, grid, backend=backend),
