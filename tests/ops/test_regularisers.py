@@ -748,7 +748,7 @@ def reg_host_lib(tmp_path_factory):
     src.write_text(_REG_HOST_HARNESS)
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{root / 'csrc' / 'include'}",
            str(src), "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ctypes.CDLL(str(lib))
 
@@ -794,7 +794,7 @@ def test_cuda_kernel_math_on_the_host(reg_host_lib, shape, gen):
             # grad_l2's weights already hold the means: per item Σ_i wt_i Σ d_i².
             wts = reg_mod._weights(kind, shape, spacing)
 
-            def ref(x, wts=wts):  # noqa: E731
+            def ref(x, wts=wts):
                 total = x.new_zeros(x.shape[0])
                 for i, wi in enumerate(wts):
                     d = torch.diff(x, dim=2 + i)
