@@ -99,7 +99,7 @@ def _check_bool(op: str, name: str, value: object) -> bool:
 
 
 def _axis_values(n, ndim: int, axis: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """0, 1, ..., n - 1 along spatial `axis` of a [1, ndim... broadcast] view."""
+    """0, 1, ..., n - 1 along spatial `axis`, shaped to broadcast against [B, *S]."""
     view = [1] * (ndim + 1)
     view[axis + 1] = n
     return torch.arange(n, dtype=dtype, device=device).view(view)
