@@ -26,8 +26,10 @@ How each class is served:
   ``u = u + SpatialTransformer(u, u)``, one fused warp per step.
 - ``ResizeDisplacementField``: :func:`mrus_kernels.warp` with border padding on a
   displacement that reproduces ``F.interpolate``'s source coordinates (linear with either
-  ``align_corners``; nearest by its floor rule, including the CPU kernel's special cases for
-  output size = input size and = 2 × input size), times the scale factor.
+  ``align_corners``; nearest by its float32 floor rule; an axis whose size does not change
+  is copied where aten's kernels copy it), times the scale factor. (torch 2.13's CPU
+  backward of 3D nearest disagrees with its own forward on such an axis; ours is the
+  forward's derivative.)
 - ``NCC``: :func:`mrus_kernels.lncc` on both images zero-padded by win // 2 with a mask of
   ones on the original voxels: every window of an original voxel then lies inside the
   padded image, so lncc's in-bounds window sums are neurite's zero-padded box sums, and the
@@ -371,9 +373,12 @@ class ResizeDisplacementField(nn.Module):
         cpu = device.type == "cpu"
         comps = []
         for i, (n_in, n_out) in enumerate(zip(size_in, size_out, strict=True)):
-            if n_out == n_in and (self._mode == "linear" or (cpu and ndim == 2)):
+            linear_copy = self._mode == "linear" and (cpu or size_out == size_in)
+            if n_out == n_in and (linear_copy or (cpu and ndim == 2)):
                 # The CPU kernels copy an axis whose size does not change (linear: the
-                # separable kernel skips it; nearest, 4D input only: aten's nearest_idx).
+                # separable kernel skips it; nearest, 4D input only: aten's nearest_idx);
+                # aten's CUDA linear kernels copy only when no size changes (that rule is
+                # from their source, not run here: no GPU in CI).
                 src = dst = torch.arange(n_out, dtype=work, device=device)
             elif self._mode == "nearest":
                 # floorf(dst * scale) in float32, scale = float(1 / scale_factor); at
