@@ -319,6 +319,36 @@ def test_grad(backend, dtype, ndim, loss_mult, gen):
     compare(loss, theirs, (u,), dtype)
 
 
+# =========================================================================== GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", ("SpatialTransformer", "IntegrateVelocityField",
+                                 "ResizeDisplacementField", "ResizeNearest", "NCC", "Grad"))
+def test_gpu_classes_match_the_originals(cls, gen):
+    """On a GPU (``pytest -m cuda``), backend auto: every class as its original there, float32
+    (resizes by 1.2, which keeps the size-3 axis: aten's CUDA rules differ from the CPU's)."""
+    vxm, ne = originals()
+    shape = (1, 2, 3, 5, 7)
+    image = rand(gen, *shape, device="cuda")
+    ddf = displacement(gen, 1, shape[2:], "linear", True, torch.float32).cuda()
+    cases = {
+        "SpatialTransformer": (SpatialTransformer(), vxm.SpatialTransformer(), (image, ddf)),
+        "IntegrateVelocityField": (IntegrateVelocityField(steps=7),
+                                   vxm.IntegrateVelocityField(steps=7), (ddf,)),
+        "ResizeDisplacementField": (ResizeDisplacementField(1.2, align_corners=False),
+                                    vxm.ResizeDisplacementField(1.2, align_corners=False),
+                                    (ddf,)),
+        "ResizeNearest": (ResizeDisplacementField(1.2, "nearest", None),
+                          vxm.ResizeDisplacementField(1.2, "nearest", None), (ddf,)),
+        "NCC": (NCC(5).loss, lambda a, b: -ne.NCC(window_size=5)(a, b).reshape(()),
+                (image, image.flip(-1))),
+        "Grad": (Grad("l2").loss, ne.SpatialGradient("l2"), (ddf,)),
+    }
+    ours, theirs, inputs = cases[cls]
+    compare(ours, theirs, inputs, torch.float32)
+
+
 # =========================================================================== bad input
 
 IMG = torch.zeros(1, 1, 4, 5)

@@ -216,6 +216,21 @@ def test_exported():
     assert "grid_sample" in mrus_kernels.__all__
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("align_corners", (True, False), ids=("ac", "no-ac"))
+@pytest.mark.parametrize("mode", ("bilinear", "nearest"))
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_gpu_matches_grid_sample(gpu_backend, ndim, mode, align_corners, gen):
+    """On a GPU (``pytest -m cuda``): float32 values and gradients as F.grid_sample's there,
+    both paddings."""
+    image_shape, out = SHAPES[ndim]
+    image = rand(gen, *image_shape, device="cuda")
+    grid = random_grid(gen, image_shape[0], out, image_shape[2:], mode, align_corners,
+                       torch.float32).cuda()
+    for padding in ("zeros", "border"):
+        _compare(gpu_backend, image, grid, mode, padding, align_corners, torch.float32)
+
+
 # =========================================================================== torch.compile
 
 
