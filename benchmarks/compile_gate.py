@@ -348,6 +348,7 @@ def operator_cases() -> Iterator[Case]:
 
     import mrus_kernels as mk
     from mrus_kernels import mi as mi_mod
+    from mrus_kernels.lncc import lncc_monai
 
     gen = torch.Generator().manual_seed(0)
 
@@ -443,6 +444,13 @@ def operator_cases() -> Iterator[Case]:
                                  mk.lncc, make(partial(rand, 2, 1, *shape, dtype=dtype),
                                                partial(rand, bm, 1, *shape, dtype=dtype)),
                                  window=window, mask=mask(mkind, 2, 1, *shape, dtype=dtype))
+            # MONAI's per-window form (FORM=1 variants of the REDUCE and COEFF passes).
+            for mkind, window in product((None, "float"), (3, 5)):
+                yield from cases("lncc_monai", f"{tag} {shape} w={window} mask={mkind}",
+                                 lncc_monai, make(partial(rand, 2, 1, *shape, dtype=dtype),
+                                                  partial(rand, 2, 1, *shape, dtype=dtype)),
+                                 window=window, smooth_nr=1e-5,
+                                 mask=mask(mkind, 2, 1, *shape, dtype=dtype))
 
 
 IDX64_PASSES = ("default", "lowered")
