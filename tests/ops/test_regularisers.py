@@ -580,6 +580,27 @@ def test_stencil_half(backend, dtype, gen):
         assert_close_verbose(gu, ge, dtype, name=f"d {op}")
 
 
+def test_stencil_cpu_threads(gen):
+    """The CPU backward keeps the term planes of d − 1, d, d + 1 per thread across its run
+    of planes: with 3 threads on 4 volumes of 9 planes, runs start mid-volume (plane 12 =
+    volume 1, depth 3); values and gradients still match the reference in float64."""
+    require_backend("cpu", "cpu", torch.float64)
+    u = randn(gen, 2, 2, 9, 50, 60, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for op, fn in STENCIL_OPS.items():
+            g = randn(gen, 2, dtype=torch.float64)
+            exp, ge = _run(lambda x: STENCIL_REFS[op](x, (0.9, 1.1, 1.3), "none"), u,
+                           torch.float64, g)
+            out, gu = _run(lambda x: fn(x, spacing=(0.9, 1.1, 1.3), reduction="none",
+                                        backend="cpu"), u, torch.float64, g)
+            assert_close_verbose(out, exp, name=op)
+            assert_close_verbose(gu, ge, name=f"d {op}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_stencil_noncontiguous_and_compile(gen):
     u = randn(gen, 2, 3, 11, 9, 7).transpose(2, 4)
     for op, fn in STENCIL_OPS.items():
