@@ -242,7 +242,9 @@ def _stencil_energy_torch(u: torch.Tensor, kind: int, wt: list[float]) -> torch.
         k = ndim
         for i in range(ndim):
             for j in range(i + 1, ndim):
-                m = (at({i: 1, j: 1}) - at({i: 1, j: -1})) - (at({i: -1, j: 1}) - at({i: -1, j: -1}))
+                m = (at({i: 1, j: 1}) - at({i: 1, j: -1})) - (
+                    at({i: -1, j: 1}) - at({i: -1, j: -1})
+                )
                 total = total + wt[k] * (m * m).flatten(1).sum(1)
                 k += 1
     return total
