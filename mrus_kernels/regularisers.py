@@ -250,6 +250,16 @@ def _stencil_energy_torch(u: torch.Tensor, kind: int, wt: list[float]) -> torch.
     return total
 
 
+def _reduce_interior(per_item: torch.Tensor, reduction: str, shape) -> torch.Tensor:
+    """Per-item sums over the interior voxels to the reduction: "mean" divides by the
+    number of terms, B · C · Π(S_i − 2)."""
+    if reduction == "none":
+        return per_item
+    if reduction == "sum":
+        return per_item.sum()
+    return per_item.sum() / (shape[0] * shape[1] * math.prod([n - 2 for n in shape[2:]]))
+
+
 def _per_item(u: torch.Tensor, kind: int, wt: list[float], name: str) -> torch.Tensor:
     return _reg_op(u.contiguous(), kind, wt, name)
 
@@ -317,14 +327,7 @@ def harmonic_energy(
     if name == "torch":
         return reference.harmonic_energy(w, reduction).to(u.dtype)
     per_item = _per_item(w, HARMONIC, [0.0] * ndim, name)
-    if reduction == "none":
-        out = per_item
-    elif reduction == "sum":
-        out = per_item.sum()
-    else:
-        count = u.shape[0] * u.shape[1] * math.prod([n - 2 for n in u.shape[2:]])
-        out = per_item.sum() / count
-    return out.to(u.dtype)
+    return _reduce_interior(per_item, reduction, u.shape).to(u.dtype)
 
 
 def _stencil_regulariser(
@@ -342,14 +345,7 @@ def _stencil_regulariser(
         fn = reference.bending_energy if kind == BENDING else reference.diffusion
         return fn(w, h, reduction).to(u.dtype)
     per_item = _per_item(w, kind, _weights(kind, tuple(u.shape), h), name)
-    if reduction == "none":
-        out = per_item
-    elif reduction == "sum":
-        out = per_item.sum()
-    else:
-        count = u.shape[0] * u.shape[1] * math.prod([n - 2 for n in u.shape[2:]])
-        out = per_item.sum() / count
-    return out.to(u.dtype)
+    return _reduce_interior(per_item, reduction, u.shape).to(u.dtype)
 
 
 def bending_energy(
