@@ -24,8 +24,8 @@ velocity and the gradient loss's field ``bench_compose.smooth_field``: every com
 between 0.6 and 1 of its amplitude, off the kinks of the early squaring steps).
 
 Every row is checked against the original run in float64 on the same inputs (values and
-gradients, 1e-4 of the largest; 1e-3 for the integration, see ``SPECS``) before it is timed, so ``pytest benchmarks
---benchmark-disable`` is a correctness run.
+gradients, 1e-4 of the largest; 1e-3 for the integration, see ``SPECS``) before it is
+timed, so ``pytest benchmarks --benchmark-disable`` is a correctness run.
 """
 
 from __future__ import annotations

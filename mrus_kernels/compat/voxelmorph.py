@@ -175,8 +175,9 @@ class SpatialTransformer(nn.Module):
         ndim = check_spatial(op, "moving_image", image)
         if field.dim() != image.dim() or field.shape[1] != ndim or \
                 field.shape[2:] != image.shape[2:]:
+            sizes = ", ".join(map(str, image.shape[2:]))
             raise ValueError(
-                f"{op}: deformation_field must be [B, {ndim}, {', '.join(map(str, image.shape[2:]))}]"
+                f"{op}: deformation_field must be [B, {ndim}, {sizes}]"
                 f" for moving_image of shape {tuple(image.shape)}, got shape {tuple(field.shape)}"
             )
         check_same(op, ("moving_image", "deformation_field"), (image, field))

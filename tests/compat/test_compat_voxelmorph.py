@@ -207,7 +207,7 @@ def test_integrate_velocity_field_uses_the_fused_integration(monkeypatch, gen):
     assert calls == [(5, "zeros")]
 
 
-# =========================================================================== ResizeDisplacementField
+# ==================================================================== ResizeDisplacementField
 
 
 @pytest.mark.parametrize(("mode", "align_corners"),
