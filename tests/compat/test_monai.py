@@ -19,13 +19,6 @@ import pytest
 import torch
 from torch.nn.modules.loss import _Loss
 
-monai = pytest.importorskip(
-    "monai", reason="compat tests compare with MONAI 1.6.1: pip install -e .[compat]"
-)
-from monai import losses as monai_losses
-from monai.networks import blocks as monai_blocks
-from monai.utils import GridSampleMode, GridSamplePadMode, LossReduction
-
 from conftest import (
     COMPILE_WARNINGS,
     DTYPE_IDS,
@@ -37,6 +30,13 @@ from conftest import (
     randn,
 )
 from mrus_kernels.compat import monai as compat
+
+monai = pytest.importorskip(
+    "monai", reason="compat tests compare with MONAI 1.6.1: pip install -e .[compat]"
+)
+from monai import losses as monai_losses  # noqa: E402 (after the importorskip)
+from monai.networks import blocks as monai_blocks  # noqa: E402
+from monai.utils import GridSampleMode, GridSamplePadMode, LossReduction  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64)
 HOST_BACKENDS = backend_params(("torch", "cpu"))
