@@ -1,0 +1,1 @@
+"""INNReg (../shared/papers/innreg.txt): invertible translation + registration."""
