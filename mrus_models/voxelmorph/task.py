@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrus_kernels import folding_fraction, warp
+from mrus_models.metrics import dice, endpoint_error_mm
 from mrus_models.train.task import Task, unwrap
 
 from .config import VoxelMorphConfig
@@ -18,36 +19,7 @@ from .model import VoxelMorph
 #: Tissue label values of the datasets' label maps (mrus_models.data.LABELS).
 GM, WM = 2, 3
 
-
-def endpoint_error_mm(ddf: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor,
-                      spacing: torch.Tensor) -> torch.Tensor:
-    """Mean endpoint error inside ``mask`` per item, in millimetres.
-
-    Args:
-        ddf: Tensor [B, ndim, *S], voxel units.
-        truth: Tensor [B, ndim, *S], voxel units.
-        mask: Tensor [B, 1, *S], bool.
-        spacing: Tensor [B, ndim], mm per voxel along each axis.
-
-    Returns:
-        Tensor [B] (NaN for an item whose mask is empty).
-    """
-    scale = spacing.to(ddf).reshape(*spacing.shape, *([1] * (ddf.dim() - 2)))
-    err = ((ddf - truth.to(ddf)) * scale).square().sum(dim=1, keepdim=True).sqrt()
-    m = mask.to(err)
-    dims = tuple(range(1, err.dim()))
-    return (err * m).sum(dim=dims) / m.sum(dim=dims)
-
-
-def dice(labels: torch.Tensor, reference: torch.Tensor, value: int) -> torch.Tensor:
-    """Dice overlap of label ``value`` per item: Tensor [B], NaN where the reference has no
-    voxel of that label (such items do not count, as MONAI's ``ignore_empty``)."""
-    a = (labels == value).flatten(1)
-    b = (reference == value).flatten(1)
-    inter = (a & b).sum(1).double()
-    total = a.sum(1).double() + b.sum(1).double()
-    out = 2 * inter / total.clamp_min(1)
-    return torch.where(b.any(1), out, torch.full_like(out, float("nan")))
+__all__ = ["VoxelMorphTask", "dice", "endpoint_error_mm"]
 
 
 class VoxelMorphTask(Task):
