@@ -645,32 +645,112 @@ class MutualInformationLoss(_MIModule):
         return -mutual_information(fixed, moving, mask=mask, **self.kwargs).mean()
 
 
+#: The barrier loss's forms (``NMILoss(barrier=b, form=...)``), see :class:`NMILoss`.
+BARRIER_FORMS = ("released", "paper")
+
+
+def extended_log_barrier(d: torch.Tensor, barrier: float, margin: float) -> torch.Tensor:
+    """-log(b - d) for d <= b - margin, continued past that knot by its tangent.
+
+    The log barrier is infinite at d = b and undefined beyond; a loss that can start beyond
+    its barrier (INNReg's paper form starts there on misaligned multi-modal pairs) needs a
+    value and a gradient there. Past the knot k = b - margin the loss is the tangent
+    -log(margin) + (d - k) / margin: finite, continuous with its first derivative, and its
+    gradient 1 / margin keeps pushing d down towards the barrier's inside. NaN in, NaN out.
+
+    Args:
+        d: dissimilarity, any shape.
+        barrier: b.
+        margin: distance of the knot from the barrier, > 0.
+
+    Returns:
+        Tensor of d's shape and dtype.
+    """
+    knot = barrier - margin
+    inside = d <= knot
+    # The log never sees d beyond the knot, so the branch torch.where discards has a
+    # finite gradient there (a where's unused branch still multiplies its gradient by 0).
+    log_part = -torch.log(barrier - torch.where(inside, d, torch.full_like(d, knot)))
+    return torch.where(inside, log_part, (d - knot) / margin - math.log(margin))
+
+
 class NMILoss(_MIModule):
-    """-NMI averaged over the batch, or with ``barrier=b`` INNReg's barrier loss
-    -log(b - NMI) averaged over the batch (infinite as NMI reaches b, NaN beyond).
+    """-NMI averaged over the batch or, with ``barrier=b``, INNReg's barrier loss.
+
+    The barrier loss is -log(b - d) averaged over the batch, d a dissimilarity that falls
+    as the images align, so that minimising the loss aligns them (-log(b - NMI) would push
+    them apart: NMI grows with alignment). ``form`` picks d:
+
+    - ``"released"`` (default; the INNReg authors' released code): d = 1 - MI, MI the
+      Parzen mutual information in nats (:func:`mutual_information`). The released code
+      uses a Gaussian window with 19 bins (``bins=19``).
+    - ``"paper"`` (INNReg, eq. 10-11): d = I = (H_f + H_g) / MI, the entropies and MI of
+      one joint histogram. I >= 2 (MI <= min(H_f, H_g)) and grows without bound as MI
+      falls: misaligned multi-modal pairs can start with I far beyond b = 5. MI is clamped
+      at ``eps`` below (I stays finite; no gradient through MI < eps, independent images).
+
+    Past d = b - ``margin`` the loss continues as the tangent of the log barrier
+    (:func:`extended_log_barrier`): finite, with gradient 1 / margin pushing d down, never
+    NaN or infinite for finite inputs. Inputs, masks and NaN rules as :func:`nmi`.
+
+    Args:
+        barrier: b, a finite real number, or None for -NMI (then ``form`` and ``margin``
+            are not used).
+        bins, kernel, sigma, value_range, eps, backend, deterministic: as :func:`nmi`.
+        form: "released" or "paper", the dissimilarity under the barrier.
+        margin: where the log barrier hands over to its tangent (b - d = margin), a finite
+            number > 0.
 
     Example:
-        >>> loss = NMILoss(barrier=2.0)(fixed, moved)
+        >>> loss = NMILoss(barrier=5.0)(fixed, moved)  # -log(5 - (1 - MI))
+        >>> loss = NMILoss(barrier=5.0, form="paper")(fixed, moved)  # -log(5 - I)
     """
 
     def __init__(
         self, barrier: float | None = None, bins: int = 32, kernel: str = "gaussian",
         sigma: float = 0.5, value_range: tuple | None = None, eps: float = 1e-10,
-        backend: str | None = None, deterministic: bool | None = None,
+        backend: str | None = None, deterministic: bool | None = None, *,
+        form: str = "released", margin: float = 0.1,
     ) -> None:
         super().__init__("NMILoss", bins, kernel, sigma, value_range, eps, backend, deterministic)
         if barrier is not None:
             barrier = _check_real("NMILoss", "barrier", barrier)
             if not _finite(barrier):
                 raise ValueError(f"NMILoss: barrier must be a finite number, got {barrier!r}")
+        check_choice("NMILoss", "form", form, BARRIER_FORMS)
+        margin_value = _check_real("NMILoss", "margin", margin)
+        if not (0.0 < margin_value < math.inf):
+            raise ValueError(f"NMILoss: margin must be a finite number > 0, got {margin!r}")
         self.barrier = barrier
+        self.form = form
+        self.margin = margin_value
+
+    def _dissimilarity(self, fixed, moving, mask) -> tuple[torch.Tensor, torch.dtype]:
+        """d [B] in the working dtype (float32 for half inputs) and the input dtype."""
+        kw = self.kwargs
+        eps = float(kw["eps"])
+        p, dtype = _joint("NMILoss", fixed, moving, kw["bins"], kw["kernel"], kw["sigma"],
+                          kw["value_range"], mask, eps, kw["backend"], kw["deterministic"])
+        mi, h_f, h_g, _ = reference._entropies(p, eps)
+        if self.form == "released":
+            return 1.0 - mi, dtype
+        return (h_f + h_g) / mi.clamp_min(eps), dtype
+
+    def dissimilarity(self, fixed: torch.Tensor, moving: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """d per batch item ([B], the input dtype): 1 - MI ("released") or
+        (H_f + H_g) / MI ("paper"), whatever ``barrier`` is."""
+        d, dtype = self._dissimilarity(fixed, moving, mask)
+        return d.to(dtype)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        value = nmi(fixed, moving, mask=mask, **self.kwargs)
         if self.barrier is None:
-            return -value.mean()
-        return -torch.log(self.barrier - value).mean()
+            return -nmi(fixed, moving, mask=mask, **self.kwargs).mean()
+        # In the working dtype: the log near b would lose half precision's few digits.
+        d, dtype = self._dissimilarity(fixed, moving, mask)
+        return extended_log_barrier(d, self.barrier, self.margin).mean().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"barrier={self.barrier!r}, " + super().extra_repr()
+        return (f"barrier={self.barrier!r}, form={self.form!r}, margin={self.margin!r}, "
+                + super().extra_repr())

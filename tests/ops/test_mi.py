@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import math
 from unittest import mock
 
 import numpy as np
@@ -40,6 +41,7 @@ from mrus_kernels import (
     mutual_information,
     nmi,
     reference,
+    warp,
 )
 
 mi_module = importlib.import_module("mrus_kernels.mi")
@@ -160,7 +162,8 @@ def _np_joint(f, g, bins, kernel, sigma, value_range=None, mask=None):
     return np.stack(out)
 
 
-def _np_mi_nmi(p, eps=1e-10):
+def _np_entropies(p, eps=1e-10):
+    """(MI, H_f, H_g, H_fg) [B] of joint histograms p [B, K, K], P and p clamped at eps."""
     pc = np.maximum(p, eps)
     pa = np.maximum(p.sum(2), eps)
     pb = np.maximum(p.sum(1), eps)
@@ -168,6 +171,11 @@ def _np_mi_nmi(p, eps=1e-10):
     h_f = -(pa * np.log(pa)).sum(1)
     h_g = -(pb * np.log(pb)).sum(1)
     h_fg = -(pc * np.log(pc)).sum((1, 2))
+    return mi, h_f, h_g, h_fg
+
+
+def _np_mi_nmi(p, eps=1e-10):
+    mi, h_f, h_g, h_fg = _np_entropies(p, eps)
     return mi, (h_f + h_g) / h_fg
 
 
@@ -904,11 +912,172 @@ def test_losses(backend, gen):
     assert_close_verbose(MutualInformationLoss(**kw)(f, g, mask), -mi_v.mean(), name="MI loss")
     assert_close_verbose(NMILoss(**kw)(f, g, mask), -nmi_v.mean(), name="NMI loss")
     barrier = NMILoss(barrier=2.0, **kw)
-    assert_close_verbose(barrier(f, g, mask), -torch.log(2.0 - nmi_v).mean(), name="barrier")
-    assert "barrier=2.0" in repr(barrier)
+    assert_close_verbose(barrier(f, g, mask), -torch.log(2.0 - (1.0 - mi_v)).mean(),
+                         name="barrier")
+    assert "barrier=2.0, form='released', margin=0.1" in repr(barrier)
     fr = f.clone().requires_grad_()
     barrier(fr, g).backward()
     assert bool(torch.isfinite(fr.grad).all()) and float(fr.grad.abs().max()) > 0
+
+
+# =========================================================================== barrier loss
+
+FORMS = ("released", "paper")
+BARRIER = 5.0  # INNReg's b
+
+
+def _inverted_pair(size=48):
+    """A smooth random 2D image in [0, 1] and its inverted contrast 1 - x: the
+    multi-modal pair, aligned at shift 0 (a fixed seed: the tests below scan shifts)."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 1, 7, 7, generator=g, dtype=torch.float64)
+    image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic",
+                                            align_corners=True)
+    image = ((image - image.min()) / (image.max() - image.min())).float()
+    return image, 1.0 - image
+
+
+def _shifted(image, shift):
+    """image(x + shift) with a constant displacement shift = (dy, dx), border padding."""
+    ddf = shift.reshape(1, 2, 1, 1).expand(1, 2, *image.shape[2:])
+    return warp(image, ddf, padding="border")
+
+
+def _old_barrier(fixed, moving):
+    """The barrier loss as it was: -log(b - NMI), NMI growing with alignment."""
+    return -torch.log(BARRIER - nmi(fixed, moving)).mean()
+
+
+def _descend(loss_fn, start=(0.0, 4.0), steps=60, lr=0.5):
+    """Normalised gradient descent on a constant shift: s -= lr_i g / |g|, lr_i falling
+    linearly to 0 (the step size does not depend on the loss's scale, so the forms'
+    very different gradient magnitudes need no tuning; the direction is the test)."""
+    fixed, moving = _inverted_pair()
+    s = torch.tensor(start, dtype=torch.float64)
+    for i in range(steps):
+        leaf = s.clone().float().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_fn(fixed, _shifted(moving, leaf)), leaf)
+        assert bool(torch.isfinite(grad).all()), (i, s, grad)
+        s = s - lr * (1 - i / steps) * grad.double() / grad.double().norm().clamp_min(1e-30)
+    return s
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_barrier_rises_with_misalignment(form):
+    """On an inverted-contrast pair the barrier loss grows with the shift (0..8 px): it
+    measures dissimilarity. The old -log(b - NMI) fell instead (asserted below, so this
+    test fails on it)."""
+    fixed, moving = _inverted_pair()
+    loss = NMILoss(barrier=BARRIER, form=form)
+    shifts = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+    values, old = [], []
+    for dx in shifts:
+        moved = _shifted(moving, torch.tensor([0.0, dx]))
+        values.append(float(loss(fixed, moved)))
+        old.append(float(_old_barrier(fixed, moved)))
+    assert all(math.isfinite(v) for v in values), values
+    assert all(a < b for a, b in itertools.pairwise(values)), (form, values)
+    assert all(a > b for a, b in itertools.pairwise(old)), old
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_barrier_descent_on_a_shift_converges(form):
+    """Descent on a shift from 4 px ends at the alignment (|s| < 0.1 px) with either form;
+    with the old formula it walks away (to ~9 px on this pair)."""
+    s = _descend(NMILoss(barrier=BARRIER, form=form))
+    assert float(s.norm()) < 0.1, (form, s)
+
+
+def test_old_barrier_descent_diverges():
+    """The defect the barrier tests catch: descent on -log(b - NMI) leaves the alignment."""
+    s = _descend(_old_barrier)
+    assert float(s.norm()) > 6.0, s
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_barrier_values_vs_formulas(backend, masked, gen):
+    """Both forms against float64 NumPy: released -log(b - (1 - MI)), paper -log(b - I)
+    with I = (H_f + H_g) / MI, and the paper form's tangent beyond b - margin."""
+    f, g = _pair(gen, (3, 1, 9, 11), torch.float64)
+    mask = _mask(gen, (3, 1, 9, 11)) if masked else None
+    kw = dict(bins=12, kernel="gaussian", sigma=0.5, backend=backend)
+    mi, h_f, h_g, _ = (torch.from_numpy(a) for a in _np_entropies(
+        _np_joint(f, g, 12, "gaussian", 0.5, mask=mask)))
+    released = NMILoss(barrier=BARRIER, **kw)
+    assert_close_verbose(released.dissimilarity(f, g, mask), 1.0 - mi, torch.float64, name="d")
+    assert_close_verbose(released(f, g, mask), -torch.log(BARRIER - (1.0 - mi)).mean(),
+                         torch.float64, name="released")
+    i_nmi = (h_f + h_g) / mi
+    # The knot b - margin between the items' I: some inside the barrier, some past it.
+    lo, hi = float(i_nmi.min()), float(i_nmi.max())
+    b, margin = (lo + hi) / 2, (hi - lo) / 4
+    assert float(i_nmi.min()) < b - margin < float(i_nmi.max()), (i_nmi, b)
+    knot = b - margin
+    want = torch.where(i_nmi <= knot, -torch.log(b - i_nmi.clamp_max(knot)),
+                       -math.log(margin) + (i_nmi - knot) / margin)
+    paper = NMILoss(barrier=b, form="paper", margin=margin, **kw)
+    assert_close_verbose(paper.dissimilarity(f, g, mask), i_nmi, torch.float64, name="I")
+    assert_close_verbose(paper(f, g, mask), want.mean(), torch.float64, name="paper")
+    assert float(i_nmi.min()) >= 2.0  # MI <= min(H_f, H_g)
+
+
+def test_extended_log_barrier_is_c1_and_pushes_down():
+    """-log(b - d) up to the knot b - margin, its tangent beyond: value and slope match at
+    the knot, the slope is 1 / margin > 0 beyond it, finite far past b, NaN stays NaN."""
+    b, margin = 5.0, 0.1
+    knot = b - margin
+    d = torch.tensor([2.0, 4.0, knot - 1e-9, knot, knot + 1e-9, 5.0, 7.0, 1e30, float("nan")],
+                     dtype=torch.float64, requires_grad=True)
+    value = mi_module.extended_log_barrier(d, b, margin)
+    (grad,) = torch.autograd.grad(value.sum(), d)
+    value = value.detach()
+    dd = d.detach()
+    want = torch.where(dd <= knot, -torch.log(b - dd.clamp_max(knot)),
+                       -math.log(margin) + (dd - knot) / margin)
+    want_grad = torch.where(dd <= knot, 1.0 / (b - dd.clamp_max(knot)),
+                            torch.full_like(dd, 1 / margin))
+    assert_close_verbose(value[:-1], want[:-1], torch.float64, name="value")
+    assert_close_verbose(grad[:-1], want_grad[:-1], torch.float64, name="slope")
+    assert abs(float(value[2] - value[4])) <= 1e-7 and abs(float(grad[2] - grad[4])) <= 1e-6
+    assert bool(torch.isfinite(value[:-1]).all()) and bool(value[-1].isnan())
+
+
+@pytest.mark.parametrize("backend", backend_params(("torch", "cpu")))
+def test_paper_barrier_beyond_the_barrier_is_finite(backend, gen):
+    """Images with almost no shared information (I far beyond b) and a constant image
+    (MI = 0): the paper form's loss and gradients are finite, and the gradient lowers I."""
+    f = rand(gen, 2, 1, 32, 32)
+    g = rand(gen, 2, 1, 32, 32).requires_grad_()
+    loss = NMILoss(barrier=BARRIER, form="paper", bins=16, backend=backend)
+    i_before = loss.dissimilarity(f, g.detach())
+    assert float(i_before.min()) > 10 * BARRIER, i_before
+    value = loss(f, g)
+    value.backward()
+    assert math.isfinite(value.item()) and bool(torch.isfinite(g.grad).all())
+    assert float(g.grad.abs().max()) > 0
+    # A small step against the gradient lowers I (the tangent pushes d down).
+    step = 1e-3 / float(g.grad.abs().max())
+    i_after = loss.dissimilarity(f, (g - step * g.grad).detach())
+    assert float(i_after.sum()) < float(i_before.sum()), (i_before, i_after)
+    constant = torch.full((1, 1, 8, 9), 0.7)
+    moving = rand(gen, 1, 1, 8, 9).requires_grad_()
+    value = loss(constant, moving)
+    value.backward()
+    assert math.isfinite(value.item()) and bool(torch.isfinite(moving.grad).all())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_barrier_nan_and_half(form, gen):
+    """NaN in an item makes the loss NaN (as nmi); half inputs compute in float32."""
+    f, g = _pair(gen, (2, 1, 12, 13))
+    loss = NMILoss(barrier=BARRIER, form=form, bins=16)
+    want = loss(f, g)
+    half = loss(f.half(), g.half())
+    assert half.dtype == torch.float16
+    assert abs(float(half) - float(want)) <= 1e-2 * max(1.0, abs(float(want)))
+    f[1, 0, 3, 4] = float("nan")
+    assert bool(loss(f, g).isnan())
 
 
 # =========================================================================== torch.compile
@@ -923,7 +1092,8 @@ def test_torch_compile_fullgraph(gen):
     mask = _mask(gen, (2, 1, 6, 7, 8))
 
     def loss(a, b):
-        return NMILoss(barrier=2.5, backend="cpu")(a, b, mask)
+        return (NMILoss(barrier=2.5, backend="cpu")(a, b, mask)
+                + NMILoss(barrier=5.0, form="paper", margin=0.5, backend="cpu")(a, b, mask))
 
     torch._dynamo.reset()
     try:
@@ -1114,6 +1284,13 @@ def test_bad_module_arguments():
         NMILoss(eps=2.0)
     with pytest.raises(ValueError, match="NMILoss: barrier must be a finite number, got inf"):
         NMILoss(barrier=float("inf"))
+    with pytest.raises(ValueError, match="NMILoss: form must be 'released' or 'paper', got 'nmi'"):
+        NMILoss(barrier=5.0, form="nmi")
+    with pytest.raises(TypeError, match="NMILoss: margin must be a real number, got str"):
+        NMILoss(barrier=5.0, margin="0.1")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="NMILoss: margin must be a finite number > 0"):
+            NMILoss(barrier=5.0, margin=bad)
 
 
 # =========================================================================== GPU
