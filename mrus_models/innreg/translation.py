@@ -28,7 +28,9 @@ Layout, from the image to the image::
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,12 @@ def _positive_int(owner: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
     return value
+
+
+def _check_clamp(owner: str, clamp) -> None:
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) \
+            or not math.isfinite(clamp) or clamp <= 0:
+        raise ValueError(f"{owner}: clamp must be a positive finite number, got {clamp!r}")
 
 
 def _check_image(owner: str, name: str, x, channels: int, *, even: bool) -> None:
@@ -348,9 +356,7 @@ class InvBlock(nn.Module):
             raise ValueError(
                 f"InvBlock: split must be in [1, {channels}) for {channels} channels, got "
                 f"{split!r}")
-        if not (isinstance(clamp, (int, float)) and not isinstance(clamp, bool)
-                and math.isfinite(clamp) and clamp > 0):
-            raise ValueError(f"InvBlock: clamp must be a positive finite number, got {clamp!r}")
+        _check_clamp("InvBlock", clamp)
         self.channels, self.split, self.clamp = channels, split, float(clamp)
         d1, d2 = split, channels - split
         dense = {"hidden": hidden, "ddw": ddw, "ddw_kernels": ddw_kernels,
@@ -432,6 +438,7 @@ class TranslationNet(nn.Module):
                              f"{ddw_kernel_size!r}")
         if lift not in LIFTS:
             raise ValueError(f"{owner}: lift must be one of {LIFTS}, got {lift!r}")
+        _check_clamp(owner, clamp)
         width = 4 * channels
         if split is None:
             split = channels
@@ -456,7 +463,7 @@ class TranslationNet(nn.Module):
             off, see :meth:`_full_precision`), the translation to the target modality.
         """
         _check_image("TranslationNet", "x", x, self.channels, even=True)
-        # Autocast off, in the parameters' dtype: see _full_precision.
+        # Autocast and TF32 off, in the parameters' dtype: see _full_precision.
         with self._full_precision(x.device):
             m = self.lift(x.to(self._dtype()))
             for block in self.blocks:
@@ -483,13 +490,26 @@ class TranslationNet(nn.Module):
         return next(self.parameters()).dtype
 
     @staticmethod
-    def _full_precision(device: torch.device) -> torch.autocast:
-        """Autocast off: T runs in its parameters' dtype.
+    @contextlib.contextmanager
+    def _full_precision(device: torch.device) -> Iterator[None]:
+        """Autocast off, and on CUDA TF32 off: T runs in its parameters' precision.
 
         Under bf16 / fp16 autocast the lift (an einsum) and the DenseBlocks would round
         to 8 or 11 significant bits, and F(m₂) recomputed in the inverse from an m₂ that
-        differs by a rounding could round the other way: T⁻¹(T(x)) would miss x by ~1e-3.
-        In the parameters' precision the round trip holds to that precision's rounding;
-        T is small next to the registration network, so the cost is small too.
+        differs by a rounding could round the other way: T⁻¹(T(x)) would miss x by ~1e-2
+        (measured under CPU bf16 autocast). TF32 convolutions (cuDNN's default) do the
+        same at ~1e-4 to 1e-3 once the weights have trained (measured by emulating TF32's
+        10-bit mantissa on the CPU). In full float32 the round trip holds to float32
+        rounding; T is small next to the registration network, so the cost is small too.
+        Backward passes run outside this context: gradients need no exactness.
         """
-        return torch.autocast(device.type, enabled=False)
+        with torch.autocast(device.type, enabled=False):
+            if device.type != "cuda":
+                yield
+                return
+            saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
