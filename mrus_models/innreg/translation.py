@@ -53,6 +53,12 @@ def _positive_int(owner: str, name: str, value) -> int:
     return value
 
 
+def _odd_positive_int(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{owner}: {name} must be an odd positive int, got {value!r}")
+    return value
+
+
 def _check_clamp(owner: str, clamp) -> None:
     if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) \
             or not math.isfinite(clamp) or clamp <= 0:
@@ -208,10 +214,7 @@ class DDWConv(nn.Module):
         _positive_int("DDWConv", "channels", channels)
         _positive_int("DDWConv", "kernels", kernels)
         _positive_int("DDWConv", "reduction", reduction)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) \
-                or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(
-                f"DDWConv: kernel_size must be an odd positive int, got {kernel_size!r}")
+        _odd_positive_int("DDWConv", "kernel_size", kernel_size)
         self.channels, self.kernels, self.kernel_size = channels, kernels, kernel_size
         hidden = max(channels // reduction, 4)
         self.attention = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(),
@@ -395,9 +398,17 @@ class TranslationNet(nn.Module):
     """INNReg's translation network T (Sec. 3.2): ``forward`` is eq. 1, ``inverse`` eq. 2.
 
     ``T = lift⁻¹ ∘ T_k ∘ … ∘ T_1 ∘ lift`` with k = ``blocks`` :class:`InvBlock` on the
-    2×2-lifted image (4·channels channels at half the size). Every piece is a bijection
-    with an exact inverse, so ``inverse(forward(x))`` returns x to float rounding for any
-    weights.
+    2×2-lifted image (4·channels channels at half the size); the paper's eq. 1 numbers
+    the blocks from the outside in, here ``blocks[0]`` acts first. Every piece is a
+    bijection with an exact inverse, so ``inverse(forward(x))`` returns x to float
+    rounding for any weights: in float64 to ~1e-14, in float32 to the rounding amplified
+    by how well conditioned the trained T⁻¹ is (~3e-6 after 400 Adam steps at the paper's
+    learning rate 2e-4; ten times that rate gave 7e-4 after 20 steps: measured).
+
+    Size and cost with the defaults: 2,167,680 parameters (8 blocks × (F: 90,616, of
+    which DDWConv 30,556; H and G: 90,154 each, DDWConv 30,092; mixing: 36)); forward + backward of one 64×64 image ≈ 0.15 s of one CPU core, of a batch
+    of three 192×192 images ≈ 3.3 s (forward, inverse and backward, as the training step
+    runs them: ≈ 6.3 s).
 
     Args:
         channels: channels of the image (1 for an MR / US slice).
@@ -432,10 +443,7 @@ class TranslationNet(nn.Module):
         _positive_int(owner, "blocks", blocks)
         _positive_int(owner, "hidden", hidden)
         _positive_int(owner, "ddw_kernels", ddw_kernels)
-        if isinstance(ddw_kernel_size, bool) or not isinstance(ddw_kernel_size, int) \
-                or ddw_kernel_size < 1 or ddw_kernel_size % 2 == 0:
-            raise ValueError(f"{owner}: ddw_kernel_size must be an odd positive int, got "
-                             f"{ddw_kernel_size!r}")
+        _odd_positive_int(owner, "ddw_kernel_size", ddw_kernel_size)
         if lift not in LIFTS:
             raise ValueError(f"{owner}: lift must be one of {LIFTS}, got {lift!r}")
         _check_clamp(owner, clamp)
