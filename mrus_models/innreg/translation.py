@@ -296,11 +296,12 @@ class DenseBlock(nn.Module):
 class InvertibleConv1x1(nn.Module):
     """Glow's invertible 1×1 convolution (Kingma & Dhariwal 2018), LU-parametrised.
 
-    ``W = P L (U + diag(sign · exp(log_s)))`` with P a fixed permutation, L unit lower
-    triangular, U strictly upper triangular: W stays invertible for every parameter value
-    (its determinant is ±exp(Σ log_s)). It starts as the identity (Glow starts from a
-    random rotation): T then starts close to the identity map, the DenseBlocks' outputs
-    being small, and the mixing is learned.
+    ``W = L (U + diag(exp(log_s)))`` with L unit lower triangular and U strictly upper
+    triangular (the strict triangles of two full parameter matrices): W stays invertible
+    for every parameter value, its determinant being exp(Σ log_s). It starts as the
+    identity (Glow starts from a random rotation and keeps a fixed permutation): T then
+    starts close to the identity map, the DenseBlocks' outputs being small, and the
+    mixing is learned.
 
     Args:
         channels: channels it mixes.
@@ -308,19 +309,16 @@ class InvertibleConv1x1(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.register_buffer("perm", torch.eye(channels))
-        self.register_buffer("sign", torch.ones(channels))
         self.lower = nn.Parameter(torch.zeros(channels, channels))
         self.upper = nn.Parameter(torch.zeros(channels, channels))
         self.log_s = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("mask_lower", torch.tril(torch.ones(channels, channels), -1))
 
     def matrix(self) -> torch.Tensor:
         """W, Tensor [channels, channels]."""
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower * self.mask_lower + eye
-        upper = self.upper * self.mask_lower.T + torch.diag(self.sign * self.log_s.exp())
-        return self.perm @ lower @ upper
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.log_s.exp())
+        return lower @ upper
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x [B, channels, h, w]. Returns W x per pixel."""

@@ -105,7 +105,7 @@ def test_default_architecture_and_parameter_count():
             + kernels * width * k * k + kernels * width
         return convs + ddw + width * c_out * 9 + c_out
 
-    mixing = 4 * 4 + 4 * 4 + 4  # L, U (full matrices, masked) and log|s|
+    mixing = 4 * 4 + 4 * 4 + 4  # L, U (full matrices, their strict triangles used), log_s
     per_block = dense(3, 1) + 2 * dense(1, 3) + mixing
     count = sum(p.numel() for p in net.parameters())
     assert count == 8 * per_block == 2_167_680
@@ -209,6 +209,27 @@ def test_invertible_under_bf16_autocast(monkeypatch):
         assert _max_abs(net.inverse(net(x)), x) > 1e-3
 
 
+def test_full_precision_context_turns_tf32_off_and_restores_it():
+    """On CUDA, T's forward and inverse run without TF32 (cuDNN's default for
+    convolutions), whose 10-bit mantissa breaks the round trip once the weights have
+    trained; the flags come back as they were, also after an error."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with TranslationNet._full_precision(torch.device("cuda")):
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError, match="inside"), \
+                TranslationNet._full_precision(torch.device("cuda")):
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with TranslationNet._full_precision(torch.device("cpu")):  # CPU: no TF32 to turn off
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu_and_inverts():
     gen = _seeded(6)
@@ -291,8 +312,8 @@ def test_invertible_conv1x1():
         for p in conv.parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=gen))
     w = conv.matrix().detach().double()
-    # det W = ± exp(Σ log|s|): never zero, whatever the parameters.
-    assert abs(abs(torch.linalg.det(w).item()) - conv.log_s.sum().exp().item()) <= 1e-5
+    # det W = exp(Σ log_s): never zero, whatever the parameters.
+    assert abs(torch.linalg.det(w).item() - conv.log_s.sum().exp().item()) <= 1e-5
     expected = torch.einsum("ij,bjhw->bihw", w, x.double())
     with torch.no_grad():
         assert _max_abs(conv(x).double(), expected) <= 1e-5
