@@ -161,8 +161,8 @@ class _DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.flip(2, 3), padding=pad, groups=n)
         if ctx.needs_input_grad[1]:
-            grad_w = F.conv2d(F.pad(x, (pad, pad, pad, pad)), grad.view(n, 1, *grad.shape[2:]),
-                              groups=n).view_as(weight)
+            grad_w = F.conv2d(F.pad(x, (pad, pad, pad, pad)),
+                              grad.reshape(n, 1, *grad.shape[2:]), groups=n).view_as(weight)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b
@@ -180,6 +180,15 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
         Tensor [1, N, H, W], ``F.conv2d(x, weight, bias, padding=k // 2, groups=N)``; on the
         CPU its backward runs as two depthwise convolutions (:class:`_DepthwiseConv`).
     """
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"depthwise_conv: x must be [1, N, H, W], got {tuple(x.shape)}")
+    n = x.shape[1]
+    if weight.dim() != 4 or weight.shape[:2] != (n, 1) or weight.shape[2] != weight.shape[3] \
+            or weight.shape[2] % 2 == 0:
+        raise ValueError(f"depthwise_conv: weight must be [{n}, 1, k, k] with k odd, got "
+                         f"{tuple(weight.shape)}")
+    if bias.shape != (n,):
+        raise ValueError(f"depthwise_conv: bias must be [{n}], got {tuple(bias.shape)}")
     if x.device.type == "cpu":
         return _DepthwiseConv.apply(x, weight, bias)
     # cuDNN's depthwise backward is already fast.
