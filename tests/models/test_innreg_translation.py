@@ -129,11 +129,15 @@ def test_invertible_with_random_weights():
         assert 1e-3 < (net(x) - x).abs().mean().item() < 0.1
 
 
-def test_invertible_with_stressed_weights():
-    gen = _seeded(2)
+def _stressed_net_and_image(seed: int, *shape: int) -> tuple[TranslationNet, torch.Tensor]:
+    gen = _seeded(seed)
     net = TranslationNet()
     _stress(net, gen)
-    x = torch.rand(2, 1, 32, 32, generator=gen)
+    return net, torch.rand(*shape, generator=gen)
+
+
+def test_invertible_with_stressed_weights():
+    net, x = _stressed_net_and_image(2, 2, 1, 32, 32)
     with torch.no_grad():
         y = net(x)
         # Far from the identity, so the round trip below is not a trivial one.
@@ -232,10 +236,7 @@ def test_full_precision_context_turns_tf32_off_and_restores_it():
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu_and_inverts():
-    gen = _seeded(6)
-    net = TranslationNet()
-    _stress(net, gen)
-    x = torch.rand(3, 1, 64, 64, generator=gen)
+    net, x = _stressed_net_and_image(6, 3, 1, 64, 64)
     with torch.no_grad():
         y_cpu = net(x)
         net = net.cuda()
