@@ -1,19 +1,32 @@
 """One training step of a registration network, end to end: mrus ops against plain
 PyTorch, eager and compiled.
 
-The network is VoxelMorph-diff (:class:`mrus_models.voxelmorph.model.VoxelMorph`: the
-default U-Net, a velocity, scaling and squaring in 7 steps, a warp), the loss
-``similarity + λ grad_l2(u)`` (:func:`mrus_models.voxelmorph.losses.voxelmorph_loss`,
-λ = 1), the optimiser Adam; one step is forward, backward and ``optimizer.step()``. Rows:
+Two networks, each a *workload* (:class:`Workload`: its model, config, optimiser and the
+two ways of computing its loss); one step is forward, backward and ``optimizer.step()``.
+
+- ``voxelmorph``: VoxelMorph-diff (:class:`mrus_models.voxelmorph.model.VoxelMorph`: the
+  default U-Net, a velocity, scaling and squaring in 7 steps, a warp), the loss
+  ``similarity + λ grad_l2(u)`` (:func:`mrus_models.voxelmorph.losses.voxelmorph_loss`,
+  λ = 1, similarity LNCC or MI), Adam.
+- ``innreg``: INNReg (:class:`mrus_models.innreg.model.InnReg`: the invertible translation
+  network T and its inverse, the residual U-Net, a velocity integrated in 7 steps, both
+  directions, warps), all four losses of
+  :func:`mrus_models.innreg.losses.innreg_loss` (L1 reconstruction, the barrier NMI loss
+  in its default "released" form with 19 bins, the INN cross-translation L1, grad_l2) with
+  the paper's weights, Adam with the paper's lr 2e-4 and betas (0.5, 0.999).
+
+Rows:
 
 - ``mrus``: the model and loss as shipped, every registration operator fused
-  (``integrate_velocity``, ``warp``, ``lncc`` / ``mutual_information``, ``grad_l2``);
+  (``integrate_velocity``, ``warp``, ``lncc`` / ``mutual_information`` / ``NMILoss``,
+  ``grad_l2``);
 - ``torch``: the same network, weights, data and loss with what users write in plain
   PyTorch (the baseline): the VoxelMorph spatial transformer (``F.grid_sample`` on a
   normalised grid), a Python loop of 7 compositions, dense Parzen MI (``[B, N, K]`` weight
-  tensors and an einsum, :func:`mrus_kernels.reference.mutual_information`) and LNCC from
+  tensors and an einsum, :func:`mrus_kernels.reference.joint_histogram`), LNCC from
   float32 box-filter convolutions (:func:`plain_lncc`, the voxelmorph library's NCC with the
-  window normalised by its in-bounds voxel count so that it equals mrus's definition);
+  window normalised by its in-bounds voxel count so that it equals mrus's definition) and
+  forward-difference smoothness (:func:`mrus_kernels.reference.grad_l2`);
 - ``compiled``: ``torch.compile`` of the ``torch`` row's forward and loss;
 - ``mrus_compiled``: ``torch.compile`` of the ``mrus`` row's forward and loss (the fused
   operators are custom ops, opaque to inductor and without graph breaks; inductor fuses the
@@ -28,21 +41,31 @@ allocator's peak; CPU: the process's peak resident set, see
 :func:`benchmarks.conftest.peak_extra_memory`); the summary table gives the speed-up over
 ``torch`` and, in ``vs 2nd``, over ``compiled``.
 
-Sizes: CPU 1×1×64³ and 2×1×96×96×64; GPU (marked ``cuda``) 1×1×160×192×224, and
-:func:`test_train_step_largest_batch`, which finds the largest batch of 160×192×224 volumes
-each row trains without running out of memory (on an 80 GB card; on a larger one the
-search stops at 80 GB of allocations). Later models add their rows here.
+Sizes: voxelmorph CPU 1×1×64³ and 2×1×96×96×64; GPU (marked ``cuda``) 1×1×160×192×224,
+and :func:`test_train_step_largest_batch`, which finds the largest batch of 160×192×224
+volumes each row trains without running out of memory (on an 80 GB card; on a larger one
+the search stops at 80 GB of allocations). innreg: the paper's 3×1×192×192 on the CPU and
+the GPU. An INNReg step at that size takes about a minute on a 2-core CPU (the
+translation network's convolutions), so under ``--benchmark-disable`` its CPU rows are
+checked by :func:`test_innreg_rows_agree_with_plain` on a small network and size instead,
+and the timed rows skip.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from mrus_kernels import reference
+from mrus_kernels import NMILoss, reference
+from mrus_models.innreg.config import InnRegConfig
+from mrus_models.innreg.losses import innreg_loss
+from mrus_models.innreg.task import InnRegTask
 from mrus_models.voxelmorph.config import VoxelMorphConfig
 from mrus_models.voxelmorph.losses import voxelmorph_loss
 from mrus_models.voxelmorph.model import VoxelMorph, normalise_intensity
@@ -53,12 +76,19 @@ IMPLS = ("mrus", "mrus_compiled", "torch", "compiled")
 SIMILARITIES = ("lncc", "mi")
 CPU_SHAPES = [(1, 1, 64, 64, 64), (2, 1, 96, 96, 64)]
 GPU_SHAPES = [(1, 1, 160, 192, 224)]
+#: INNReg: the paper's batch of 3 slices of 192×192 ([G24] §4.1), on either device.
+INNREG_SHAPES = [(3, 1, 192, 192)]
+#: The small INNReg of the correctness run (:func:`test_innreg_rows_agree_with_plain`):
+#: every part of the network, a fraction of its width and depth.
+INNREG_SMALL = {"inn_blocks": 1, "inn_hidden": 4, "ddw_kernels": 2, "encoder": (4, 8),
+                "decoder": (8, 8, 4)}
+INNREG_SMALL_SHAPE = (2, 1, 16, 16)
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # (timed, warm-up) steps
 #: Loss and gradient agreement of the rows with the ``torch`` row (float32, different
 #: summation orders; MI and LNCC are ratios of sums over every voxel).
 RTOL = 2e-3
 GPU_MEMORY_CAP = 80 * 2**30  # the issue's 80 GB card
-#: The flow head's initial weight spread in the benchmark (the model's default is 1e-5):
+#: The flow head's initial weight spread in the benchmark (the models' default is 1e-5):
 #: steps are timed, and rows compared, where the displacement is a fraction of a voxel as
 #: during training. At 1e-5 the sample points sit within ~1e-5 voxel of the grid, where
 #: ``grid_sample``'s round trip through normalised coordinates (float32, ~1e-7·n voxels)
@@ -111,8 +141,30 @@ def plain_lncc(fixed: torch.Tensor, moving: torch.Tensor, window: int = 9,
     return cc.flatten(1).mean(1)
 
 
-def plain_loss(model: VoxelMorph, moving: torch.Tensor, fixed: torch.Tensor,
-               config: VoxelMorphConfig) -> torch.Tensor:
+def plain_barrier(fixed: torch.Tensor, moving: torch.Tensor, barrier: float, form: str,
+                  bins: int, sigma: float, value_range: tuple[float, float] | None = None,
+                  eps: float = 1e-10) -> torch.Tensor:
+    """INNReg's barrier loss as users write it: a dense Parzen joint histogram (``[B, N, K]``
+    weights and an einsum), its entropies, and ``-log(b - d)`` averaged over the batch, with
+    d = 1 - MI ("released") or (H_f + H_g) / MI ("paper"). No tangent past b: it equals
+    :class:`mrus_kernels.NMILoss` where d < b - margin (checked by the rows' comparison)."""
+    p = reference.joint_histogram(fixed, moving, bins, "gaussian", sigma, value_range)
+    pc = p.clamp_min(eps)
+    pa, pb = p.sum(2).clamp_min(eps), p.sum(1).clamp_min(eps)
+    mi = (pc * (pc.log() - pa.log()[:, :, None] - pb.log()[:, None, :])).sum((1, 2))
+    if form == "released":
+        d = 1.0 - mi
+    else:
+        h = -(pa * pa.log()).sum(1) - (pb * pb.log()).sum(1)
+        d = h / mi.clamp_min(eps)
+    return -torch.log(barrier - d).mean()
+
+
+# ---------------------------------------------------------------------------- voxelmorph
+
+
+def voxelmorph_plain_loss(model: VoxelMorph, moving: torch.Tensor, fixed: torch.Tensor,
+                          config: VoxelMorphConfig) -> torch.Tensor:
     """The ``torch`` row: :class:`VoxelMorph`'s forward and :func:`voxelmorph_loss` with
     plain-PyTorch operators in place of the fused ones."""
     x = torch.cat([normalise_intensity(moving), normalise_intensity(fixed)], dim=1)
@@ -128,13 +180,109 @@ def plain_loss(model: VoxelMorph, moving: torch.Tensor, fixed: torch.Tensor,
     return sim.mean() + config.smoothness_weight * smooth
 
 
-def mrus_loss(model: VoxelMorph, moving: torch.Tensor, fixed: torch.Tensor,
-              config: VoxelMorphConfig) -> torch.Tensor:
+def voxelmorph_mrus_loss(model: VoxelMorph, moving: torch.Tensor, fixed: torch.Tensor,
+                         config: VoxelMorphConfig) -> torch.Tensor:
     """The ``mrus`` row: the model and its loss as shipped."""
     return voxelmorph_loss(fixed, model(moving, fixed), config)[0]
 
 
+def _voxelmorph_build(similarity: str, shape: tuple[int, ...],
+                      **overrides: object) -> tuple[VoxelMorphConfig, nn.Module]:
+    config = VoxelMorphConfig(ndim=len(shape) - 2, size=tuple(shape[2:]), similarity=similarity,
+                              **overrides)
+    return config, VoxelMorph(config.ndim, init_std=FLOW_INIT_STD)
+
+
+# ---------------------------------------------------------------------------- innreg
+
+
+def innreg_plain_forward(model: nn.Module, moving: torch.Tensor,
+                         fixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:class:`~mrus_models.innreg.model.InnReg`'s forward (translation, registration, both
+    directions) with plain-PyTorch integration and warps: the same outputs."""
+    x, y = normalise_intensity(moving.float()), normalise_intensity(fixed.float())
+    velocity = model.flow(model.output(model.unet(torch.cat([x, y], dim=1)))).float()
+    ddf = plain_integrate(velocity, model.steps)
+    fake_y = model.translate(x)
+    both = plain_warp(torch.cat([x, fake_y], dim=1), ddf)
+    out = {"source": x, "target": y, "velocity": velocity, "ddf": ddf, "warped": both[:, :1],
+           "translated": fake_y, "warped_translated": both[:, 1:],
+           "reconstructed": model.untranslate(fake_y)}
+    if model.bidirectional:
+        inverse = plain_integrate(-velocity, model.steps)
+        out.update(inverse_ddf=inverse, warped_target=plain_warp(y, inverse))
+    return out
+
+
+def innreg_plain_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                      config: InnRegConfig) -> torch.Tensor:
+    """The ``torch`` row: :func:`innreg_plain_forward` and INNReg's four losses (eq. 14)
+    with the dense Parzen barrier (:func:`plain_barrier`) and forward-difference
+    smoothness."""
+    out = innreg_plain_forward(model, moving, fixed)
+    recon = (out["warped_translated"] - out["target"]).abs().mean()
+    barrier = plain_barrier(out["target"], out["warped"], config.barrier, config.barrier_form,
+                            config.barrier_bins, config.barrier_sigma, (0.0, 1.0))
+    inn = (out["reconstructed"] - out["source"]).abs().mean()
+    smooth = reference.grad_l2(out["ddf"])
+    return (config.lam_recon * recon + config.lam_barrier * barrier + config.lam_inn * inn
+            + config.lam_smooth * smooth)
+
+
+def innreg_mrus_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                     config: InnRegConfig) -> torch.Tensor:
+    """The ``mrus`` row: the model and its loss as shipped."""
+    return innreg_loss(model(moving, fixed), config)[0]
+
+
+def _innreg_build(form: str, shape: tuple[int, ...],
+                  **overrides: object) -> tuple[InnRegConfig, nn.Module]:
+    config = InnRegConfig(size=tuple(shape[2:]), barrier_form=form, batch_size=shape[0],
+                          flow_init_std=FLOW_INIT_STD, **overrides)
+    return config, InnRegTask().build(config)
+
+
 # ---------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One network of the benchmark and its four ways of computing a training step.
+
+    Attributes:
+        model: the network's name (``extra_info["model"]``).
+        variant: what distinguishes its rows (voxelmorph: the similarity; innreg: the
+            barrier form).
+        build: ``(variant, shape, **config overrides) -> (config, model)``.
+        mrus_loss, plain_loss: ``(model, moving, fixed, config) -> loss`` of the ``mrus``
+            and the ``torch`` rows.
+        optimizer: ``(parameters, config) -> optimiser``.
+        overrides: config fields changed from the model's defaults (a smaller network).
+    """
+
+    model: str
+    variant: str
+    build: Callable[..., tuple[object, nn.Module]]
+    mrus_loss: Callable[..., torch.Tensor]
+    plain_loss: Callable[..., torch.Tensor]
+    optimizer: Callable[..., torch.optim.Optimizer]
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """voxelmorph rows are named by their similarity alone (their historical groups)."""
+        return self.variant if self.model == "voxelmorph" else f"{self.model}-{self.variant}"
+
+
+def voxelmorph_workload(similarity: str) -> Workload:
+    return Workload("voxelmorph", similarity, _voxelmorph_build, voxelmorph_mrus_loss,
+                    voxelmorph_plain_loss, lambda params, c: torch.optim.Adam(params, lr=c.lr))
+
+
+def innreg_workload(form: str = "released", **overrides: object) -> Workload:
+    return Workload("innreg", form, _innreg_build, innreg_mrus_loss, innreg_plain_loss,
+                    lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas),
+                    tuple(overrides.items()))
 
 
 def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,29 +302,25 @@ def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.
     return moving.contiguous().to(device), fixed.contiguous().to(device)
 
 
-def _config(similarity: str, shape: tuple[int, ...]) -> VoxelMorphConfig:
-    return VoxelMorphConfig(ndim=len(shape) - 2, size=tuple(shape[2:]), similarity=similarity)
-
-
 class TrainStep:
-    """One optimiser step of one row: ``step()`` runs forward, backward and Adam's update
-    on fixed data and returns the loss (detached)."""
+    """One optimiser step of one row: ``step()`` runs forward, backward and the optimiser's
+    update on fixed data and returns the loss (detached)."""
 
-    def __init__(self, impl: str, similarity: str, shape: tuple[int, ...], device: str,
-                 data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.config = _config(similarity, shape)
+    def __init__(self, impl: str, workload: Workload, shape: tuple[int, ...], device: str,
+                 data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 compile_backend: str = "inductor") -> None:
+        self.workload = workload
         torch.manual_seed(0)  # every row starts from the same weights
-        self.model = VoxelMorph(self.config.ndim, init_std=FLOW_INIT_STD).to(device)
+        self.config, model = workload.build(workload.variant, shape, **dict(workload.overrides))
+        self.model = model.to(device)
         self.moving, self.fixed = data if data is not None else make_data(shape, device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
-        if impl == "mrus":
-            self.loss_fn = mrus_loss
-        elif impl == "torch":
-            self.loss_fn = plain_loss
-        elif impl == "compiled":
-            self.loss_fn = torch.compile(plain_loss, dynamic=False)
-        elif impl == "mrus_compiled":
-            self.loss_fn = torch.compile(mrus_loss, dynamic=False)
+        self.optimizer = workload.optimizer(self.model.parameters(), self.config)
+        losses = {"mrus": workload.mrus_loss, "torch": workload.plain_loss}
+        if impl in losses:
+            self.loss_fn = losses[impl]
+        elif impl in ("compiled", "mrus_compiled"):
+            plain = losses["mrus" if impl == "mrus_compiled" else "torch"]
+            self.loss_fn = torch.compile(plain, dynamic=False, backend=compile_backend)
         else:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
 
@@ -200,45 +344,48 @@ class TrainStep:
         return loss.detach(), grads
 
 
-def _check_against_plain(row: TrainStep, shape, similarity, device) -> None:
+def _check_against_plain(row: TrainStep, shape, device) -> None:
     """The row's loss and gradients equal the ``torch`` row's on the same weights and data."""
-    plain = TrainStep("torch", similarity, shape, device, data=(row.moving, row.fixed))
+    name = row.workload.name
+    plain = TrainStep("torch", row.workload, shape, device, data=(row.moving, row.fixed))
     plain.model.load_state_dict(row.model.state_dict())
     want_loss, want = plain.loss_and_gradients()
     del plain
     got_loss, got = row.loss_and_gradients()
-    assert torch.isfinite(got_loss), f"{similarity}: loss {got_loss}"
-    assert_close_rel(f"{similarity} loss", got_loss, want_loss, RTOL)
+    assert torch.isfinite(got_loss), f"{name}: loss {got_loss}"
+    assert_close_rel(f"{name} loss", got_loss, want_loss, RTOL)
     assert got.keys() == want.keys()
     # One check over all parameters, relative to the largest gradient entry (the deep
     # layers' gradients are orders of magnitude below the flow head's), then the flow
     # head's own, where the operators' backward passes meet the network.
     flat_got = torch.cat([g.flatten() for g in got.values()])
     flat_want = torch.cat([g.flatten() for g in want.values()])
-    assert_close_rel(f"{similarity} gradients", flat_got, flat_want, 5 * RTOL)
+    assert_close_rel(f"{name} gradients", flat_got, flat_want, 5 * RTOL)
     head = "flow.conv.weight"
-    assert_close_rel(f"{similarity} grad {head}", got[head], want[head], 5 * RTOL)
+    assert_close_rel(f"{name} grad {head}", got[head], want[head], 5 * RTOL)
 
 
-def _bench(benchmark, impl: str, similarity: str, shape: tuple[int, ...], device: str) -> None:
-    row = TrainStep(impl, similarity, shape, device)
+def _bench(benchmark, impl: str, workload: Workload, shape: tuple[int, ...],
+           device: str) -> None:
+    row = TrainStep(impl, workload, shape, device)
     if impl != "torch":
-        _check_against_plain(row, shape, similarity, device)
+        _check_against_plain(row, shape, device)
     loss = float(row.step())
     assert math.isfinite(loss), f"{impl}: loss {loss} after one step"
-    benchmark.group = f"train_step-{similarity}-{device}-{shape_id(shape)}"
+    benchmark.group = f"train_step-{workload.name}-{device}-{shape_id(shape)}"
     timed, warmup = ROUNDS[device]
+    info = {"op": "train_step", "impl": impl, "model": workload.model, "size": shape_id(shape)}
+    info["similarity" if workload.model == "voxelmorph" else "variant"] = workload.variant
     run_benchmark(benchmark, row.step, rounds=timed, warmup_rounds=warmup, device=device,
                   baseline=impl == "torch", second_baseline=impl == "compiled",
-                  extra_info={"op": "train_step", "impl": impl, "model": "voxelmorph",
-                              "similarity": similarity, "size": shape_id(shape)})
+                  extra_info=info)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=shape_id)
 def test_train_step_cpu(benchmark, shape, similarity, impl):
-    _bench(benchmark, impl, similarity, shape, "cpu")
+    _bench(benchmark, impl, voxelmorph_workload(similarity), shape, "cpu")
 
 
 @pytest.mark.cuda
@@ -246,7 +393,39 @@ def test_train_step_cpu(benchmark, shape, similarity, impl):
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
 def test_train_step_gpu(benchmark, shape, similarity, impl):
-    _bench(benchmark, impl, similarity, shape, "cuda")
+    _bench(benchmark, impl, voxelmorph_workload(similarity), shape, "cuda")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", INNREG_SHAPES, ids=shape_id)
+def test_train_step_innreg_cpu(benchmark, shape, impl):
+    if benchmark.disabled:
+        pytest.skip("a minute a step on the CPU; the correctness run checks these rows in "
+                    "test_innreg_rows_agree_with_plain")
+    _bench(benchmark, impl, innreg_workload(), shape, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", INNREG_SHAPES, ids=shape_id)
+def test_train_step_innreg_gpu(benchmark, shape, impl):
+    _bench(benchmark, impl, innreg_workload(), shape, "cuda")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_innreg_rows_agree_with_plain(impl):
+    """The innreg rows' loss and gradients against the ``torch`` row, on a small INNReg
+    (:data:`INNREG_SMALL`) at 2×1×16×16, then two finite steps: what the timed CPU rows
+    check before timing, at a size the correctness run affords. The compiled rows compile
+    with ``aot_eager`` here (dynamo and AOT autograd: the graph capture of the model, the
+    fused custom ops and their backward, and the functionalised graph run eagerly):
+    inductor's code generation for INNReg takes minutes of CPU, so the inductor rows are
+    checked by the timed rows' own comparison before timing."""
+    row = TrainStep(impl, innreg_workload(**INNREG_SMALL), INNREG_SMALL_SHAPE, "cpu",
+                    compile_backend="aot_eager")
+    _check_against_plain(row, INNREG_SMALL_SHAPE, "cpu")
+    before = float(row.step())
+    assert math.isfinite(before) and math.isfinite(float(row.step())), impl
 
 
 def _fits(impl: str, similarity: str, shape: tuple[int, ...]) -> bool:
@@ -254,7 +433,7 @@ def _fits(impl: str, similarity: str, shape: tuple[int, ...]) -> bool:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        row = TrainStep(impl, similarity, shape, "cuda")
+        row = TrainStep(impl, voxelmorph_workload(similarity), shape, "cuda")
         row.step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() <= GPU_MEMORY_CAP
@@ -279,7 +458,7 @@ def test_train_step_largest_batch(benchmark, similarity, impl):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _fits(impl, similarity, (mid, 1, *spatial)) else (lo, mid)
     assert lo >= 1, f"{impl}: not even one 160x192x224 volume fits"
-    row = TrainStep(impl, similarity, (lo, 1, *spatial), "cuda")
+    row = TrainStep(impl, voxelmorph_workload(similarity), (lo, 1, *spatial), "cuda")
     benchmark.group = f"train_step-largest-batch-{similarity}"
     run_benchmark(benchmark, row.step, rounds=3, warmup_rounds=1, device="cuda",
                   baseline=impl == "torch", second_baseline=impl == "compiled",
@@ -289,8 +468,8 @@ def test_train_step_largest_batch(benchmark, similarity, impl):
 
 
 def test_plain_rows_match_the_definitions():
-    """The plain-PyTorch pieces of the ``torch`` row equal mrus's float64 reference
-    definitions (so the rows compute the same loss, not merely similar ones)."""
+    """The plain-PyTorch pieces of the ``torch`` rows equal mrus's float64 definitions (so
+    the rows compute the same loss, not merely similar ones)."""
     g = torch.Generator().manual_seed(1)
     fixed = torch.rand(2, 1, 11, 12, 13, generator=g, dtype=torch.float64)
     moving = torch.rand(2, 1, 11, 12, 13, generator=g, dtype=torch.float64)
@@ -299,3 +478,10 @@ def test_plain_rows_match_the_definitions():
     assert (plain_lncc(fixed, moving, 5) - want).abs().max() <= 1e-12
     u = plain_integrate(v)
     assert (u - reference.integrate_velocity(v)).abs().max() <= 1e-10
+    # The barrier, both forms, against NMILoss's CPU kernels (b above the paper form's d).
+    related = fixed.sin() + 0.1 * moving
+    for form, b in (("released", 5.0), ("paper", 50.0)):
+        loss = NMILoss(barrier=b, form=form, bins=19, value_range=(0.0, 1.0), backend="cpu")
+        want = loss(fixed, related)
+        got = plain_barrier(fixed, related, b, form, 19, 0.5, (0.0, 1.0))
+        assert abs(float(got - want)) <= 1e-9 * max(1.0, abs(float(want))), (form, got, want)

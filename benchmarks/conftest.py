@@ -310,9 +310,17 @@ def bench_forward_backward(
 # ---------------------------------------------------------------------------- rows
 
 
-# Inductor's own imports warn (torch.utils.mkldnn uses the deprecated jit.script_method);
-# not ours to fix, and `filterwarnings = error` would fail the compiled rows on it.
-COMPILE_MARKS = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]
+# Torch warns about itself while compiling; not ours to fix, and `filterwarnings = error`
+# would fail the compiled rows on it: inductor's imports (torch.utils.mkldnn uses the
+# deprecated jit.script_method); dynamo instantiating a custom autograd.Function it traces
+# (INNReg's translation network has one); inductor's lowering of aten.diagonal calling its
+# own deprecated torch._prims_common.check.
+COMPILE_MARKS = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated"),
+    pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not "
+                               "be instantiated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch._prims_common.check` is deprecated:FutureWarning"),
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
