@@ -258,6 +258,7 @@ class Workload:
             and the ``torch`` rows.
         optimizer: ``(parameters, config) -> optimiser``.
         overrides: config fields changed from the model's defaults (a smaller network).
+        cpu_compile_options: inductor options of the compiled rows on the CPU.
     """
 
     model: str
@@ -267,6 +268,7 @@ class Workload:
     plain_loss: Callable[..., torch.Tensor]
     optimizer: Callable[..., torch.optim.Optimizer]
     overrides: tuple[tuple[str, object], ...] = ()
+    cpu_compile_options: tuple[tuple[str, object], ...] = ()
 
     @property
     def name(self) -> str:
@@ -275,14 +277,24 @@ class Workload:
 
 
 def voxelmorph_workload(similarity: str) -> Workload:
+    """VoxelMorph-diff with ``similarity`` ("lncc" or "mi"), Adam at the config's lr."""
     return Workload("voxelmorph", similarity, _voxelmorph_build, voxelmorph_mrus_loss,
                     voxelmorph_plain_loss, lambda params, c: torch.optim.Adam(params, lr=c.lr))
 
 
 def innreg_workload(form: str = "released", **overrides: object) -> Workload:
+    """INNReg with the barrier ``form`` and InnRegConfig ``overrides``; Adam with the
+    config's lr and betas (the paper's 2e-4 and (0.5, 0.999)).
+
+    On the CPU its compiled rows keep the eager (NCHW) layouts: inductor's layout
+    optimisation makes the convolutions channels-last, and torch 2.13's CPU
+    ``convolution_backward`` of a channels-last input through a 1×1 stride-2 convolution
+    (the residual encoder's shortcut) crashes the process with a segmentation fault at
+    3×2×192×192 when it computes the weight gradient.
+    """
     return Workload("innreg", form, _innreg_build, innreg_mrus_loss, innreg_plain_loss,
                     lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas),
-                    tuple(overrides.items()))
+                    tuple(overrides.items()), (("layout_optimization", False),))
 
 
 def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +316,16 @@ def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.
 
 class TrainStep:
     """One optimiser step of one row: ``step()`` runs forward, backward and the optimiser's
-    update on fixed data and returns the loss (detached)."""
+    update on fixed data and returns the loss (detached).
+
+    Args:
+        impl: the row, one of :data:`IMPLS`.
+        workload: the network and its losses.
+        shape: [B, 1, *S] of the images.
+        device: "cpu" or "cuda".
+        data: (moving, fixed); None: :func:`make_data`.
+        compile_backend: ``torch.compile``'s backend for the compiled rows.
+    """
 
     def __init__(self, impl: str, workload: Workload, shape: tuple[int, ...], device: str,
                  data: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -319,8 +340,12 @@ class TrainStep:
         if impl in losses:
             self.loss_fn = losses[impl]
         elif impl in ("compiled", "mrus_compiled"):
-            plain = losses["mrus" if impl == "mrus_compiled" else "torch"]
-            self.loss_fn = torch.compile(plain, dynamic=False, backend=compile_backend)
+            eager = losses["mrus" if impl == "mrus_compiled" else "torch"]
+            options = None
+            if compile_backend == "inductor" and device == "cpu":
+                options = dict(workload.cpu_compile_options) or None
+            self.loss_fn = torch.compile(eager, dynamic=False, backend=compile_backend,
+                                         options=options)
         else:
             raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
 
