@@ -443,8 +443,8 @@ def test_cli_train_evaluate_predict(tmp_path, capsys):
     assert float((warped - want).abs().max()) <= 1e-4
 
 
-#: The CPU-sized run of ``test_short_cpu_training_beats_the_identity`` (484 CPU seconds of
-#: training, about 4 minutes on 2 free cores): 48 × 48 axial T1 / T2-like slices (4 mm
+#: The CPU-sized run of ``test_short_cpu_training_beats_the_identity`` (3.3 minutes on 2
+#: cores): 48 × 48 axial T1 / T2-like slices (4 mm
 #: pixels), warps of up to 12 mm, batch 3, a small T (2 InvBlocks, width 8) and a three-level
 #: U-Net, Adam 1e-3 (five times the paper's 2e-4: 300 steps instead of 14,800) and λδ = 0.5
 #: instead of 10 (at 300 steps the paper's weight keeps φ near the identity). The README's
