@@ -413,9 +413,10 @@ class TranslationNet(nn.Module):
     learning rate 2e-4; ten times that rate gave 7e-4 after 20 steps: measured).
 
     Size and cost with the defaults: 2,167,680 parameters (8 blocks × (F: 90,616, of
-    which DDWConv 30,556; H and G: 90,154 each, DDWConv 30,092; mixing: 36)); forward + backward of one 64×64 image ≈ 0.15 s of one CPU core, of a batch
-    of three 192×192 images ≈ 3.3 s (forward, inverse and backward, as the training step
-    runs them: ≈ 6.3 s).
+    which DDWConv 30,556; H and G: 90,154 each, DDWConv 30,092; mixing: 36)); forward +
+    backward of one 64×64 image ≈ 0.15 s of one CPU core, of a batch of three 192×192
+    images ≈ 3.3 s (forward, inverse and backward, as the training step runs them: ≈ 6.3
+    s).
 
     Args:
         channels: channels of the image (1 for an MR / US slice).
