@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field
+from mrus_models.train.config import TrainConfig, arch_field, check_unet_size
 
 #: [G24] §4.1: "All images used in the experiments are resized as 192 × 192".
 DEFAULT_SIZE = (192, 192)
@@ -134,17 +134,7 @@ class InnRegConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.size) not in (0, 1, 2) or any(s < 1 for s in self.size):
-            raise ValueError(f"size: expected 2 positive sizes (or one, or none for the "
-                             f"default {DEFAULT_SIZE}), got {self.size}")
-        if not self.encoder or len(self.decoder) <= len(self.encoder):
-            raise ValueError(f"decoder: expected more widths than encoder's {len(self.encoder)} "
-                             f"(and encoder not empty), got encoder {self.encoder} and decoder "
-                             f"{self.decoder}")
-        stride = 2 ** len(self.encoder)
-        if any(s % stride for s in self.image_size):
-            raise ValueError(f"size: every size must be divisible by 2 ** len(encoder) = "
-                             f"{stride}, got {self.image_size}")
+        check_unet_size(self, DEFAULT_SIZE)
         for name in ("inn_blocks", "inn_hidden", "ddw_kernels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mrus_kernels import folding_fraction, warp
 from mrus_models.metrics import dice, endpoint_error_mm, hd95, ncc, ssim
-from mrus_models.train.task import Task, unwrap
+from mrus_models.train.task import Task, check_split, item_means, pad_to_stride, unwrap
 
 from .config import InnRegConfig
 from .losses import innreg_loss
@@ -57,8 +56,7 @@ class InnRegTask(Task):
         """2D slice pairs of ``split`` under random B-spline warps."""
         from mrus_models.data import SlicePairs  # the dataset loads the template lazily
 
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+        check_split(split)
         return SlicePairs(config.modality, size=config.image_size, planes=config.planes,
                           split=split, warp="bspline", max_displacement=config.max_displacement,
                           seed=config.data_seed,
@@ -113,12 +111,7 @@ class InnRegTask(Task):
                 add("dice" + suffix, torch.stack(dices).nanmean(0))
                 add("hd95" + suffix, torch.stack(dists).nanmean(0))
             add("folding_fraction", folding_fraction(ddf, backend=config.backend))
-        metrics = {}
-        for name, values in per_item.items():
-            v = torch.cat(values)
-            v = v[~v.isnan()]
-            metrics[name] = float(v.mean()) if v.numel() else float("nan")
-        return metrics
+        return item_means(per_item)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, fixed: torch.Tensor, moving: torch.Tensor,
@@ -138,17 +131,8 @@ class InnRegTask(Task):
                 f"predict: fixed and moving must both be [B, 1, H, W] (2D) on the same grid, "
                 f"got {tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
-        size = fixed.shape[2:]
-        stride = net.stride
-        pad = []
-        for s in reversed(size):  # F.pad lists the last axis first
-            pad += [0, (-s) % stride]
-        fixed_p, moving_p = fixed.float(), moving.float()
-        if any(pad):
-            fixed_p = F.pad(fixed_p, pad, mode="replicate")
-            moving_p = F.pad(moving_p, pad, mode="replicate")
+        fixed_p, moving_p, crop = pad_to_stride(fixed, moving, net.stride)
         out = net(moving_p, fixed_p, translate=False)
-        crop = (slice(None), slice(None), *(slice(0, s) for s in size))
         result = {"ddf": out["ddf"][crop].contiguous(),
                   "velocity": out["velocity"][crop].contiguous()}
         if "inverse_ddf" in out:

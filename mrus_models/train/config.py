@@ -26,7 +26,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "apply_overrides", "arch_field", "architecture_diff"]
+__all__ = ["TrainConfig", "apply_overrides", "arch_field", "architecture_diff",
+           "check_unet_size"]
 
 _ARCH = "architecture"
 
@@ -160,6 +161,34 @@ class TrainConfig:
     def architecture_fields(cls) -> tuple[str, ...]:
         """Names of the fields declared with :func:`arch_field`."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(_ARCH))
+
+
+def check_unet_size(config: Any, default_size: tuple[int, ...]) -> None:
+    """Checks a U-Net registration configuration's ``size``, ``encoder`` and ``decoder``.
+
+    Args:
+        config: a configuration with ``ndim``, ``size``, ``encoder``, ``decoder`` and
+            ``image_size`` (``size`` with the default filled in).
+        default_size: the size an empty ``size`` stands for (named in the message).
+
+    Raises:
+        ValueError: ``size`` is not empty, one or ``ndim`` positive sizes; ``encoder`` is
+            empty or ``decoder`` has no more widths than it; an image size is not divisible
+            by the network's stride, ``2 ** len(encoder)``.
+    """
+    ndim = config.ndim
+    if len(config.size) not in (0, 1, ndim) or any(s < 1 for s in config.size):
+        raise ValueError(f"size: expected {ndim} positive sizes (or one, or none for the "
+                         f"default {default_size}), got {config.size}")
+    encoder, decoder = config.encoder, config.decoder
+    if not encoder or len(decoder) <= len(encoder):
+        raise ValueError(f"decoder: expected more widths than encoder's {len(encoder)} "
+                         f"(and encoder not empty), got encoder {encoder} and decoder "
+                         f"{decoder}")
+    stride = 2 ** len(encoder)
+    if any(s % stride for s in config.image_size):
+        raise ValueError(f"size: every size must be divisible by 2 ** len(encoder) = "
+                         f"{stride}, got {config.image_size}")
 
 
 def architecture_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:

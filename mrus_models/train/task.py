@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["Task", "unwrap"]
+__all__ = ["Task", "check_split", "item_means", "pad_to_stride", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -27,6 +28,44 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def check_split(split: str) -> None:
+    """Raises ValueError unless ``split`` is "train", "val" or "test"."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+
+
+def pad_to_stride(fixed: torch.Tensor, moving: torch.Tensor, stride: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, ...]]:
+    """Pads two images [B, C, *S] at the far end of each axis, by edge replication, to a
+    multiple of ``stride`` (as float32).
+
+    Returns:
+        the padded fixed and moving images and the index that crops a padded field
+        [B, C', *S_padded] back to [B, C', *S].
+    """
+    size = fixed.shape[2:]
+    pad = []
+    for s in reversed(size):  # F.pad lists the last axis first
+        pad += [0, (-s) % stride]
+    fixed_p, moving_p = fixed.float(), moving.float()
+    if any(pad):
+        fixed_p = F.pad(fixed_p, pad, mode="replicate")
+        moving_p = F.pad(moving_p, pad, mode="replicate")
+    crop = (slice(None), slice(None), *(slice(0, s) for s in size))
+    return fixed_p, moving_p, crop
+
+
+def item_means(per_item: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The mean of each metric's per-item values, NaN items left out (an item where the
+    metric is undefined); NaN where no item has a value."""
+    metrics = {}
+    for name, values in per_item.items():
+        v = torch.cat(values).double() if values else torch.empty(0, dtype=torch.float64)
+        v = v[~v.isnan()]
+        metrics[name] = float(v.mean()) if v.numel() else float("nan")
+    return metrics
 
 
 class Task:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field
+from mrus_models.train.config import TrainConfig, arch_field, check_unet_size
 
 #: Default image size per dimension when ``size`` is left empty: 192² slices (INNReg's
 #: protocol, ../shared/papers/innreg.txt) and 128×128×64 crops (ACMT's,
@@ -105,17 +105,7 @@ class VoxelMorphConfig(TrainConfig):
         super().__post_init__()
         if self.ndim not in (2, 3):
             raise ValueError(f"ndim: expected 2 or 3, got {self.ndim}")
-        if len(self.size) not in (0, 1, self.ndim) or any(s < 1 for s in self.size):
-            raise ValueError(f"size: expected {self.ndim} positive sizes (or one, or none for "
-                             f"the default {DEFAULT_SIZE[self.ndim]}), got {self.size}")
-        if not self.encoder or len(self.decoder) <= len(self.encoder):
-            raise ValueError(f"decoder: expected more widths than encoder's {len(self.encoder)} "
-                             f"(and encoder not empty), got encoder {self.encoder} and decoder "
-                             f"{self.decoder}")
-        stride = 2 ** len(self.encoder)
-        if any(s % stride for s in self.image_size):
-            raise ValueError(f"size: every size must be divisible by 2 ** len(encoder) = "
-                             f"{stride}, got {self.image_size}")
+        check_unet_size(self, DEFAULT_SIZE[self.ndim])
         if self.lam is not None and not self.lam >= 0:
             raise ValueError(f"lam: expected a number >= 0 or None, got {self.lam}")
         if self.steps_integration < 0:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mrus_kernels import folding_fraction, warp
 from mrus_models.metrics import dice, endpoint_error_mm
-from mrus_models.train.task import Task, unwrap
+from mrus_models.train.task import Task, check_split, item_means, pad_to_stride, unwrap
 
 from .config import VoxelMorphConfig
 from .losses import voxelmorph_loss
@@ -51,8 +50,7 @@ class VoxelMorphTask(Task):
         """2D slice pairs (``ndim=2``) or 3D crops (``ndim=3``) of ``split``."""
         from mrus_models.data import Crops3D, SlicePairs  # the datasets load the template lazily
 
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+        check_split(split)
         kwargs: dict[str, Any] = {
             "size": config.image_size, "split": split, "seed": config.data_seed,
             "max_displacement": config.max_displacement,
@@ -102,12 +100,7 @@ class VoxelMorphTask(Task):
                     dice(moving_labels, fixed_labels, value).cpu())
             per_item["folding_fraction"].append(
                 folding_fraction(ddf, backend=config.backend).double().cpu())
-        metrics = {}
-        for name, values in per_item.items():
-            v = torch.cat(values).double() if values else torch.empty(0, dtype=torch.float64)
-            v = v[~v.isnan()]
-            metrics[name] = float(v.mean()) if v.numel() else float("nan")
-        return metrics
+        return item_means(per_item)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, fixed: torch.Tensor, moving: torch.Tensor,
@@ -127,18 +120,8 @@ class VoxelMorphTask(Task):
                 f"predict: fixed and moving must both be [B, 1, *S] ({ndim}D) on the same grid, "
                 f"got {tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
-        size = fixed.shape[2:]
-        stride = net.stride
-        pad = []
-        for s in reversed(size):  # F.pad lists the last axis first
-            pad += [0, (-s) % stride]
-        if any(pad):
-            fixed_p = F.pad(fixed.float(), pad, mode="replicate")
-            moving_p = F.pad(moving.float(), pad, mode="replicate")
-        else:
-            fixed_p, moving_p = fixed.float(), moving.float()
+        fixed_p, moving_p, crop = pad_to_stride(fixed, moving, net.stride)
         out = net(moving_p, fixed_p)
-        crop = (slice(None), slice(None), *(slice(0, s) for s in size))
         ddf = out["ddf"][crop].contiguous()
         velocity = out["velocity"][crop].contiguous()
         warped = warp(moving.float(), ddf, backend=config.backend)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _registration_batch import smooth_field, synthetic_batch, translation_batch
 
 import mrus_kernels
 from conftest import bad_input_test
@@ -28,27 +29,9 @@ def _config(**kw) -> InnRegConfig:
     return InnRegConfig(**{**SMALL, **kw})
 
 
-def _smooth(gen: torch.Generator, b: int, c: int, size, scale: float) -> torch.Tensor:
-    """Random smooth field: coarse noise, upsampled bilinearly."""
-    coarse = torch.randn(b, c, *(max(s // 8, 2) for s in size), generator=gen)
-    return scale * F.interpolate(coarse, size=size, mode="bilinear", align_corners=True)
-
-
 def _batch(gen: torch.Generator, b: int = 2, size=SIZE) -> dict[str, torch.Tensor]:
-    """A batch in SlicePairs' item format: smooth 'anatomy' in [0, 1], three tissues by
-    intensity, a T2-like inverted moving image warped by a known smooth displacement."""
-    fixed = torch.sigmoid(_smooth(gen, b, 1, size, 3.0))
-    mask = torch.zeros(b, 1, *size, dtype=torch.bool)
-    mask[..., 3:-3, 3:-3] = True
-    fixed = fixed * mask
-    labels = torch.bucketize(fixed, torch.tensor([0.05, 0.35, 0.6])) * mask
-    ddf = _smooth(gen, b, 2, size, 1.5)
-    inverse = -ddf  # close enough for a smooth, small field: only the images need be related
-    moving = mrus_kernels.warp((1.0 - fixed) * mask, inverse)
-    moving_labels = mrus_kernels.warp(labels.float(), inverse, mode="nearest").long()
-    return {"fixed": fixed, "moving": moving, "fixed_labels": labels,
-            "moving_labels": moving_labels, "mask": mask, "ddf": ddf,
-            "spacing": torch.tensor([[1.0, 2.0]] * b), "index": torch.arange(b)}
+    """A batch in SlicePairs' item format (mask 3 pixels in, displacements of scale 1.5)."""
+    return synthetic_batch(gen, b, size, margin=3, ddf_scale=1.5)
 
 
 def _warp_by_grid_sample(img: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
@@ -245,7 +228,7 @@ def test_the_barrier_falls_as_the_images_align():
     # An inverted-contrast pair (T2-like vs T1): the barrier loss on (y, x∘φ) is lowest at
     # the true alignment, for both forms, so minimising it aligns the images.
     gen = torch.Generator().manual_seed(4)
-    y = torch.sigmoid(_smooth(gen, 1, 1, (48, 48), 4.0))
+    y = torch.sigmoid(smooth_field(gen, 1, 1, (48, 48), 4.0))
     x = 1 - y
     for form in ("released", "paper"):
         config = _config(barrier_form=form, size=(48,), encoder=(8, 8))
@@ -303,18 +286,8 @@ class _Truth(torch.nn.Module):
 def test_metrics_of_a_known_translation():
     # moving = fixed shifted by 3 pixels along axis 1: the truth is a constant displacement
     # of 3 pixels = 3 x 2 mm, and warping by it restores the fixed labels exactly.
-    size = (32, 48)
-    labels = torch.zeros(1, 1, *size, dtype=torch.long)
-    labels[..., 8:24, 10:20] = 3
-    labels[..., 10:20, 20:32] = 2
-    labels[..., 12:16, 32:36] = 1
-    fixed = labels.float() / 3
-    moving, moving_labels = torch.roll(fixed, 3, dims=3), torch.roll(labels, 3, dims=3)
-    truth = torch.zeros(1, 2, *size)
-    truth[:, 1] = 3.0
-    batch = {"fixed": fixed, "moving": moving, "fixed_labels": labels,
-             "moving_labels": moving_labels, "mask": labels > 0, "ddf": truth,
-             "spacing": torch.tensor([[1.0, 2.0]]), "index": torch.tensor([0])}
+    batch = translation_batch()
+    truth = batch["ddf"]
     metrics = InnRegTask().evaluate(_Truth(truth), [batch], _config(size=(32, 48)),
                                     torch.device("cpu"))
     assert metrics["epe_mm"] == 0.0 and abs(metrics["epe_mm_identity"] - 6.0) <= 1e-6

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _registration_batch import synthetic_batch, translation_batch
 
 import mrus_kernels
 from conftest import bad_input_test
@@ -18,30 +18,9 @@ from mrus_models.voxelmorph.task import dice, endpoint_error_mm
 SIZE = (64, 64)
 
 
-def _smooth(gen: torch.Generator, b: int, c: int, size, scale: float) -> torch.Tensor:
-    """Random smooth field: coarse noise, upsampled (bi/trilinear)."""
-    coarse = torch.randn(b, c, *(max(s // 8, 2) for s in size), generator=gen)
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    return scale * F.interpolate(coarse, size=size, mode=mode, align_corners=True)
-
-
 def _batch(gen: torch.Generator, b: int = 2, size=SIZE) -> dict[str, torch.Tensor]:
-    """A batch in the datasets' item format: smooth 'anatomy', tissue labels by intensity,
-    a T2-like inverted moving image warped by a known smooth displacement."""
-    ndim = len(size)
-    fixed = torch.sigmoid(_smooth(gen, b, 1, size, 3.0))
-    inner = [slice(None), slice(None)] + [slice(4, s - 4) for s in size]
-    mask = torch.zeros(b, 1, *size, dtype=torch.bool)
-    mask[tuple(inner)] = True
-    fixed = fixed * mask
-    labels = torch.bucketize(fixed, torch.tensor([0.05, 0.35, 0.6])) * mask
-    ddf = _smooth(gen, b, ndim, size, 2.0)
-    inverse = -ddf  # close enough for a smooth, small field: only the images need be related
-    moving = mrus_kernels.warp((1.0 - fixed) * mask, inverse)
-    moving_labels = mrus_kernels.warp(labels.float(), inverse, mode="nearest").long()
-    return {"fixed": fixed, "moving": moving, "fixed_labels": labels,
-            "moving_labels": moving_labels, "mask": mask, "ddf": ddf,
-            "spacing": torch.tensor([[1.0, 2.0, 1.5][:ndim]] * b), "index": torch.arange(b)}
+    """A batch in the datasets' item format (mask 4 voxels in, displacements of scale 2)."""
+    return synthetic_batch(gen, b, size, margin=4, ddf_scale=2.0)
 
 
 def _config(**kw) -> VoxelMorphConfig:
@@ -215,18 +194,8 @@ class _Truth(torch.nn.Module):
 def test_metrics_of_a_known_translation():
     # moving = fixed shifted by 3 voxels along axis 1: the truth is a constant displacement
     # of 3 voxels = 3 x 2 mm, and warping by it restores the fixed labels exactly.
-    size = (32, 48)
-    labels = torch.zeros(1, 1, *size, dtype=torch.long)
-    labels[..., 8:24, 10:20] = 3
-    labels[..., 10:20, 20:32] = 2
-    labels[..., 12:16, 32:36] = 1
-    fixed = labels.float() / 3
-    moving, moving_labels = torch.roll(fixed, 3, dims=3), torch.roll(labels, 3, dims=3)
-    truth = torch.zeros(1, 2, *size)
-    truth[:, 1] = 3.0
-    batch = {"fixed": fixed, "moving": moving, "fixed_labels": labels,
-             "moving_labels": moving_labels, "mask": labels > 0, "ddf": truth,
-             "spacing": torch.tensor([[1.0, 2.0]]), "index": torch.tensor([0])}
+    batch = translation_batch()
+    truth = batch["ddf"]
     config = _config(similarity="lncc")
     metrics = VoxelMorphTask().evaluate(_Truth(truth), [batch], config, torch.device("cpu"))
     assert metrics["epe_mm"] == 0.0
