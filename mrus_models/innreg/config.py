@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_unet_size
+from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, check_unet_size
 
 #: [G24] §4.1: "All images used in the experiments are resized as 192 × 192".
 DEFAULT_SIZE = (192, 192)
@@ -151,12 +151,7 @@ class InnRegConfig(TrainConfig):
         if not self.barrier_sigma > 0:
             raise ValueError(f"barrier_sigma: expected a positive number, got "
                              f"{self.barrier_sigma}")
-        if not self.max_displacement >= 0:
-            raise ValueError(f"max_displacement: expected a number >= 0 (mm), got "
-                             f"{self.max_displacement}")
-        if self.train_items is not None and self.train_items < 1:
-            raise ValueError(f"train_items: expected a positive integer or None, got "
-                             f"{self.train_items}")
+        check_pair_data(self)
 
     @property
     def ndim(self) -> int:

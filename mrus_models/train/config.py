@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["TrainConfig", "apply_overrides", "arch_field", "architecture_diff",
-           "check_unet_size"]
+           "check_pair_data", "check_unet_size"]
 
 _ARCH = "architecture"
 
@@ -161,6 +161,24 @@ class TrainConfig:
     def architecture_fields(cls) -> tuple[str, ...]:
         """Names of the fields declared with :func:`arch_field`."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(_ARCH))
+
+
+def check_pair_data(config: Any) -> None:
+    """Checks a registration configuration's synthetic-pair data fields.
+
+    Args:
+        config: a configuration with ``max_displacement`` (mm) and ``train_items``.
+
+    Raises:
+        ValueError: ``max_displacement`` is negative or NaN; ``train_items`` is not None
+            and not positive.
+    """
+    if not config.max_displacement >= 0:
+        raise ValueError(f"max_displacement: expected a number >= 0 (mm), got "
+                         f"{config.max_displacement}")
+    if config.train_items is not None and config.train_items < 1:
+        raise ValueError(f"train_items: expected a positive integer or None, got "
+                         f"{config.train_items}")
 
 
 def check_unet_size(config: Any, default_size: tuple[int, ...]) -> None:

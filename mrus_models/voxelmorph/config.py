@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_unet_size
+from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, check_unet_size
 
 #: Default image size per dimension when ``size`` is left empty: 192² slices (INNReg's
 #: protocol, ../shared/papers/innreg.txt) and 128×128×64 crops (ACMT's,
@@ -120,12 +120,7 @@ class VoxelMorphConfig(TrainConfig):
         if self.lncc_window < 1 or self.lncc_window % 2 == 0:
             raise ValueError(
                 f"lncc_window: expected an odd positive integer, got {self.lncc_window}")
-        if not self.max_displacement >= 0:
-            raise ValueError(f"max_displacement: expected a number >= 0 (mm), got "
-                             f"{self.max_displacement}")
-        if self.train_items is not None and self.train_items < 1:
-            raise ValueError(f"train_items: expected a positive integer or None, got "
-                             f"{self.train_items}")
+        check_pair_data(self)
 
     @property
     def image_size(self) -> tuple[int, ...]:

@@ -57,3 +57,22 @@ def translation_batch() -> dict[str, torch.Tensor]:
     return {"fixed": fixed, "moving": moving, "fixed_labels": labels,
             "moving_labels": moving_labels, "mask": labels > 0, "ddf": truth,
             "spacing": torch.tensor([[1.0, 2.0]]), "index": torch.tensor([0])}
+
+
+def check_one_step(task, net: torch.nn.Module, batch: dict[str, torch.Tensor], config,
+                   logs: set[str]) -> None:
+    """One Adam step (``config.lr``, ``config.betas``) of ``task.training_step`` on
+    ``batch``: the step logs exactly ``logs``, every parameter gets a finite, nonzero
+    gradient, and the loss on the same batch falls."""
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas)
+    loss, got = task.training_step(net, batch, config)
+    assert set(got) == logs
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient"
+        assert bool(torch.isfinite(p.grad).all()), f"{name}: non-finite gradient"
+        assert p.grad.abs().max().item() > 0, f"{name}: zero gradient"
+    opt.step()
+    with torch.no_grad():
+        after, _ = task.training_step(net, batch, config)
+    assert after.item() < loss.item() - 1e-6, (loss.item(), after.item())
