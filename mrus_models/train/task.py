@@ -91,6 +91,17 @@ class Task:
         """The network, freshly initialised from torch's global RNG (seeded by the Trainer)."""
         raise NotImplementedError
 
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (default: one group, all of ``model``).
+
+        A model whose parts train at different rates (e.g. two networks with their own
+        learning rates and warm-ups) returns several: each a dict with ``"params"`` and
+        optionally ``"lr"`` (peak learning rate) and ``"warmup_steps"``; missing keys take
+        the configuration's values. Together the groups must list every parameter once.
+        The schedule's shape after warm-up (``config.scheduler``) is common to all groups.
+        """
+        return [{"params": list(model.parameters())}]
+
     def dataset(self, config: TrainConfig, split: str) -> torch.utils.data.Dataset:
         """The map-style dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``).
 

@@ -153,31 +153,60 @@ def _to_device(batch, device: torch.device):
 # --------------------------------------------------------------------------- schedule
 
 
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """The learning rate of optimiser step ``step`` (0-based) as a fraction of ``config.lr``.
+def lr_factor(config: TrainConfig, step: int, warmup_steps: int | None = None) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) as a fraction of the peak.
 
-    Linear warm-up over ``warmup_steps`` steps, then ``constant``, ``linear`` or ``cosine``
-    decay to ``min_lr_ratio`` at ``config.steps``.
+    Linear warm-up over ``warmup_steps`` steps (default ``config.warmup_steps``; a parameter
+    group may have its own, see :meth:`Task.param_groups`), then ``constant``, ``linear`` or
+    ``cosine`` decay to ``min_lr_ratio`` at ``config.steps``.
     """
-    if step < config.warmup_steps:
-        return (step + 1) / (config.warmup_steps + 1)
+    warmup = config.warmup_steps if warmup_steps is None else int(warmup_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if config.scheduler == "constant":
         return 1.0
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    span = max(1, config.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     lo = config.min_lr_ratio
     if config.scheduler == "linear":
         return 1.0 - (1.0 - lo) * progress
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _group_specs(task: Task, net: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The task's parameter groups, each completed with its peak ``lr`` and
+    ``warmup_steps`` (the configuration's where the task names none); checked to cover every
+    parameter of ``net`` exactly once."""
+    groups = [dict(g) for g in task.param_groups(net, config)]
+    seen: set[int] = set()
+    for i, g in enumerate(groups):
+        g["params"] = list(g["params"])
+        g.setdefault("lr", config.lr)
+        g.setdefault("warmup_steps", config.warmup_steps)
+        for p in g["params"]:
+            if id(p) in seen:
+                raise ValueError(f"{task.name}: param_groups lists a parameter twice (group {i})")
+            seen.add(id(p))
+    missing = sum(1 for p in net.parameters() if id(p) not in seen)
+    if missing:
+        raise ValueError(f"{task.name}: param_groups leaves {missing} parameter tensors out")
+    return groups
+
+
+def _optimizer(groups: list[dict[str, Any]], config: TrainConfig,
+               device: torch.device) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer]
     # The fused CUDA kernel updates all parameters in a few launches; the CPU keeps the
     # default (foreach) path.
     fused = True if device.type == "cuda" else None
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps,
-               weight_decay=config.weight_decay, fused=fused)
+    return cls([{"params": g["params"], "lr": g["lr"]} for g in groups], lr=config.lr,
+               betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+               fused=fused)
+
+
+def _lambdas(config: TrainConfig, groups: list[dict[str, Any]]):
+    """One learning-rate factor function per parameter group (each with its warm-up)."""
+    return [lambda step, w=g["warmup_steps"]: lr_factor(config, step, w) for g in groups]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -326,9 +355,10 @@ class Trainer:
         task, config, device = self.task, self.config, self.device
         _seed_all(config.seed)
         self.net = task.build(config).to(device)
-        self.optimizer = _optimizer(self.net.parameters(), config, device)
+        self.groups = _group_specs(task, self.net, config)
+        self.optimizer = _optimizer(self.groups, config, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(self.config, step))
+            self.optimizer, _lambdas(config, self.groups))
         self.step = 0
         self.elapsed = 0.0
         self.model: nn.Module = self.net
@@ -386,11 +416,11 @@ class Trainer:
         # The configuration may change the schedule or the optimiser's settings on resume:
         # the groups take this run's values, computed as an uninterrupted run computes them.
         c = self.config
-        self.scheduler.base_lrs = [c.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group.update(lr=c.lr * lr_factor(c, self.step), betas=c.betas, eps=c.eps,
-                         weight_decay=c.weight_decay)
-            group["initial_lr"] = c.lr
+        self.scheduler.base_lrs = [g["lr"] for g in self.groups]
+        for group, spec in zip(self.optimizer.param_groups, self.groups, strict=True):
+            group.update(lr=spec["lr"] * lr_factor(c, self.step, spec["warmup_steps"]),
+                         betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+            group["initial_lr"] = spec["lr"]
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         ranks = ckpt.get("rng", {}).get("ranks", [])
         if len(ranks) == self.world:

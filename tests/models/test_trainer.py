@@ -147,6 +147,58 @@ def test_trainer_applies_the_schedule(tmp_path):
     assert np.allclose(lrs, want, rtol=1e-12, atol=0)
 
 
+class _TwoRateTask(ToyTask):
+    """The toy with its two layers in separate groups: the first at lr / 4 with a 3-step
+    warm-up, the second at the configuration's lr and warm-up."""
+
+    def param_groups(self, model, config):
+        first, second = model[0], model[2]
+        return [{"params": first.parameters(), "lr": config.lr / 4, "warmup_steps": 3},
+                {"params": second.parameters()}]
+
+
+def test_param_groups_have_their_own_rates_and_warmups(tmp_path):
+    c = _config("steps=6", "warmup_steps=1", "scheduler=linear", "lr=0.1", "min_lr_ratio=0.2",
+                "checkpoint_every=3")
+    trainer = Trainer(_TwoRateTask(), c, tmp_path / "a", "cpu", progress=False)
+    seen = []
+    for until in range(1, 7):
+        trainer.fit(until=until)
+        seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+    # Group 0: warm-up 3 then linear decay to 0.2 over the remaining 3 steps.
+    want0 = [0.025 * f for f in (2 / 4, 3 / 4, 1.0, 1 - 0.8 / 3, 1 - 1.6 / 3, 0.2)]
+    want1 = [0.1 * f for f in (1.0, 1 - 0.8 / 5, 1 - 1.6 / 5, 1 - 2.4 / 5, 1 - 3.2 / 5, 0.2)]
+    assert np.allclose([s[0] for s in seen], want0, rtol=1e-12, atol=0)
+    assert np.allclose([s[1] for s in seen], want1, rtol=1e-12, atol=0)
+    # A resumed run gives each group back its own rate.
+    Trainer(_TwoRateTask(), c, tmp_path / "b", "cpu", progress=False).fit(until=3)
+    resumed = Trainer(_TwoRateTask(), c, tmp_path / "b", "cpu", resume=True, progress=False)
+    assert np.allclose([g["lr"] for g in resumed.optimizer.param_groups],
+                       [want0[2], want1[2]], rtol=1e-12, atol=0)
+    resumed.fit()
+    assert np.allclose([g["lr"] for g in resumed.optimizer.param_groups],
+                       [want0[-1], want1[-1]], rtol=1e-12, atol=0)
+    for k, v in trainer.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+
+
+class _PartialGroups(ToyTask):
+    def param_groups(self, model, config):
+        return [{"params": model[0].parameters()}]
+
+
+class _TwiceGroups(ToyTask):
+    def param_groups(self, model, config):
+        return [{"params": model.parameters()}, {"params": model[0].parameters()}]
+
+
+@pytest.mark.parametrize("task, message", [(_PartialGroups, "leaves 2 parameter tensors out"),
+                                           (_TwiceGroups, "lists a parameter twice")])
+def test_param_groups_must_cover_every_parameter_once(tmp_path, task, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(task(), _config("steps=2"), tmp_path, "cpu", progress=False)
+
+
 # --------------------------------------------------------------------------- resume
 
 
