@@ -1,0 +1,1 @@
+"""Plasticine: traceable diffusion translation (Zhang et al.), intensity and deformation modules."""
