@@ -1,5 +1,5 @@
 """The ``mrus`` command: ``info``, ``demo``, ``register``, ``train``, ``evaluate``,
-``predict`` and ``bench``.
+``predict``, ``translate`` and ``bench``.
 
 Bad input (a missing file, a 4D image, images of different dimension, an unknown option
 value, an unknown model, a bad ``--set``, a checkpoint of another model or architecture, an
@@ -428,6 +428,148 @@ def cmd_predict(args) -> int:
     return 0
 
 
+#: Image formats of ``mrus translate`` by suffix: NIfTI (the affine is kept), PNG, NumPy.
+TRANSLATE_FORMATS = (".nii.gz", ".nii", ".png", ".npy")
+
+
+def _image_format(path: str, what: str) -> str:
+    """The suffix of ``path`` among :data:`TRANSLATE_FORMATS`; CLIError otherwise."""
+    name = str(path).lower()
+    for suffix in TRANSLATE_FORMATS:
+        if name.endswith(suffix):
+            return suffix
+    raise CLIError(f"{what} {path}: expected a .nii, .nii.gz, .png or .npy file")
+
+
+def _read_image(path: str):
+    """(image Tensor [1, 1, *S] float32, affine or None) of a NIfTI, PNG or NPY file."""
+    import numpy as np
+    import torch
+
+    fmt = _image_format(path, "IMAGE")
+    if not Path(path).is_file():
+        raise CLIError(f"IMAGE {path}: no such file")
+    if fmt in (".nii", ".nii.gz"):
+        from .data import read_nifti
+
+        img = read_nifti(path)
+        return img.data.float(), img.affine
+    if fmt == ".png":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            # Colour images are read as luminance: the models translate one channel.
+            arr = np.asarray(im if im.mode in ("L", "I", "I;16", "F") else im.convert("L"))
+    else:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise CLIError(f"IMAGE {path}: not a NumPy array file ({exc})") from None
+        while arr.ndim > 2 and arr.shape[0] == 1:  # [1, 1, *S] or [1, *S] as written
+            arr = arr[0]
+    if arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.number) \
+            or np.issubdtype(arr.dtype, np.complexfloating):
+        raise CLIError(f"IMAGE {path}: expected a real 2D or 3D image, got an array of shape "
+                       f"{arr.shape} and dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None], None
+
+
+def _write_image(path: str, image, affine) -> None:
+    """Writes [1, 1, *S] to ``path`` in its suffix's format (PNG: 8-bit grey, [0, 1] ->
+    0-255 after clipping; NPY: float32 [*S]; NIfTI: float32 with ``affine``)."""
+    import numpy as np
+
+    fmt = _image_format(path, "output")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    arr = image[0, 0].detach().float().cpu().numpy()
+    if fmt in (".nii", ".nii.gz"):
+        from .data import write_nifti
+
+        write_nifti(path, image.detach().float().cpu(), affine)
+    elif fmt == ".png":
+        from PIL import Image
+
+        Image.fromarray(np.round(np.clip(arr, 0.0, 1.0) * 255).astype(np.uint8)).save(path)
+    else:
+        np.save(path, arr.astype(np.float32))
+
+
+def _write_ddf(path: str, ddf, affine) -> None:
+    """Writes a displacement [1, ndim, *S]: NIfTI in mm (``write_displacement``), NPY in
+    voxel units [ndim, *S]."""
+    import numpy as np
+
+    fmt = _image_format(path, "displacement")
+    if fmt == ".png":
+        raise CLIError(f"displacement {path}: a PNG cannot hold a displacement field; give "
+                       ".npy (voxel units) or .nii/.nii.gz (mm)")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if fmt == ".npy":
+        np.save(path, ddf[0].detach().float().cpu().numpy())
+    else:
+        from .data import write_displacement
+
+        write_displacement(path, ddf.detach().float().cpu(), affine)
+
+
+def _beside(output: str, tag: str) -> str:
+    """``<stem>_<tag><ext>`` next to ``output``; a PNG output gets ``.npy`` fields."""
+    fmt = _image_format(output, "output")
+    ext = ".npy" if fmt == ".png" else fmt
+    return str(output)[: len(str(output)) - len(fmt)] + f"_{tag}{ext}"
+
+
+def cmd_translate(args) -> int:
+    import numpy as np
+    import torch
+
+    from .train import get_task
+    from .train.trainer import load_checkpoint
+
+    task = get_task(args.model)
+    out_fmt = _image_format(args.output, "-o/--output")
+    in_fmt = _image_format(args.image, "IMAGE")
+    if (out_fmt in (".nii", ".nii.gz")) != (in_fmt in (".nii", ".nii.gz")):
+        raise CLIError(f"-o/--output {args.output}: write the input's format ({in_fmt} in: "
+                       "a NIfTI image goes out as NIfTI, PNG / NPY as PNG or NPY)")
+    for flag, path in (("--ddf", args.ddf), ("--ddf-inverse", args.ddf_inverse)):
+        if path is not None and _image_format(path, flag) == ".png":
+            raise CLIError(f"{flag} {path}: a PNG cannot hold a displacement field; give "
+                           ".npy (voxel units) or .nii/.nii.gz (mm)")
+        if path is not None and _image_format(path, flag) != ".npy" and \
+                in_fmt in (".png", ".npy"):
+            raise CLIError(f"{flag} {path}: a {in_fmt} input has no affine for a NIfTI field "
+                           "in mm; give .npy (voxel units)")
+    image, affine = _read_image(args.image)
+    if affine is None:
+        affine = np.eye(4)
+    device = _auto_device(args.device)
+    model, config, _ = load_checkpoint(task, args.checkpoint, device, args.set)
+    ndim = getattr(config, "ndim", image.dim() - 2)
+    if ndim != image.dim() - 2:
+        raise CLIError(f"{args.model} in {args.checkpoint} translates {ndim}D images, got a "
+                       f"{image.dim() - 2}D image {tuple(image.shape[2:])}")
+    t0 = time.perf_counter()
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = task.translate(model, image.to(device), config)
+    except NotImplementedError as exc:
+        raise CLIError(str(exc)) from None
+    _write_image(args.output, out["translated"], affine)
+    written = [args.output]
+    for key, flag, tag in (("ddf", args.ddf, "phi"), ("ddf_inverse", args.ddf_inverse,
+                                                      "phi_inv")):
+        if key in out:
+            path = flag or _beside(args.output, tag)
+            _write_ddf(path, out[key], affine)
+            written.append(path)
+    if not args.quiet:
+        print(f"{args.model}: translated in {time.perf_counter() - t0:.2f} s; wrote "
+              f"{', '.join(written)}")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -568,6 +710,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="warped moving image to write")
     p.add_argument("--ddf", help="also write the displacement (mm, NIfTI vector image)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("translate", help="translate an image into a model's target domain "
+                                         "(and write its deformations, if the model has them)")
+    quiet(p)
+    model_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of `mrus train`")
+    p.add_argument("image", help="image to translate (.nii/.nii.gz, .png or .npy)")
+    p.add_argument("-o", "--output", required=True,
+                   help="translated image, same kind as the input (NIfTI keeps the affine)")
+    p.add_argument("--ddf", help="where to write φ (default: <stem>_phi<ext> beside the "
+                                 "output; NIfTI in mm, .npy in voxel units [ndim, *S])")
+    p.add_argument("--ddf-inverse", help="where to write φ⁻¹ (default: <stem>_phi_inv<ext>)")
+    overrides(p, "change a field that is not the architecture's (e.g. sample_steps)")
+    p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks) and print "
                                      "its table")

@@ -149,3 +149,25 @@ class Task:
             fixed``; and ``"warped"``: Tensor [B, 1, *S], the warped moving image.
         """
         raise NotImplementedError
+
+    def translate(self, model: nn.Module, image: torch.Tensor,
+                  config: TrainConfig) -> dict[str, torch.Tensor]:
+        """Translates one image into the model's target domain (``mrus translate``).
+
+        Args:
+            model: the trained network (in ``eval`` mode, called under ``torch.no_grad``).
+            image: Tensor [1, 1, *S] on the model's device, raw intensities (the task
+                normalises them as in training).
+            config: the run's configuration.
+
+        Returns:
+            at least ``"translated"``: Tensor [1, 1, *S]; a model that also deforms adds
+            ``"ddf"`` (φ: Tensor [1, ndim, *S], voxel units, ``warp(x, ddf)`` = x∘φ) and
+            ``"ddf_inverse"`` (φ⁻¹, same layout).
+
+        Raises:
+            NotImplementedError: the model does not translate (the message names it).
+        """
+        raise NotImplementedError(f"model {self.name!r} does not translate images (no "
+                                  "Task.translate); `mrus translate` needs a translation "
+                                  "model")
