@@ -1,0 +1,2 @@
+"""mrus_models.acmt: anatomically coherent modality translation (ACMT) of MR and US volumes
+through a Schrödinger bridge into one intermediate modality."""
