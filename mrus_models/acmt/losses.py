@@ -186,6 +186,11 @@ class EnergyNet(nn.Module):
 # ---------------------------------------------------------------------------- terms
 
 
+def _promote(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features (autocast) to float32 for the sums; float32/64 kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def texture_loss(c7: nn.Module, shallow_mr: torch.Tensor, shallow_us: torch.Tensor) -> torch.Tensor:
     """L_texture of eq. 7: ``mean (C7(f^s_MR) − C7(f^s_US))²`` over every element: 0-d.
 
@@ -197,7 +202,7 @@ def texture_loss(c7: nn.Module, shallow_mr: torch.Tensor, shallow_us: torch.Tens
     if shallow_mr.shape != shallow_us.shape:
         raise ValueError(f"texture_loss: shallow_mr and shallow_us must have one shape, got "
                          f"{tuple(shallow_mr.shape)} and {tuple(shallow_us.shape)}")
-    return (c7(shallow_mr).float() - c7(shallow_us).float()).square().mean()
+    return (_promote(c7(shallow_mr)) - _promote(c7(shallow_us))).square().mean()
 
 
 def boundary_loss(c3: nn.Module, deep_translated: torch.Tensor, deep_source: torch.Tensor, *,
@@ -217,7 +222,7 @@ def boundary_loss(c3: nn.Module, deep_translated: torch.Tensor, deep_source: tor
     if deep_translated.shape != deep_source.shape:
         raise ValueError(f"boundary_loss: deep_translated and deep_source must have one shape, "
                          f"got {tuple(deep_translated.shape)} and {tuple(deep_source.shape)}")
-    return sobel_l1(c3(deep_translated).float(), c3(deep_source).float(), backend=backend)
+    return sobel_l1(_promote(c3(deep_translated)), _promote(c3(deep_source)), backend=backend)
 
 
 def _times(owner: str, t, b: int, device) -> torch.Tensor:
@@ -226,7 +231,7 @@ def _times(owner: str, t, b: int, device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != b):
         raise ValueError(f"{owner}: t must be a float or a Tensor [B] = [{b}], got "
                          f"{getattr(t, 'shape', t)!r}")
-    t = t.to(device=device, dtype=torch.float32).expand(b)
+    t = t.to(device=device).expand(b)
     if bool((t < 0).any()) or bool((t > 1).any()):
         raise ValueError(f"{owner}: t must lie in [0, 1], got {t.tolist()}")
     return t
@@ -251,9 +256,9 @@ def _pairs(owner: str, x_t: torch.Tensor, x1: torch.Tensor,
             f"{owner}: the entropy estimate contrasts each pair (x_t, x̂_1) with an independent "
             f"one; a batch of 1 has none: pass negatives=(x_t', x̂_1') from a second, "
             f"independent volume ([K24] diffuses a second loader batch) or use a batch of "
-            f"2 or more (each item is then contrasted with the next one), got batch "
+            f"2 or more (each item is then contrasted with the previous one), got batch "
             f"{x_t.shape[0]}")
-    # Item b against item b + 1 (cyclically): independent draws of the same joint law.
+    # Item b against item b - 1 (cyclically): independent draws of the same joint law.
     return z, torch.roll(z, 1, dims=0)
 
 
@@ -284,7 +289,7 @@ def entropy_estimate(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, 
     estimates it this way, adversarially trained critics being its toolbox; the estimate
     has no ``− log N`` offset (a constant: no gradient).
 
-    Batch size: the negatives are the batch rolled by one item (item b against item b + 1);
+    Batch size: the negatives are the batch rolled by one item (item b against item b − 1);
     a batch of 1 has no independent pair, so it needs ``negatives`` (a ValueError says so):
     contrasting a pair with itself would give ``mean E − log Σ exp E``, a quantity that
     measures nothing about the joint law.
@@ -302,8 +307,8 @@ def entropy_estimate(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, 
     z, zn = _pairs("entropy_estimate", x_t, x1, negatives)
     t = _times("entropy_estimate", t, x_t.shape[0], x_t.device)
     e = energy if train_energy else _frozen(energy)
-    pos = e(z, z, t).float()
-    neg = e(z, zn, t).float()
+    pos = _promote(e(z, z, t))
+    neg = _promote(e(z, zn, t))
     return pos.mean() - torch.logsumexp(neg.reshape(-1), dim=0)
 
 
@@ -322,8 +327,8 @@ def energy_loss(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, *,
     negatives = None if negatives is None else tuple(v.detach() for v in negatives)
     z, zn = _pairs("energy_loss", x_t.detach(), x1.detach(), negatives)
     t = _times("energy_loss", t, x_t.shape[0], x_t.device)
-    lse = torch.logsumexp(energy(z, zn, t).float().reshape(-1), dim=0)
-    return -energy(z, z, t).float().mean() + lse + lse.square()
+    lse = torch.logsumexp(_promote(energy(z, zn, t)).reshape(-1), dim=0)
+    return -_promote(energy(z, z, t)).mean() + lse + lse.square()
 
 
 def sb_loss(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, sigma: float, *,
@@ -350,8 +355,11 @@ def sb_loss(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, sigma: fl
     """
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
         raise ValueError(f"sb_loss: sigma must be a number >= 0, got {sigma!r}")
+    if x_t.shape != x1.shape:
+        raise ValueError(f"sb_loss: x_t and x1 must have one shape, got {tuple(x_t.shape)} "
+                         f"and {tuple(x1.shape)}")
     t = _times("sb_loss", t, x_t.shape[0], x_t.device)
-    transport = (x_t.float() - x1.float()).square().mean()
+    transport = (_promote(x_t) - _promote(x1)).square().mean()
     entropy = entropy_estimate(energy, x_t, x1, t, negatives=negatives)
     loss = transport - 2.0 * sigma * (1.0 - t).mean() * entropy
     return loss, entropy.detach()

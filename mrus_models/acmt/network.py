@@ -66,9 +66,9 @@ class ACMTNet(nn.Module):
             ``4 * time_dim`` (DDPM).
         shallow_level: encoder level of f^s (texture loss).
         deep_level: encoder level of f^d (boundary loss); deeper than ``shallow_level``.
-        norm: normalisation of the blocks: "group" (default; GroupNorm works at any size,
-            down to the 1-voxel maps of tiny test volumes), "instance" (UNSB's), "batch" or
-            None.
+        norm: normalisation of the blocks: "group" (default: DDPM's GroupNorm, per item,
+            so batch 1 works; it needs more than one value per group, i.e. a deepest map of
+            2 voxels or more), "instance" (UNSB's), "batch" or None.
         head_std: standard deviation of the output head's initial weights (>= 0).
 
     Attributes:
