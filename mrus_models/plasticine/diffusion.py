@@ -270,7 +270,7 @@ class _ResBlock(nn.Module):
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int, emb_channels: int,
-                 dropout: float, groups: int, scale_shift: bool) -> None:
+                 dropout: float, groups: int, scale_shift: bool, zero_init: bool) -> None:
         super().__init__()
         self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(
@@ -283,8 +283,9 @@ class _ResBlock(nn.Module):
                                         conv(ndim, out_channels, out_channels, 3))
         # Zero last convolution: each block starts as the identity (or its skip), as [P]'s
         # ``zero_module``; the first step trains the output layers only.
-        nn.init.zeros_(self.out_layers[-1].weight)
-        nn.init.zeros_(self.out_layers[-1].bias)
+        if zero_init:
+            nn.init.zeros_(self.out_layers[-1].weight)
+            nn.init.zeros_(self.out_layers[-1].bias)
         self.skip = nn.Identity() if in_channels == out_channels else \
             conv(ndim, in_channels, out_channels, 1)
 
@@ -305,15 +306,17 @@ class _SelfAttention(nn.Module):
     ``AttentionBlock``): x + proj(softmax(q kᵀ/√d) v), q, k, v from GN(x) by a 1×1 conv,
     the output projection zero-initialised (the block starts as the identity)."""
 
-    def __init__(self, ndim: int, channels: int, head_channels: int, groups: int) -> None:
+    def __init__(self, ndim: int, channels: int, head_channels: int, groups: int,
+                 zero_init: bool) -> None:
         super().__init__()
         # [P]: heads = channels / head_channels; one head where that does not divide.
         self.heads = channels // head_channels if channels % head_channels == 0 else 1
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
         self.qkv = conv(ndim, channels, 3 * channels, 1)
         self.proj = conv(ndim, channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *size = x.shape
@@ -374,6 +377,12 @@ class IntensityUNet(nn.Module):
             default) or is added ([DDPM]).
         noise_embedding_scale: the sinusoidal embedding sees ``scale · γ`` (see
             :data:`NOISE_EMBEDDING_SCALE`).
+        zero_init: zero-initialise the last convolution of every residual block, of every
+            attention projection and of the output ([P]'s ``zero_module``): the network
+            starts by predicting ε̂ = 0, and its first optimiser step moves only the output
+            convolution (every other gradient is exactly 0 until then). False keeps
+            PyTorch's default initialisation everywhere (tests that want every parameter
+            to get a gradient at the first step).
 
     Attributes:
         stride: ``2 ** (len(mults) - 1)``: every spatial size must be divisible by it.
@@ -391,7 +400,8 @@ class IntensityUNet(nn.Module):
                  attention_res: Sequence[int] = PALETTE_ATTENTION_RES,
                  head_channels: int = PALETTE_HEAD_CHANNELS, dropout: float = PALETTE_DROPOUT,
                  norm_groups: int = NORM_GROUPS, scale_shift: bool = True,
-                 noise_embedding_scale: float = NOISE_EMBEDDING_SCALE) -> None:
+                 noise_embedding_scale: float = NOISE_EMBEDDING_SCALE,
+                 zero_init: bool = True) -> None:
         super().__init__()
         owner = "IntensityUNet"
         self.ndim = check_ndim(owner, ndim)
@@ -427,10 +437,10 @@ class IntensityUNet(nn.Module):
         emb = self.embedding.out_channels
 
         def step(cin: int, cout: int, factor: int) -> _Step:
-            attention = _SelfAttention(ndim, cout, head_channels, norm_groups) \
+            attention = _SelfAttention(ndim, cout, head_channels, norm_groups, zero_init) \
                 if factor in attention_res else None
-            return _Step(_ResBlock(ndim, cin, cout, emb, dropout, norm_groups, scale_shift),
-                         attention)
+            return _Step(_ResBlock(ndim, cin, cout, emb, dropout, norm_groups, scale_shift,
+                                   zero_init), attention)
 
         ch = channels * mults[0]
         self.stem = conv(ndim, image_channels + condition_channels, ch, 3)
@@ -451,9 +461,10 @@ class IntensityUNet(nn.Module):
                 skips.append(ch)
                 factor *= 2
         self.middle = nn.ModuleList([
-            _Step(_ResBlock(ndim, ch, ch, emb, dropout, norm_groups, scale_shift),
-                  _SelfAttention(ndim, ch, head_channels, norm_groups)),
-            _Step(_ResBlock(ndim, ch, ch, emb, dropout, norm_groups, scale_shift), None),
+            _Step(_ResBlock(ndim, ch, ch, emb, dropout, norm_groups, scale_shift, zero_init),
+                  _SelfAttention(ndim, ch, head_channels, norm_groups, zero_init)),
+            _Step(_ResBlock(ndim, ch, ch, emb, dropout, norm_groups, scale_shift, zero_init),
+                  None),
         ])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
@@ -468,8 +479,9 @@ class IntensityUNet(nn.Module):
                 factor //= 2
         self.out = nn.Sequential(nn.GroupNorm(_groups(ch, norm_groups), ch), nn.SiLU(),
                                  conv(ndim, ch, image_channels, 3))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        if zero_init:
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
 
     def _check(self, noisy, gamma, condition) -> None:
         owner, n = "IntensityUNet", self.ndim
