@@ -4,10 +4,6 @@ maps have their own file, test_plasticine_diffusion.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -281,3 +277,208 @@ def test_the_data_term_falls_as_the_images_align():
 
     values = [data(s) for s in (0.0, 1.0, 2.0, 3.0)]
     assert values[2] < values[1] < values[0] and values[2] < values[3], values
+
+
+# --------------------------------------------------------------------------- configuration
+
+#: Networks small enough for seconds per test: ε_θ1 of two levels at width 8 (one residual
+#: block, no dropout, PyTorch's initialisation so that every parameter gets a gradient at
+#: the first step), f_θ2 of two levels at width 8, three sampling steps.
+SMALL = {"size": (32,), "encoder": (8, 8), "decoder": (8, 8, 8), "width": 8,
+         "diffusion_width": 8, "diffusion_mults": (1, 2), "diffusion_res_blocks": 1,
+         "diffusion_dropout": 0.0, "diffusion_zero_init": False, "sample_steps": 3,
+         "planes": ("axial",), "backend": "torch"}
+SMALL_SET = ["size=32", "encoder=8,8", "decoder=8,8,8", "width=8", "diffusion_width=8",
+             "diffusion_mults=1,2", "diffusion_res_blocks=1", "diffusion_dropout=0",
+             "sample_steps=3", "planes=axial", "segmenter_steps=20", "segmenter_items=4"]
+
+
+def _config(**kw) -> PlasticineConfig:
+    return PlasticineConfig(**{**SMALL, **kw})
+
+
+def _batch(b: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch in PlasticinePairs' item format from the synthetic registration batch."""
+    from _registration_batch import synthetic_batch
+
+    from mrus_models.plasticine.model import to_model_range
+    from mrus_models.plasticine.structure import structure_map
+
+    batch = synthetic_batch(torch.Generator().manual_seed(seed), b, SIZE, margin=3,
+                            ddf_scale=1.5)
+    x, y = to_model_range(batch["fixed"]), to_model_range(batch["moving"])
+    batch.update(source=x, target=y, source_structure=structure_map(x, 2),
+                 target_structure=structure_map(y, 2))
+    return batch
+
+
+def test_defaults_are_the_papers():
+    c = PlasticineConfig()
+    assert c.image_size == (256, 256) and c.batch_size == 3  # §III-C
+    assert (c.train_timesteps, c.beta_start, c.beta_end) == (2000, 1e-6, 1e-2)  # §III-C
+    assert (c.lr, c.warmup_steps, c.lr_intensity, c.warmup_intensity) == \
+        (2e-4, 200, 1e-4, 10_000)  # §III-C
+    assert c.lam_smooth == 1.0 and c.lam_align == 1.0 and c.lam_inverse == 0.0  # eq. 7
+    assert c.steps_integration == 7 and c.width == 64 and c.align_layers == 4  # Appendix
+    assert c.clusters == 2 and c.mi_form == "nmi" and c.sample_steps == 50
+    assert c.optimizer == "adam" and c.scheduler == "constant"
+
+
+def test_registered():
+    from mrus_models.plasticine.task import PlasticineTask
+    from mrus_models.train.registry import available, get_task
+
+    assert "plasticine" in available()
+    assert isinstance(get_task("plasticine"), PlasticineTask)
+
+
+def test_config_roundtrip_and_overrides():
+    from mrus_models.train.config import apply_overrides
+
+    c = apply_overrides(_config(), ["sample_steps=none", "mi_form=mi", "clusters=4"])
+    assert (c.sample_steps, c.mi_form, c.clusters) == (None, "mi", 4)
+    assert PlasticineConfig.from_json(c.to_json()) == c
+
+
+test_bad_config = bad_input_test({
+    "modality": (lambda: _config(modality="ct"), ValueError, "modality"),
+    "clusters": (lambda: _config(clusters=1), ValueError, "clusters"),
+    "betas": (lambda: _config(beta_start=0.1, beta_end=0.01), ValueError, "beta_start"),
+    "sample_steps": (lambda: _config(sample_steps=0), ValueError, "sample_steps"),
+    "size/stride": (lambda: _config(size=(34,)), ValueError, "divisible"),
+    "intensity stride": (lambda: _config(size=(34,), encoder=(8,), decoder=(8, 8),
+                                    diffusion_mults=(1, 2, 4)), ValueError, "ε_θ1's stride"),
+    "dropout": (lambda: _config(diffusion_dropout=1.0), ValueError, "diffusion_dropout"),
+    "lam": (lambda: _config(lam_smooth=-1.0), ValueError, "lam_smooth"),
+    "lr_intensity": (lambda: _config(lr_intensity=0.0), ValueError, "lr_intensity"),
+})
+
+
+# --------------------------------------------------------------------------- model and task
+
+
+def _task_and_net(**kw):
+    from mrus_models.plasticine.task import PlasticineTask
+
+    config = _config(**kw)
+    torch.manual_seed(0)
+    return PlasticineTask(), PlasticineTask().build(config), config
+
+
+def test_param_groups_are_the_two_modules_with_their_rates():
+    task, net, config = _task_and_net()
+    groups = task.param_groups(net, config)
+    assert [(g["lr"], g["warmup_steps"]) for g in groups] == [(1e-4, 10_000), (2e-4, 200)]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in net.intensity.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == \
+        {id(p) for p in net.deformation.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+def test_one_step_lowers_each_modules_loss_and_reaches_every_parameter():
+    """One Adam step of the two groups at the paper's rates: every parameter gets a finite,
+    nonzero gradient, and L_IN and L_DF both fall on the same batch and the same noise
+    draws (the global RNG reseeded before each pass)."""
+    task, net, config = _task_and_net()
+    batch = _batch()
+    opt = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]}
+                            for g in task.param_groups(net, config)])
+    torch.manual_seed(5)
+    loss, logs = task.training_step(net, batch, config)
+    assert set(logs) == {"intensity", "data", "smooth", "align"}
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient"
+        assert bool(torch.isfinite(p.grad).all()), f"{name}: non-finite gradient"
+        assert p.grad.abs().max().item() > 0, f"{name}: zero gradient"
+    opt.step()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        _, after = task.training_step(net, batch, config)
+    l_df = logs["data"] + logs["smooth"] + logs["align"]
+    l_df_after = after["data"] + after["smooth"] + after["align"]
+    assert after["intensity"].item() < logs["intensity"].item() - 1e-6, (logs, after)
+    assert l_df_after.item() < l_df.item() - 1e-6, (logs, after)
+
+
+def test_the_deformation_loss_does_not_train_the_intensity_module():
+    """ê enters f_θ2 detached: L_DF alone leaves ε_θ1 without gradients, L_IN alone f_θ2."""
+    task, net, config = _task_and_net()
+    batch = _batch()
+    out = net(batch["source"], batch["target"], batch["target_structure"])
+    l_df, _ = losses.deformation_loss(out, batch["source"], batch["target"], config)
+    l_df.backward(retain_graph=True)
+    assert all(p.grad is None for p in net.intensity.parameters())
+    assert any(p.grad is not None for p in net.deformation.parameters())
+    net.zero_grad(set_to_none=True)
+    out["intensity_loss"].backward()
+    assert all(p.grad is None for p in net.deformation.parameters())
+
+
+def test_translate_is_algorithm_3_from_x_alone(monkeypatch):
+    """translate: φ, φ⁻¹ from x alone (the same whatever the target), the sampler starts
+    from x and is conditioned on x_s∘φ (nearest), ŷ has x's shape; seeded, reproducible."""
+    from mrus_models.plasticine import model as model_module
+    from mrus_models.plasticine.structure import structure_map
+
+    task, net, config = _task_and_net()
+    _visible(net.deformation, _batch()["source"])
+    net.eval()
+    seen = {}
+    real = model_module.sample
+
+    def spy(eps_net, x0, condition, schedule, **kw):
+        seen.update(x0=x0, condition=condition, steps=kw.get("steps"))
+        return real(eps_net, x0, condition, schedule, **kw)
+
+    monkeypatch.setattr(model_module, "sample", spy)
+    x = _batch()["source"]
+    y_hat, ddf, ddf_inv = net.translate(x, generator=torch.Generator().manual_seed(1))
+    assert y_hat.shape == x.shape and ddf.shape == ddf_inv.shape == (2, 2, *SIZE)
+    ref = net.deformation(x)
+    assert torch.equal(ddf, ref["ddf"]) and torch.equal(ddf_inv, ref["ddf_inverse"])
+    assert ddf.abs().max().item() > 0.3
+    assert torch.equal(seen["x0"], x) and seen["steps"] == 3
+    xs = structure_map(x, 2).double()
+    h, w = SIZE
+    ii, jj = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                            torch.arange(w, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([2 * (jj + ddf[:, 1].double()) / (w - 1) - 1,
+                        2 * (ii + ddf[:, 0].double()) / (h - 1) - 1], dim=-1)
+    want = F.grid_sample(xs, grid, mode="nearest", padding_mode="border", align_corners=True)
+    # Nearest sampling may round a coordinate at exactly .5 differently: compare by count.
+    assert (seen["condition"].double() != want).float().mean().item() < 0.01
+    again, _, _ = net.translate(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, y_hat)
+
+
+def test_task_translate_any_size_and_range():
+    task, net, config = _task_and_net()
+    net.eval()
+    image = 100 + 50 * torch.rand(1, 1, 30, 27, generator=torch.Generator().manual_seed(2))
+    out = task.translate(net, image, config)
+    assert out["translated"].shape == (1, 1, 30, 27)
+    assert out["ddf"].shape == out["ddf_inverse"].shape == (1, 2, 30, 27)
+    assert out["translated"].min() >= 0 and out["translated"].max() <= 1
+    again = task.translate(net, image, config)
+    assert torch.equal(again["translated"], out["translated"])
+    with pytest.raises(ValueError, match=r"one 2D image \[1, 1, H, W\]"):
+        task.translate(net, torch.rand(2, 1, 32, 32), config)
+
+
+def test_dataset_items():
+    from mrus_models.plasticine.task import PlasticineTask
+
+    config = _config(train_items=2, clusters=4)
+    ds = PlasticineTask().dataset(config, "train")
+    item = ds[1]
+    for key in ("source", "target", "source_structure", "target_structure"):
+        assert item[key].shape == (1, *SIZE), key
+        assert item[key].min().item() == -1.0 and item[key].max().item() == 1.0, key
+    # Four clusters: the maps take the values -1, -1/3, 1/3, 1.
+    levels = torch.unique(item["source_structure"])
+    assert torch.allclose(levels, torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    assert torch.equal(ds[1]["target_structure"], item["target_structure"])
+    # x is the T1 image, y the simulated modality.
+    assert torch.equal(item["source"], 2 * (item["fixed"] - item["fixed"].min())
+                       / (item["fixed"].max() - item["fixed"].min()) - 1)
