@@ -403,7 +403,7 @@ def test_one_step_lowers_each_modules_loss_and_reaches_every_parameter():
 
 def test_the_deformation_loss_does_not_train_the_intensity_module():
     """ê enters f_θ2 detached: L_DF alone leaves ε_θ1 without gradients, L_IN alone f_θ2."""
-    task, net, config = _task_and_net()
+    _, net, config = _task_and_net()
     batch = _batch()
     out = net(batch["source"], batch["target"], batch["target_structure"])
     l_df, _ = losses.deformation_loss(out, batch["source"], batch["target"], config)
@@ -421,7 +421,7 @@ def test_translate_is_algorithm_3_from_x_alone(monkeypatch):
     from mrus_models.plasticine import model as model_module
     from mrus_models.plasticine.structure import structure_map
 
-    task, net, config = _task_and_net()
+    _, net, _ = _task_and_net()
     _visible(net.deformation, _batch()["source"])
     net.eval()
     seen = {}
