@@ -16,7 +16,11 @@ term ([M25] §I). With f^s, f^d the shallow and deep features of the translation
   magnitude: the whole ``S``-then-L1 is :func:`mrus_kernels.sobel_l1` (one fused pass, no
   magnitude map stored);
 - ``L_SB = ½ (L_SB^MR + L_SB^US)``, ``L_SB^m = mean (x_t − x̂_1)² − 2σ(1 − t) Ĥ(x_t, x̂_1)``
-  (eq. 11-13), Ĥ the entropy estimate of [K24] (:func:`entropy_estimate`).
+  (eq. 11-13), Ĥ the entropy estimate of [K24] (:func:`entropy_estimate`) by an energy
+  network E, which trains on its own loss (:func:`energy_loss`, [K24]'s ``loss_E``).
+
+:class:`ACMTLossHeads` holds the learnable parts (C7, C3, E); :func:`acmt_loss` computes one
+step's total from the diffused MR and US states (:func:`~mrus_models.acmt.bridge.diffuse`).
 
 The norms of the papers are written as means over voxels, channels and items (so that a
 weight does not depend on the crop size), as [K24]'s code writes its SB term
@@ -232,7 +236,8 @@ def _times(owner: str, t, b: int, device) -> torch.Tensor:
         raise ValueError(f"{owner}: t must be a float or a Tensor [B] = [{b}], got "
                          f"{getattr(t, 'shape', t)!r}")
     t = t.to(device=device).expand(b)
-    if bool((t < 0).any()) or bool((t > 1).any()):
+    # A data-dependent check: skipped while compiling (it would break the graph).
+    if not torch.compiler.is_compiling() and (bool((t < 0).any()) or bool((t > 1).any())):
         raise ValueError(f"{owner}: t must lie in [0, 1], got {t.tolist()}")
     return t
 
@@ -283,11 +288,13 @@ def entropy_estimate(energy: nn.Module, x_t: torch.Tensor, x1: torch.Tensor, t, 
         Ĥ = mean_patches,items E(z, z, t) − log Σ_{patches, items} exp E(z, z̃, t)
 
     i.e. a log-likelihood ratio whose normaliser, the log-sum-exp over every patch and item
-    of the contrasted pairs, stands in for the intractable partition function; E itself is
-    fitted by :func:`energy_loss`. Why this estimator: the joint entropy of two volumes has
-    no closed form and no tractable density, and [K24] (which [M25]'s SB loss takes over)
-    estimates it this way, adversarially trained critics being its toolbox; the estimate
-    has no ``− log N`` offset (a constant: no gradient).
+    of the contrasted pairs, stands in for the intractable partition function (a
+    Donsker-Varadhan / MINE-type bound, Belghazi et al. 2018); E itself is fitted by
+    :func:`energy_loss`. Why this estimator: the joint law of (x_t, x̂_1) has no density in
+    closed form, a variational estimate needs only samples and is differentiable in x̂_1,
+    and [K24], on whose bridge [M25] builds its SB loss (its ref. [4]), uses exactly this
+    one. The estimate has no ``− log N`` offset (a constant: no gradient), so
+    an untrained, constant E gives ``− log N`` with N the number of contrasted patches.
 
     Batch size: the negatives are the batch rolled by one item (item b against item b − 1);
     a batch of 1 has no independent pair, so it needs ``negatives`` (a ValueError says so):
