@@ -46,6 +46,10 @@ def test_network_shapes_3d(gen):
     # The default widths: 32 shallow and 64 deep channels (the 32-64).
     big = ACMTNet()
     assert (big.stride, big.shallow_channels, big.deep_channels) == (16, 32, 64)
+    # One code path for slices too.
+    flat = ACMTNet(2, **SMALL)
+    out2, feats2 = flat(randn(gen, 2, 1, 16, 8), 0.5, return_features=True)
+    assert out2.shape == (2, 1, 16, 8) and feats2["deep"].shape == (2, 8, 2, 1)
 
 
 def test_network_is_time_conditioned_and_near_identity(gen):
