@@ -14,6 +14,19 @@ two ways of computing its loss); one step is forward, backward and ``optimizer.s
   :func:`mrus_models.innreg.losses.innreg_loss` (L1 reconstruction, the barrier NMI loss
   in its default "released" form with 19 bins, the INN cross-translation L1, grad_l2) with
   the paper's weights, Adam with the paper's lr 2e-4 and betas (0.5, 0.999).
+- ``plasticine-deformation``: Plasticine's deformation module f_θ2
+  (:class:`mrus_models.plasticine.deformation.DeformationNet`: the stems of x and (y, ê),
+  the alignment block, the VoxelMorph U-Net at four times VoxelMorph's widths, the two
+  velocity heads, scaling and squaring of v and v⁻¹, both warps) and L_DF
+  (:func:`mrus_models.plasticine.losses.deformation_loss`: NMI both directions, Parzen, 32
+  bins; grad_l2 of both velocities; the feature alignment), Adam at the paper's 2e-4. ê is
+  a fixed N(0, I) field (the noise ε̂ of a trained ε_θ1 estimates).
+- ``plasticine-diffusion``: one step of Plasticine's ε_θ1
+  (:class:`mrus_models.plasticine.diffusion.IntensityUNet`, Palette's U-Net: 64 channels,
+  (1, 2, 4, 8), 2 residual blocks, self-attention in the middle) on a fixed noise level and
+  noise, L_IN = mean |ε − ε̂|, Adam at the paper's 1e-4. It calls no registration operator:
+  its ``mrus`` and ``torch`` rows are one computation (the pair shows the timing noise),
+  and ``compiled`` is the comparison that tells.
 
 Rows:
 
@@ -41,7 +54,11 @@ allocator's peak; CPU: the process's peak resident set, see
 :func:`benchmarks.conftest.peak_extra_memory`); the summary table gives the speed-up over
 ``torch`` and, in ``vs 2nd``, over ``compiled``.
 
-Sizes: voxelmorph CPU 1×1×64³ and 2×1×96×96×64; GPU (marked ``cuda``) 1×1×160×192×224,
+Sizes: plasticine 3×1×256×256 on the GPU (the paper's batch and size, [Z25] §III-C) and
+3×1×64×64 on the CPU; as for innreg, its timed CPU rows skip under
+``--benchmark-disable`` and :func:`test_plasticine_rows_agree_with_plain` checks the rows on
+small networks. Both plasticine workloads run with dropout off and without ε_θ1's zero
+initialisation (:data:`PLASTICINE_BENCH`). voxelmorph CPU 1×1×64³ and 2×1×96×96×64; GPU (marked ``cuda``) 1×1×160×192×224,
 and :func:`test_train_step_largest_batch`, which finds the largest batch of 160×192×224
 volumes each row trains without running out of memory (on an 80 GB card; on a larger one
 the search stops at 80 GB of allocations). innreg: the paper's 3×1×192×192 on the CPU and
@@ -53,6 +70,7 @@ and the timed rows skip.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +84,12 @@ from mrus_kernels import NMILoss, reference
 from mrus_models.innreg.config import InnRegConfig
 from mrus_models.innreg.losses import innreg_loss
 from mrus_models.innreg.task import InnRegTask
+from mrus_models.plasticine.config import PlasticineConfig
+from mrus_models.plasticine.diffusion import NoiseSchedule, add_noise, intensity_loss
+from mrus_models.plasticine.losses import VALUE_RANGE, deformation_loss
+from mrus_models.plasticine.model import to_model_range
+from mrus_models.plasticine.structure import structure_map
+from mrus_models.plasticine.task import PlasticineTask
 from mrus_models.voxelmorph.config import VoxelMorphConfig
 from mrus_models.voxelmorph.losses import voxelmorph_loss
 from mrus_models.voxelmorph.model import VoxelMorph, normalise_intensity
@@ -83,6 +107,21 @@ INNREG_SHAPES = [(3, 1, 192, 192)]
 INNREG_SMALL = {"inn_blocks": 1, "inn_hidden": 4, "ddw_kernels": 2, "encoder": (4, 8),
                 "decoder": (8, 8, 4)}
 INNREG_SMALL_SHAPE = (2, 1, 16, 16)
+#: Plasticine: the paper's batch of 3 slices of 256×256 ([Z25] §III-C) on the GPU; a
+#: quarter of the size on the CPU (a full-width step there takes seconds).
+PLASTICINE_GPU_SHAPES = [(3, 1, 256, 256)]
+PLASTICINE_CPU_SHAPES = [(3, 1, 64, 64)]
+#: Config changes of every plasticine row. Dropout off: each row would draw its own masks
+#: (inductor its own random stream), so the rows' losses could not be compared; a mask is
+#: one pointwise op of the step. ε_θ1 without its zero initialisation: a zero-initialised
+#: network passes its first gradients to the output convolution only, which would leave the
+#: rows' gradient comparison almost nothing to compare; the step's work is the same.
+PLASTICINE_BENCH = {"diffusion_dropout": 0.0, "diffusion_zero_init": False}
+#: The small Plasticine of the correctness run (:func:`test_plasticine_rows_agree_with_plain`).
+PLASTICINE_SMALL = {"width": 4, "encoder": (4, 8), "decoder": (8, 8, 4), "align_layers": 2,
+                    "diffusion_width": 8, "diffusion_mults": (1, 2), "diffusion_res_blocks": 1,
+                    "diffusion_attention": (2,)}
+PLASTICINE_SMALL_SHAPE = (2, 1, 16, 16)
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # (timed, warm-up) steps
 #: Loss and gradient agreement of the rows with the ``torch`` row (float32, different
 #: summation orders; MI and LNCC are ratios of sums over every voxel).
@@ -242,6 +281,82 @@ def _innreg_build(form: str, shape: tuple[int, ...],
     return config, InnRegTask().build(config)
 
 
+# ---------------------------------------------------------------------------- plasticine
+
+
+def plasticine_prepare(moving: torch.Tensor, fixed: torch.Tensor, config: PlasticineConfig
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """What Plasticine's step sees, made once: x (the T1-like ``fixed`` image) and, in a
+    dict, y (``moving``) in the model's [-1, 1], y's structure map y_s, and one fixed draw of
+    the noise level γ and the noise ε (ε also stands for ê, ε_θ1's estimate of it)."""
+    x, y = to_model_range(fixed), to_model_range(moving)
+    g = torch.Generator().manual_seed(1)
+    schedule = NoiseSchedule.linear(config.train_timesteps, config.beta_start, config.beta_end)
+    gamma = schedule.sample_gammas(y.shape[0], generator=g, device=y.device)
+    eps = torch.randn(y.shape, generator=g).to(y.device)
+    return x, {"target": y, "target_structure": structure_map(y, config.clusters).to(y.device),
+               "gamma": gamma, "eps": eps}
+
+
+def plasticine_plain_forward(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             cue: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:class:`~mrus_models.plasticine.deformation.DeformationNet`'s training forward with
+    plain-PyTorch integration (both velocities) and warps (border padding): the same
+    outputs."""
+    f = net.features(x, y, cue)
+    h = net.unet(net.act(f["x"] + f["target"]))
+    v, v_inv = net.head(h).float(), net.head_inverse(h).float()
+    ddf, ddf_inv = plain_integrate(v, net.steps), plain_integrate(v_inv, net.steps)
+    return {"velocity": v, "velocity_inverse": v_inv, "ddf": ddf, "ddf_inverse": ddf_inv,
+            "features_predicted": f["predicted"], "features_target": f["target"],
+            "warped": plain_warp(x.float(), ddf, "border"),
+            "warped_target": plain_warp(y.float(), ddf_inv, "border")}
+
+
+def plasticine_deformation_plain_loss(net: nn.Module, x: torch.Tensor, data: dict,
+                                      config: PlasticineConfig) -> torch.Tensor:
+    """The ``torch`` row of f_θ2: :func:`plasticine_plain_forward` and L_DF (eq. 7) with
+    dense Parzen NMI / MI (:mod:`mrus_kernels.reference`, ``[B, N, K]`` weights and an
+    einsum) and forward-difference smoothness."""
+    y = data["target"]
+    out = plasticine_plain_forward(net, x, y, data["eps"])
+    sim = reference.nmi if config.mi_form == "nmi" else reference.mutual_information
+    kw = {"bins": config.mi_bins, "sigma": config.mi_sigma, "value_range": VALUE_RANGE}
+    l_data = -(sim(y.float(), out["warped"], **kw).mean()
+               + sim(x.float(), out["warped_target"], **kw).mean())
+    smooth = reference.grad_l2(out["velocity"]) + reference.grad_l2(out["velocity_inverse"])
+    align = (out["features_predicted"].float()
+             - out["features_target"].detach().float()).square().mean()
+    loss = l_data + config.lam_smooth * smooth + config.lam_align * align
+    if config.lam_inverse > 0:
+        r = reference.compose(out["ddf"], out["ddf_inverse"])
+        loss = loss + config.lam_inverse * r.square().sum(dim=1).mean()
+    return loss
+
+
+def plasticine_deformation_mrus_loss(net: nn.Module, x: torch.Tensor, data: dict,
+                                     config: PlasticineConfig) -> torch.Tensor:
+    """The ``mrus`` row of f_θ2: the module and L_DF as shipped."""
+    y = data["target"]
+    return deformation_loss(net(x, y, data["eps"]), x, y, config)[0]
+
+
+def plasticine_diffusion_loss(net: nn.Module, x: torch.Tensor, data: dict,
+                              config: PlasticineConfig) -> torch.Tensor:
+    """ε_θ1's step on the fixed draw: ỹ = √γ y + √(1 − γ) ε, L_IN = mean |ε − ε_θ1(ỹ, γ,
+    y_s)| (eq. A.5, eq. 1); both rows (no registration operator in it)."""
+    noisy = add_noise(data["target"], data["gamma"], data["eps"])
+    return intensity_loss(net(noisy, data["gamma"], data["target_structure"]), data["eps"])
+
+
+def _plasticine_build(variant: str, shape: tuple[int, ...],
+                      **overrides: object) -> tuple[PlasticineConfig, nn.Module]:
+    config = PlasticineConfig(size=tuple(shape[2:]), batch_size=shape[0],
+                              flow_init_std=FLOW_INIT_STD, **{**PLASTICINE_BENCH, **overrides})
+    model = PlasticineTask().build(config)
+    return config, model.deformation if variant == "deformation" else model.intensity
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -259,6 +374,10 @@ class Workload:
         optimizer: ``(parameters, config) -> optimiser``.
         overrides: config fields changed from the model's defaults (a smaller network).
         cpu_compile_options: inductor options of the compiled rows on the CPU.
+        head: the parameter whose gradient is compared on its own (where the operators'
+            backward passes meet the network).
+        prepare: ``(moving, fixed, config) -> (moving, fixed)``: what the losses take in
+            place of :func:`make_data`'s pair, made once per row (None: the pair itself).
     """
 
     model: str
@@ -269,6 +388,8 @@ class Workload:
     optimizer: Callable[..., torch.optim.Optimizer]
     overrides: tuple[tuple[str, object], ...] = ()
     cpu_compile_options: tuple[tuple[str, object], ...] = ()
+    head: str = "flow.conv.weight"
+    prepare: Callable[..., tuple] | None = None
 
     @property
     def name(self) -> str:
@@ -295,6 +416,21 @@ def innreg_workload(form: str = "released", **overrides: object) -> Workload:
     return Workload("innreg", form, _innreg_build, innreg_mrus_loss, innreg_plain_loss,
                     lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas),
                     tuple(overrides.items()), (("layout_optimization", False),))
+
+
+def plasticine_workload(variant: str, **overrides: object) -> Workload:
+    """Plasticine's f_θ2 (``variant`` "deformation", Adam at ``lr``, 2e-4) or ε_θ1
+    ("diffusion", Adam at ``lr_intensity``, 1e-4), with PlasticineConfig ``overrides``."""
+    if variant == "deformation":
+        return Workload("plasticine", variant, _plasticine_build,
+                        plasticine_deformation_mrus_loss, plasticine_deformation_plain_loss,
+                        lambda params, c: torch.optim.Adam(params, lr=c.lr),
+                        tuple(overrides.items()), head="head.weight",
+                        prepare=plasticine_prepare)
+    return Workload("plasticine", variant, _plasticine_build, plasticine_diffusion_loss,
+                    plasticine_diffusion_loss,
+                    lambda params, c: torch.optim.Adam(params, lr=c.lr_intensity),
+                    tuple(overrides.items()), head="out.2.weight", prepare=plasticine_prepare)
 
 
 def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +470,11 @@ class TrainStep:
         torch.manual_seed(0)  # every row starts from the same weights
         self.config, model = workload.build(workload.variant, shape, **dict(workload.overrides))
         self.model = model.to(device)
-        self.moving, self.fixed = data if data is not None else make_data(shape, device)
+        if data is None:
+            data = make_data(shape, device)
+            if workload.prepare is not None:
+                data = workload.prepare(*data, self.config)
+        self.moving, self.fixed = data
         self.optimizer = workload.optimizer(self.model.parameters(), self.config)
         losses = {"mrus": workload.mrus_loss, "torch": workload.plain_loss}
         if impl in losses:
@@ -386,7 +526,7 @@ def _check_against_plain(row: TrainStep, shape, device) -> None:
     flat_got = torch.cat([g.flatten() for g in got.values()])
     flat_want = torch.cat([g.flatten() for g in want.values()])
     assert_close_rel(f"{name} gradients", flat_got, flat_want, 5 * RTOL)
-    head = "flow.conv.weight"
+    head = row.workload.head
     assert_close_rel(f"{name} grad {head}", got[head], want[head], 5 * RTOL)
 
 
@@ -451,6 +591,64 @@ def test_innreg_rows_agree_with_plain(impl):
     _check_against_plain(row, INNREG_SMALL_SHAPE, "cpu")
     before = float(row.step())
     assert math.isfinite(before) and math.isfinite(float(row.step())), impl
+
+
+PLASTICINE_VARIANTS = ("deformation", "diffusion")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", PLASTICINE_VARIANTS)
+@pytest.mark.parametrize("shape", PLASTICINE_CPU_SHAPES, ids=shape_id)
+def test_train_step_plasticine_cpu(benchmark, shape, variant, impl):
+    if benchmark.disabled:
+        pytest.skip("seconds a step and minutes of compilation on the CPU; the correctness "
+                    "run checks these rows in test_plasticine_rows_agree_with_plain")
+    _bench(benchmark, impl, plasticine_workload(variant), shape, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", PLASTICINE_VARIANTS)
+@pytest.mark.parametrize("shape", PLASTICINE_GPU_SHAPES, ids=shape_id)
+def test_train_step_plasticine_gpu(benchmark, shape, variant, impl):
+    _bench(benchmark, impl, plasticine_workload(variant), shape, "cuda")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+@pytest.mark.parametrize("variant", PLASTICINE_VARIANTS)
+def test_plasticine_rows_agree_with_plain(variant, impl):
+    """The plasticine rows' loss and gradients against the ``torch`` row on a small
+    Plasticine (:data:`PLASTICINE_SMALL`) at 2×1×16×16, then two finite steps; compiled
+    rows with ``aot_eager`` as :func:`test_innreg_rows_agree_with_plain`."""
+    row = TrainStep(impl, plasticine_workload(variant, **PLASTICINE_SMALL),
+                    PLASTICINE_SMALL_SHAPE, "cpu", compile_backend="aot_eager")
+    _check_against_plain(row, PLASTICINE_SMALL_SHAPE, "cpu")
+    before = float(row.step())
+    assert math.isfinite(before) and math.isfinite(float(row.step())), (variant, impl)
+
+
+def test_plasticine_plain_forward_is_the_modules():
+    """:func:`plasticine_plain_forward` returns what f_θ2's own forward returns (the fused
+    operators replaced), on the small network with a non-trivial velocity."""
+    config, net = _plasticine_build("deformation", PLASTICINE_SMALL_SHAPE, **PLASTICINE_SMALL)
+    moving, fixed = make_data(PLASTICINE_SMALL_SHAPE, "cpu")
+    x, data = plasticine_prepare(moving, fixed, config)
+    with torch.no_grad():
+        want = net(x, data["target"], data["eps"])
+        got = plasticine_plain_forward(net, x, data["target"], data["eps"])
+    # FLOW_INIT_STD: velocities of a few hundredths of a pixel, sample points off the grid.
+    assert want["velocity"].abs().max() > 0.01
+    for key, value in got.items():
+        assert_close_rel(f"plasticine {key}", value, want[key], 1e-4)
+    # Each term of L_DF weighs in the comparison: at the rows' initial weights the
+    # smoothness and inverse terms are too small to show in the total.
+    for weights in ({}, {"lam_smooth": 1e4}, {"lam_align": 1e3}, {"lam_inverse": 1e4},
+                    {"mi_form": "mi"}):
+        c = dataclasses.replace(config, **weights)
+        with torch.no_grad():
+            want_loss = plasticine_deformation_mrus_loss(net, x, data, c)
+            got_loss = plasticine_deformation_plain_loss(net, x, data, c)
+        assert_close_rel(f"plasticine L_DF {weights}", got_loss, want_loss, 1e-4)
 
 
 def _fits(impl: str, similarity: str, shape: tuple[int, ...]) -> bool:
