@@ -17,6 +17,7 @@ __all__ = ["MODELS", "available", "get_task", "register_task"]
 
 #: Model name -> "module:Class" of its Task (lazy: nothing is imported until asked for).
 MODELS: dict[str, str] = {
+    "acmt": "mrus_models.acmt.task:ACMTTask",
     "innreg": "mrus_models.innreg.task:InnRegTask",
     "plasticine": "mrus_models.plasticine.task:PlasticineTask",
     "voxelmorph": "mrus_models.voxelmorph.task:VoxelMorphTask",
