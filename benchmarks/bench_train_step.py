@@ -27,6 +27,15 @@ two ways of computing its loss); one step is forward, backward and ``optimizer.s
   noise, L_IN = mean |ε − ε̂|, Adam at the paper's 1e-4. It calls no registration operator:
   its ``mrus`` and ``torch`` rows are one computation (the pair shows the timing noise),
   and ``compiled`` is the comparison that tells.
+- ``acmt-deep32`` / ``acmt-deep64``: one ACMT step (:mod:`mrus_models.acmt`: the diffusion
+  process to x_{t_i} at i = 2 in evaluation mode without gradients, the network's pass,
+  the features f^s / f^d of x̂_1 and x_0, texture, boundary and SB losses and the energy
+  network's own loss, Adam at UNSB's 2e-4) with 32- or 64-channel deep features; the
+  ``torch`` row computes the boundary loss's Sobel magnitude with ``F.conv3d`` and the L1
+  by hand (:func:`plain_sobel_l1`) where ``mrus`` calls ``sobel_l1``. Two MR-US pairs
+  (2×1×128×128×64 per modality) on the GPU, 2×1×32×32×16 on the CPU (timed rows skip
+  under ``--benchmark-disable``; :func:`test_acmt_rows_agree_with_plain` checks the rows
+  on a small network).
 
 Rows:
 
@@ -81,6 +90,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrus_kernels import NMILoss, reference
+from mrus_models.acmt.bridge import diffuse, time_pool
+from mrus_models.acmt.config import ACMTConfig
+from mrus_models.acmt.losses import energy_loss, sb_loss, texture_loss
+from mrus_models.acmt.model import acmt_terms
+from mrus_models.acmt.model import normalise_intensity as acmt_normalise
+from mrus_models.acmt.task import ACMTTask
 from mrus_models.innreg.config import InnRegConfig
 from mrus_models.innreg.losses import innreg_loss
 from mrus_models.innreg.task import InnRegTask
@@ -122,6 +137,22 @@ PLASTICINE_SMALL = {"width": 4, "encoder": (4, 8), "decoder": (8, 8, 4), "align_
                     "diffusion_width": 8, "diffusion_mults": (1, 2), "diffusion_res_blocks": 1,
                     "diffusion_attention": (2,)}
 PLASTICINE_SMALL_SHAPE = (2, 1, 16, 16)
+#: ACMT: [M25]'s 128×128×64 volumes (§III-1) on the GPU, a quarter of each side on the CPU.
+#: Two MR-US pairs per step (the smallest batch the SB loss's entropy estimate takes: it
+#: contrasts each pair with another, :class:`~mrus_models.acmt.config.ACMTConfig`), so the
+#: network sees 4 volumes; the shape is that of each modality's batch.
+ACMT_GPU_SHAPES = [(2, 1, 128, 128, 64)]
+ACMT_CPU_SHAPES = [(2, 1, 32, 32, 16)]
+#: Deep features f^d of 32 and of 64 channels (the boundary loss's sobel_l1 input): the
+#: default network (widths 32, 64, 64, 64, f^d its last level) and one at half its widths.
+ACMT_VARIANTS = {"deep32": {"widths": (16, 32, 32, 32)}, "deep64": {}}
+#: The benchmarked step's pool index: i = 2 of T = 5, two network passes of the diffusion
+#: process before the trained pass (UNSB draws i uniformly in 0…4: 2 on average).
+ACMT_INDEX = 2
+#: The small ACMT of the correctness run (:func:`test_acmt_rows_agree_with_plain`).
+ACMT_SMALL = {"widths": (4, 8), "time_dim": 8, "deep_level": 1, "energy_widths": (4,),
+              "energy_time_dim": 8}
+ACMT_SMALL_SHAPE = (2, 1, 16, 16, 8)
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # (timed, warm-up) steps
 #: Loss and gradient agreement of the rows with the ``torch`` row (float32, different
 #: summation orders; MI and LNCC are ratios of sums over every voxel).
@@ -357,6 +388,88 @@ def _plasticine_build(variant: str, shape: tuple[int, ...],
     return config, model.deformation if variant == "deformation" else model.intensity
 
 
+# ---------------------------------------------------------------------------- acmt
+
+
+def plain_sobel_l1(f1: torch.Tensor, f0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The boundary loss's S-then-L1 as users write it: a 3D Sobel filter bank (three
+    3×3×3 kernels, [-1, 0, 1] along the gradient's axis and [1, 2, 1] along the others) by
+    ``F.conv3d`` per channel on the replicate-padded maps, the magnitude
+    ``sqrt(Σ g² + eps)``, then the mean absolute difference."""
+    d = torch.tensor([-1.0, 0.0, 1.0], dtype=f1.dtype, device=f1.device)
+    s = torch.tensor([1.0, 2.0, 1.0], dtype=f1.dtype, device=f1.device)
+    kernels = []
+    for axis in range(3):
+        k = [s, s, s]
+        k[axis] = d
+        kernels.append(torch.einsum("i,j,k->ijk", *k))
+    c = f1.shape[1]
+    weight = torch.stack(kernels)[:, None].repeat(c, 1, 1, 1, 1)  # [3C, 1, 3, 3, 3]
+
+    def magnitude(x: torch.Tensor) -> torch.Tensor:
+        g = F.conv3d(F.pad(x, [1] * 6, mode="replicate"), weight, groups=c)
+        return (g.unflatten(1, (c, 3)).square().sum(2) + eps).sqrt()
+
+    return (magnitude(f1) - magnitude(f0)).abs().mean()
+
+
+def acmt_prepare(moving: torch.Tensor, fixed: torch.Tensor, config: ACMTConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(US, MR) in ACMT's [-1, 1] (the step's normalisation, made once)."""
+    return acmt_normalise(moving), acmt_normalise(fixed)
+
+
+@torch.compiler.disable
+def acmt_states(model: nn.Module, x0: torch.Tensor, config: ACMTConfig) -> torch.Tensor:
+    """x_{t_i} at :data:`ACMT_INDEX` by the diffusion process (evaluation mode, no
+    gradient), one seeded noise draw so that every row sees the same states. Left eager in
+    the compiled rows: it switches the network's modes and has no backward."""
+    gen = torch.Generator(device=x0.device).manual_seed(0)
+    return diffuse(model.net, x0, ACMT_INDEX, config.sigma,
+                   times=time_pool(config.num_timesteps), generator=gen)
+
+
+def _acmt_time(config: ACMTConfig) -> float:
+    return float(time_pool(config.num_timesteps)[ACMT_INDEX])
+
+
+def acmt_mrus_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                   config: ACMTConfig) -> torch.Tensor:
+    """The ``mrus`` row: the diffusion process and eq. 14 as shipped
+    (:func:`mrus_models.acmt.model.acmt_terms`, the boundary loss on ``sobel_l1``)."""
+    x0 = torch.cat([fixed, moving])
+    return acmt_terms(model, x0, acmt_states(model, x0, config), _acmt_time(config), config)[0]
+
+
+def acmt_plain_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                    config: ACMTConfig) -> torch.Tensor:
+    """The ``torch`` row: the same step with the boundary loss's Sobel magnitude and L1
+    written with ``F.conv3d`` (:func:`plain_sobel_l1`); the other terms are plain PyTorch
+    in both rows."""
+    x0 = torch.cat([fixed, moving])
+    x_t = acmt_states(model, x0, config)
+    t, b, net = _acmt_time(config), fixed.shape[0], model.net
+    x1 = model(x_t, torch.full((2 * b,), t, device=x0.device))
+    shallow1, deep1 = net.encode(x1)
+    _, deep0 = net.encode(x0)
+    texture = texture_loss(model.c7, shallow1[:b], shallow1[b:])
+    e1, e0 = model.c3(deep1).float(), model.c3(deep0).float()
+    boundary = 0.5 * (plain_sobel_l1(e1[:b], e0[:b]) + plain_sobel_l1(e1[b:], e0[b:]))
+    sb = energy = 0.0
+    for part in (slice(0, b), slice(b, 2 * b)):
+        sb = sb + 0.5 * sb_loss(model.energy, x_t[part], x1[part], t, config.sigma)[0]
+        energy = energy + 0.5 * energy_loss(model.energy, x_t[part], x1[part], t)
+    return (config.lam_texture * texture + config.lam_boundary * boundary
+            + config.lam_sb * sb + energy)
+
+
+def _acmt_build(variant: str, shape: tuple[int, ...],
+                **overrides: object) -> tuple[ACMTConfig, nn.Module]:
+    config = ACMTConfig(size=tuple(shape[2:]), batch_size=shape[0],
+                        **{**ACMT_VARIANTS[variant], **overrides})
+    return config, ACMTTask().build(config)
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -431,6 +544,16 @@ def plasticine_workload(variant: str, **overrides: object) -> Workload:
                     plasticine_diffusion_loss,
                     lambda params, c: torch.optim.Adam(params, lr=c.lr_intensity),
                     tuple(overrides.items()), head="out.2.weight", prepare=plasticine_prepare)
+
+
+def acmt_workload(variant: str, **overrides: object) -> Workload:
+    """ACMT's step ([M25] Algorithm 1: the diffusion process to x_{t_i}, the network's
+    pass, texture, boundary and SB losses and E's own loss) with the deep features of
+    ``variant`` ("deep32" or "deep64", :data:`ACMT_VARIANTS`) and ACMTConfig ``overrides``;
+    Adam with the config's lr and betas (UNSB's 2e-4 and (0.5, 0.999))."""
+    return Workload("acmt", variant, _acmt_build, acmt_mrus_loss, acmt_plain_loss,
+                    lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas),
+                    tuple(overrides.items()), head="c3.weight", prepare=acmt_prepare)
 
 
 def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -649,6 +772,59 @@ def test_plasticine_plain_forward_is_the_modules():
             want_loss = plasticine_deformation_mrus_loss(net, x, data, c)
             got_loss = plasticine_deformation_plain_loss(net, x, data, c)
         assert_close_rel(f"plasticine L_DF {weights}", got_loss, want_loss, 1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", list(ACMT_VARIANTS))
+@pytest.mark.parametrize("shape", ACMT_CPU_SHAPES, ids=shape_id)
+def test_train_step_acmt_cpu(benchmark, shape, variant, impl):
+    if benchmark.disabled:
+        pytest.skip("minutes of compilation on the CPU; the correctness run checks these rows "
+                    "in test_acmt_rows_agree_with_plain")
+    _bench(benchmark, impl, acmt_workload(variant), shape, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", list(ACMT_VARIANTS))
+@pytest.mark.parametrize("shape", ACMT_GPU_SHAPES, ids=shape_id)
+def test_train_step_acmt_gpu(benchmark, shape, variant, impl):
+    _bench(benchmark, impl, acmt_workload(variant), shape, "cuda")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_acmt_rows_agree_with_plain(impl):
+    """The acmt rows' loss and gradients against the ``torch`` row on a small ACMT
+    (:data:`ACMT_SMALL`) at 2×1×16×16×8, then two finite steps; compiled rows with
+    ``aot_eager`` as :func:`test_innreg_rows_agree_with_plain`."""
+    row = TrainStep(impl, acmt_workload("deep64", **ACMT_SMALL), ACMT_SMALL_SHAPE, "cpu",
+                    compile_backend="aot_eager")
+    _check_against_plain(row, ACMT_SMALL_SHAPE, "cpu")
+    before = float(row.step())
+    assert math.isfinite(before) and math.isfinite(float(row.step())), impl
+
+
+def test_acmt_plain_sobel_is_the_definition():
+    """:func:`plain_sobel_l1` equals mrus's float64 definition
+    (:func:`mrus_kernels.reference.sobel_l1`) and the shipped ``sobel_l1``; the plain
+    row's loss equals the shipped step's on the small ACMT."""
+    from mrus_kernels import sobel_l1
+
+    g = torch.Generator().manual_seed(3)
+    f1 = torch.randn(2, 3, 7, 6, 5, generator=g, dtype=torch.float64)
+    f0 = torch.randn(2, 3, 7, 6, 5, generator=g, dtype=torch.float64)
+    want = reference.sobel_l1(f1, f0)
+    assert abs(float(plain_sobel_l1(f1, f0) - want)) <= 1e-12 * float(want)
+    got = sobel_l1(f1.float(), f0.float(), backend="cpu")
+    assert abs(float(got) - float(want)) <= 1e-5 * float(want)
+    config, model = _acmt_build("deep64", ACMT_SMALL_SHAPE, **ACMT_SMALL)
+    moving, fixed = acmt_prepare(*make_data(ACMT_SMALL_SHAPE, "cpu"), config)
+    with torch.no_grad():
+        for weights in ({}, {"lam_boundary": 100.0}):
+            c = dataclasses.replace(config, **weights)
+            want_loss = acmt_mrus_loss(model, moving, fixed, c)
+            got_loss = acmt_plain_loss(model, moving, fixed, c)
+            assert_close_rel(f"acmt loss {weights}", got_loss, want_loss, 1e-5)
 
 
 def _fits(impl: str, similarity: str, shape: tuple[int, ...]) -> bool:
