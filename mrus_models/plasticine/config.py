@@ -68,6 +68,9 @@ class PlasticineConfig(TrainConfig):
             for each input in inference step is set to 50", read as 50 steps of the
             respaced schedule, :data:`~mrus_models.plasticine.diffusion.SAMPLE_STEPS`);
             None runs all K_train steps of Algorithm 3.
+        clip_denoised: sample with the clean-image estimate clipped to [-1, 1] at every
+            step ([Palette]'s sampler, ``p_sample(clip_denoised=True)``; [Z25] writes the
+            unclipped eq. A.10), see :class:`~mrus_models.plasticine.model.ClippedNoise`.
         width: f_θ2's stem channels (64, [Z25] Appendix "64 start channels").
         encoder, decoder: f_θ2's U-Net widths ([VM]'s times four, see
             :data:`~mrus_models.plasticine.deformation.PLASTICINE_ENCODER`).
@@ -124,6 +127,7 @@ class PlasticineConfig(TrainConfig):
     beta_start: float = 1e-6
     beta_end: float = 1e-2
     sample_steps: int | None = 50
+    clip_denoised: bool = True
     width: int = arch_field(64)
     encoder: tuple[int, ...] = arch_field(PLASTICINE_ENCODER)
     decoder: tuple[int, ...] = arch_field(PLASTICINE_DECODER)

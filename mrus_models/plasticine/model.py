@@ -33,6 +33,34 @@ def to_model_range(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return 2 * (x - lo) / (hi - lo).clamp_min(eps) - 1
 
 
+class ClippedNoise(nn.Module):
+    """ε_θ1 with the clean image it implies clipped to [-1, 1] ([Palette]'s sampler).
+
+    [Palette]'s code samples with ``clip_denoised=True``: it predicts
+    ŷ_0 = (ŷ_k − √(1 − γ) ε̂) / √γ, clamps it to the data range [-1, 1] and takes the
+    posterior mean of q(y_{k−1} | ŷ_0, ŷ_k) (eq. A.4). The ε-form update of eq. A.10 is that
+    same posterior mean with ŷ_0 unclipped, so returning the noise that the clipped ŷ_0
+    implies, ε̃ = (ŷ_k − √γ clip(ŷ_0)) / √(1 − γ), makes the paper's update the clipped one
+    without changing the sampler. Where ŷ_0 lies in [-1, 1] nothing changes; at the last
+    step (γ_0 = 1) the output is clip(ŷ_0) itself. An ε̂ that is off early in training or
+    after a short run cannot then carry ŷ far outside the data range over the steps.
+
+    Args:
+        net: ε_θ1, called as ``net(noisy, gamma [B], condition)``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, noisy: torch.Tensor, gamma: torch.Tensor,
+                condition: torch.Tensor) -> torch.Tensor:
+        eps = self.net(noisy, gamma, condition).to(noisy.dtype)
+        g = gamma.to(noisy.dtype).reshape(-1, *([1] * (noisy.dim() - 1)))
+        y0 = ((noisy - (1 - g).sqrt() * eps) / g.sqrt()).clamp(-1.0, 1.0)
+        return (noisy - g.sqrt() * y0) / (1 - g).sqrt()
+
+
 class Plasticine(nn.Module):
     """ε_θ1 (``intensity``) and f_θ2 (``deformation``), with the noise schedule.
 
@@ -43,6 +71,7 @@ class Plasticine(nn.Module):
         clusters: k of the structure maps (:func:`~mrus_models.plasticine.structure.
             structure_map`).
         sample_steps: default refinement steps of :meth:`translate` (None: all K_train).
+        clip_denoised: sample through :class:`ClippedNoise` ([Palette]'s sampler).
 
     Example:
         >>> from mrus_models.plasticine.diffusion import IntensityUNet, NoiseSchedule
@@ -56,12 +85,13 @@ class Plasticine(nn.Module):
 
     def __init__(self, intensity: nn.Module, deformation: DeformationNet,
                  schedule: NoiseSchedule, *, clusters: int = 2,
-                 sample_steps: int | None = None) -> None:
+                 sample_steps: int | None = None, clip_denoised: bool = True) -> None:
         super().__init__()
         self.intensity = intensity
         self.deformation = deformation
         self.schedule = schedule
         self.clusters, self.sample_steps = clusters, sample_steps
+        self.clip_denoised = clip_denoised
 
     @property
     def stride(self) -> int:
@@ -109,7 +139,7 @@ class Plasticine(nn.Module):
             source_structure: x_s if already computed (default: k-means of x here).
 
         Returns:
-            (ŷ [B, 1, H, W] in about [-1, 1], φ and φ⁻¹ [B, 2, H, W] in voxel units).
+            (ŷ [B, 1, H, W] in [-1, 1] with ``clip_denoised``, φ and φ⁻¹ [B, 2, H, W] in voxel units).
         """
         out = self.deformation(source)
         ddf, ddf_inv = out["ddf"], out["ddf_inverse"]
@@ -119,7 +149,8 @@ class Plasticine(nn.Module):
         condition = warp(source_structure.float(), ddf, mode="nearest", padding="border",
                          backend=self.deformation.backend)
         steps = self.sample_steps if steps is None else steps
-        y_hat = sample(self.intensity, source.float(), condition, self.schedule, steps=steps,
+        eps_net = ClippedNoise(self.intensity) if self.clip_denoised else self.intensity
+        y_hat = sample(eps_net, source.float(), condition, self.schedule, steps=steps,
                        generator=generator)
         return y_hat, ddf, ddf_inv
 

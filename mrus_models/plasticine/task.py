@@ -103,7 +103,8 @@ class PlasticineTask(Task):
         schedule = NoiseSchedule.linear(config.train_timesteps, config.beta_start,
                                         config.beta_end)
         return Plasticine(build_intensity(config), deformation, schedule,
-                          clusters=config.clusters, sample_steps=config.sample_steps)
+                          clusters=config.clusters, sample_steps=config.sample_steps,
+                          clip_denoised=config.clip_denoised)
 
     def param_groups(self, model: nn.Module, config: PlasticineConfig) -> list[dict[str, Any]]:
         """ε_θ1: Adam 1e-4 with a 10k-step warm-up; f_θ2: 2e-4 with 200 ([Z25] §III-C)."""

@@ -455,6 +455,44 @@ def test_translate_is_algorithm_3_from_x_alone(monkeypatch):
     assert torch.equal(again, y_hat)
 
 
+def test_clipped_noise_is_the_posterior_mean_of_the_clipped_clean_image():
+    """ClippedNoise turns eq. A.10's update into [Palette]'s clipped one: one step of
+    A.10 with ε̃ equals the posterior mean (eq. A.4) of clip(ŷ_0) and ŷ_k, with ŷ_0 the
+    clean image ε̂ implies; and a sampler through it ends in [-1, 1] whatever ε̂ is (a
+    network far from trained carries the unclipped sampler outside)."""
+    from mrus_models.plasticine.diffusion import NoiseSchedule, sample
+    from mrus_models.plasticine.model import ClippedNoise
+
+    gen = torch.Generator().manual_seed(3)
+    noisy = 2 * torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    cond = torch.zeros_like(noisy)
+
+    def wild(y, g, c):  # a bad noise estimate: implies clean images far outside [-1, 1]
+        return -3 * y
+
+    schedule = NoiseSchedule.linear(20, 1e-3, 0.2)
+    k = 12
+    a, g, g_prev = (float(schedule.alphas[k - 1]), float(schedule.gammas[k - 1]),
+                    float(schedule.gammas[k - 2]))
+    gamma = torch.full((2,), g, dtype=torch.float64)
+    eps = ClippedNoise(wild)(noisy, gamma, cond)
+    step = (noisy - (1 - a) / math.sqrt(1 - g) * eps) / math.sqrt(a)
+    y0 = ((noisy - math.sqrt(1 - g) * wild(noisy, gamma, cond)) / math.sqrt(g)).clamp(-1, 1)
+    mean = ((1 - a) * math.sqrt(g_prev) / (1 - g)) * y0 \
+        + ((1 - g_prev) * math.sqrt(a) / (1 - g)) * noisy
+    assert (step - mean).abs().max().item() <= 1e-12
+    # A clean image inside [-1, 1] is left alone: ε̃ = ε̂.
+    inside = lambda y, g_, c: (y - g_.sqrt().view(-1, 1, 1, 1) * 0.5) \
+        / (1 - g_).sqrt().view(-1, 1, 1, 1)
+    assert (ClippedNoise(inside)(noisy, gamma, cond) - inside(noisy, gamma, cond)).abs().max() \
+        <= 1e-12
+    x0 = torch.zeros_like(noisy)
+    out = sample(ClippedNoise(wild), x0, cond, schedule,
+                 generator=torch.Generator().manual_seed(0))
+    raw = sample(wild, x0, cond, schedule, generator=torch.Generator().manual_seed(0))
+    assert out.abs().max().item() <= 1 + 1e-9 and raw.abs().max().item() > 2
+
+
 def test_task_translate_any_size_and_range():
     task, net, config = _task_and_net()
     net.eval()
