@@ -18,6 +18,7 @@ __all__ = ["MODELS", "available", "get_task", "register_task"]
 #: Model name -> "module:Class" of its Task (lazy: nothing is imported until asked for).
 MODELS: dict[str, str] = {
     "acmt": "mrus_models.acmt.task:ACMTTask",
+    "anatomy_aware": "mrus_models.anatomy_aware.task:AnatomyAwareTask",
     "innreg": "mrus_models.innreg.task:InnRegTask",
     "plasticine": "mrus_models.plasticine.task:PlasticineTask",
     "voxelmorph": "mrus_models.voxelmorph.task:VoxelMorphTask",
