@@ -171,27 +171,11 @@ class AnatomyAwareNet(nn.Module):
             raise ValueError(f"AnatomyAwareNet: noise must have fixed's shape "
                              f"{tuple(fixed.shape)}, got {tuple(noise.shape)}")
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Registers ``moving`` to ``fixed``.
-
-        Args:
-            moving: Tensor [B, 1, *S], any intensity units (min-max normalised to [-1, 1]
-                for the network and the loss; sizes divisible by :attr:`stride`).
-            fixed: Tensor [B, 1, *S].
-            t: int64 [B] diffusion steps in [0, num_timesteps); None: the registration pass
-                (t = 0 and the fixed image itself as the third channel, [Q23]).
-            noise: the noise N [B, 1, *S] added to the normalised fixed image (None with
-                ``t``: drawn from torch's global generator).
-
-        Returns:
-            dict: ``"ddf"`` [B, ndim, *S] (voxel units, ``warp(moving, ddf) ≈ fixed``);
-            ``"velocity"`` (the head's output: the SVF, or the displacement itself);
-            ``"warped_input"`` [B, 1, *S] the normalised moving image warped (border
-            padding); ``"fixed_input"`` the normalised fixed image; ``"score"`` [B, 1, *S]
-            the diffusion decoder's output; ``"noise"`` (zeros in the registration pass);
-            ``"t"`` [B]. Fields float32 even under autocast.
-        """
+    def fields(self, moving: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The network's pass without the spatial operators: :meth:`forward`'s inputs;
+        returns ``"velocity"`` (the flow head's output), ``"score"``, ``"fixed_input"``,
+        ``"moving_input"`` (both normalised to [-1, 1]), ``"noise"`` and ``"t"``."""
         self._check(moving, fixed, t, noise)
         m, f = normalise_intensity(moving), normalise_intensity(fixed)
         if t is None:
@@ -220,13 +204,37 @@ class AnatomyAwareNet(nn.Module):
                 skip = skips[levels - 1 - j]
                 hd = torch.cat([self.upsample(hd), skip], dim=1)
                 hr = torch.cat([self.upsample(hr), skip], dim=1)
-        score = self.score_head(hd).float()
-        velocity = self.flow_head(hr).float()
+        return {"velocity": self.flow_head(hr).float(), "score": self.score_head(hd).float(),
+                "fixed_input": f, "moving_input": m, "noise": noise, "t": t}
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Registers ``moving`` to ``fixed``.
+
+        Args:
+            moving: Tensor [B, 1, *S], any intensity units (min-max normalised to [-1, 1]
+                for the network and the loss; sizes divisible by :attr:`stride`).
+            fixed: Tensor [B, 1, *S].
+            t: int64 [B] diffusion steps in [0, num_timesteps); None: the registration pass
+                (t = 0 and the fixed image itself as the third channel, [Q23]).
+            noise: the noise N [B, 1, *S] added to the normalised fixed image (None with
+                ``t``: drawn from torch's global generator).
+
+        Returns:
+            :meth:`fields`' dict and ``"ddf"`` [B, ndim, *S] (voxel units,
+            ``warp(moving, ddf) ≈ fixed``; the integrated velocity, or the velocity itself
+            with ``transform="displacement"``) and ``"warped_input"`` [B, 1, *S], the
+            normalised moving image warped (border padding). Fields float32 even under
+            autocast; ``"noise"`` is zero in the registration pass.
+        """
+        out = self.fields(moving, fixed, t, noise)
+        velocity = out["velocity"]
         if self.transform == "svf":
             ddf = integrate_velocity(velocity, self.steps, memory=self.memory,
                                      backend=self.backend)
         else:
             ddf = velocity
-        warped = warp(m, ddf, padding="border", backend=self.backend)
-        return {"ddf": ddf, "velocity": velocity, "warped_input": warped, "fixed_input": f,
-                "score": score, "noise": noise, "t": t}
+        out["ddf"] = ddf
+        out["warped_input"] = warp(out["moving_input"], ddf, padding="border",
+                                   backend=self.backend)
+        return out
