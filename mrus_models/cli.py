@@ -1,5 +1,5 @@
 """The ``mrus`` command: ``info``, ``demo``, ``register``, ``train``, ``evaluate``,
-``predict``, ``translate`` and ``bench``.
+``predict``, ``translate``, ``trus3d`` and ``bench``.
 
 Bad input (a missing file, a 4D image, images of different dimension, an unknown option
 value, an unknown model, a bad ``--set``, a checkpoint of another model or architecture, an
@@ -570,6 +570,131 @@ def cmd_translate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- trus3d
+
+#: Metric rows printed by ``mrus trus3d --simulate`` (key, label, format).
+TRUS3D_ROWS = (
+    ("position_error_mean_mm", "position error, stitching + DBSCAN, mean (mm)", "{:.3f}"),
+    ("position_error_max_mm", "position error, stitching + DBSCAN, max (mm)", "{:.3f}"),
+    ("position_error_mean_mm_no_dbscan", "position error, no DBSCAN, mean (mm)", "{:.3f}"),
+    ("position_error_max_mm_no_dbscan", "position error, no DBSCAN, max (mm)", "{:.3f}"),
+    ("position_error_mean_mm_frame_to_frame", "position error, frame to frame, mean (mm)",
+     "{:.3f}"),
+    ("position_error_max_mm_frame_to_frame", "position error, frame to frame, max (mm)",
+     "{:.3f}"),
+    ("psnr", "PSNR in the swept region (dB)", "{:.2f}"),
+    ("ssim", "SSIM (largest box in the swept region)", "{:.3f}"),
+    ("psnr_true_positions", "PSNR, same fill from the true positions (dB)", "{:.2f}"),
+    ("ssim_true_positions", "SSIM, same fill from the true positions", "{:.3f}"),
+)
+
+
+def _save_gray_png(path: Path, image) -> None:
+    import numpy as np
+    from PIL import Image
+
+    scale = float(np.percentile(image[image > 0], 99.5)) if (image > 0).any() else 1.0
+    data = np.round(np.clip(image / max(scale, 1e-12), 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(data).save(path)
+
+
+def cmd_trus3d(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .trus3d import StitchConfig, reconstruct_sweep
+
+    if args.simulate == (args.sweep_dir is not None):
+        raise CLIError("give either SWEEP_DIR (a recorded sweep) or --simulate")
+    dip = {"iterations": args.dip_iterations, "device": args.device,
+           "progress": not args.quiet} if args.fill == "dip" else None
+    if args.device == "cuda":
+        _device("cuda")
+    t0 = time.perf_counter()
+    if args.simulate:
+        if args.output is not None:
+            raise CLIError("-o/--output is for a recorded sweep; --simulate writes into --out")
+        if args.no_dbscan or args.frame_to_frame:
+            raise CLIError("--no-dbscan / --frame-to-frame: --simulate reports every variant")
+        from .data import write_nifti
+        from .trus3d import simulated_sweep, sweep_metrics, write_sweep
+
+        out = Path(args.out or "mrus-trus3d")
+        if out.exists() and any(out.iterdir()) and not (out / "sweep" / "sweep.json").is_file():
+            raise CLIError(f"--out {out}: the folder holds something else; give an empty or "
+                           "new folder (or one of an earlier `mrus trus3d --simulate`)")
+        kwargs = {"frames": args.frames, "bad_frames": args.bad_frame}
+        sweep = simulated_sweep(args.phantom, seed=args.seed, **kwargs)
+        write_sweep(sweep, out / "sweep", fmt=args.format)
+        rec, metrics = sweep_metrics(sweep, method=args.method, fill_method=args.fill,
+                                     dip_options=dip, progress=not args.quiet)
+        import torch
+
+        write_nifti(out / "reconstruction.nii.gz", torch.from_numpy(rec.volume)[None, None],
+                    rec.affine)
+        truth = np.diag([sweep.spacing] * 3 + [1.0])
+        # The true volume in the same frame: frame 0 of the sweep at the origin.
+        truth[:2, 3] = -np.asarray(sweep.positions[0]) * sweep.spacing
+        write_nifti(out / "true_volume.nii.gz", torch.from_numpy(sweep.volume)[None, None],
+                    truth)
+        _save_gray_png(out / "stitched.png", rec.stitched.composite)
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["phantom"], metrics["fill"], metrics["seed"] = args.phantom, args.fill, args.seed
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            print(f"trus3d: {args.phantom} phantom, {sweep.frames} frames, "
+                  f"{sweep.spacing:g} mm pixels, {metrics['method'].upper()} matching, "
+                  f"{args.fill} fill, {metrics['seconds']:.1f} s")
+            for key, label, fmt in TRUS3D_ROWS:
+                print(f"  {label:<52} {fmt.format(metrics[key])}")
+            if metrics["unmatched_frames"]:
+                print(f"  unmatched frames (placed by the last step): "
+                      f"{metrics['unmatched_frames']}")
+            print(f"wrote {out}/sweep/, reconstruction.nii.gz, true_volume.nii.gz, "
+                  "stitched.png, metrics.json")
+        return 0
+    if args.output is None:
+        raise CLIError("a recorded sweep needs -o/--output VOLUME.nii.gz")
+    if not str(args.output).lower().endswith((".nii", ".nii.gz")):
+        raise CLIError(f"-o/--output {args.output}: expected a .nii or .nii.gz file")
+    for flag, given in (("--phantom", args.phantom != "prostate"), ("--out", args.out),
+                        ("--bad-frame", args.bad_frame), ("--frames", args.frames != 40)):
+        if given:
+            raise CLIError(f"{flag} is for --simulate")
+    from .data import write_nifti
+    from .trus3d import read_sweep
+
+    sweep = read_sweep(args.sweep_dir)
+    cfg = StitchConfig(dbscan=not args.no_dbscan,
+                       mode="pairwise" if args.frame_to_frame else "composite")
+    rec = reconstruct_sweep(sweep, stitch_config=cfg, method=args.method,
+                            fill_method=args.fill, dip_options=dip, progress=not args.quiet)
+    import torch
+
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(args.output, torch.from_numpy(rec.volume)[None, None], rec.affine)
+    st = rec.stitched
+    unmatched = [int(i) for i in np.flatnonzero(~st.matched)]
+    summary = {"frames": sweep.frames, "method": rec.method, "fill": args.fill,
+               "unmatched_frames": unmatched, "mean_inliers": float(st.inliers[1:].mean()),
+               "volume_shape": list(rec.volume.shape), "spacing_mm": sweep.spacing,
+               "sweep_length_mm": float(np.ptp(rec.positions[:, 0]) * sweep.spacing),
+               "seconds": time.perf_counter() - t0}
+    if args.stitched:
+        _save_gray_png(Path(args.stitched), st.composite)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"trus3d: {sweep.frames} frames, {rec.method.upper()} matching, "
+              f"{summary['mean_inliers']:.0f} inliers per frame, unmatched {unmatched or 'none'}, "
+              f"sweep {summary['sweep_length_mm']:.1f} mm; wrote {args.output} "
+              f"{tuple(rec.volume.shape)} ({args.fill} fill, {summary['seconds']:.1f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -724,6 +849,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddf-inverse", help="where to write φ⁻¹ (default: <stem>_phi_inv<ext>)")
     overrides(p, "change a field that is not the architecture's (e.g. sample_steps)")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("trus3d", help="TRUS 3D reconstruction from a bi-plane sweep "
+                                      "(recorded, or --simulate one and measure it)")
+    quiet(p)
+    p.add_argument("sweep_dir", nargs="?", default=None,
+                   help="recorded sweep: PNG/NPY frames and sweep.json (frame order, pixel "
+                        "spacing)")
+    p.add_argument("-o", "--output", help="reconstructed volume (.nii/.nii.gz) of SWEEP_DIR")
+    p.add_argument("--simulate", action="store_true",
+                   help="simulate a sweep, reconstruct it and print the metrics")
+    p.add_argument("--phantom", choices=("prostate", "mni"), default="prostate",
+                   help="volume swept by --simulate")
+    p.add_argument("--out", help="--simulate output folder (default ./mrus-trus3d)")
+    p.add_argument("--frames", type=_positive_ints, default=40, help="--simulate time points")
+    p.add_argument("--bad-frame", type=int, action="append", default=[],
+                   help="--simulate: replace this frame by a lost-contact frame (repeatable)")
+    p.add_argument("--format", choices=("npy", "png"), default="npy",
+                   help="--simulate frame files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=("sift", "orb", "best"), default="sift",
+                   help="key points; best: both, keep the one with more inlier support")
+    p.add_argument("--fill", choices=("interp", "dip"), default="interp",
+                   help="fill of the sparse volume: interpolation along the sweep (fast) or "
+                        "Deep Image Prior")
+    p.add_argument("--dip-iterations", type=_positive_ints, default=300)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where DIP runs (default: cuda when available)")
+    p.add_argument("--no-dbscan", action="store_true",
+                   help="recorded sweep: mean of every match (no DBSCAN filter)")
+    p.add_argument("--frame-to-frame", action="store_true",
+                   help="recorded sweep: match each frame with the previous one instead of "
+                        "the composite")
+    p.add_argument("--stitched", help="recorded sweep: also write the stitched sagittal PNG")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_trus3d)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest benchmarks) and print "
                                      "its table")
