@@ -96,6 +96,11 @@ from mrus_models.acmt.losses import energy_loss, sb_loss, texture_loss
 from mrus_models.acmt.model import acmt_terms
 from mrus_models.acmt.model import normalise_intensity as acmt_normalise
 from mrus_models.acmt.task import ACMTTask
+from mrus_models.anatomy_aware.config import AnatomyAwareConfig
+from mrus_models.anatomy_aware.losses import anatomy_aware_loss
+from mrus_models.anatomy_aware.losses import diffusion_loss as anatomy_diffusion
+from mrus_models.anatomy_aware.losses import similarity_loss as anatomy_similarity
+from mrus_models.anatomy_aware.task import AnatomyAwareTask
 from mrus_models.innreg.config import InnRegConfig
 from mrus_models.innreg.losses import innreg_loss
 from mrus_models.innreg.task import InnRegTask
@@ -153,6 +158,12 @@ ACMT_INDEX = 2
 ACMT_SMALL = {"widths": (4, 8), "time_dim": 8, "deep_level": 1, "energy_widths": (4,),
               "energy_time_dim": 8}
 ACMT_SMALL_SHAPE = (2, 1, 16, 16, 8)
+#: anatomy_aware: MR2US-Pro's size (§III) on the GPU, one pair as the paper's batch is not
+#: given; 32×32×16 on the CPU; a small network for the correctness run.
+ANATOMY_GPU_SHAPES = [(1, 1, 128, 128, 64)]
+ANATOMY_CPU_SHAPES = [(1, 1, 32, 32, 16)]
+ANATOMY_SMALL = {"encoder": (8, 8), "decoder": (8, 8, 8), "time_dim": 8, "heads": 2}
+ANATOMY_SMALL_SHAPE = (2, 1, 16, 16, 8)
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # (timed, warm-up) steps
 #: Loss and gradient agreement of the rows with the ``torch`` row (float32, different
 #: summation orders; MI and LNCC are ratios of sums over every voxel).
@@ -470,6 +481,51 @@ def _acmt_build(variant: str, shape: tuple[int, ...],
     return config, ACMTTask().build(config)
 
 
+@torch.compiler.disable
+def anatomy_draw(fixed: torch.Tensor, config: AnatomyAwareConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's diffusion step t and noise N: one seeded draw, so every row sees the same
+    (left eager in the compiled rows: a generator is no graph input)."""
+    gen = torch.Generator(device=fixed.device).manual_seed(0)
+    t = torch.randint(0, config.num_timesteps, (fixed.shape[0],), device=fixed.device,
+                      generator=gen)
+    return t, torch.randn(fixed.shape, device=fixed.device, generator=gen)
+
+
+def anatomy_mrus_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                      config: AnatomyAwareConfig) -> torch.Tensor:
+    """The ``mrus`` row: the network as shipped (``integrate_velocity``, ``warp``) and eq. 19
+    (:func:`mrus_models.anatomy_aware.losses.anatomy_aware_loss`, ``grad_l2``)."""
+    t, noise = anatomy_draw(fixed, config)
+    return anatomy_aware_loss(model(moving, fixed, t, noise), config)[0]
+
+
+def anatomy_plain_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+                       config: AnatomyAwareConfig) -> torch.Tensor:
+    """The ``torch`` row: the same network pass (:meth:`AnatomyAwareNet.fields`), the
+    velocity integrated by :func:`plain_integrate`, the warp by :func:`plain_warp` (border
+    padding, as the shipped loss) and the smoothness by the forward differences of
+    :func:`mrus_kernels.reference.grad_l2`; the soft Dice and the diffusion loss are plain
+    PyTorch in both rows."""
+    t, noise = anatomy_draw(fixed, config)
+    out = model.fields(moving, fixed, t, noise)
+    v = out["velocity"]
+    ddf = plain_integrate(v, config.steps_integration) if config.transform == "svf" else v
+    warped = plain_warp(out["moving_input"], ddf, "border")
+    sim = anatomy_similarity(out["fixed_input"], warped, config).mean()
+    diff = anatomy_diffusion(out["score"], out["noise"]).mean()
+    return (config.lam_sim * sim + config.lam_smooth * reference.grad_l2(ddf)
+            + config.lam_diff * diff)
+
+
+def _anatomy_build(variant: str, shape: tuple[int, ...],
+                   **overrides: object) -> tuple[AnatomyAwareConfig, nn.Module]:
+    config = AnatomyAwareConfig(ndim=len(shape) - 2, size=tuple(shape[2:]),
+                                batch_size=shape[0], transform=variant,
+                                flow_init_std=FLOW_INIT_STD, **overrides)
+    return config, AnatomyAwareTask().build(config)
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -554,6 +610,17 @@ def acmt_workload(variant: str, **overrides: object) -> Workload:
     return Workload("acmt", variant, _acmt_build, acmt_mrus_loss, acmt_plain_loss,
                     lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas),
                     tuple(overrides.items()), head="c3.weight", prepare=acmt_prepare)
+
+
+def anatomy_workload(variant: str = "svf", **overrides: object) -> Workload:
+    """The anatomy-aware registration step (MR2US-Pro §II-C: the shared encoder over the
+    moving, fixed and noisy fixed images at one seeded diffusion step, both decoders, the
+    cross-attention, Φ by ``variant`` "svf" (integrated) or "displacement", the warp, eq.
+    19's soft Dice of F_Ana, smoothness and diffusion loss) with AnatomyAwareConfig
+    ``overrides``; Adam at the config's lr (FSDiffReg's 2e-4)."""
+    return Workload("anatomy_aware", variant, _anatomy_build, anatomy_mrus_loss,
+                    anatomy_plain_loss, lambda params, c: torch.optim.Adam(params, lr=c.lr),
+                    tuple(overrides.items()), head="flow_head.conv.weight")
 
 
 def make_data(shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -825,6 +892,36 @@ def test_acmt_plain_sobel_is_the_definition():
             want_loss = acmt_mrus_loss(model, moving, fixed, c)
             got_loss = acmt_plain_loss(model, moving, fixed, c)
             assert_close_rel(f"acmt loss {weights}", got_loss, want_loss, 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", ANATOMY_CPU_SHAPES, ids=shape_id)
+def test_train_step_anatomy_aware_cpu(benchmark, shape, impl):
+    if benchmark.disabled:
+        pytest.skip("a minute of compilation on the CPU; the correctness run checks these "
+                    "rows in test_anatomy_aware_rows_agree_with_plain")
+    _bench(benchmark, impl, anatomy_workload(), shape, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", ANATOMY_GPU_SHAPES, ids=shape_id)
+def test_train_step_anatomy_aware_gpu(benchmark, shape, impl):
+    _bench(benchmark, impl, anatomy_workload(), shape, "cuda")
+
+
+@pytest.mark.parametrize("variant", ["svf", "displacement"])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "torch"])
+def test_anatomy_aware_rows_agree_with_plain(impl, variant):
+    """The anatomy_aware rows' loss and gradients against the ``torch`` row on a small
+    network (:data:`ANATOMY_SMALL`) at 2×1×16×16×8, then two finite steps; compiled rows
+    with ``aot_eager`` as :func:`test_innreg_rows_agree_with_plain`. The plain row's
+    smoothness and warp are checked against the shipped module's on the same field."""
+    row = TrainStep(impl, anatomy_workload(variant, **ANATOMY_SMALL), ANATOMY_SMALL_SHAPE,
+                    "cpu", compile_backend="aot_eager")
+    _check_against_plain(row, ANATOMY_SMALL_SHAPE, "cpu")
+    before = float(row.step())
+    assert math.isfinite(before) and math.isfinite(float(row.step())), impl
 
 
 def _fits(impl: str, similarity: str, shape: tuple[int, ...]) -> bool:
