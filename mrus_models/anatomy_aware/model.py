@@ -164,7 +164,9 @@ class AnatomyAwareNet(nn.Module):
             if t.shape != (moving.shape[0],) or t.dtype != torch.int64:
                 raise ValueError(f"AnatomyAwareNet: t must be int64 [B={moving.shape[0]}], "
                                  f"got {t.dtype} {tuple(t.shape)}")
-            if bool(((t < 0) | (t >= self.num_timesteps)).any()):
+            # A host sync: skipped under torch.compile, where it would break the graph.
+            if not torch.compiler.is_compiling() and \
+                    bool(((t < 0) | (t >= self.num_timesteps)).any()):
                 raise ValueError(f"AnatomyAwareNet: t must lie in [0, {self.num_timesteps}), "
                                  f"got {t.tolist()}")
         if noise is not None and noise.shape != fixed.shape:
