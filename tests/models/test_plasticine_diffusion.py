@@ -415,6 +415,18 @@ def test_structure_map_batch_3d_and_two_clusters():
     assert torch.equal(got, structure_map(x, 2, seed=3))
 
 
+def test_structure_map_fitted_on_a_subsample_labels_every_pixel():
+    gen = np.random.default_rng(21)
+    image, region = _three_levels(gen, size=(40, 36))
+    x = torch.from_numpy(image)[None, None]
+    full = structure_map(x, 3, max_samples=None)
+    sub = structure_map(x, 3, max_samples=50)  # 50 of 1440 pixels fit the centres
+    assert torch.equal(sub, full)
+    assert np.array_equal(np.rint(full[0, 0].numpy() + 1).astype(np.int64), region)
+    assert torch.equal(structure_map(x, 3, max_samples=50, seed=4),
+                       structure_map(x, 3, max_samples=50, seed=4))
+
+
 def test_structure_map_with_fewer_values_than_clusters():
     x = torch.tensor([[[[2.0, 2.0], [5.0, 2.0]]]], dtype=torch.float64)
     assert structure_map(x, 4).tolist() == [[[[-1.0, -1.0], [-1.0 + 2 / 3, -1.0]]]]
@@ -447,6 +459,8 @@ test_bad_input = bad_input_test({
                            "clusters must be an int >= 2, got 1"),
     "structure_nan": (lambda: structure_map(torch.tensor([[[[0.0, float("nan")]]]]), 2),
                       ValueError, "item 0 has NaN or inf"),
+    "kmeans_samples": (lambda: kmeans_labels(np.arange(9.0), 3, max_samples=2), ValueError,
+                       r"max_samples must be None or an int >= clusters \(3\), got 2"),
     "kmeans_2d": (lambda: kmeans_labels(np.zeros((2, 2)), 2), ValueError,
                   r"values must be a non-empty 1-D array, got shape \(2, 2\)"),
     "betas_range": (lambda: NoiseSchedule([0.1, 1.0]), ValueError,
