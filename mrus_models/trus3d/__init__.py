@@ -11,7 +11,7 @@ or interpolated.
 
 - :mod:`.phantom`: a seeded prostate-like phantom and the MNI152 tissue maps.
 - :mod:`.simulate`: a seeded bi-plane sweep of either, with the true positions.
-- :mod:`.stitch`: stitching (and the frame-to-frame baseline).
+- :mod:`.stitching`: stitching (and the frame-to-frame baseline).
 - :mod:`.reconstruct`, :mod:`.inpaint`: sparse volume, interpolation and DIP fills.
 - :mod:`.metrics`: position errors, PSNR / SSIM against the truth.
 - :mod:`.io`: sweeps on disk (PNG / NPY frames + ``sweep.json``).
@@ -31,7 +31,7 @@ from .reconstruct import (
     sparse_volume,
 )
 from .simulate import Sweep, fan_mask, simulate_sweep, simulated_sweep, us_volume
-from .stitch import StitchConfig, StitchResult, best_stitch, match_points, robust_offset, stitch
+from .stitching import StitchConfig, StitchResult, best_stitch, match_points, robust_offset, stitch
 
 __all__ = [
     "Reconstruction",

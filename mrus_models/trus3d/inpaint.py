@@ -2,12 +2,17 @@
 §II-A, Fig. 3, purple arrow).
 
 A small 3D encoder-decoder (two stride-2 levels with skip connections, batch norm, leaky
-ReLU, trilinear upsampling; DIP's hourglass, shrunk for volumes) maps a fixed, seeded
-random code to a volume and is fitted with Adam to the known voxels only (masked mean
-squared error), for a fixed iteration budget: the network's own bias towards natural,
-self-similar structure fills the rest. As in DIP's inpainting recipe, the code is perturbed
-by fresh noise at each iteration (σ = ``input_noise``). Known voxels keep their measured
-values; voxels outside the swept region are 0.
+ReLU, trilinear upsampling; DIP's hourglass, shrunk for volumes) maps a fixed code to a
+volume and is fitted with Adam to the known voxels only (masked mean squared error), for a
+fixed iteration budget: the network's own bias towards natural, self-similar structure
+fills the rest. The code is the voxel coordinates (three channels in [-1, 1]: DIP's
+"meshgrid" input, which its authors use for inpainting large holes), perturbed by fresh
+noise at each iteration (σ = ``input_noise``). A per-voxel random code, DIP's other input,
+fails here: the gaps are whole slices, and the full-resolution path maps the code's noise at
+the unsupervised slices to values as far off as the known range (measured on a smooth
+volume known on every other slice: mean error 0.6, against 0.03 with the coordinates and
+0.11 for a constant fill). Known voxels keep their measured values; voxels outside the
+swept region are 0.
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ class DIPNet(nn.Module):
     """Encoder-decoder for DIP: code [1, c_in, *S] -> volume [1, 1, *S] (S divisible by 4).
 
     Args:
-        c_in: channels of the random code.
+        c_in: channels of the code.
         width: channels at full resolution (×2 per level down).
         skip: channels of each skip connection.
     """
 
-    def __init__(self, c_in: int = 8, width: int = 16, skip: int = 4):
+    def __init__(self, c_in: int = 3, width: int = 16, skip: int = 4):
         super().__init__()
         w1, w2 = width, 2 * width
         self.enc0 = _block(c_in, w1)
@@ -69,7 +74,7 @@ def dip_inpaint(sparse: SparseVolume, *, iterations: int = 300, width: int = 16,
         width: the network's full-resolution channels.
         lr: Adam's learning rate.
         input_noise: standard deviation of the per-iteration perturbation of the code.
-        seed: seed of the code, the weights and the perturbations.
+        seed: seed of the weights and the perturbations.
         device: where to fit (default: CUDA when available).
         progress: show a tqdm bar.
 
@@ -99,7 +104,10 @@ def dip_inpaint(sparse: SparseVolume, *, iterations: int = 300, width: int = 16,
     target = torch.from_numpy(np.pad(values / scale, pad).astype(np.float32))[None, None]
     mask = torch.from_numpy(np.pad(known, pad).astype(np.float32))[None, None]
     target, mask = target.to(device), mask.to(device)
-    code = (0.1 * torch.rand(1, 8, *padded, generator=gen)).to(device)
+    # Coordinates over the unpadded volume (the padding continues them linearly).
+    axes = [torch.arange(p, dtype=torch.float32) * 2 / max(n - 1, 1) - 1
+            for n, p in zip(shape, padded, strict=True)]
+    code = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     count = mask.sum().clamp_min(1)
     steps = range(iterations)

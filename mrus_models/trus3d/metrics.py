@@ -113,14 +113,14 @@ def sweep_metrics(sweep, *, method: str = "sift", fill_method: str = "interp",
 
     Position errors (mean and max, mm) for: stitching with DBSCAN (the reconstruction's
     positions), stitching without DBSCAN, and frame-to-frame matching with DBSCAN; PSNR and
-    SSIM of the reconstruction, and of the same fill from the true positions (what the fill
-    alone allows).
+    SSIM of the reconstruction, and of the same fill of the same frames from the true
+    positions (what the fill alone allows).
 
     Returns:
         (the reconstruction from stitching with DBSCAN, the metrics dict).
     """
     from .reconstruct import reconstruct_sweep
-    from .stitch import StitchConfig, stitch
+    from .stitching import StitchConfig, stitch
 
     if sweep.positions is None or sweep.volume is None:
         raise ValueError("sweep_metrics needs a simulated sweep (true positions and volume)")
@@ -143,7 +143,8 @@ def sweep_metrics(sweep, *, method: str = "sift", fill_method: str = "interp",
     out.update(volume_metrics(rec, sweep.volume, truth))
     # Relative to frame 0, as the estimate: the same grid phase (a fractional shift of the
     # grid would smooth the truth by interpolation and change the comparison).
-    ref = reconstruct_sweep(sweep, positions=truth - truth[0], fill_method=fill_method,
+    ref = reconstruct_sweep(sweep, positions=truth - truth[0], use=rec.used,
+                            fill_method=fill_method,
                             dip_options=dip_options, progress=progress)
     m = volume_metrics(ref, sweep.volume, truth)
     out["psnr_true_positions"], out["ssim_true_positions"] = m["psnr"], m["ssim"]

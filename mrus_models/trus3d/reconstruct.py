@@ -51,7 +51,7 @@ def sparse_volume(transverse, positions, *, tip_column: float, fan=None,
     Args:
         transverse: numpy [T, H, L], the transverse frames in time order.
         positions: numpy [T, 2], (column, row) of each sagittal frame from
-            :func:`.stitch.stitch` (or the truth), pixels.
+            :func:`.stitching.stitch` (or the truth), pixels.
         tip_column: sagittal column of the transverse plane.
         fan: numpy [H, L] bool, the transverse field of view (None: the pixels that are
             non-zero in at least one frame).
@@ -145,6 +145,7 @@ class Reconstruction:
         volume: numpy [S', D', L] float32, the filled volume (0 outside the swept region).
         sparse: the :class:`SparseVolume` before filling.
         positions: numpy [T, 2] float64, the sagittal frames' (column, row), pixels.
+        used: numpy [T] bool, the time points whose transverse frames were placed.
         method: the feature detector used (``"sift"`` / ``"orb"``) or ``"given"``.
         stitched: the stitching result (None when the positions were given).
         spacing: voxel size, mm.
@@ -153,6 +154,7 @@ class Reconstruction:
     volume: np.ndarray
     sparse: SparseVolume
     positions: np.ndarray
+    used: np.ndarray
     method: str
     stitched: object
     spacing: float
@@ -167,25 +169,29 @@ class Reconstruction:
 
 
 def reconstruct_sweep(sweep, *, stitch_config=None, method: str | None = None,
-                      fill_method: str = "interp", positions=None, dip_options=None,
+                      fill_method: str = "interp", positions=None, use=None, dip_options=None,
                       progress: bool = False) -> Reconstruction:
     """The whole §II-A pipeline on a :class:`.simulate.Sweep`: stitch the sagittal frames
     (or take ``positions``), place the transverse frames, fill.
 
     Args:
         sweep: the sweep.
-        stitch_config: :class:`.stitch.StitchConfig` (default: SIFT + DBSCAN, composite).
-        method: ``"sift"``, ``"orb"`` or ``"best"`` (both, :func:`.stitch.best_stitch`);
+        stitch_config: :class:`.stitching.StitchConfig` (default: SIFT + DBSCAN, composite).
+        method: ``"sift"``, ``"orb"`` or ``"best"`` (both, :func:`.stitching.best_stitch`);
             overrides the config's method.
         fill_method: ``"interp"`` or ``"dip"``.
         positions: numpy [T, 2], known sagittal positions (skips stitching).
+        use: numpy [T] bool, the time points whose transverse frames enter the volume
+            (default: after stitching, the matched frames: an unmatched frame's position
+            is only extrapolated, and its content is usually what made it fail, a probe
+            off the wall; with given positions, all).
         dip_options: keyword options of :func:`.inpaint.dip_inpaint`.
         progress: tqdm bars.
 
     Returns:
         :class:`Reconstruction`.
     """
-    from .stitch import StitchConfig, best_stitch, stitch
+    from .stitching import StitchConfig, best_stitch, stitch
 
     if fill_method not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill_method!r}")
@@ -203,11 +209,18 @@ def reconstruct_sweep(sweep, *, stitch_config=None, method: str | None = None,
     else:
         method = "given"
         positions = np.asarray(positions, np.float64)
-    sparse = sparse_volume(sweep.transverse, positions, tip_column=sweep.tip_column,
-                           fan=sweep.fan)
+    if use is None:
+        use = stitched.matched if stitched is not None else np.ones(len(positions), bool)
+    use = np.asarray(use, bool)
+    if use.shape != (len(positions),) or use.sum() < 1:
+        raise ValueError(f"use must be [T = {len(positions)}] bool with a True, got shape "
+                         f"{use.shape}")
+    sparse = sparse_volume(sweep.transverse[use], positions[use],
+                           tip_column=sweep.tip_column, fan=sweep.fan)
     opts = dict(dip_options or {})
     if fill_method == "dip":
         opts.setdefault("progress", progress)
     volume = fill(sparse, fill_method, **opts)
-    return Reconstruction(volume=volume, sparse=sparse, positions=positions, method=method,
+    return Reconstruction(volume=volume, sparse=sparse, positions=positions, used=use,
+                          method=method,
                           stitched=stitched, spacing=float(sweep.spacing))
