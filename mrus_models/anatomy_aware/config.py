@@ -83,6 +83,12 @@ class AnatomyAwareConfig(TrainConfig):
             mean over voxels (``grad_l2``), as [Q23]'s gradient loss.
         lam_diff: weight of L_diffusion ([P25] no value; [Q23]'s 1).
         dice_eps: ε of the soft Dice, 1e-6 ([P25] eq. 16).
+        similarity_mask: "field_of_view" (default): F_Ana's means and the soft Dice's sums
+            run over the voxels where the fixed image holds data (above its minimum: the
+            simulated ultrasound's fan); "none": over the whole volume (eq. 15-16 as
+            written). Not in the paper, whose US volumes are cropped around the prostate:
+            the simulated US is zero outside its fan, where F_Ana is near 1 and the loss
+            would pull the T1's dark regions (background, CSF) into the empty corners.
         ana_temperature: F_Ana(x) = sigmoid(−(x − mean x) / temperature); 1 is eq. 15 as
             written (not in the paper: a knob for images whose range is not about [-1, 1]).
         translate_checkpoint: an ACMT checkpoint (``mrus train acmt``): when set, both
@@ -121,6 +127,7 @@ class AnatomyAwareConfig(TrainConfig):
     lam_smooth: float = 20.0
     lam_diff: float = 1.0
     dice_eps: float = 1e-6
+    similarity_mask: Literal["field_of_view", "none"] = "field_of_view"
     ana_temperature: float = 1.0
     translate_checkpoint: str = ""
     backend: Literal["auto", "torch", "cpu", "triton", "cuda"] | None = None

@@ -4,7 +4,9 @@
   dark regions (the prostate interior after ACMT; CSF and background in the brain crops)
   map towards 1, bright boundaries towards 0;
 - :func:`soft_dice_loss`: 1 − (2 Σ a·b + ε) / (Σ a + Σ b + ε) per item (eq. 16);
-- :func:`similarity_loss`: the soft Dice of F_Ana(fixed) and F_Ana(moving∘Φ);
+- :func:`similarity_loss`: the soft Dice of F_Ana(fixed) and F_Ana(moving∘Φ), by default
+  inside the fixed image's field of view (:func:`field_of_view`; not in the paper, see
+  ``similarity_mask`` in :class:`~mrus_models.anatomy_aware.config.AnatomyAwareConfig`);
 - :func:`smoothness_loss`: Σ‖∇Φ‖² (eq. 17) as :func:`mrus_kernels.grad_l2`, the mean squared
   forward difference of the displacement (voxel units);
 - :func:`diffusion_loss`: ‖S − N‖² (eq. 18) as the mean squared error of the predicted
@@ -31,13 +33,16 @@ def _check_image(op: str, name: str, x) -> None:
                          f"{tuple(x.shape)}")
 
 
-def anatomy_map(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def anatomy_map(x: torch.Tensor, temperature: float = 1.0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """F_Ana(x) = sigmoid(−(x − mean(x)) / temperature), the mean over each item's channels
-    and voxels ([P25] eq. 15; ``temperature`` = 1 is the equation as written).
+    and voxels ([P25] eq. 15; ``temperature`` = 1 is the equation as written), or over the
+    voxels of ``mask`` only.
 
     Args:
         x: Tensor [B, C, *S].
         temperature: a positive number.
+        mask: optional Tensor [B or 1, 1, *S] of 0/1 weights: the mean is taken over them.
 
     Returns:
         Tensor like ``x`` (float32 at least), values in (0, 1).
@@ -47,17 +52,24 @@ def anatomy_map(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         raise ValueError(f"anatomy_map: temperature must be > 0, got {temperature!r}")
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    mean = x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    dims = tuple(range(1, x.dim()))
+    if mask is None:
+        mean = x.mean(dim=dims, keepdim=True)
+    else:
+        m = mask.to(x.dtype).expand_as(x)
+        mean = (x * m).sum(dims, keepdim=True) / m.sum(dims, keepdim=True).clamp_min(1.0)
     return torch.sigmoid((mean - x) / temperature)
 
 
-def soft_dice_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def soft_dice_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """1 − (2 Σ a·b + ε) / (Σ a + Σ b + ε) per item, the sums over channels and voxels
-    ([P25] eq. 16).
+    ([P25] eq. 16), or over the voxels of ``mask`` only.
 
     Args:
         a, b: Tensors [B, C, *S] of the same shape, non-negative weights.
         eps: ε > 0 ([P25]: 1e-6).
+        mask: optional Tensor [B or 1, 1, *S] of 0/1 weights.
 
     Returns:
         Tensor [B].
@@ -69,16 +81,28 @@ def soft_dice_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     if not eps > 0:
         raise ValueError(f"soft_dice_loss: eps must be > 0, got {eps!r}")
+    if mask is not None:
+        m = mask.to(a.dtype)
+        a, b = a * m, b * m
     dims = tuple(range(1, a.dim()))
     inter = (a * b).sum(dims)
     return 1.0 - (2.0 * inter + eps) / (a.sum(dims) + b.sum(dims) + eps)
 
 
-def similarity_loss(fixed: torch.Tensor, warped: torch.Tensor,
-                    config: AnatomyAwareConfig) -> torch.Tensor:
-    """L_sim per item: the soft Dice of F_Ana(fixed) and F_Ana(warped moving), [B]."""
-    return soft_dice_loss(anatomy_map(fixed, config.ana_temperature),
-                          anatomy_map(warped, config.ana_temperature), config.dice_eps)
+def field_of_view(fixed: torch.Tensor) -> torch.Tensor:
+    """The voxels where the fixed image holds data: above its minimum (per item), [B, 1, *S]
+    bool. For the simulated ultrasound, the fan (exactly 0 outside)."""
+    dims = tuple(range(1, fixed.dim()))
+    return fixed > fixed.amin(dim=dims, keepdim=True)
+
+
+def similarity_loss(fixed: torch.Tensor, warped: torch.Tensor, config: AnatomyAwareConfig,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_sim per item: the soft Dice of F_Ana(fixed) and F_Ana(warped moving), both maps'
+    means and the Dice's sums over ``mask`` when given, [B]."""
+    return soft_dice_loss(anatomy_map(fixed, config.ana_temperature, mask),
+                          anatomy_map(warped, config.ana_temperature, mask),
+                          config.dice_eps, mask)
 
 
 def smoothness_loss(ddf: torch.Tensor, config: AnatomyAwareConfig) -> torch.Tensor:
@@ -110,7 +134,8 @@ def anatomy_aware_loss(out: dict[str, torch.Tensor], config: AnatomyAwareConfig
         (loss, logs): a 0-d tensor and the detached batch means ``similarity``,
         ``smoothness`` and ``diffusion``.
     """
-    sim = similarity_loss(out["fixed_input"], out["warped_input"], config).mean()
+    mask = out.get("mask") if config.similarity_mask == "field_of_view" else None
+    sim = similarity_loss(out["fixed_input"], out["warped_input"], config, mask).mean()
     smooth = smoothness_loss(out["ddf"], config)
     diff = diffusion_loss(out["score"], out["noise"]).mean()
     loss = config.lam_sim * sim + config.lam_smooth * smooth + config.lam_diff * diff

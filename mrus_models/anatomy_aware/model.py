@@ -33,6 +33,8 @@ from mrus_models.nn import (VOXELMORPH_DECODER, VOXELMORPH_ENCODER, ConvBlock, C
                             FlowHead, ResidualBlock, TimeEmbedding)
 from mrus_models.nn.blocks import conv
 
+from .losses import field_of_view
+
 
 #: The intensity mapped to 1 by :func:`normalise_intensity`: the 99.5th percentile (ACMT's
 #: normalisation, so that translated and raw inputs see the same mapping).
@@ -197,7 +199,9 @@ class AnatomyAwareNet(nn.Module):
                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The network's pass without the spatial operators: :meth:`forward`'s inputs;
         returns ``"velocity"`` (the flow head's output), ``"score"``, ``"fixed_input"``,
-        ``"moving_input"`` (both normalised to [-1, 1]), ``"noise"`` and ``"t"``."""
+        ``"moving_input"`` (both normalised to [-1, 1]), ``"noise"``, ``"t"`` and
+        ``"mask"``, the fixed image's field of view (:func:`~mrus_models.anatomy_aware.
+        losses.field_of_view` of the raw fixed image)."""
         self._check(moving, fixed, t, noise)
         m, f = normalise_intensity(moving), normalise_intensity(fixed)
         if t is None:
@@ -227,7 +231,8 @@ class AnatomyAwareNet(nn.Module):
                 hd = torch.cat([self.upsample(hd), skip], dim=1)
                 hr = torch.cat([self.upsample(hr), skip], dim=1)
         return {"velocity": self.flow_head(hr).float(), "score": self.score_head(hd).float(),
-                "fixed_input": f, "moving_input": m, "noise": noise, "t": t}
+                "fixed_input": f, "moving_input": m, "noise": noise, "t": t,
+                "mask": field_of_view(fixed)}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
