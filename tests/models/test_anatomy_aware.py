@@ -13,7 +13,7 @@ import mrus_kernels
 from conftest import bad_input_test
 from mrus_models.anatomy_aware import (AnatomyAwareConfig, AnatomyAwareNet, AnatomyAwareTask,
                                        USFixedPairs, anatomy_aware_loss, anatomy_map,
-                                       diffusion_loss, linear_alphas_cumprod,
+                                       diffusion_loss, field_of_view, linear_alphas_cumprod,
                                        normalise_intensity, similarity_loss, soft_dice_loss)
 from mrus_models.train.config import apply_overrides
 from mrus_models.train.registry import get_task
@@ -130,6 +130,38 @@ def test_anatomy_map_and_soft_dice_match_their_formulas():
     assert bool((same < other).all()) and bool(((0 <= other) & (other <= 1)).all())
     # ε keeps the empty case finite: 1 - ε/ε = 0.
     assert soft_dice_loss(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3)).item() == 0.0
+
+
+def test_masked_anatomy_map_and_soft_dice_match_their_formulas():
+    """With a mask: F_Ana's mean over the masked voxels, the Dice's sums over them
+    (float64 NumPy); the field of view of an image zero outside a region is that region;
+    the loss uses the mask by default and ignores it with similarity_mask="none"."""
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(2, 1, 6, 7, 5, generator=gen, dtype=torch.float64)
+    b = torch.rand(2, 1, 6, 7, 5, generator=gen, dtype=torch.float64)
+    raw = torch.rand(2, 1, 6, 7, 5, generator=gen) + 0.1
+    raw[:, :, :2] = 0.0
+    raw[1, :, :, :3] = 0.0
+    mask = field_of_view(raw)
+    assert torch.equal(mask, raw > 0)
+    got = soft_dice_loss(anatomy_map(a, 0.5, mask), anatomy_map(b, 0.5, mask), 1e-6, mask)
+    an, bn, mn = a.numpy(), b.numpy(), mask.numpy()
+    for i in range(2):
+        m = mn[i]
+        fa = 1 / (1 + np.exp((an[i] - an[i][m].mean()) / 0.5))
+        fb = 1 / (1 + np.exp((bn[i] - bn[i][m].mean()) / 0.5))
+        want = 1 - (2 * (fa * fb)[m].sum() + 1e-6) / (fa[m].sum() + fb[m].sum() + 1e-6)
+        assert abs(got[i].item() - want) <= 1e-12
+    out = {"fixed_input": a.float(), "warped_input": b.float(), "mask": mask,
+           "ddf": torch.zeros(2, 3, 6, 7, 5), "score": torch.zeros(2, 1, 6, 7, 5),
+           "noise": torch.zeros(2, 1, 6, 7, 5)}
+    masked = anatomy_aware_loss(out, _config(ndim=3, size=(8,), ana_temperature=0.5))[1][
+        "similarity"]
+    plain = anatomy_aware_loss(out, _config(ndim=3, size=(8,), lam_sim=1.0,
+                                            similarity_mask="none"))[1]["similarity"]
+    assert abs(masked.item() - got.mean().item()) <= 1e-5
+    assert abs(plain.item() - soft_dice_loss(anatomy_map(a), anatomy_map(b)).mean().item()) \
+        <= 1e-5
 
 
 def test_diffusion_loss_and_schedule():
