@@ -607,7 +607,7 @@ def cmd_trus3d(args) -> int:
 
     if args.simulate == (args.sweep_dir is not None):
         raise CLIError("give either SWEEP_DIR (a recorded sweep) or --simulate")
-    dip = {"iterations": args.dip_iterations, "device": args.device,
+    dip = {"iterations": args.dip_iterations, "width": args.dip_width, "device": args.device,
            "progress": not args.quiet} if args.fill == "dip" else None
     if args.device == "cuda":
         _device("cuda")
@@ -874,6 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill of the sparse volume: interpolation along the sweep (fast) or "
                         "Deep Image Prior")
     p.add_argument("--dip-iterations", type=_positive_ints, default=300)
+    p.add_argument("--dip-width", type=_positive_ints, default=16,
+                   help="DIP network channels at full resolution")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where DIP runs (default: cuda when available)")
     p.add_argument("--no-dbscan", action="store_true",

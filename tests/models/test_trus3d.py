@@ -466,8 +466,9 @@ def test_write_read_sweep_round_trip(tmp_path, sweep):
 
 
 def test_trus3d_extra_is_in_the_test_extra():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml")
                            .read_text())["project"]["optional-dependencies"]
