@@ -478,3 +478,34 @@ def test_trus3d_extra_is_in_the_test_extra():
 
     assert "opencv-python-headless" in names(extras["trus3d"])
     assert names(extras["trus3d"]) <= names(extras["test"])
+
+
+def test_best_stitch_keeps_the_better_supported_method(sweep):
+    from mrus_models.trus3d import best_stitch
+
+    method, res = best_stitch(sweep.sagittal[:8])
+    assert method in ("sift", "orb")
+    same = stitch(sweep.sagittal[:8], StitchConfig(method=method))
+    np.testing.assert_array_equal(res.positions, same.positions)
+    other = stitch(sweep.sagittal[:8], StitchConfig(method={"sift": "orb", "orb": "sift"}[method]))
+
+    def support(r):
+        return (r.inliers[1:] / np.maximum(r.matches[1:], 1)).mean()
+
+    assert (~res.matched).sum() < (~other.matched).sum() or support(res) >= support(other)
+
+
+def test_mni_sweep_positions():
+    from mrus_models.data import mni152
+    from mrus_models.trus3d import mni_volume
+
+    vol = mni_volume()
+    tpl = mni152(2)
+    # Sweep layout S, D, L = MNI y, -z, x: depth 0 is the top of the head.
+    assert vol.shape == (tpl.shape[1], tpl.shape[2], tpl.shape[0]) and vol.spacing == 2.0
+    assert torch.equal(vol.tissues[0, :, 7, 0, 11], tpl.tissues()[0, :, 11, 7, -1])
+    # 12 frames (steps of about 5 px): measured 0.17 / 0.29 mm mean / max at 2 mm pixels.
+    sw = simulate_sweep(vol, frames=12, seed=2)
+    res = stitch(sw.sagittal)
+    err = position_errors(res.positions, sw.positions, sw.spacing)
+    assert err.mean() <= 2 * POSITION_TOL_MEAN_MM and err.max() <= 2 * POSITION_TOL_MAX_MM, err
