@@ -93,7 +93,7 @@ from mrus_kernels import NMILoss, reference
 from mrus_models.acmt.bridge import diffuse, time_pool
 from mrus_models.acmt.config import ACMTConfig
 from mrus_models.acmt.losses import energy_loss, sb_loss, texture_loss
-from mrus_models.acmt.model import acmt_terms
+from mrus_models.acmt.model import acmt_terms, encode_features
 from mrus_models.acmt.model import normalise_intensity as acmt_normalise
 from mrus_models.acmt.task import ACMTTask
 from mrus_models.anatomy_aware.config import AnatomyAwareConfig
@@ -461,8 +461,9 @@ def acmt_plain_loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
     x_t = acmt_states(model, x0, config)
     t, b, net = _acmt_time(config), fixed.shape[0], model.net
     x1 = model(x_t, torch.full((2 * b,), t, device=x0.device))
-    shallow1, deep1 = net.encode(x1)
-    _, deep0 = net.encode(x0)
+    frozen = config.feature_extractor == "frozen"
+    shallow1, deep1 = encode_features(net, x1, frozen)
+    _, deep0 = encode_features(net, x0, frozen)
     texture = texture_loss(model.c7, shallow1[:b], shallow1[b:])
     e1, e0 = model.c3(deep1).float(), model.c3(deep0).float()
     boundary = 0.5 * (plain_sobel_l1(e1[:b], e0[:b]) + plain_sobel_l1(e1[b:], e0[b:]))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from mrus_models.train.task import unwrap
 
@@ -28,7 +29,7 @@ from .losses import (
 )
 from .network import ACMTNet
 
-__all__ = ["ACMT", "acmt_loss", "acmt_terms", "normalise_intensity"]
+__all__ = ["ACMT", "acmt_loss", "acmt_terms", "encode_features", "normalise_intensity"]
 
 #: Upper quantile of :func:`normalise_intensity`: speckle's brightest voxels do not set the
 #: scale (the datasets' pseudo-ultrasound peaks near twice its 99.5th percentile).
@@ -90,6 +91,37 @@ class ACMT(nn.Module):
         return self.net(x, t, return_features=return_features)
 
 
+class _Encode(nn.Module):
+    """``net.encode`` as a module's forward (for :func:`torch.func.functional_call`)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.encode(x)
+
+
+def encode_features(net: nn.Module, x: torch.Tensor, frozen: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f^s(x), f^d(x)) of eq. 5-6 by the network's encoder
+    (:meth:`~mrus_models.acmt.network.ACMTNet.encode`).
+
+    Args:
+        net: the translation network.
+        x: Tensor [B, 1, *S].
+        frozen: compute them with the network's current weights detached, so that a loss
+            on the features reaches θ only through ``x`` (x̂_1 = f_θ(x_t)) and not by
+            changing the extractor (see :class:`~mrus_models.acmt.config.ACMTConfig`'s
+            ``feature_extractor``).
+    """
+    if not frozen:
+        return net.encode(x)
+    state = {f"net.{k}": v.detach() for k, v in net.named_parameters()}
+    state.update({f"net.{k}": v for k, v in net.named_buffers()})
+    return functional_call(_Encode(net), state, (x,))
+
+
 def acmt_loss(model: nn.Module, mr: torch.Tensor, us: torch.Tensor, index: int,
               config: Any, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,8 +180,9 @@ def acmt_terms(model: nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: float,
     net = inner.net
     b = x0.shape[0] // 2
     x1 = model(x_t, torch.full((2 * b,), t, device=x0.device))
-    shallow1, deep1 = net.encode(x1)
-    _, deep0 = net.encode(x0)
+    frozen = getattr(config, "feature_extractor", "frozen") == "frozen"
+    shallow1, deep1 = encode_features(net, x1, frozen)
+    _, deep0 = encode_features(net, x0, frozen)
     texture = texture_loss(inner.c7, shallow1[:b], shallow1[b:])
     boundary = 0.5 * (boundary_loss(inner.c3, deep1[:b], deep0[:b], backend=config.backend)
                       + boundary_loss(inner.c3, deep1[b:], deep0[b:], backend=config.backend))

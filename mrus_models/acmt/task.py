@@ -40,9 +40,10 @@ def _slices(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _register_labels(fixed: torch.Tensor, moving: torch.Tensor, moving_labels: torch.Tensor,
-                     config: ACMTConfig) -> torch.Tensor:
-    """Registers ``moving`` to ``fixed`` with :func:`mrus_models.register` (MI, SVF) and
-    warps ``moving_labels`` (nearest) with the displacement found."""
+                     config: ACMTConfig, fixed_mask: torch.Tensor | None) -> torch.Tensor:
+    """Registers ``moving`` to ``fixed`` with :func:`mrus_models.register` (MI, SVF; the
+    similarity inside ``fixed_mask``) and warps ``moving_labels`` (nearest) with the
+    displacement found."""
     from mrus_models.register import register
 
     iterations = config.register_iterations
@@ -52,8 +53,8 @@ def _register_labels(fixed: torch.Tensor, moving: torch.Tensor, moving_labels: t
     with torch.enable_grad():
         result = register(fixed, moving, similarity="mi", transform="svf",
                           levels=config.register_levels, iterations=iterations,
-                          smoothness=config.register_smoothness, backend=config.backend,
-                          progress=False)
+                          smoothness=config.register_smoothness, fixed_mask=fixed_mask,
+                          backend=config.backend, progress=False)
     return warp(moving_labels.float(), result.ddf, mode="nearest",
                 backend=config.backend).round().long()
 
@@ -112,9 +113,9 @@ class ACMTTask(Task):
       ``fid_original``, ``kid_original``: the same between the untranslated MR and US
       slices (the gap the translation must narrow);
     - the downstream test ([M25] Table II): translated MR registered to translated US
-      (:func:`mrus_models.register`, MI, SVF), the MR labels warped (nearest) and scored
-      against the US labels: ``dice``, ``iou``, ``asd_mm`` (means over CSF, GM and WM) and
-      ``dice_csf``, ``dice_gm``, ``dice_wm``; with ``_original`` the same for registering
+      (:func:`mrus_models.register`, MI, SVF, the similarity inside the US fan), the MR
+      labels warped (nearest) and scored against the US labels: ``dice``, ``iou``,
+      ``asd_mm`` (means over CSF, GM and WM) and ``dice_csf``, ``dice_gm``, ``dice_wm``; with ``_original`` the same for registering
       the untranslated (normalised) pair, with ``_identity`` for the unregistered labels.
     """
 
@@ -176,12 +177,18 @@ class ACMTTask(Task):
             # are warped onto the US frame and scored against the US labels.
             mr_labels, us_labels = batch["fixed_labels"], batch["moving_labels"]
             spacing = batch["spacing"]
+            # The ultrasound fan (where the raw US has signal) bounds both registrations'
+            # similarity: outside it the US volume holds no anatomy.
+            fan = (batch["moving"] > 0).float() if config.register_fan_mask else None
             for i in range(b):
                 one = slice(i, i + 1)
-                _label_scores(_register_labels(us_t[one], mr_t[one], mr_labels[one], config),
-                              us_labels[one], spacing[one], "", per_item)
-                _label_scores(_register_labels(us[one], mr[one], mr_labels[one], config),
-                              us_labels[one], spacing[one], "_original", per_item)
+                mask = None if fan is None else fan[one]
+                _label_scores(_register_labels(us_t[one], mr_t[one], mr_labels[one], config,
+                                               mask), us_labels[one], spacing[one], "",
+                              per_item)
+                _label_scores(_register_labels(us[one], mr[one], mr_labels[one], config,
+                                               mask), us_labels[one], spacing[one],
+                              "_original", per_item)
                 _label_scores(mr_labels[one], us_labels[one], spacing[one], "_identity",
                               per_item)
         metrics = item_means(per_item)
