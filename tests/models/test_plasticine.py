@@ -662,3 +662,51 @@ def test_cli_translate_a_model_that_does_not_translate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "voxelmorph" in err and "does not translate" in err
     assert not (tmp_path / "y.npy").exists()
+
+
+#: The CPU-sized run of ``test_short_cpu_training_beats_the_identity``: 400 steps of batch
+#: 3 on 64 × 64 axial T1 → T2-like slices (3 mm pixels), a small ε_θ1 (width 32, three
+#: levels, one residual block, no attention, no dropout) and f_θ2 (stem 16, a three-level
+#: U-Net), both modules at Adam 1e-3 after 20 warm-up steps (the paper's 1e-4 / 2e-4 with
+#: 10k / 200 warm-up steps is for its 256² runs of many epochs), two clusters (the paper's
+#: foreground / background), 100 sampling steps. The README's ``plasticine`` section lists
+#: what it reaches.
+SHORT_RUN = ["--steps", "400", "--batch-size", "3", "--device", "cpu", "--set", "size=64",
+             "width=16", "encoder=16,32,32", "decoder=32,32,32,16,16", "diffusion_width=32",
+             "diffusion_mults=1,2,4", "diffusion_res_blocks=1", "diffusion_attention=",
+             "diffusion_dropout=0", "sample_steps=100", "planes=axial", "lr=1e-3",
+             "warmup_steps=20", "lr_intensity=1e-3", "warmup_intensity=20", "val_batches=0"]
+
+
+@pytest.mark.slow
+def test_short_cpu_training_beats_the_identity(tmp_path, capsys):
+    """`mrus train plasticine` for a short CPU run, then `mrus evaluate --split test --json`
+    on held-out slices: the translated images' intensity histogram is far closer to the
+    targets' than the source's (Bhattacharyya), the training-mode registration beats the
+    identity (endpoint error, Dice, NMI), the inference deformations are diffeomorphic and
+    inverse to each other within a fraction of a pixel, and the traced WM labels beat the
+    identity's. Measured (4.8 min with one thread on a shared 2-core machine): Bhattacharyya
+    0.30 against 0.89, endpoint error 2.05 against 2.56 mm, Dice 0.732 / 0.711, ‖φ∘φ⁻¹ − Id‖
+    0.079 px, traceability Dice WM 0.25 / 0 (mean 0.284 / 0.254); FID and SFD stay above the
+    identity's (260 / 152, 140 / 78): 400 steps do not make realistic textures."""
+    from mrus_models.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "train", "plasticine", "--out", str(out), *SHORT_RUN]) == 0
+    capsys.readouterr()
+    fid = "true" if _has_inception_weights() else "false"
+    assert main(["--quiet", "evaluate", "plasticine", "--checkpoint", str(out / "checkpoint.pt"),
+                 "--split", "test", "--json", "--set", f"fid={fid}"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["split"] == "test" and m["step"] == int(SHORT_RUN[1])
+    assert m["bhattacharyya"] < 0.6 * m["bhattacharyya_identity"], m
+    assert m["epe_mm"] < 0.9 * m["epe_mm_identity"], m
+    assert m["dice"] > m["dice_identity"] + 0.005, m
+    assert m["nmi"] > m["nmi_identity"], m
+    assert m["inverse_error_px"] < 0.3 and m["folding_fraction"] < 1e-3, m
+    # Traceability: the segmenter (trained on T2-like slices) finds WM in ŷ and, taken back
+    # by φ⁻¹, on x's WM; on x itself (T1 contrast) it finds none.
+    assert m["trace_dice_wm"] > m["trace_dice_wm_identity"] + 0.1, m
+    for key in ("trace_dice", "trace_miou", "trace_accuracy") + (("fid", "sfd") if fid == "true"
+                                                                  else ()):
+        assert math.isfinite(m[key]) and math.isfinite(m[key + "_identity"]), key
