@@ -36,6 +36,16 @@ two ways of computing its loss); one step is forward, backward and ``optimizer.s
   (2×1×128×128×64 per modality) on the GPU, 2×1×32×32×16 on the CPU (timed rows skip
   under ``--benchmark-disable``; :func:`test_acmt_rows_agree_with_plain` checks the rows
   on a small network).
+- ``anatomy_aware-svf``: one step of MR2US-Pro's anatomy-aware registration
+  (:mod:`mrus_models.anatomy_aware`: the shared encoder over the moving, fixed and noisy
+  fixed images at one seeded diffusion step, both decoders, the cross-attention, the
+  velocity integrated in 7 steps, the warp, eq. 19's soft Dice of F_Ana, ``grad_l2`` and
+  diffusion loss), Adam at FSDiffReg's 2e-4; the ``torch`` row integrates, warps and
+  smooths in plain PyTorch (:func:`plain_integrate`, :func:`plain_warp`,
+  ``reference.grad_l2``). 1×1×128×128×64 on the GPU (MR2US-Pro §III's size), 1×1×32×32×16
+  on the CPU (timed rows skip under ``--benchmark-disable``;
+  :func:`test_anatomy_aware_rows_agree_with_plain` checks the rows on a small network,
+  SVF and displacement).
 
 Rows:
 
