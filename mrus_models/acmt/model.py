@@ -117,6 +117,10 @@ def encode_features(net: nn.Module, x: torch.Tensor, frozen: bool = True
     """
     if not frozen:
         return net.encode(x)
+    return _frozen_encode(net, x)
+
+
+def _frozen_encode(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     state = {f"net.{k}": v.detach() for k, v in net.named_parameters()}
     state.update({f"net.{k}": v for k, v in net.named_buffers()})
     return functional_call(_Encode(net), state, (x,))
