@@ -5,8 +5,15 @@ Dice of the anatomy maps F_Ana, ``grad_l2`` smoothness and the diffusion loss; o
 ACMT translation of both images before the network."""
 
 from .config import AnatomyAwareConfig
-from .losses import (anatomy_aware_loss, anatomy_map, diffusion_loss, field_of_view,
-                     similarity_loss, smoothness_loss, soft_dice_loss)
+from .losses import (
+                     anatomy_aware_loss,
+                     anatomy_map,
+                     diffusion_loss,
+                     field_of_view,
+                     similarity_loss,
+                     smoothness_loss,
+                     soft_dice_loss,
+)
 from .model import AnatomyAwareNet, linear_alphas_cumprod, normalise_intensity
 from .task import TISSUES, AnatomyAwareTask, USFixedPairs
 

@@ -29,12 +29,18 @@ import torch
 from torch import nn
 
 from mrus_kernels import integrate_velocity, warp
-from mrus_models.nn import (VOXELMORPH_DECODER, VOXELMORPH_ENCODER, ConvBlock, CrossAttention,
-                            FlowHead, ResidualBlock, TimeEmbedding)
+from mrus_models.nn import (
+    VOXELMORPH_DECODER,
+    VOXELMORPH_ENCODER,
+    ConvBlock,
+    CrossAttention,
+    FlowHead,
+    ResidualBlock,
+    TimeEmbedding,
+)
 from mrus_models.nn.blocks import conv
 
 from .losses import field_of_view
-
 
 #: The intensity mapped to 1 by :func:`normalise_intensity`: the 99.5th percentile (ACMT's
 #: normalisation, so that translated and raw inputs see the same mapping).

@@ -11,14 +11,24 @@ import torch
 
 import mrus_kernels
 from conftest import bad_input_test
-from mrus_models.anatomy_aware import (AnatomyAwareConfig, AnatomyAwareNet, AnatomyAwareTask,
-                                       USFixedPairs, anatomy_aware_loss, anatomy_map,
-                                       diffusion_loss, field_of_view, linear_alphas_cumprod,
-                                       normalise_intensity, similarity_loss, soft_dice_loss)
+from mrus_models.anatomy_aware import (
+    AnatomyAwareConfig,
+    AnatomyAwareNet,
+    AnatomyAwareTask,
+    USFixedPairs,
+    anatomy_aware_loss,
+    anatomy_map,
+    diffusion_loss,
+    field_of_view,
+    linear_alphas_cumprod,
+    normalise_intensity,
+    similarity_loss,
+    soft_dice_loss,
+)
 from mrus_models.train.config import apply_overrides
 from mrus_models.train.registry import get_task
 
-TINY = dict(encoder=(8, 8), decoder=(8, 8, 8), time_dim=8, heads=2)
+TINY = {"encoder": (8, 8), "decoder": (8, 8, 8), "time_dim": 8, "heads": 2}
 
 
 def _config(**kw) -> AnatomyAwareConfig:
@@ -61,8 +71,8 @@ test_bad_config = bad_input_test({
                  r"modality: expected 'us' or 't2', got 'ct'"),
     "size": (lambda: AnatomyAwareConfig(size=(60, 64, 32)), ValueError, r"size: every size"),
     "attention_levels": (lambda: AnatomyAwareConfig(attention_levels=5), ValueError,
-                         r"attention_levels: expected an integer in \[0, len\(encoder\) = 4\], "
-                         r"got 5"),
+                         (r"attention_levels: expected an integer in \[0, len\(encoder\) = 4\], "
+                          r"got 5")),
     "heads": (lambda: AnatomyAwareConfig(heads=3), ValueError,
               r"heads: expected a positive divisor .* got 3"),
     "betas": (lambda: AnatomyAwareConfig(beta_start=0.1, beta_end=0.01), ValueError,
@@ -73,15 +83,15 @@ test_bad_config = bad_input_test({
     "transform": (lambda: apply_overrides(AnatomyAwareConfig(), ["transform=bspline"]),
                   ValueError, r"transform.*'svf', 'displacement'.*'bspline'"),
     "translate 2D": (lambda: AnatomyAwareConfig(ndim=2, size=(32,), translate_checkpoint="c.pt"),
-                     ValueError, r"translate_checkpoint: ACMT translates volumes, so it needs "
-                     r"ndim=3, got ndim=2"),
+                     ValueError, (r"translate_checkpoint: ACMT translates volumes, so it "
+                                  r"needs ndim=3, got ndim=2")),
     "anatomy_map type": (lambda: anatomy_map([1.0]), TypeError,
                          r"anatomy_map: x must be a torch.Tensor, got list"),
     "anatomy_map temperature": (lambda: anatomy_map(torch.rand(1, 1, 4, 4), 0.0), ValueError,
                                 r"temperature must be > 0, got 0.0"),
     "soft dice shapes": (lambda: soft_dice_loss(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5)),
-                         ValueError, r"a and b must have the same shape, got \(1, 1, 4, 4\) and "
-                         r"\(1, 1, 4, 5\)"),
+                         ValueError, (r"a and b must have the same shape, got \(1, 1, 4, 4\) "
+                                      r"and \(1, 1, 4, 5\)")),
     "net shapes": (lambda: AnatomyAwareNet(2, **{k: v for k, v in TINY.items()
                                                  if k != "time_dim"})(
         torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 12)), ValueError,
