@@ -55,7 +55,7 @@ class StitchConfig:
             previous frame's position before matching (speed; the crop is composite).
         mode: ``"composite"`` (stitching) or ``"pairwise"`` (frame to frame).
         intensity_scale: pixel value shown as white in the 8-bit images the detectors see
-            (None: the 99.5th percentile of the first frame).
+            (None: the 99.5th percentile of all the frames).
     """
 
     method: str = "sift"
@@ -280,7 +280,8 @@ def stitch(frames, config: StitchConfig | None = None, *, progress: bool = False
     cfg = config or StitchConfig()
     arr = _check_frames(frames)
     t_n, h, w = arr.shape
-    scale = cfg.intensity_scale or float(np.percentile(arr[0], 99.5)) or 1.0
+    # One scale for the whole sweep (a lost-contact first frame must not set it).
+    scale = cfg.intensity_scale or float(np.percentile(arr, 99.5)) or 1.0
     canvas = _Canvas(h, w)
     canvas.paste(arr[0], np.zeros(2))
     pos = np.zeros((t_n, 2))
