@@ -604,6 +604,7 @@ def cmd_trus3d(args) -> int:
     import numpy as np
 
     from .trus3d import StitchConfig, reconstruct_sweep
+    from .trus3d.stitching import require_opencv
 
     if args.simulate == (args.sweep_dir is not None):
         raise CLIError("give either SWEEP_DIR (a recorded sweep) or --simulate")
@@ -611,6 +612,7 @@ def cmd_trus3d(args) -> int:
            "progress": not args.quiet} if args.fill == "dip" else None
     if args.device == "cuda":
         _device("cuda")
+    require_opencv()  # before anything is written
     t0 = time.perf_counter()
     if args.simulate:
         if args.output is not None:

@@ -28,6 +28,11 @@ METHODS = ("sift", "orb")
 MODES = ("composite", "pairwise")
 
 
+def require_opencv():
+    """The ``cv2`` module; ModuleNotFoundError naming the extra when OpenCV is missing."""
+    return _cv2()
+
+
 def _cv2():
     try:
         import cv2

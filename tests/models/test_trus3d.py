@@ -236,10 +236,15 @@ def test_stitch_bad_input():
         StitchConfig(eps=0)
 
 
-def test_missing_opencv_names_the_extra(monkeypatch, sweep):
+def test_missing_opencv_names_the_extra(monkeypatch, sweep, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ModuleNotFoundError, match=r'pip install "mrus\[trus3d\]"'):
         stitch(sweep.sagittal[:3])
+    code = main(["--quiet", "trus3d", "--simulate", "--frames", "4", "--out",
+                 str(tmp_path / "sim")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mrus: error: ") and "mrus[trus3d]" in err
+    assert not (tmp_path / "sim").exists()  # nothing written
 
 
 # --------------------------------------------------------------------------- volume
