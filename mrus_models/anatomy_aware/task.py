@@ -166,7 +166,11 @@ class AnatomyAwareTask(Task):
             from mrus_models.train.trainer import load_checkpoint
 
             acmt = get_task("acmt")
-            model, acmt_config, _ = load_checkpoint(acmt, path, device)
+            try:
+                model, acmt_config, _ = load_checkpoint(acmt, path, device)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"translate_checkpoint: expected an ACMT checkpoint.pt of "
+                                 f"`mrus train acmt`, got {path!r}: {exc}") from exc
             self._translator = (key, acmt, model, acmt_config)
         return self._translator[1:]
 

@@ -408,6 +408,42 @@ def test_translation_feeds_the_network_but_the_original_is_warped():
     assert _FakeACMT.calls == 8 and bool(torch.isfinite(loss))
 
 
+def test_translate_checkpoint_with_a_trained_acmt(tmp_path):
+    """A real (one-step, tiny) ACMT checkpoint: predict estimates Φ from both volumes
+    translated by ACMTTask.translate and warps the original moving volume; a missing or
+    foreign checkpoint is refused naming translate_checkpoint."""
+    from mrus_models.cli import main
+
+    acmt_dir = tmp_path / "acmt"
+    assert main(["--quiet", "train", "acmt", "--out", str(acmt_dir), "--steps", "1",
+                 "--device", "cpu", "--set", "size=16,16,8", "widths=4,8", "time_dim=8",
+                 "deep_level=1", "energy_widths=4", "energy_time_dim=8",
+                 "val_batches=0"]) == 0
+    ckpt = str(acmt_dir / "checkpoint.pt")
+    torch.manual_seed(0)
+    config = _config(ndim=3, size=(8,), flow_init_std=0.05, translate_checkpoint=ckpt)
+    task = AnatomyAwareTask()
+    net = task.build(config).eval()
+    gen = torch.Generator().manual_seed(10)
+    fixed, moving = (torch.rand(1, 1, 12, 8, 8, generator=gen) for _ in range(2))
+    out = task.predict(net, fixed, moving, config)
+    acmt, acmt_net, acmt_config = task._acmt(config, torch.device("cpu"))
+    with torch.no_grad():
+        ft = acmt.translate(acmt_net, fixed, acmt_config)["translated"]
+        mt = acmt.translate(acmt_net, moving, acmt_config)["translated"]
+        assert not torch.equal(ft, fixed)
+        want = net(mt, ft)["ddf"]  # 12 × 8 × 8 needs no padding (stride 4)
+    assert out["ddf"].shape == (1, 3, 12, 8, 8)
+    assert torch.equal(out["ddf"], want)
+    assert not torch.equal(out["ddf"], net(moving, fixed)["ddf"])
+    assert torch.equal(out["warped"], mrus_kernels.warp(moving, out["ddf"]))
+    with pytest.raises(ValueError, match=r"translate_checkpoint: expected an ACMT "
+                                         r"checkpoint.pt of `mrus train acmt`, got '.*missing"):
+        AnatomyAwareTask().predict(
+            net, fixed, moving,
+            _config(ndim=3, size=(8,), translate_checkpoint=str(tmp_path / "missing.pt")))
+
+
 def test_command_line_train_and_evaluate(tmp_path, capsys):
     from mrus_models.cli import main
 
