@@ -1,5 +1,5 @@
 """The ``mrus`` command: ``info``, ``demo``, ``register``, ``train``, ``evaluate``,
-``predict``, ``translate``, ``trus3d`` and ``bench``.
+``predict``, ``translate``, ``mr2us``, ``trus3d`` and ``bench``.
 
 Bad input (a missing file, a 4D image, images of different dimension, an unknown option
 value, an unknown model, a bad ``--set``, a checkpoint of another model or architecture, an
@@ -428,6 +428,59 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _nifti_path(path: str, what: str) -> str:
+    """``path`` if it names a .nii / .nii.gz file; CLIError otherwise."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        raise CLIError(f"{what} {path}: expected a .nii or .nii.gz file")
+    return path
+
+
+def cmd_mr2us(args) -> int:
+    import torch
+
+    from .anatomy_aware.pipeline import load_pipeline, mr2us
+    from .data import read_nifti, write_displacement, write_nifti
+
+    output = _nifti_path(args.output, "-o/--output")
+    ddf_path = _nifti_path(args.ddf, "--ddf") if args.ddf else \
+        _beside(output, "ddf")
+    images = {}
+    for what, path in (("FIXED_US", args.fixed), ("MOVING_MR", args.moving)):
+        _nifti_path(path, what)
+        if not Path(path).is_file():
+            raise CLIError(f"{what} {path}: no such file")
+        try:
+            images[what] = read_nifti(path)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"{what} {path}: {exc}") from None
+        img = images[what]
+        if img.ndim != 3:
+            raise CLIError(f"{what} {path}: expected a 3D volume, got a {img.ndim}D image "
+                           f"{tuple(img.data.shape[2:])}")
+        if min(img.data.shape[2:]) < 4:
+            raise CLIError(f"{what} {path}: too small to register: "
+                           f"{tuple(img.data.shape[2:])}")
+    fixed, moving = images["FIXED_US"], images["MOVING_MR"]
+    device = _auto_device(args.device)
+    pipeline = load_pipeline(args.acmt, args.registration, device)
+    moving_on_fixed, to_moving = _moving_on_fixed_grid(fixed, moving, device, args.quiet)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = mr2us(pipeline, fixed.data.to(device), moving_on_fixed, progress=not args.quiet)
+        ddf = out["ddf"].float()
+        # Φ warps the original MR: from its own grid when it came on another one.
+        warped = out["warped"] if to_moving is None else \
+            _warp_original(fixed, moving, to_moving, ddf, device)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(ddf_path).parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(output, warped.float().cpu(), fixed.affine)
+    write_displacement(ddf_path, ddf.cpu(), fixed.affine)
+    if not args.quiet:
+        print(f"mr2us: ACMT translation and anatomy-aware registration in "
+              f"{time.perf_counter() - t0:.2f} s; wrote {output} and {ddf_path} (mm)")
+    return 0
+
+
 #: Image formats of ``mrus translate`` by suffix: NIfTI (the affine is kept), PNG, NumPy.
 TRANSLATE_FORMATS = (".nii.gz", ".nii", ".png", ".npy")
 
@@ -837,6 +890,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="warped moving image to write")
     p.add_argument("--ddf", help="also write the displacement (mm, NIfTI vector image)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("mr2us", help="MR2US-Pro: ACMT translation of both volumes, "
+                                     "anatomy-aware registration, the original MR warped")
+    quiet(p)
+    p.add_argument("--acmt", required=True, help="checkpoint.pt of `mrus train acmt`")
+    p.add_argument("--registration", required=True,
+                   help="checkpoint.pt of `mrus train anatomy_aware`")
+    p.add_argument("fixed", metavar="FIXED_US", help="fixed ultrasound volume (.nii/.nii.gz)")
+    p.add_argument("moving", metavar="MOVING_MR",
+                   help="moving MR volume; another grid is resampled through the affines")
+    p.add_argument("-o", "--output", required=True,
+                   help="the original MR warped onto the US grid (.nii/.nii.gz)")
+    p.add_argument("--ddf", help="where to write the displacement (mm, NIfTI vector image; "
+                                 "default: <stem>_ddf<ext> beside the output)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")
+    p.set_defaults(func=cmd_mr2us)
 
     p = sub.add_parser("translate", help="translate an image into a model's target domain "
                                          "(and write its deformations, if the model has them)")
