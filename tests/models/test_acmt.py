@@ -349,11 +349,11 @@ def test_config_roundtrip():
 
 
 #: The CPU-sized run of ``test_short_cpu_training_narrows_the_gap``: 64 × 64 × 32 crops
-#: (1 mm), 150 steps of two MR-US pairs, a small network (widths 8, 16, 16; f^d its last
-#: level; energy network 8, 16), Adam 1e-3 (five times UNSB's 2e-4: 150 steps instead of
+#: (1 mm), 60 steps of two MR-US pairs, a small network (widths 8, 16, 16; f^d its last
+#: level; energy network 8, 16), Adam 1e-3 (five times UNSB's 2e-4: 60 steps instead of
 #: thousands), the papers' loss weights; evaluated on 4 held-out crops, 8 axial slices each
 #: (32 per set for FID / KID). The README's ``acmt`` section lists what it reaches.
-SHORT_RUN = ["--steps", "150", "--batch-size", "2", "--device", "cpu", "--set",
+SHORT_RUN = ["--steps", "60", "--batch-size", "2", "--device", "cpu", "--set",
              "size=64,64,32", "widths=8,16,16", "deep_level=2", "time_dim=16",
              "energy_widths=8,16", "train_items=64", "lr=1e-3", "val_batches=0"]
 SHORT_EVAL = ["eval_items=4", "fid_slices=8"]
