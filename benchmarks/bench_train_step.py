@@ -77,7 +77,8 @@ Sizes: plasticine 3×1×256×256 on the GPU (the paper's batch and size, [Z25] �
 3×1×64×64 on the CPU; as for innreg, its timed CPU rows skip under
 ``--benchmark-disable`` and :func:`test_plasticine_rows_agree_with_plain` checks the rows on
 small networks. Both plasticine workloads run with dropout off and without ε_θ1's zero
-initialisation (:data:`PLASTICINE_BENCH`). voxelmorph CPU 1×1×64³ and 2×1×96×96×64; GPU (marked ``cuda``) 1×1×160×192×224,
+initialisation (:data:`PLASTICINE_BENCH`). voxelmorph CPU 1×1×64³ and 2×1×96×96×64; GPU
+(marked ``cuda``) 1×1×160×192×224,
 and :func:`test_train_step_largest_batch`, which finds the largest batch of 160×192×224
 volumes each row trains without running out of memory (on an 80 GB card; on a larger one
 the search stops at 80 GB of allocations). innreg: the paper's 3×1×192×192 on the CPU and

@@ -139,7 +139,8 @@ class Plasticine(nn.Module):
             source_structure: x_s if already computed (default: k-means of x here).
 
         Returns:
-            (ŷ [B, 1, H, W] in [-1, 1] with ``clip_denoised``, φ and φ⁻¹ [B, 2, H, W] in voxel units).
+            (ŷ [B, 1, H, W] in [-1, 1] with ``clip_denoised``, φ and φ⁻¹ [B, 2, H, W] in voxel
+            units).
         """
         out = self.deformation(source)
         ddf, ddf_inv = out["ddf"], out["ddf_inverse"]

@@ -482,8 +482,9 @@ def test_clipped_noise_is_the_posterior_mean_of_the_clipped_clean_image():
         + ((1 - g_prev) * math.sqrt(a) / (1 - g)) * noisy
     assert (step - mean).abs().max().item() <= 1e-12
     # A clean image inside [-1, 1] is left alone: ε̃ = ε̂.
-    inside = lambda y, g_, c: (y - g_.sqrt().view(-1, 1, 1, 1) * 0.5) \
-        / (1 - g_).sqrt().view(-1, 1, 1, 1)
+    def inside(y, g_, c):
+        return (y - g_.sqrt().view(-1, 1, 1, 1) * 0.5) / (1 - g_).sqrt().view(-1, 1, 1, 1)
+
     assert (ClippedNoise(inside)(noisy, gamma, cond) - inside(noisy, gamma, cond)).abs().max() \
         <= 1e-12
     x0 = torch.zeros_like(noisy)

@@ -75,10 +75,10 @@ def bad_sweep(phantom):
 # --------------------------------------------------------------------------- simulator
 
 
-def _bilinear3(vol: np.ndarray, s: float, d: float, l: float) -> float:
+def _bilinear3(vol: np.ndarray, s: float, d: float, lat: float) -> float:
     """Trilinear sample written out corner by corner (independent of scipy)."""
-    base = [int(np.floor(x)) for x in (s, d, l)]
-    frac = [x - b for x, b in zip((s, d, l), base, strict=True)]
+    base = [int(np.floor(x)) for x in (s, d, lat)]
+    frac = [x - b for x, b in zip((s, d, lat), base, strict=True)]
     total = 0.0
     for corner in range(8):
         bits = [(corner >> k) & 1 for k in range(3)]
@@ -471,9 +471,8 @@ def test_write_read_sweep_round_trip(tmp_path, sweep):
 
 
 def test_trus3d_extra_is_in_the_test_extra():
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml")
                            .read_text())["project"]["optional-dependencies"]
