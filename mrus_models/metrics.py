@@ -203,12 +203,23 @@ def hd95(labels: torch.Tensor, reference: torch.Tensor, value: int,
     Returns:
         Tensor [B], float64; NaN where either image has no voxel of that label.
     """
+    return _surface_metric("hd95", labels, reference, value, spacing,
+                           lambda a_to_r, r_to_a: max(np.percentile(a_to_r, 95),
+                                                      np.percentile(r_to_a, 95)))
+
+
+def _surface_metric(op: str, labels: torch.Tensor, reference: torch.Tensor, value: int,
+                    spacing: torch.Tensor | None, reduce) -> torch.Tensor:
+    """Per item, ``reduce(d(A's surface, R), d(R's surface, A))`` of the two regions of
+    label ``value``: the distances (mm with ``spacing``) of each surface's voxels to the
+    other surface, from SciPy's exact Euclidean distance transform; NaN where either region
+    is empty. Tensor [B] float64."""
     from scipy import ndimage
 
-    _check_pair("hd95", labels, reference)
+    _check_pair(op, labels, reference)
     b, ndim = labels.shape[0], labels.dim() - 2
     if spacing is not None and tuple(spacing.shape) != (b, ndim):
-        raise ValueError(f"hd95: spacing must be [B, ndim] = [{b}, {ndim}], got "
+        raise ValueError(f"{op}: spacing must be [B, ndim] = [{b}, {ndim}], got "
                          f"{tuple(spacing.shape)}")
     a_all = (labels == value).cpu().numpy()
     r_all = (reference == value).cpu().numpy()
@@ -222,7 +233,7 @@ def hd95(labels: torch.Tensor, reference: torch.Tensor, value: int,
         sa, sr = _surface(a), _surface(r)
         to_r = ndimage.distance_transform_edt(~sr, sampling=sampling)
         to_a = ndimage.distance_transform_edt(~sa, sampling=sampling)
-        out.append(max(np.percentile(to_r[sa], 95), np.percentile(to_a[sr], 95)))
+        out.append(float(reduce(to_r[sa], to_a[sr])))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -256,27 +267,9 @@ def average_surface_distance(labels: torch.Tensor, reference: torch.Tensor, valu
     Returns:
         Tensor [B], float64; NaN where either image has no voxel of that label.
     """
-    from scipy import ndimage
-
-    _check_pair("average_surface_distance", labels, reference)
-    b, ndim = labels.shape[0], labels.dim() - 2
-    if spacing is not None and tuple(spacing.shape) != (b, ndim):
-        raise ValueError(f"average_surface_distance: spacing must be [B, ndim] = [{b}, {ndim}], "
-                         f"got {tuple(spacing.shape)}")
-    a_all = (labels == value).cpu().numpy()
-    r_all = (reference == value).cpu().numpy()
-    out = []
-    for i in range(b):
-        a, r = a_all[i, 0], r_all[i, 0]
-        if not a.any() or not r.any():
-            out.append(float("nan"))
-            continue
-        sampling = None if spacing is None else spacing[i].double().cpu().tolist()
-        sa, sr = _surface(a), _surface(r)
-        to_r = ndimage.distance_transform_edt(~sr, sampling=sampling)
-        to_a = ndimage.distance_transform_edt(~sa, sampling=sampling)
-        out.append((to_r[sa].sum() + to_a[sr].sum()) / (sa.sum() + sr.sum()))
-    return torch.tensor(out, dtype=torch.float64)
+    return _surface_metric("average_surface_distance", labels, reference, value, spacing,
+                           lambda a_to_r, r_to_a: (a_to_r.sum() + r_to_a.sum())
+                           / (a_to_r.size + r_to_a.size))
 
 
 # --------------------------------------------------------------------------- translation

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mrus_kernels import integrate_velocity, warp
+from mrus_models.acmt.model import UPPER_QUANTILE, normalise_intensity
 from mrus_models.nn import (
     VOXELMORPH_DECODER,
     VOXELMORPH_ENCODER,
@@ -42,34 +43,10 @@ from mrus_models.nn.blocks import conv
 
 from .losses import field_of_view
 
-#: The intensity mapped to 1 by :func:`normalise_intensity`: the 99.5th percentile (ACMT's
-#: normalisation, so that translated and raw inputs see the same mapping).
-UPPER_QUANTILE = 0.995
-
-
-def normalise_intensity(x: torch.Tensor) -> torch.Tensor:
-    """Each item mapped to [-1, 1]: its minimum to -1, its 99.5th percentile to 1, brighter
-    voxels clipped (the range of [Q23]'s images and of ACMT's translations).
-
-    A plain min-max would let the Rayleigh speckle's tail (a few voxels at 3-4 times the
-    mean) set the scale of an ultrasound image and squeeze its tissue into a narrow band,
-    where F_Ana (eq. 15) barely separates dark from bright.
-
-    Args:
-        x: Tensor [B, C, *S].
-
-    Returns:
-        Tensor [B, C, *S] float32.
-    """
-    x = x.float()
-    flat = x.flatten(1)
-    lo = flat.amin(dim=1)
-    # kthvalue rather than torch.quantile, which refuses more than 2**24 elements.
-    k = max(1, min(flat.shape[1], round(UPPER_QUANTILE * (flat.shape[1] - 1)) + 1))
-    hi = flat.kthvalue(k, dim=1).values
-    shape = (-1, *([1] * (x.dim() - 1)))
-    scale = (hi - lo).clamp_min(1e-6).reshape(shape)
-    return ((x - lo.reshape(shape)) / scale).clamp(0, 1) * 2 - 1
+#: Both images go through ACMT's intensity mapping (minimum -> -1, 99.5th percentile -> 1,
+#: brighter clipped), so that translated and raw inputs see the same mapping; a min-max
+#: mapping let the speckle's tail set a raw ultrasound image's scale and flattened F_Ana.
+__all__ = ["UPPER_QUANTILE", "AnatomyAwareNet", "linear_alphas_cumprod", "normalise_intensity"]
 
 
 def linear_alphas_cumprod(num_timesteps: int, beta_start: float, beta_end: float
