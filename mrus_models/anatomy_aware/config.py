@@ -24,7 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, check_unet_size
+from mrus_models.train.config import (
+    TrainConfig,
+    arch_field,
+    check_pair_data,
+    check_unet_size,
+    fill_size,
+)
 
 #: Default item size per dimension: [P25] §III resamples every volume to 128 × 128 × 64;
 #: 2D (tests, quick checks) uses 128² slices.
@@ -176,8 +182,4 @@ class AnatomyAwareConfig(TrainConfig):
     @property
     def image_size(self) -> tuple[int, ...]:
         """The item size, ``size`` with the defaults filled in: one value per axis."""
-        if not self.size:
-            return DEFAULT_SIZE[self.ndim]
-        if len(self.size) == 1:
-            return self.size * self.ndim
-        return self.size
+        return fill_size(self.size, DEFAULT_SIZE[self.ndim])

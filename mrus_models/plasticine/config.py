@@ -20,7 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, check_unet_size
+from mrus_models.train.config import (
+    TrainConfig,
+    arch_field,
+    check_pair_data,
+    check_unet_size,
+    fill_size,
+)
 
 from .deformation import PLASTICINE_DECODER, PLASTICINE_ENCODER
 
@@ -209,8 +215,4 @@ class PlasticineConfig(TrainConfig):
     @property
     def image_size(self) -> tuple[int, int]:
         """The item size, ``size`` with the default filled in: (H, W)."""
-        if not self.size:
-            return DEFAULT_SIZE
-        if len(self.size) == 1:
-            return (self.size[0], self.size[0])
-        return (self.size[0], self.size[1])
+        return fill_size(self.size, DEFAULT_SIZE)

@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "apply_overrides", "arch_field", "architecture_diff",
+__all__ = ["TrainConfig", "apply_overrides", "arch_field", "architecture_diff", "fill_size",
            "check_pair_data", "check_unet_size"]
 
 _ARCH = "architecture"
@@ -161,6 +161,16 @@ class TrainConfig:
     def architecture_fields(cls) -> tuple[str, ...]:
         """Names of the fields declared with :func:`arch_field`."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(_ARCH))
+
+
+def fill_size(size: tuple[int, ...], default: tuple[int, ...]) -> tuple[int, ...]:
+    """An item size from a configuration's ``size`` field: ``default`` when empty, one value
+    repeated on every axis of ``default``, else the values given (one per axis)."""
+    if not size:
+        return tuple(default)
+    if len(size) == 1:
+        return (size[0],) * len(default)
+    return tuple(size)
 
 
 def check_pair_data(config: Any) -> None:

@@ -13,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, check_unet_size
+from mrus_models.train.config import (
+    TrainConfig,
+    arch_field,
+    check_pair_data,
+    check_unet_size,
+    fill_size,
+)
 
 #: Default image size per dimension when ``size`` is left empty: 192² slices (INNReg's
 #: protocol, ../shared/papers/innreg.txt) and 128×128×64 crops (ACMT's,
@@ -125,11 +131,7 @@ class VoxelMorphConfig(TrainConfig):
     @property
     def image_size(self) -> tuple[int, ...]:
         """The item size, ``size`` with the defaults filled in: one value per axis."""
-        if not self.size:
-            return DEFAULT_SIZE[self.ndim]
-        if len(self.size) == 1:
-            return self.size * self.ndim
-        return self.size
+        return fill_size(self.size, DEFAULT_SIZE[self.ndim])
 
     @property
     def smoothness_weight(self) -> float:

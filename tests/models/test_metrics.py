@@ -141,24 +141,6 @@ def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
     return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
 
 
-@pytest.mark.parametrize("size, spacing", [((23, 19), (1.0, 1.0)), ((21, 26), (0.7, 1.9)),
-                                           ((9, 11, 8), (1.0, 2.0, 0.5))])
-def test_hd95_matches_brute_force(size, spacing):
-    gen = torch.Generator().manual_seed(4)
-    a = (_smooth(gen, (2, *size), coarse=4) * 3).floor().long()
-    b = (_smooth(gen, (2, *size), coarse=4) * 3).floor().long()
-    sp = torch.tensor([spacing, spacing], dtype=torch.float64)
-    for value in (0, 1, 2):
-        got = hd95(a, b, value, sp)
-        for i in range(2):
-            ma, mb = (a[i, 0] == value).numpy(), (b[i, 0] == value).numpy()
-            if not ma.any() or not mb.any():
-                assert got[i].isnan()
-                continue
-            want = _brute_hd95(ma, mb, spacing)
-            assert abs(got[i].item() - want) <= 1e-9, (value, i, got[i].item(), want)
-
-
 def test_hd95_cases():
     lab = torch.zeros(2, 1, 12, 12, dtype=torch.long)
     lab[:, :, 3:8, 3:8] = 1
@@ -198,21 +180,24 @@ def _brute_asd(a: np.ndarray, b: np.ndarray, spacing) -> float:
     return float(np.concatenate([d.min(1), d.min(0)]).mean())
 
 
+@pytest.mark.parametrize("metric, brute, seed", [(hd95, _brute_hd95, 4),
+                                                 (average_surface_distance, _brute_asd, 5)],
+                         ids=["hd95", "asd"])
 @pytest.mark.parametrize("size, spacing", [((23, 19), (1.0, 1.0)), ((21, 26), (0.7, 1.9)),
                                            ((9, 11, 8), (1.0, 2.0, 0.5))])
-def test_average_surface_distance_matches_brute_force(size, spacing):
-    gen = torch.Generator().manual_seed(5)
+def test_surface_distances_match_brute_force(metric, brute, seed, size, spacing):
+    gen = torch.Generator().manual_seed(seed)
     a = (_smooth(gen, (2, *size), coarse=4) * 3).floor().long()
     b = (_smooth(gen, (2, *size), coarse=4) * 3).floor().long()
     sp = torch.tensor([spacing, spacing], dtype=torch.float64)
     for value in (0, 1, 2):
-        got = average_surface_distance(a, b, value, sp)
+        got = metric(a, b, value, sp)
         for i in range(2):
             ma, mb = (a[i, 0] == value).numpy(), (b[i, 0] == value).numpy()
             if not ma.any() or not mb.any():
                 assert got[i].isnan()
                 continue
-            want = _brute_asd(ma, mb, spacing)
+            want = brute(ma, mb, spacing)
             assert abs(got[i].item() - want) <= 1e-9, (value, i, got[i].item(), want)
 
 
