@@ -76,6 +76,26 @@ def _label_scores(labels: torch.Tensor, reference: torch.Tensor, spacing: torch.
         per_item[f"{key}{suffix}"].append(torch.stack(values).nanmean(0))
 
 
+def _paired_ncc(mr: torch.Tensor, us: torch.Tensor, ddf: torch.Tensor, fan: torch.Tensor,
+                backend: str | None) -> torch.Tensor:
+    """Normalised cross-correlation, one per item, of MR volumes [B, 1, *S] against the US
+    volumes [B, 1, *S] brought onto the MR frame by the dataset's known displacement ``ddf``
+    [B, 3, *S] (voxels; ``fixed ≈ moving ∘ (id + ddf)``), over the voxels of the US fan
+    ``fan`` [B, 1, *S] (bool, on the US frame) moved the same way: a paired measure of the
+    MR↔US gap, far less noisy than FID on a few small crops."""
+    aligned = warp(us.float(), ddf.float(), backend=backend)
+    inside = warp(fan.float(), ddf.float(), backend=backend) > 0.5
+    out = []
+    for i in range(mr.shape[0]):
+        m = inside[i]
+        a = mr[i].float()[m].double()
+        b = aligned[i][m].double()
+        a = a - a.mean()
+        b = b - b.mean()
+        out.append((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+    return torch.stack(out).cpu()
+
+
 def _gap(a: torch.Tensor, b: torch.Tensor, config: ACMTConfig,
          device: torch.device) -> dict[str, float]:
     """FID and KID between two sets of 2D slices [N, 1, H, W] in [-1, 1] (Inception pool3
@@ -112,6 +132,10 @@ class ACMTTask(Task):
       axial slices per crop of translated MR and translated US ([M25] Table I);
       ``fid_original``, ``kid_original``: the same between the untranslated MR and US
       slices (the gap the translation must narrow);
+    - ``ncc_mr_us``: normalised cross-correlation of translated MR with translated US
+      brought onto the MR frame by the dataset's known displacement, inside the US fan
+      (mean over crops); ``ncc_mr_us_original`` the same for the untranslated pair: a paired measure
+      of the gap that needs no Inception statistics;
     - the downstream test ([M25] Table II): translated MR registered to translated US
       (:func:`mrus_models.register`, MI, SVF, the similarity inside the US fan), the MR
       labels warped (nearest) and scored against the US labels: ``dice``, ``iou``,
@@ -154,6 +178,8 @@ class ACMTTask(Task):
         for suffix in ("", "_original", "_identity"):
             for key in ("dice", "iou", "asd_mm", *(f"dice_{t}" for t in TISSUES)):
                 per_item[key + suffix] = []
+        per_item["ncc_mr_us"] = []
+        per_item["ncc_mr_us_original"] = []
         slices: dict[str, list[torch.Tensor]] = {"mr": [], "us": [], "mr_t": [], "us_t": []}
         seen = 0
         for batch in loader:
@@ -180,6 +206,9 @@ class ACMTTask(Task):
             # The ultrasound fan (where the raw US has signal) bounds both registrations'
             # similarity: outside it the US volume holds no anatomy.
             fan = (batch["moving"] > 0).float() if config.register_fan_mask else None
+            inside = batch["moving"] > 0
+            for key, (a, c) in (("ncc_mr_us", (mr_t, us_t)), ("ncc_mr_us_original", (mr, us))):
+                per_item[key].append(_paired_ncc(a, c, batch["ddf"], inside, config.backend))
             for i in range(b):
                 one = slice(i, i + 1)
                 mask = None if fan is None else fan[one]

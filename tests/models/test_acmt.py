@@ -246,7 +246,7 @@ def test_evaluate_scores_translations_and_registrations():
     keys = []
     for base in ("dice", "iou", "asd_mm", "dice_csf", "dice_gm", "dice_wm"):
         keys += [base, base + "_original", base + "_identity"]
-    for base in ("fid", "kid", "kid_std"):
+    for base in ("fid", "kid", "kid_std", "ncc_mr_us"):
         keys += [base, base + "_original"]
     assert sorted(metrics) == sorted(keys)
     for key in keys:
@@ -263,6 +263,8 @@ def test_evaluate_scores_translations_and_registrations():
     same = task.evaluate(stub, loader, config, torch.device("cpu"))
     assert abs(same["fid"]) <= 1e-3 and abs(same["kid"]) <= 1e-4
     assert same["fid_original"] == pytest.approx(metrics["fid_original"])
+    assert same["ncc_mr_us_original"] == pytest.approx(metrics["ncc_mr_us_original"])
+    assert -1.0 <= metrics["ncc_mr_us"] <= 1.0
     # Registering two identical volumes finds nothing to do: the labels stay where they
     # are (up to the optimiser's noise on a constant image).
     assert abs(same["dice_identity"] - metrics["dice_identity"]) <= 1e-12
@@ -346,6 +348,29 @@ def test_config_roundtrip():
     c = _config(lam_sb=0.3, eval_items=None)
     assert ACMTConfig.from_json(c.to_json()) == c
     assert dataclasses.replace(c, size=()).image_size == (128, 128, 64)
+
+
+def test_paired_ncc_against_numpy():
+    """``ncc_mr_us``'s measure: US brought onto the MR frame by a known integer shift (exact
+    under linear interpolation), then the Pearson correlation with MR inside the moved fan,
+    against NumPy's corrcoef of the same voxels; a volume against its shifted copy scores 1."""
+    from mrus_models.acmt.task import _paired_ncc
+
+    g = torch.Generator().manual_seed(3)
+    mr = torch.rand(2, 1, 9, 7, 6, generator=g)
+    us = torch.rand(2, 1, 9, 7, 6, generator=g)
+    us[1] = torch.roll(mr[1], 1, dims=1)  # us(x + 1) = mr(x)
+    ddf = torch.zeros(2, 3, 9, 7, 6)
+    ddf[:, 0] = 1.0  # pulls from x + 1
+    fan = torch.zeros(2, 1, 9, 7, 6, dtype=torch.bool)
+    fan[:, :, 2:8, 1:6, 1:5] = True  # on the US frame; x in 1..6 on the MR frame
+    got = _paired_ncc(mr, us, ddf, fan, "torch")
+    for i in range(2):
+        a = mr[i, 0, 1:7, 1:6, 1:5].double().numpy().ravel()
+        b = us[i, 0, 2:8, 1:6, 1:5].double().numpy().ravel()
+        want = np.corrcoef(a, b)[0, 1]
+        assert abs(float(got[i]) - want) <= 1e-6, (i, float(got[i]), want)
+    assert abs(float(got[1]) - 1.0) <= 1e-6
 
 
 #: The CPU-sized run of ``test_short_cpu_training_narrows_the_gap``: 64 × 64 × 32 crops
