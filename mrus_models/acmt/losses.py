@@ -243,7 +243,8 @@ def _times(owner: str, t, b: int, device) -> torch.Tensor:
 
 
 def _pairs(owner: str, x_t: torch.Tensor, x1: torch.Tensor,
-           negatives: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+           negatives: tuple[torch.Tensor, torch.Tensor] | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, z̃): the pairs (x_t, x̂_1) and the independent pairs they are contrasted with."""
     if x_t.shape != x1.shape:
         raise ValueError(f"{owner}: x_t and x1 must have one shape, got {tuple(x_t.shape)} "

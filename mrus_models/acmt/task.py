@@ -139,8 +139,9 @@ class ACMTTask(Task):
     - the downstream test ([M25] Table II): translated MR registered to translated US
       (:func:`mrus_models.register`, MI, SVF, the similarity inside the US fan), the MR
       labels warped (nearest) and scored against the US labels: ``dice``, ``iou``,
-      ``asd_mm`` (means over CSF, GM and WM) and ``dice_csf``, ``dice_gm``, ``dice_wm``; with ``_original`` the same for registering
-      the untranslated (normalised) pair, with ``_identity`` for the unregistered labels.
+      ``asd_mm`` (means over CSF, GM and WM) and ``dice_csf``, ``dice_gm``, ``dice_wm``;
+      with ``_original`` the same for registering the untranslated (normalised) pair, with
+      ``_identity`` for the unregistered labels.
     """
 
     name = "acmt"
