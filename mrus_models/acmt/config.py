@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mrus_models.train.config import TrainConfig, arch_field, check_pair_data
+from mrus_models.train.config import TrainConfig, arch_field, check_pair_data, fill_size
 
 #: [M25] §III-1: "all volumes were standardized to a resolution of 128 × 128 × 64".
 DEFAULT_SIZE = (128, 128, 64)
@@ -209,8 +209,4 @@ class ACMTConfig(TrainConfig):
     @property
     def image_size(self) -> tuple[int, int, int]:
         """The crop size, ``size`` with the default filled in: (X, Y, Z)."""
-        if not self.size:
-            return DEFAULT_SIZE
-        if len(self.size) == 1:
-            return (self.size[0],) * 3
-        return (self.size[0], self.size[1], self.size[2])
+        return fill_size(self.size, DEFAULT_SIZE)
